@@ -117,9 +117,25 @@ class ModelAdapter:
         """Forward and backward hooks attached right now (for tests that none are left)."""
         return sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in self.bridge.hook_dict.values())
 
-    def logits(self, tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos vocab"]:
-        """Run the model on token ids (no special tokens added) and return all logits."""
-        return self.bridge(tokens.to(self.device), return_type="logits")
+    def logits(self, tokens: Int[torch.Tensor, "batch pos"], positions: Int[torch.Tensor, " batch"] | None = None
+               ) -> Float[torch.Tensor, "batch pos vocab"] | Float[torch.Tensor, "batch vocab"]:
+        """Run the model on token ids (no special tokens added) and return its logits.
+
+        With ``positions``, only each prompt's logits at its position are computed (``[batch,
+        vocab]``): the unembedding sees one residual vector per prompt, which saves most of a
+        forward pass for a large vocabulary (Gemma-3's 262k tokens).
+        """
+        tokens = tokens.to(self.device)
+        if positions is None:
+            return self.bridge(tokens, return_type="logits")
+        rows = torch.arange(tokens.shape[0], device=self.device)
+        positions = positions.to(self.device)
+
+        def gather(x, hook=None):
+            return x[rows, positions].unsqueeze(1)
+
+        with self.bridge.hooks(fwd_hooks=[("unembed.hook_in", gather)], reset_hooks_end=True):
+            return self.bridge(tokens, return_type="logits")[:, 0]
 
     def cache(self, tokens: Int[torch.Tensor, "batch pos"], names: list[str]) -> dict[str, torch.Tensor]:
         """Activations at the named hook points."""

@@ -86,14 +86,13 @@ def attribute_batch(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch: 
     """
     diff = sender_buffer(graph, *batch.clean.shape, dtype=adapter.dtype, device=adapter.device)
     with torch.no_grad(), adapter.hooks(record_senders_hooks(adapter, graph, diff, +1.0)):
-        adapter.logits(batch.corrupted)
+        adapter.logits(batch.corrupted, batch.last)
     eap_only = alphas == (1.0,)
     if not eap_only:
         corrupted_input = diff[0].clone()  # [b, p, d]
         with torch.no_grad(), adapter.hooks(record_senders_hooks(adapter, graph, diff, -1.0)):
-            adapter.logits(batch.clean)
+            adapter.logits(batch.clean, batch.last)
         clean_input = corrupted_input - diff[0]
-    rows = torch.arange(batch.size, device=adapter.device)
     for alpha in alphas:
         if eap_only:  # the clean run: record its senders (diff is complete before the backward)
             hooks = [input_hook(adapter, None)] + record_senders_hooks(adapter, graph, diff, -1.0)
@@ -101,8 +100,7 @@ def attribute_batch(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch: 
             hooks = [input_hook(adapter, corrupted_input + alpha * (clean_input - corrupted_input))]
         hooks += _gradient_hooks(adapter, graph, diff, scores)
         with torch.enable_grad(), adapter.hooks(hooks):
-            logits = adapter.logits(batch.clean)
-            metric = task.metric(logits[rows, batch.last.to(logits.device)], batch)
+            metric = task.metric(adapter.logits(batch.clean, batch.last), batch)
             (metric.sum() * weight / len(alphas)).backward()
 
 

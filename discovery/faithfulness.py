@@ -39,11 +39,6 @@ class Baseline:
     n_prompts: int
 
 
-def _read(logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
-    rows = torch.arange(batch.size, device=logits.device)
-    return logits[rows, batch.last.to(logits.device)]
-
-
 class CircuitEvaluator:
     """Exact metric and faithfulness of circuits on one split of a task."""
 
@@ -57,11 +52,11 @@ class CircuitEvaluator:
         clean_sum = corrupted_sum = correct = 0.0
         with torch.no_grad():
             for batch in self.batches:
-                senders, corrupted_logits = run_recording_senders(adapter, graph, batch.corrupted)
+                senders, corrupted_logits = run_recording_senders(adapter, graph, batch.corrupted, batch.last)
                 self._corrupted.append(senders)
-                clean_logits = _read(adapter.logits(batch.clean), batch)
+                clean_logits = adapter.logits(batch.clean, batch.last)
                 clean_sum += float(task.metric(clean_logits, batch).sum())
-                corrupted_sum += float(task.metric(_read(corrupted_logits, batch), batch).sum())
+                corrupted_sum += float(task.metric(corrupted_logits, batch).sum())
                 rows = torch.arange(batch.size, device=clean_logits.device)
                 correct += float((clean_logits[rows, batch.answer] > clean_logits[rows, batch.wrong]).sum())
         self.baseline = Baseline(clean_sum / self.n, corrupted_sum / self.n, correct / self.n, self.n)
@@ -81,8 +76,8 @@ class CircuitEvaluator:
         removed = (~circuit).to(self.adapter.dtype)
         total = 0.0
         for batch, senders in zip(self.batches, self._corrupted):
-            logits = patched_logits(self.adapter, self.graph, batch.clean, senders, removed)
-            total += float(self.task.metric(_read(logits, batch), batch).sum())
+            logits = patched_logits(self.adapter, self.graph, batch.clean, senders, removed, batch.last)
+            total += float(self.task.metric(logits, batch).sum())
         self.forward_passes += len(self.batches)
         value = total / self.n
         if not math.isfinite(value):

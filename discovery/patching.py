@@ -59,12 +59,13 @@ def record_senders_hooks(adapter: ModelAdapter, graph: EdgeGraph, buffer: torch.
 
 @torch.no_grad()
 def run_recording_senders(
-    adapter: ModelAdapter, graph: EdgeGraph, tokens: Int[torch.Tensor, "batch pos"]
-) -> tuple[Float[torch.Tensor, "senders batch pos d_model"], Float[torch.Tensor, "batch pos vocab"]]:
-    """One forward pass returning every sender's output and the logits."""
+    adapter: ModelAdapter, graph: EdgeGraph, tokens: Int[torch.Tensor, "batch pos"],
+    positions: Int[torch.Tensor, " batch"] | None = None,
+) -> tuple[Float[torch.Tensor, "senders batch pos d_model"], torch.Tensor]:
+    """One forward pass returning every sender's output and the logits (at ``positions`` if given)."""
     buffer = sender_buffer(graph, *tokens.shape, dtype=adapter.dtype, device=adapter.device)
     with adapter.hooks(record_senders_hooks(adapter, graph, buffer, +1.0)):
-        logits = adapter.logits(tokens)
+        logits = adapter.logits(tokens, positions)
     return buffer, logits
 
 
@@ -133,6 +134,7 @@ def patched_logits(
     clean: Int[torch.Tensor, "batch pos"],
     corrupted_senders: Float[torch.Tensor, "senders batch pos d_model"],
     removed: torch.Tensor,
+    positions: Int[torch.Tensor, " batch"] | None = None,
 ) -> Float[torch.Tensor, "batch pos vocab"]:
     """Logits of the clean prompts with the ``removed`` edges patched from the corrupted run.
 
@@ -141,10 +143,11 @@ def patched_logits(
         corrupted_senders: sender outputs of the corrupted run (from :func:`run_recording_senders`).
         removed: ``[senders, receivers]`` (or per prompt ``[batch, senders, receivers]``) weights,
             1 where the edge is patched. Entries that are not edges are ignored.
+        positions: when given, only the logits at these positions, ``[batch, vocab]``.
     """
     removed = removed.to(adapter.device) * graph.allowed.to(adapter.device)
     diff = corrupted_senders.clone()  # becomes corrupted − current as senders fire
     total = torch.zeros_like(diff[0])  # [b, p, d]: Σ over fired senders of corrupted − current
     hooks = record_senders_hooks(adapter, graph, diff, -1.0, total) + patch_receivers_hooks(adapter, graph, diff, total, removed)
     with torch.no_grad(), adapter.hooks(hooks):
-        return adapter.logits(clean)
+        return adapter.logits(clean, positions)

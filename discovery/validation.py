@@ -64,20 +64,18 @@ def exact_edge_effects(adapter: ModelAdapter, graph: EdgeGraph, task: Task, edge
     n = 0
     for batch in task.batches(split, batch_size):
         batch = batch.to(adapter.device)
-        corrupted, _ = run_recording_senders(adapter, graph, batch.corrupted)
-        clean, clean_logits = run_recording_senders(adapter, graph, batch.clean)
+        corrupted, _ = run_recording_senders(adapter, graph, batch.corrupted, batch.last)
+        clean, clean_logits = run_recording_senders(adapter, graph, batch.clean, batch.last)
         delta = corrupted - clean  # [s, b, p, d]
         del corrupted, clean
-        rows = torch.arange(batch.size, device=adapter.device)
-        base = task.metric(clean_logits[rows, batch.last], batch)  # [b]
+        base = task.metric(clean_logits, batch)  # [b]
         for start in range(0, len(edges), edges_per_pass):
             chunk = edges[start : start + edges_per_pass]
             k = len(chunk)
-            with adapter.hooks(_patch_copies_hooks(adapter, graph, chunk, delta, batch.size)):
-                logits = adapter.logits(batch.clean.repeat(k, 1))
             repeated = _repeat(batch, k)
-            read = logits[torch.arange(k * batch.size, device=logits.device), repeated.last]
-            values = task.metric(read, repeated).view(k, batch.size)  # [k, b]
+            with adapter.hooks(_patch_copies_hooks(adapter, graph, chunk, delta, batch.size)):
+                logits = adapter.logits(repeated.clean, repeated.last)
+            values = task.metric(logits, repeated).view(k, batch.size)  # [k, b]
             effects[start : start + k] += (values - base).sum(1).double().cpu()
             if progress:
                 progress(k)

@@ -154,3 +154,11 @@ def test_sparse_and_dense_circuits_match_the_plain_formulation(tiny, kept_fracti
     removed = (graph.allowed & ~kept).double()
     fast = patched_logits(tiny, graph, clean, corr_senders, removed)
     assert torch.allclose(fast, _naive_patched_logits(tiny, graph, clean, corr_senders, removed), atol=TOL, rtol=0)
+
+
+def test_logits_at_positions_equal_the_full_logits_there(tiny):
+    clean, _ = random_pair(batch=3, pos=6)
+    positions = torch.tensor([2, 5, 0])
+    full = tiny.logits(clean)
+    assert torch.allclose(tiny.logits(clean, positions), full[torch.arange(3), positions], atol=1e-12)
+    assert tiny.hook_count() == 0
