@@ -6,6 +6,7 @@ shows it).
 
 from __future__ import annotations
 
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,7 +57,15 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 def discover(
     task: str = typer.Option("ioi", "--task", help="Task name (see `circuits tasks list`)."),
     model: str = typer.Option("smollm2-135m", "--model", help="Bundled model name, Hugging Face id or local folder."),
-    method: str = typer.Option("eap-ig", "--method", help="Attribution method: eap-ig (default) or eap."),
+    method: str = typer.Option("eap-ig", "--method", help="eap-ig (default), eap, or acdc (iterative patching seeded by --seed-method)."),
+    seed_method: str = typer.Option("eap-ig", "--seed-method", help="acdc: attribution that orders and bounds the candidates."),
+    tau: Optional[float] = typer.Option(None, "--tau", help="acdc: keep a removal when the distance grows by less than this (default: 1% of the empty circuit's distance)."),
+    acdc_metric: str = typer.Option("kl", "--acdc-metric", help="acdc: distance from the clean run, kl or task (|metric change|)."),
+    minimize: bool = typer.Option(False, "--minimize", help="eap/eap-ig: then remove edges one by one while the target faithfulness holds."),
+    search_prompts: int = typer.Option(32, "--search-prompts", help="acdc/--minimize: discovery prompts each candidate is evaluated on."),
+    chain: int = typer.Option(8, "--chain", help="acdc/--minimize: candidates evaluated together (speculatively) per chain."),
+    workers: int = typer.Option(0, "--workers", help="acdc/--minimize: Ray actors with a model replica each (0: in this process)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Join an existing Ray cluster at this address (with --workers)."),
     ig_steps: int = typer.Option(5, "--ig-steps", help="Interpolation steps of eap-ig."),
     curve: bool = typer.Option(True, "--curve/--no-curve", help="Measure faithfulness at the MIB edge fractions (CPR, CMD)."),
     force: bool = typer.Option(False, "--force", help="Search even if the model does not show the behaviour."),
@@ -74,7 +83,10 @@ def discover(
     from discovery.run import DiscoverConfig, discover as run_discover
 
     config = DiscoverConfig(task=task, model=model, method=method, edges=edges, threshold=threshold,
-                            target_faithfulness=target_faithfulness, ig_steps=ig_steps, curve=curve, force=force, skip_bad_rows=skip_bad_rows, n_pairs=pairs, batch_size=batch_size, seed=seed)
+                            target_faithfulness=target_faithfulness, ig_steps=ig_steps, curve=curve, force=force,
+                            skip_bad_rows=skip_bad_rows, n_pairs=pairs, batch_size=batch_size, seed=seed,
+                            seed_method=seed_method, tau=tau, acdc_metric=acdc_metric, minimize=minimize,
+                            search_prompts=search_prompts, chain=chain, workers=workers, address=address)
     summary = run_discover(config, out=out, overwrite=overwrite, reporter=ConsoleReporter())
     print(
         f"{summary['task']} on {summary['model']} ({summary['method']}): "
@@ -173,8 +185,14 @@ def tasks_show(
     print(f"baseline on {model} (held-out): clean {b.clean:.3f}, corrupted {b.corrupted:.3f}, accuracy {b.accuracy:.0%}")
 
 
+def _terminate(signum, frame) -> None:
+    """SIGTERM stops a run like Ctrl-C: cleanly, keeping any checkpoint."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user errors into one-line messages with exit status 2."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app(args=argv, standalone_mode=False)
     except _user_errors() as exc:
@@ -185,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     except (typer.Exit, SystemExit) as exc:
         sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))
     except KeyboardInterrupt:
-        console.print("interrupted: no results were written")
+        console.print("interrupted: no results were written (a search's checkpoint is kept: rerun the same command to resume)")
         sys.exit(130)
     except Exception as exc:  # click usage errors and the like
         import click

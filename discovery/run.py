@@ -27,8 +27,11 @@ from discovery.adapter import ModelAdapter, load_model
 from discovery.attribution import METHODS
 from discovery.circuit import edges_above, node_count, prune, top_edges
 from discovery.errors import OutputExists, UserError
+from discovery.checkpoint import Checkpoint
 from discovery.faithfulness import CircuitEvaluator, SizeSearch, faithfulness_curve, search_size
 from discovery.graph import EdgeGraph
+from discovery.scorer import DISTANCES
+from discovery.search import run_search
 from graphs.circuit import CircuitRecord
 from tasks import TASKS, build_task, is_task_file
 
@@ -44,6 +47,14 @@ class DiscoverConfig:
     threshold: float | None = None  # … or every edge with |score| ≥ threshold …
     target_faithfulness: float = 0.8  # … or else the smallest top-N found to reach this (discovery split)
     ig_steps: int = 5  # interpolation steps of EAP-IG
+    seed_method: str = "eap-ig"  # for --method acdc: the attribution that orders and bounds the search
+    tau: float | None = None  # ACDC threshold on the distance; None: 1 % of the empty circuit's distance
+    acdc_metric: str = "kl"  # ACDC's distance from the clean run: "kl" or "task"
+    minimize: bool = False  # prune the chosen circuit edge by edge while it keeps the target faithfulness
+    search_prompts: int = 32  # discovery prompts that ACDC / --minimize evaluate on
+    chain: int = 8  # candidates evaluated per speculative chain
+    workers: int = 0  # Ray actors for ACDC / --minimize (0: in this process)
+    address: str | None = None  # an existing Ray cluster to join
     curve: bool = True  # also measure held-out faithfulness at the MIB edge fractions
     force: bool = False  # search even when the model does not show the behaviour
     skip_bad_rows: bool = False  # for a task file: drop invalid rows instead of refusing the file
@@ -57,8 +68,16 @@ class DiscoverConfig:
                 raise UserError(f"no task file at {self.task}")
         elif self.task not in TASKS:
             raise UserError(f"unknown task {self.task!r}: use one of {', '.join(sorted(TASKS))}, or a .jsonl or .csv task file")
-        if self.method not in METHODS:
-            raise UserError(f"unknown method {self.method!r}: use one of {', '.join(sorted(METHODS))}")
+        if self.method not in METHODS and self.method != "acdc":
+            raise UserError(f"unknown method {self.method!r}: use one of {', '.join(sorted(METHODS) + ['acdc'])}")
+        if self.seed_method not in METHODS:
+            raise UserError(f"unknown --seed-method {self.seed_method!r}: use one of {', '.join(sorted(METHODS))}")
+        if self.tau is not None and not self.tau >= 0:
+            raise UserError(f"--tau must be a number ≥ 0, got {self.tau}")
+        if self.acdc_metric not in DISTANCES:
+            raise UserError(f"--acdc-metric must be one of {', '.join(DISTANCES)}, got {self.acdc_metric!r}")
+        if self.search_prompts < 1 or self.chain < 1 or self.workers < 0:
+            raise UserError("--search-prompts and --chain must be ≥ 1 and --workers ≥ 0")
         if self.edges is not None and self.threshold is not None:
             raise UserError("give --edges or --threshold, not both")
         if self.edges is not None and self.edges < 1:
@@ -232,14 +251,45 @@ def discover(config: DiscoverConfig, out: Path | None = None, overwrite: bool = 
     reporter.log(f"baseline (held-out): clean {b.clean:.3f}, corrupted {b.corrupted:.3f}, clean accuracy {b.accuracy:.0%}")
     check_behaviour(b, config, adapter.name)
 
-    method = METHODS[config.method]
-    with reporter.progress(f"{config.method} scores", n_disc) as advance:
-        scores = method.score(adapter, graph, task, config.batch_size, progress=advance, steps=config.ig_steps)
-    attribution_passes = method.forwards_per_batch(config.ig_steps) * len(list(task.batches("discovery", config.batch_size)))
+    iterative = config.method == "acdc" or config.minimize
+    checkpoint = Checkpoint(out.parent, search_settings(config)) if iterative else None
+    seed = checkpoint.load_tensors("seed") if checkpoint else None
+    attribution = config.seed_method if config.method == "acdc" else config.method
+    if seed is not None:
+        reporter.log(f"resuming: {attribution} scores and start circuit from checkpoint {checkpoint.dir}")
+        scores, chosen = seed["scores"], seed["chosen"].bool()
+        search = checkpoint.load_json("size_search")
+        search = SizeSearch(**search) if search else None
+        attribution_passes = 0
+    else:
+        method = METHODS[attribution]
+        with reporter.progress(f"{attribution} scores", n_disc) as advance:
+            scores = method.score(adapter, graph, task, config.batch_size, progress=advance, steps=config.ig_steps)
+        attribution_passes = method.forwards_per_batch(config.ig_steps) * len(list(task.batches("discovery", config.batch_size)))
+        chosen, search, search_passes = choose_circuit(config, adapter, graph, task, scores, reporter)
+        attribution_passes += search_passes
+        if checkpoint:
+            if search is not None:
+                checkpoint.save_json("size_search", dataclasses.asdict(search))
+            checkpoint.save_tensors("seed", {"scores": scores, "chosen": chosen.to(torch.uint8)})
 
-    chosen, search, search_passes = choose_circuit(config, adapter, graph, task, scores, reporter)
-    attribution_passes += search_passes
-    circuit = prune(graph, chosen)
+    outcome = None
+    if iterative:
+        try:
+            outcome = run_search(config, adapter, graph, task, scores, chosen, checkpoint, reporter)
+        except KeyboardInterrupt:
+            reporter.log(f"interrupted: progress is saved in {checkpoint.dir}; rerun the same command to resume")
+            raise
+        circuit = outcome.circuit
+        attribution_passes += outcome.forward_passes
+        st = outcome.result.state
+        reporter.log(
+            f"{'ACDC' if config.method == 'acdc' else 'minimising'}: {outcome.result.candidates:,} candidates, "
+            f"{outcome.result.evaluated:,} evaluated by patching ({st.rows:,} circuits in {st.chains:,} chains, "
+            f"{st.wasted_rows:,} on wrong guesses), {outcome.forward_passes:,} forward passes, {outcome.seconds:.0f} s"
+        )
+    else:
+        circuit = prune(graph, chosen)
     faithfulness = heldout.faithfulness(circuit)
     edges_kept, nodes_kept = int(circuit.sum()), node_count(graph, circuit)
     reporter.log(
@@ -277,6 +327,7 @@ def discover(config: DiscoverConfig, out: Path | None = None, overwrite: bool = 
         "curve": None if curve is None else [[p / 100, f] for p, _, _, f in curve.points],
         "cpr": None if curve is None else curve.cpr,
         "cmd": None if curve is None else curve.cmd,
+        "search": None if outcome is None else _search_summary(outcome, graph, heldout, scores),
         "forward_passes": attribution_passes + heldout.forward_passes,
         "seconds": round(time.perf_counter() - started, 2),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -295,15 +346,56 @@ def discover(config: DiscoverConfig, out: Path | None = None, overwrite: bool = 
         record.save(tmp / "circuit.json")
         write_prompts(tmp / "prompts.jsonl", task)
         _render(record, tmp / "circuit", reporter)
+        if outcome is not None:
+            (tmp / "certificate.json").write_text(json.dumps(_certificate(summary, outcome), indent=1) + "\n")
+            pd.DataFrame(outcome.necessity).to_csv(tmp / "necessity.csv", index=False)
         if curve is not None:
             pd.DataFrame(curve.rows()).to_csv(tmp / "curve.csv", index=False)
             _plot_curve(curve, f"{config.task} · {config.model} · {config.method}", tmp / "curve.png")
         _make_readable(tmp)
         summary["seconds"] = round(time.perf_counter() - started, 2)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if checkpoint:
+        checkpoint.clear()
     reporter.log(f"wrote {out}")
     summary["out"] = str(out)
     return summary
+
+
+def search_settings(config: DiscoverConfig) -> dict:
+    """The settings that decide an iterative search's result (the key of its checkpoint)."""
+    ignored = {"curve", "workers", "address"}
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in ignored}
+
+
+def _search_summary(outcome, graph: EdgeGraph, heldout: CircuitEvaluator, scores: torch.Tensor) -> dict:
+    """The search's cost, and the seed's own top-N circuit of the same size for comparison."""
+    st = outcome.result.state
+    n = int(outcome.circuit.sum())
+    same_size = prune(graph, top_edges(graph, scores, n))
+    return outcome.rule | {
+        "candidates": outcome.result.candidates,
+        "evaluated": outcome.result.evaluated,
+        "circuits_evaluated": st.rows,
+        "wasted_on_wrong_guesses": st.wasted_rows,
+        "chains": st.chains,
+        "forward_passes": outcome.forward_passes,
+        "seconds": round(outcome.seconds, 1),
+        "ray_startup_seconds": None if outcome.ray_seconds is None else round(outcome.ray_seconds, 1),
+        "seed_top_n_same_size": {"top_n": n, "edges_kept": int(same_size.sum()),
+                                 "faithfulness_heldout": heldout.faithfulness(same_size)},
+    }
+
+
+def _certificate(summary: dict, outcome) -> dict:
+    """What the circuit is certified to do: exact faithfulness, size, and each edge's necessity."""
+    return {
+        "model": summary["model"], "task": summary["task"], "method": summary["method"],
+        "faithfulness_heldout": summary["faithfulness"], "prompts_heldout": summary["prompts_heldout"],
+        "edges": summary["edges_kept"], "nodes": summary["nodes_kept"],
+        "search": summary["search"],
+        "necessity": sorted(outcome.necessity, key=lambda e: -abs(e["metric_drop"])),
+    }
 
 
 def _render(record: CircuitRecord, path: Path, reporter: Reporter) -> None:

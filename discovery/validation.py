@@ -10,7 +10,6 @@ repeated once per edge and each copy gets its own edge's difference at its own r
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import torch
@@ -18,7 +17,7 @@ import torch
 from discovery.adapter import ModelAdapter
 from discovery.graph import EdgeGraph
 from discovery.patching import run_recording_senders
-from tasks.base import Task, TaskBatch
+from tasks.base import Task
 
 
 def _patch_copies_hooks(adapter: ModelAdapter, graph: EdgeGraph, edges: list[tuple[int, int]], delta: torch.Tensor, batch_size: int) -> list:
@@ -43,14 +42,6 @@ def _patch_copies_hooks(adapter: ModelAdapter, graph: EdgeGraph, edges: list[tup
     return hooks
 
 
-def _repeat(batch: TaskBatch, k: int) -> TaskBatch:
-    """The batch stacked ``k`` times along its first axis (every tensor field)."""
-    return dataclasses.replace(batch, **{
-        f.name: getattr(batch, f.name).repeat(k, *[1] * (getattr(batch, f.name).dim() - 1))
-        for f in dataclasses.fields(batch) if torch.is_tensor(getattr(batch, f.name))
-    })
-
-
 @torch.no_grad()
 def exact_edge_effects(adapter: ModelAdapter, graph: EdgeGraph, task: Task, edges: list[tuple[int, int]],
                        split: str = "discovery", batch_size: int = 16, edges_per_pass: int = 8,
@@ -72,7 +63,7 @@ def exact_edge_effects(adapter: ModelAdapter, graph: EdgeGraph, task: Task, edge
         for start in range(0, len(edges), edges_per_pass):
             chunk = edges[start : start + edges_per_pass]
             k = len(chunk)
-            repeated = _repeat(batch, k)
+            repeated = batch.repeat(k)
             with adapter.hooks(_patch_copies_hooks(adapter, graph, chunk, delta, batch.size)):
                 logits = adapter.logits(repeated.clean, repeated.last)
             values = task.metric(logits, repeated).view(k, batch.size)  # [k, b]

@@ -48,6 +48,11 @@ class TaskBatch:
     def size(self) -> int:
         return self.clean.shape[0]
 
+    def repeat(self, k: int) -> "TaskBatch":
+        """The batch stacked ``k`` times along its first axis (to give each copy its own circuit)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return TaskBatch(**{n: None if v is None else v.repeat(k, *[1] * (v.dim() - 1)) for n, v in values.items()})
+
     def to(self, device: torch.device | str) -> "TaskBatch":
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         return TaskBatch(**{k: None if v is None else v.to(device) for k, v in values.items()})
@@ -156,9 +161,10 @@ class Task:
         """Indices of the pairs in ``split`` (all pairs when None)."""
         return [i for i, s in enumerate(self.split) if split is None or s == split]
 
-    def batches(self, split: str | None = None, batch_size: int = 16) -> Iterator[TaskBatch]:
-        """Batches of the pairs in ``split``, grouped by length and trimmed to their longest prompt."""
-        idx = sorted(self.indices(split), key=lambda i: (int(self.lengths[i]), i))
+    def batches(self, split: str | None = None, batch_size: int = 16, limit: int | None = None) -> Iterator[TaskBatch]:
+        """Batches of the pairs in ``split`` (its first ``limit`` pairs if given; pairs are stored in
+        random order), grouped by length and trimmed to their longest prompt."""
+        idx = sorted(self.indices(split)[:limit], key=lambda i: (int(self.lengths[i]), i))
         for start in range(0, len(idx), batch_size):
             sel = torch.tensor(idx[start : start + batch_size])
             width = int(self.lengths[sel].max())

@@ -86,3 +86,10 @@ def add_to_receiver_hook(adapter: ModelAdapter, graph, receiver: int, delta: tor
         return x
 
     return (adapter.receiver_hook(point.kind, point.layer), hook)
+
+
+def load_tiny_gpt2() -> ModelAdapter:
+    """The tiny GPT-2 model, built where it is called (Ray workers build their own replica)."""
+    import tempfile
+
+    return tiny_adapter("gpt2", Path(tempfile.mkdtemp(prefix="tiny-tok-")))

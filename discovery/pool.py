@@ -1,0 +1,133 @@
+"""Where stacks of circuits are scored: in this process, or on Ray actors holding model replicas.
+
+Both pools cut a stack into the same fixed chunks of ``chunk`` circuits and score each chunk with
+a :class:`~discovery.scorer.CircuitScorer` built from the same :class:`ScorerSpec`, so every
+circuit is computed in the same company and a search finds the same circuit whatever the number
+of workers. On Ray, each actor loads the model itself (from the local cache for bundled models),
+runs the corrupted and clean prompts once, and then scores chunks; an actor that dies is
+restarted by Ray and its chunk retried (``max_restarts``/``max_task_retries``), so a lost worker
+costs time, not results. Ray (Moritz et al. 2018) starts in a few seconds per worker: the
+in-process pool is the default for one machine's small jobs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from discovery.adapter import ModelAdapter
+from discovery.graph import EdgeGraph
+from discovery.scorer import CircuitScorer, Scores
+from tasks.base import Metric, TaskBatch
+
+
+@dataclass(frozen=True)
+class ScorerSpec:
+    """What a worker needs to build its scorer: a model loader and the prompts (all picklable)."""
+
+    load: Callable[[], ModelAdapter]
+    batches: tuple[TaskBatch, ...]
+    metric: Metric
+    distance: str = "kl"
+    max_rows: int = 32
+
+    def build(self, adapter: ModelAdapter | None = None) -> CircuitScorer:
+        adapter = adapter if adapter is not None else self.load()
+        return CircuitScorer(adapter, EdgeGraph(adapter.shape), list(self.batches), self.metric, self.distance, self.max_rows)
+
+
+def _concat(parts: list[Scores]) -> Scores:
+    return Scores(torch.cat([p.metric for p in parts]), torch.cat([p.distance for p in parts]))
+
+
+class InProcessPool:
+    """Scores chunks one after another with a scorer in this process."""
+
+    workers = 0
+
+    def __init__(self, scorer: CircuitScorer, chunk: int):
+        self.scorer, self.chunk = scorer, chunk
+
+    @property
+    def forward_passes(self) -> int:
+        return self.scorer.forward_passes
+
+    def __call__(self, circuits: torch.Tensor) -> Scores:
+        return _concat([self.scorer.score(circuits[i : i + self.chunk]) for i in range(0, len(circuits), self.chunk)])
+
+    def close(self) -> None:
+        pass
+
+
+class _Actor:
+    def __init__(self, spec: ScorerSpec, threads: int):
+        torch.set_num_threads(threads)
+        self.scorer = spec.build()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def score(self, packed: torch.Tensor, shape: tuple[int, ...]) -> tuple[Scores, int]:
+        before = self.scorer.forward_passes
+        circuits = _unpack(packed, shape)
+        return self.scorer.score(circuits), self.scorer.forward_passes - before
+
+
+def _pack(circuits: torch.Tensor) -> torch.Tensor:
+    """Bool circuits as bytes, 8 edges a byte (a chunk of SmolLM2 circuits is a few hundred kB)."""
+    flat = circuits.flatten().to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros((-len(flat)) % 8)]).view(-1, 8)
+    return (flat << torch.arange(8, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
+
+
+def _unpack(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    bits = (packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1
+    n = 1
+    for s in shape:
+        n *= s
+    return bits.flatten()[:n].view(shape).bool()
+
+
+class RayPool:
+    """Scores chunks on ``workers`` Ray actors, each with its own model replica.
+
+    Args:
+        spec: how each actor builds its scorer.
+        workers: actors to start.
+        address: an existing Ray cluster to join (``ray://…`` or ``host:port``); None starts a
+            local instance with ``workers`` CPUs.
+        threads: torch threads per actor.
+    """
+
+    def __init__(self, spec: ScorerSpec, workers: int, chunk: int, address: str | None = None, threads: int = 1):
+        import ray
+
+        self.chunk, self.workers = chunk, workers
+        self._started_ray = not ray.is_initialized()
+        if self._started_ray:
+            kwargs = {"address": address} if address else {"num_cpus": workers, "include_dashboard": False}
+            ray.init(log_to_driver=False, configure_logging=False, **kwargs)
+        actor = ray.remote(num_cpus=threads, max_restarts=-1, max_task_retries=-1)(_Actor)
+        self.actors = [actor.remote(spec, threads) for _ in range(workers)]
+        self.pids = ray.get([a.pid.remote() for a in self.actors])  # wait until every replica is ready
+        self.forward_passes = 0
+
+    def __call__(self, circuits: torch.Tensor) -> Scores:
+        import ray
+
+        chunks = [circuits[i : i + self.chunk] for i in range(0, len(circuits), self.chunk)]
+        futures = [self.actors[i % self.workers].score.remote(_pack(c), tuple(c.shape)) for i, c in enumerate(chunks)]
+        results = ray.get(futures)
+        self.forward_passes += sum(passes for _, passes in results)
+        return _concat([scores for scores, _ in results])
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        if self._started_ray:
+            ray.shutdown()

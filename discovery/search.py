@@ -1,0 +1,121 @@
+"""The iterative phase of a run: ACDC or minimisation on a pool, checkpointed, with a certificate.
+
+Given attribution scores and a start circuit, this builds the scorer pool (in process or on Ray),
+runs :func:`discovery.acdc.acdc` or :func:`discovery.acdc.minimize` with a checkpoint saved after
+every chain, and measures each kept edge's necessity: the change in metric and distance when it
+alone is removed from the final circuit (on the same prompts as the search).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
+
+import torch
+
+from discovery.acdc import SearchResult, SearchState, acdc, candidate_order, minimize
+from discovery.adapter import ModelAdapter, load_model
+from discovery.checkpoint import Checkpoint
+from discovery.circuit import Mask, prune
+from discovery.graph import EdgeGraph
+from discovery.pool import InProcessPool, RayPool, ScorerSpec
+
+if TYPE_CHECKING:
+    from discovery.run import DiscoverConfig, Reporter
+
+MAX_ROWS = 32  # sequences per forward pass in the search
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    circuit: Mask
+    result: SearchResult
+    rule: dict  # what decided removals: tau and distance, or the metric floor
+    necessity: list[dict]  # per kept edge: metric and distance change when it alone is removed
+    forward_passes: int
+    seconds: float
+    ray_seconds: float | None  # start-up of the Ray pool, when one was used
+
+
+def _pool(config: "DiscoverConfig", adapter: ModelAdapter, spec: ScorerSpec, chunk: int):
+    if config.workers == 0:
+        return InProcessPool(spec.build(adapter), chunk)
+    return RayPool(spec, config.workers, chunk, config.address)
+
+
+def run_search(config: "DiscoverConfig", adapter: ModelAdapter, graph: EdgeGraph, task, scores: torch.Tensor,
+               start: Mask, checkpoint: Checkpoint, reporter: "Reporter") -> SearchOutcome:
+    """ACDC (``config.method == "acdc"``) or minimisation to ``config.target_faithfulness``."""
+    started = time.perf_counter()
+    batches = tuple(b.to("cpu") for b in task.batches("discovery", config.batch_size, limit=config.search_prompts))
+    distance = config.acdc_metric if config.method == "acdc" else "task"
+    spec = ScorerSpec(partial(load_model, config.model), batches, task.metric, distance, MAX_ROWS)
+    chunk = max(1, MAX_ROWS // max(b.size for b in batches))
+    n_prompts = sum(b.size for b in batches)
+    if config.workers:
+        reporter.log(f"starting {config.workers} Ray worker(s)" + (f" on {config.address}" if config.address else ""))
+    pool = _pool(config, adapter, spec, chunk)
+    ray_seconds = time.perf_counter() - started if config.workers else None
+    try:
+        ends = pool(torch.stack([graph.allowed & False, graph.allowed.clone()]))
+        empty, full = (float(ends.metric[0]), float(ends.distance[0])), (float(ends.metric[1]), float(ends.distance[1]))
+        start = prune(graph, start)
+        if config.method == "acdc":
+            tau = config.tau if config.tau is not None else 0.01 * empty[1]
+            rule = {"rule": "acdc", "distance": distance, "tau": tau, "distance_empty": empty[1]}
+            candidates = candidate_order(graph, start, scores)
+            label = f"ACDC (τ = {tau:.3g}, {distance})"
+        else:
+            floor = empty[0] + config.target_faithfulness * (full[0] - empty[0])
+            rule = {"rule": "minimize", "target_faithfulness": config.target_faithfulness, "metric_floor": floor}
+            edges = torch.nonzero(start)
+            key = scores[edges[:, 0], edges[:, 1]].abs().double()
+            candidates = [tuple(map(int, e)) for e in edges[torch.sort(key, stable=True).indices]]
+            label = f"minimising (faithfulness ≥ {config.target_faithfulness} on {n_prompts} prompts)"
+        saved = checkpoint.load_json("search")
+        state = SearchState.from_json(saved, start, candidates) if saved else None
+        if state is not None:
+            reporter.log(f"resuming from checkpoint {checkpoint.dir}: {state.position:,} of {len(candidates):,} candidates decided")
+        reporter.log(f"{label}: {len(candidates):,} candidate edges, {n_prompts} prompts, {config.chain} per chain")
+        with reporter.progress(label, len(candidates)) as advance:
+            done = [state.position if state else 0]
+            if done[0]:
+                advance(done[0])
+
+            def on_chain(st: SearchState) -> None:
+                checkpoint.save_json("search", st.to_json())
+                advance(st.position - done[0])
+                done[0] = st.position
+                if st.chains % 50 == 0:
+                    kept = int(st.circuit.sum())
+                    reporter.log(f"  {st.position:,}/{len(candidates):,} decided, {kept:,} edges left, "
+                                 f"metric {st.current[0]:.3f}, distance {st.current[1]:.4f}, "
+                                 f"{st.rows:,} circuits evaluated ({st.wasted_rows:,} on wrong guesses)")
+
+            if config.method == "acdc":
+                result = acdc(graph, pool, scores, start, tau, config.chain, state, on_chain)
+            else:
+                result = minimize(graph, pool, scores, start, floor, config.chain, state, on_chain)
+        circuit = result.circuit
+        kept = torch.nonzero(circuit).tolist()
+        with reporter.progress(f"necessity of {len(kept)} kept edges", len(kept)) as advance:
+            base = pool(circuit.unsqueeze(0))
+            necessity = []
+            for i in range(0, len(kept), 64):
+                trials = circuit.unsqueeze(0).repeat(len(kept[i : i + 64]), 1, 1)
+                for j, (s, r) in enumerate(kept[i : i + 64]):
+                    trials[j, s, r] = False
+                scored = pool(trials)
+                for j, (s, r) in enumerate(kept[i : i + 64]):
+                    necessity.append({"edge": graph.edge_name(s, r), "score": float(scores[s, r]),
+                                      "metric_drop": float(base.metric[0] - scored.metric[j]),
+                                      "distance_rise": float(scored.distance[j] - base.distance[0])})
+                advance(len(trials))
+        rule |= {"metric_empty": empty[0], "metric_full": full[0], "metric_circuit": float(base.metric[0]),
+                 "distance_circuit": float(base.distance[0]), "prompts": n_prompts}
+        return SearchOutcome(circuit, result, rule, necessity, pool.forward_passes,
+                             time.perf_counter() - started, ray_seconds)
+    finally:
+        pool.close()

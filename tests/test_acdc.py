@@ -1,0 +1,185 @@
+"""ACDC and greedy minimisation on tiny models, against a plain one-edge-at-a-time reference."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from discovery.acdc import SearchState, acdc, candidate_order, minimize
+from discovery.attribution import eap
+from discovery.circuit import prune, top_edges
+from discovery.graph import EdgeGraph
+from discovery.patching import patched_logits, run_recording_senders
+from discovery.pool import InProcessPool, _pack, _unpack
+from discovery.scorer import CircuitScorer
+from tasks.base import logit_difference
+from test_attribution import tiny_task
+from tiny_models import tiny  # noqa: F401 (fixture)
+
+
+def setup(adapter, distance="kl"):
+    task = tiny_task()
+    graph = EdgeGraph(adapter.shape)
+    batches = list(task.batches("discovery", batch_size=4))
+    scorer = CircuitScorer(adapter, graph, batches, task.metric, distance, max_rows=8)
+    scores = eap(adapter, graph, task, batch_size=4)
+    return task, graph, scorer, scores
+
+
+def start_circuit(graph, scores):
+    """The 60 strongest edges (of 190): a seeded start, and a test that runs in seconds."""
+    return top_edges(graph, scores, 60)
+
+
+_RUNS = {}
+
+
+def reference_distance(adapter, graph, task, circuit) -> float:
+    """KL(clean ‖ circuit), by one plain patched pass over all prompts (no stacking)."""
+    (batch,) = task.batches("discovery", batch_size=len(task))
+    if adapter.name not in _RUNS:
+        rows = torch.arange(batch.size)
+        _RUNS[adapter.name] = (run_recording_senders(adapter, graph, batch.corrupted)[0],
+                               F.log_softmax(adapter.logits(batch.clean)[rows, batch.last].double(), -1))
+    corrupted, clean = _RUNS[adapter.name]
+    rows = torch.arange(batch.size)
+    patched = F.log_softmax(patched_logits(adapter, graph, batch.clean, corrupted, (~circuit).double())[rows, batch.last].double(), -1)
+    return float((clean.exp() * (clean - patched)).sum(-1).mean())
+
+
+@functools.lru_cache(maxsize=None)
+def reference_acdc(adapter, tau_fraction: float) -> torch.Tensor:
+    """Textbook ACDC from the full graph, one candidate and one pass at a time."""
+    task, graph, scorer, scores = setup(adapter)
+    start = start_circuit(graph, scores)
+    tau = tau_fraction * reference_distance(adapter, graph, task, graph.allowed & False)
+    circuit = prune(graph, start)
+    current = reference_distance(adapter, graph, task, circuit)
+    for s, r in candidate_order(graph, circuit, scores):
+        fed = graph.receiver_node[r]
+        if fed and not circuit[list(fed)].any():
+            circuit[s, r] = False
+            continue
+        trial = circuit.clone()
+        trial[s, r] = False
+        d = reference_distance(adapter, graph, task, trial)
+        if d - current < tau:
+            circuit, current = trial, d
+    return prune(graph, circuit)
+
+
+def test_scorer_matches_plain_patching(tiny):
+    task, graph, scorer, scores = setup(tiny)
+    g = torch.Generator().manual_seed(1)
+    circuits = (torch.rand((5, graph.n_senders, graph.n_receivers), generator=g) < 0.7) & graph.allowed
+    got = scorer.score(circuits).distance
+    want = [reference_distance(tiny, graph, task, c) for c in circuits]
+    assert torch.allclose(got, torch.tensor(want, dtype=torch.float64), atol=1e-10)
+    full = scorer.score(graph.allowed.unsqueeze(0))
+    assert abs(float(full.distance[0])) < 1e-10 and abs(float(full.metric[0]) - scorer.clean_metric) < 1e-10
+
+
+@pytest.mark.parametrize("chain", [5])
+def test_speculative_acdc_equals_one_at_a_time(tiny, chain):
+    """Whatever the chain length (how many guesses share a pass), the circuit is textbook ACDC's."""
+    task, graph, scorer, scores = setup(tiny)
+    empty = float(scorer.score((graph.allowed & False).unsqueeze(0)).distance[0])
+    want = reference_acdc(tiny, 0.01)
+    result = acdc(graph, InProcessPool(scorer, chunk=4), scores, start_circuit(graph, scores), 0.01 * empty, chain=chain)
+    assert torch.equal(result.circuit, want)
+    assert 0 < int(want.sum()) < int(prune(graph, start_circuit(graph, scores)).sum())  # the test means something: some edges go, some stay
+    assert result.state.rows <= result.evaluated + 1 + result.state.wasted_rows
+
+
+def test_tau_zero_keeps_the_behaviour_and_huge_tau_removes_everything(tiny):
+    task, graph, scorer, scores = setup(tiny)
+    pool = InProcessPool(scorer, chunk=4)
+    start = prune(graph, start_circuit(graph, scores))
+    kept = acdc(graph, pool, scores, start, tau=0.0, chain=8)
+    before = reference_distance(tiny, graph, task, start)
+    assert reference_distance(tiny, graph, task, kept.circuit) <= before + 1e-12
+    assert int(kept.circuit.sum()) > 0  # only removals that did not move the circuit away from clean
+    gone = acdc(graph, pool, scores, start, tau=1e9, chain=8)
+    assert int(gone.circuit.sum()) == 0
+
+
+def test_interrupted_search_resumes_to_the_same_circuit(tiny):
+    task, graph, scorer, scores = setup(tiny)
+    pool = InProcessPool(scorer, chunk=4)
+    empty = float(scorer.score((graph.allowed & False).unsqueeze(0)).distance[0])
+    tau = 0.01 * empty
+    whole = acdc(graph, pool, scores, start_circuit(graph, scores), tau, chain=4)
+    saved = {}
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(state):
+        saved["json"] = json.dumps(state.to_json())
+        if state.chains == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        acdc(graph, pool, scores, start_circuit(graph, scores), tau, chain=4, on_chain=interrupt)
+    start = prune(graph, start_circuit(graph, scores))
+    state = SearchState.from_json(json.loads(saved["json"]), start, candidate_order(graph, start, scores))
+    assert 0 < state.position < whole.candidates
+    resumed = acdc(graph, pool, scores, start_circuit(graph, scores), tau, chain=4, state=state)
+    assert torch.equal(resumed.circuit, whole.circuit)
+
+
+def reference_metric(adapter, graph, task, circuit) -> float:
+    (batch,) = task.batches("discovery", batch_size=len(task))
+    reference_distance(adapter, graph, task, circuit)  # fills the cached corrupted run
+    corrupted, _ = _RUNS[adapter.name]
+    rows = torch.arange(batch.size)
+    logits = patched_logits(adapter, graph, batch.clean, corrupted, (~circuit).double())[rows, batch.last]
+    return float(logit_difference(logits, batch).mean())
+
+
+def test_minimize_is_greedy_removal_above_the_floor(tiny):
+    task, graph, scorer, scores = setup(tiny, distance="task")
+    empty = float(scorer.score((graph.allowed & False).unsqueeze(0)).metric[0])
+    if scorer.clean_metric < empty:  # a random model: orient the task so that clean scores higher
+        swapped = dataclasses.replace(task, answer=task.wrong, wrong=task.answer)
+        scorer = CircuitScorer(tiny, graph, list(swapped.batches("discovery", 4)), task.metric, "task", max_rows=8)
+        empty, task = -empty, swapped
+    started = float(scorer.score(prune(graph, start_circuit(graph, scores)).unsqueeze(0)).metric[0])
+    floor = empty + 0.5 * (started - empty)  # half of what the start circuit recovers
+    result = minimize(graph, InProcessPool(scorer, chunk=4), scores, start_circuit(graph, scores), floor, chain=8)
+    # reference: weakest |score| first, one pass per candidate, keep a removal while metric ≥ floor
+    circuit = prune(graph, start_circuit(graph, scores))
+    edges = torch.nonzero(circuit)
+    order = torch.sort(scores[edges[:, 0], edges[:, 1]].abs().double(), stable=True).indices
+    for s, r in edges[order].tolist():
+        fed = graph.receiver_node[r]
+        if fed and not circuit[list(fed)].any():
+            circuit[s, r] = False
+            continue
+        trial = circuit.clone()
+        trial[s, r] = False
+        if reference_metric(tiny, graph, task, trial) >= floor:
+            circuit = trial
+    assert torch.equal(result.circuit, prune(graph, circuit))
+    assert 0 < int(result.circuit.sum()) < int(prune(graph, start_circuit(graph, scores)).sum())
+    assert reference_metric(tiny, graph, task, result.circuit) >= floor
+
+
+def test_pack_round_trips():
+    x = torch.rand(3, 7, 5) < 0.5
+    assert torch.equal(_unpack(_pack(x), tuple(x.shape)), x)
+
+
+def test_task_distance_is_the_metric_gap(tiny):
+    task, graph, scorer, _ = setup(tiny, distance="task")
+    empty = scorer.score((graph.allowed & False).unsqueeze(0))
+    (batch,) = task.batches("discovery", batch_size=len(task))
+    corrupted, logits = run_recording_senders(tiny, graph, batch.corrupted, batch.last)
+    m_corrupted = float(logit_difference(logits, batch).mean())
+    assert float(empty.metric[0]) == pytest.approx(m_corrupted, abs=1e-10)
+    assert float(empty.distance[0]) == pytest.approx(abs(m_corrupted - scorer.clean_metric), abs=1e-10)

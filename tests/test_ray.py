@@ -1,0 +1,76 @@
+"""The search on Ray actors: the same circuit with one or two workers, and after a worker dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+import tiny_models
+from discovery.acdc import acdc
+from discovery.attribution import eap
+from discovery.circuit import top_edges
+from discovery.graph import EdgeGraph
+from discovery.pool import InProcessPool, RayPool, ScorerSpec
+from test_attribution import tiny_task
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(tiny_models)  # workers build the tiny model from this module's code
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def _search(pool, adapter, on_chain=None):
+    task = tiny_task()
+    graph = EdgeGraph(adapter.shape)
+    scores = eap(adapter, graph, task, batch_size=4)
+    empty = float(pool((graph.allowed & False).unsqueeze(0)).distance[0])
+    return acdc(graph, pool, scores, top_edges(graph, scores, 60), 0.01 * empty, chain=8, on_chain=on_chain).circuit
+
+
+def test_workers_find_the_same_circuit_as_one_process(local_ray):
+    adapter = tiny_models.load_tiny_gpt2()
+    task = tiny_task()
+    spec = ScorerSpec(tiny_models.load_tiny_gpt2, tuple(task.batches("discovery", 4)), task.metric, "kl", 8)
+    want = _search(InProcessPool(spec.build(adapter), chunk=2), adapter)
+    for workers in (1, 2):
+        pool = RayPool(spec, workers, chunk=2)
+        try:
+            got = _search(pool, adapter)
+        finally:
+            for a in pool.actors:
+                ray.kill(a)
+        assert torch.equal(got, want), f"{workers} workers"
+    assert 0 < int(want.sum()) < EdgeGraph(adapter.shape).n_edges
+
+
+def test_a_worker_killed_mid_search_is_replaced_and_nothing_changes(local_ray):
+    adapter = tiny_models.load_tiny_gpt2()
+    task = tiny_task()
+    spec = ScorerSpec(tiny_models.load_tiny_gpt2, tuple(task.batches("discovery", 4)), task.metric, "kl", 8)
+    want = _search(InProcessPool(spec.build(adapter), chunk=2), adapter)
+    pool = RayPool(spec, 2, chunk=2)
+    killed = []
+
+    def kill_one(state):
+        if state.chains == 2:
+            os.kill(pool.pids[0], signal.SIGKILL)
+            killed.append(pool.pids[0])
+
+    try:
+        got = _search(pool, adapter, on_chain=kill_one)
+        alive = ray.get([a.pid.remote() for a in pool.actors])
+    finally:
+        for a in pool.actors:
+            ray.kill(a)
+    assert killed and killed[0] not in alive  # the actor really died and was restarted
+    assert torch.equal(got, want)
