@@ -236,7 +236,7 @@ def tables(
 
 @app.command()
 def convert(
-    source: Path = typer.Argument(..., help="A run folder, a circuit.json file, or an EAP-IG/MIB graph JSON."),
+    source: Path = typer.Argument(..., help="A run folder, a circuit.json, a .graphml written by this tool, or an EAP-IG/MIB graph JSON."),
     to: str = typer.Option(..., "--to", help="graphml, mib (EAP-IG/MIB graph JSON) or circuit (circuit.json)."),
     out: Path = typer.Option(..., "--out", help="File to write."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
@@ -259,6 +259,11 @@ def convert(
         data = None
     if isinstance(data, dict) and "cfg" in data and "schema" not in data:
         record = from_mib(data, source=str(path))
+    elif path.suffix == ".graphml":
+        from graphs.circuit import from_networkx
+        from graphs.formats import load_graphml
+
+        record = from_networkx(load_graphml(path))
     else:
         record = load_circuit(source)
     scores = None

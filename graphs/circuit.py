@@ -334,7 +334,7 @@ def load_circuit(source: Path) -> CircuitRecord:
     source = Path(source)
     path = source / "circuit.json" if source.is_dir() else source
     if not path.is_file():
-        raise CircuitFileError(f"no circuit at {source} (give a circuit.json file or a run folder holding one)")
+        raise CircuitFileError(f"no circuit file at {source} (give a circuit.json file or a run folder holding one)")
     record = CircuitRecord.load(path)
     roles = path.parent / "roles.csv"
     if not record.roles and roles.is_file():

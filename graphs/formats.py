@@ -172,8 +172,11 @@ def from_mib(data: dict, source: str = "graph file", model: str | None = None, t
         sender, arrow, receiver = name.partition("->")
         if not arrow or not isinstance(info, dict) or "in_graph" not in info:
             raise CircuitFileError(f"{source}: edge {name!r} needs a name 'sender->receiver' and an in_graph value")
-        r = parse_name(receiver) if receiver else None
-        if r and r.kind == "attn" and r.slot in ("k", "v"):
+        try:
+            r = parse_name(receiver)
+        except CircuitFileError as exc:
+            raise CircuitFileError(f"{source}: edge {name!r}: {exc}") from None
+        if r.kind == "attn" and r.slot in ("k", "v"):
             if r.head is None:
                 raise CircuitFileError(f"{source}: edge {name!r}: EAP-IG names key/value inputs by head (a{{l}}.h{{h}}<k>)")
             if r.head >= H:

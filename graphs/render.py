@@ -134,7 +134,7 @@ def to_dot(graph: nx.DiGraph, style: str = "default", title: str | None = None, 
 
     Args:
         graph: A node-level circuit graph, as made by ``CircuitRecord.to_networkx()``.
-        style: ``"default"`` (colour) or ``"paper"`` (greyscale-friendly, no fills).
+        style: ``"default"`` (colour) or ``"paper"`` (greyscale-friendly: black and grey lines, white nodes).
         title: Caption at the top. ``None`` builds one from the graph's ``task``, ``model``
             and ``method`` attributes when they are present.
         level: ``"edge"`` (q/k/v labels, width by |score|) or ``"node"`` (merged edges: width by
@@ -234,6 +234,9 @@ def _write_atomic(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes files private; a diagram is for everyone to read
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

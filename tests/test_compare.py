@@ -162,6 +162,8 @@ def test_cli_tables_convert_and_render(tmp_path, capsys):
     assert CircuitRecord.load(tmp_path / "back.json").edges == CircuitRecord.load(a / "circuit.json").edges
     assert _run(capsys, "convert", str(a), "--to", "graphml", "--out", str(tmp_path / "a.graphml"))[0] == 0
     ET.parse(tmp_path / "a.graphml")
+    assert _run(capsys, "convert", str(tmp_path / "a.graphml"), "--to", "circuit", "--out", str(tmp_path / "g.json"))[0] == 0
+    assert (tmp_path / "g.json").read_text() == (a / "circuit.json").read_text()
     code, _, err = _run(capsys, "render", str(a), "--level", "node", "--style", "paper", "--format", "svg,pdf", "--out", str(tmp_path / "n"))
     assert code == 0, err
     ET.parse(tmp_path / "n.svg")
@@ -169,7 +171,7 @@ def test_cli_tables_convert_and_render(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["compare", "nowhere", "nowhere2"], "no circuit at nowhere"),
+    (["compare", "nowhere", "nowhere2"], "no circuit file at nowhere"),
     (["compare", "{a}", "{bad}"], "is not a circuit file"),
     (["compare", "{a}", "{a}", "--bins", "0"], "--bins must be at least 1"),
     (["compare", "{a}", "{a}", "--out", "{a}"], "already exists"),

@@ -121,6 +121,8 @@ def test_mib_import_of_a_foreign_file_and_its_errors():
         from_mib({"cfg": cfg, "nodes": {}, "edges": {"a1.h0->a0.h1<q>": {"score": 1, "in_graph": True}}})
     with pytest.raises(CircuitFileError, match="head 5"):
         from_mib({"cfg": cfg, "nodes": {}, "edges": {"input->a1.h5<v>": {"score": 1, "in_graph": True}}})
+    with pytest.raises(CircuitFileError, match="edge 'input->a1.x0': not a node name"):
+        from_mib({"cfg": cfg, "nodes": {}, "edges": {"input->a1.x0": {"score": 1, "in_graph": True}}})
     with pytest.raises(CircuitFileError, match="in_graph"):
         from_mib({"cfg": cfg, "nodes": {}, "edges": {"input->a1.h0<v>": {"score": 1}}})
 
