@@ -142,6 +142,21 @@ class ModelAdapter:
         _, cache = self.bridge.run_with_cache(tokens.to(self.device), names_filter=lambda n: n in names)
         return {n: cache[n] for n in names}
 
+    def final_logits(self, resid: Float[torch.Tensor, "batch n d_model"], token_ids: Int[torch.Tensor, "batch t"]
+                     ) -> Float[torch.Tensor, "batch n t"]:
+        """Logits of some tokens for residual-stream vectors at the logits' input (``RECEIVER_LOGITS``).
+
+        Applies the final norm and the unembedding to each of ``n`` vectors per prompt, reading only
+        the columns of that prompt's ``token_ids`` (direct effects of heads: ``graphs.roles``).
+        """
+        with torch.no_grad():
+            x = self.bridge.ln_final(resid.to(self.device, self.dtype))  # [batch, n, d_model]
+            ids = token_ids.to(self.device)
+            w = self.bridge.W_U[:, ids].permute(1, 0, 2)  # [batch, d_model, t]
+            out = torch.einsum("bnd,bdt->bnt", x, w)
+            b_u = getattr(self.bridge, "b_U", None)
+            return out if b_u is None else out + b_u[ids][:, None, :]
+
 
 def load_model(name: str, log: Callable[[str], None] = lambda _msg: None) -> ModelAdapter:
     """Load a bundled model, Hugging Face id or local folder and wrap it for patching."""

@@ -115,21 +115,23 @@ def validate(
 def render(
     source: Path = typer.Argument(..., help="A run folder or a circuit.json file."),
     fmt: str = typer.Option("svg", "--format", help="svg, pdf, png or dot (comma-separated for several)."),
-    style: str = typer.Option("default", "--style", help="default or paper."),
+    style: str = typer.Option("default", "--style", help="default, paper (print-safe, greyscale) or summary (default at node level)."),
+    level: str = typer.Option("edge", "--level", help="edge (q/k/v inputs) or node (heads and MLPs as units)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output path without suffix (default: beside the circuit)."),
-    max_edges: int = typer.Option(200, "--max-edges", help="Draw at most this many of the strongest edges."),
+    max_edges: int = typer.Option(200, "--max-edges", help="Edge level: draw at most this many of the strongest edges."),
+    max_nodes: int = typer.Option(30, "--max-nodes", help="Node level: draw the heaviest N heads and MLPs (and 2N links)."),
 ) -> None:
-    """Draw a saved circuit (no model needed)."""
-    from graphs.circuit import CircuitRecord
+    """Draw a saved circuit (no model needed); head roles come from roles.csv beside it."""
+    from graphs.circuit import load_circuit
     from graphs.render import draw_record
 
+    record = load_circuit(source)
     path = source / "circuit.json" if source.is_dir() else source
-    record = CircuitRecord.load(path)
     if not record.edges:
         raise UserError(f"{path} holds an empty circuit: nothing to draw")
     try:
         written = draw_record(record, out or path.with_suffix(""), formats=[f.strip() for f in fmt.split(",")],
-                              style=style, max_edges=max_edges)
+                              style=style, max_edges=max_edges, level=level, max_nodes=max_nodes)
     except (ValueError, RuntimeError) as exc:
         raise UserError(str(exc)) from None
     for p in written:
@@ -183,6 +185,114 @@ def tasks_show(
               f"  answer: {text['answer']!r}   wrong: {text['wrong']!r}")
     b = CircuitEvaluator(adapter, EdgeGraph(adapter.shape), task, "heldout").baseline
     print(f"baseline on {model} (held-out): clean {b.clean:.3f}, corrupted {b.corrupted:.3f}, accuracy {b.accuracy:.0%}")
+
+
+@app.command()
+def compare(
+    a: Path = typer.Argument(..., help="Circuit A: a run folder or a circuit.json file."),
+    b: Path = typer.Argument(..., help="Circuit B: a run folder or a circuit.json file."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: outputs/compare-A-vs-B)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    bins: int = typer.Option(5, "--bins", help="Bins of relative depth for aligning models of different depth."),
+    fmt: str = typer.Option("svg,png", "--format", help="Diff diagram formats: svg, pdf, png, dot (comma-separated)."),
+    max_edges: int = typer.Option(150, "--max-edges", help="Same model: node links of the union to draw."),
+) -> None:
+    """Compare two circuits (same model: Jaccard and overlaps; any models: by relative depth and role)."""
+    from graphs.compare import compare as run_compare
+
+    m = run_compare(a, b, out=out, overwrite=overwrite, bins=bins, formats=tuple(f.strip() for f in fmt.split(",")),
+                    max_edges=max_edges)
+    if m["same_model_shape"]:
+        print(f"node Jaccard {m['node_jaccard']:.3f}, edge Jaccard {m['edge_jaccard']:.3f}, overlap at equal size "
+              f"{m['overlap_at_equal_size']:.3f} (k={m['equal_size_k']}), weighted overlap {m['weighted_overlap']:.3f} -> {m['out']}")
+    else:
+        print(f"different model shapes: compared by relative depth ({bins} bins) and role -> {m['out']}")
+
+
+@app.command()
+def roles(
+    run_dir: Path = typer.Argument(..., help="A run folder written by `circuits discover`."),
+    prompts: int = typer.Option(64, "--prompts", help="Clean prompts of the run's task to measure on."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Measure again over an existing roles.csv."),
+) -> None:
+    """Score every head's role (previous-token, duplicate, induction, mover) on the run's prompts: roles.csv."""
+    from graphs.circuit import load_circuit
+    from graphs.roles import roles_for_run
+
+    if prompts < 1:
+        raise UserError(f"--prompts must be at least 1, got {prompts}")
+    table = roles_for_run(run_dir, max_prompts=prompts, overwrite=overwrite, reporter=ConsoleReporter())
+    record = load_circuit(run_dir)
+    labelled = {n: r["role"] for n, r in record.roles.items() if r.get("role")}
+    print(f"{int(table.role.notna().sum())} of {len(table)} heads have a role; in the circuit: "
+          + (", ".join(f"{n} ({r})" for n, r in sorted(labelled.items())) or "none") + f" -> {run_dir / 'roles.csv'}")
+
+
+@app.command()
+def tables(
+    source: Path = typer.Argument(..., help="A run folder or a circuit.json file."),
+    top: int = typer.Option(20, "--top", help="Edges in the top-edges table."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder to write into (default: beside the circuit)."),
+) -> None:
+    """Write per-layer counts and the top edges with head roles, as CSV and Markdown."""
+    from graphs.circuit import load_circuit
+    from graphs.tables import write_tables
+
+    if top < 1:
+        raise UserError(f"--top must be at least 1, got {top}")
+    record = load_circuit(source)
+    folder = out or (source if source.is_dir() else source.parent)
+    for p in write_tables(record, folder, top=top):
+        print(p)
+
+
+@app.command()
+def convert(
+    source: Path = typer.Argument(..., help="A run folder, a circuit.json, a .graphml written by this tool, or an EAP-IG/MIB graph JSON."),
+    to: str = typer.Option(..., "--to", help="graphml, mib (EAP-IG/MIB graph JSON) or circuit (circuit.json)."),
+    out: Path = typer.Option(..., "--out", help="File to write."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
+    d_model: Optional[int] = typer.Option(None, "--d-model", help="mib: the model's width, if the tool cannot tell."),
+) -> None:
+    """Convert a circuit between circuit.json, GraphML and the EAP-IG/MIB graph format."""
+    import json as _json
+
+    from graphs.circuit import load_circuit
+    from graphs.formats import from_mib, save_graphml, save_mib
+
+    if to not in ("graphml", "mib", "circuit"):
+        raise UserError(f"unknown --to {to!r}: use graphml, mib or circuit")
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} exists: choose another --out, or pass --overwrite")
+    path = source / "circuit.json" if source.is_dir() else source
+    try:
+        data = _json.loads(path.read_text()) if path.is_file() else None
+    except (ValueError, UnicodeDecodeError):
+        data = None
+    if isinstance(data, dict) and "cfg" in data and "schema" not in data:
+        record = from_mib(data, source=str(path))
+    elif path.suffix == ".graphml":
+        from graphs.circuit import from_networkx
+        from graphs.formats import load_graphml
+
+        record = from_networkx(load_graphml(path))
+    else:
+        record = load_circuit(source)
+    scores = None
+    if to == "mib" and (path.parent / "scores.parquet").is_file():
+        import pandas as pd
+
+        table = pd.read_parquet(path.parent / "scores.parquet", columns=["edge", "score"])
+        scores = dict(zip(table["edge"], table["score"].astype(float)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if to == "graphml":
+        save_graphml(record.to_networkx(), out)
+    elif to == "mib":
+        save_mib(record, out, scores=scores, d_model=d_model)
+    else:
+        record.save(out)
+    extra = f" (all {len(scores):,} edge scores from scores.parquet)" if scores else ""
+    print(f"{len(record.edges):,} circuit edges -> {out}{extra}")
 
 
 def _terminate(signum, frame) -> None:

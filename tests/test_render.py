@@ -110,3 +110,40 @@ def test_paper_style_dashes_positive_edges(graph):
 def test_role_shown_under_name(graph):
     source = to_dot(graph).source
     assert "name mover &amp; co" in source
+
+
+def test_node_level_merges_edges_and_labels_counts(graph):
+    source = to_dot(graph, level="node").source
+    line = next(ln for ln in source.splitlines() if re.search(r"input\W*->\W*\"?a0\.h0", ln))
+    assert 'label="×2"' in line  # q and k merged
+    assert "q,k" not in source and "merged" in source  # the legend explains the label
+    with pytest.raises(ValueError, match="unknown level"):
+        to_dot(graph, level="layer")
+
+
+def test_draw_record_summary_style_and_paper_pdf(tmp_path):
+    from graphs.render import draw_record
+
+    record = CircuitRecord(model="toy", task="ioi", method="eap", n_layers=2, n_heads=2, n_kv_groups=1, edges=EDGES)
+    svg, pdf = draw_record(record, tmp_path / "s", formats=("svg", "pdf"), style="summary", max_nodes=2)
+    text = svg.read_text()
+    ET.fromstring(text)
+    assert "node level, 2 of 4 heads and MLPs (the heaviest)" in text
+    assert pdf.read_bytes().startswith(b"%PDF")
+    (paper,) = draw_record(record, tmp_path / "p", formats=("pdf",), style="paper")
+    assert paper.read_bytes().startswith(b"%PDF")
+
+
+def test_diff_diagram_has_a_legend_and_status_styles():
+    from graphs.render import DIFF, diff_to_dot
+
+    g = nx.DiGraph()
+    g.add_node("input", kind="input", layer=-1, status="shared")
+    g.add_node("a0.h0", kind="attn", layer=0, head=0, status="A", role="mover")
+    g.add_node("logits", kind="logits", layer=1, status="shared")
+    g.add_edge("input", "a0.h0", status="A", weight=1.0, label="q")
+    g.add_edge("a0.h0", "logits", status="B", weight=0.5)
+    source = diff_to_dot(g, ("eap", "eap-ig")).source
+    assert "only in eap-ig" in source and "in both" in source and "cluster_legend" in source
+    line = next(ln for ln in source.splitlines() if re.search(r"a0\.h0\W*->\W*logits", ln))
+    assert DIFF["B"]["color"] in line and "dotted" in line
