@@ -253,12 +253,13 @@ def discover(config: DiscoverConfig, out: Path | None = None, overwrite: bool = 
 
     iterative = config.method == "acdc" or config.minimize
     checkpoint = Checkpoint(out.parent, search_settings(config)) if iterative else None
-    seed = checkpoint.load_tensors("seed") if checkpoint else None
+    seed_store = Checkpoint(out.parent, seed_settings(config)) if iterative else None
+    seed = seed_store.load_tensors("seed") if seed_store else None
     attribution = config.seed_method if config.method == "acdc" else config.method
     if seed is not None:
-        reporter.log(f"resuming: {attribution} scores and start circuit from checkpoint {checkpoint.dir}")
+        reporter.log(f"reusing {attribution} scores and start circuit saved in {seed_store.dir}")
         scores, chosen = seed["scores"], seed["chosen"].bool()
-        search = checkpoint.load_json("size_search")
+        search = seed_store.load_json("size_search")
         search = SizeSearch(**search) if search else None
         attribution_passes = 0
     else:
@@ -268,10 +269,10 @@ def discover(config: DiscoverConfig, out: Path | None = None, overwrite: bool = 
         attribution_passes = method.forwards_per_batch(config.ig_steps) * len(list(task.batches("discovery", config.batch_size)))
         chosen, search, search_passes = choose_circuit(config, adapter, graph, task, scores, reporter)
         attribution_passes += search_passes
-        if checkpoint:
+        if seed_store:
             if search is not None:
-                checkpoint.save_json("size_search", dataclasses.asdict(search))
-            checkpoint.save_tensors("seed", {"scores": scores, "chosen": chosen.to(torch.uint8)})
+                seed_store.save_json("size_search", dataclasses.asdict(search))
+            seed_store.save_tensors("seed", {"scores": scores, "chosen": chosen.to(torch.uint8)})
 
     outcome = None
     if iterative:
@@ -366,6 +367,17 @@ def search_settings(config: DiscoverConfig) -> dict:
     """The settings that decide an iterative search's result (the key of its checkpoint)."""
     ignored = {"curve", "workers", "address"}
     return {k: v for k, v in dataclasses.asdict(config).items() if k not in ignored}
+
+
+SEARCH_ONLY = ("tau", "acdc_metric", "minimize", "search_prompts", "chain", "method")
+
+
+def seed_settings(config: DiscoverConfig) -> dict:
+    """The settings that decide the attribution scores and the start circuit of a search: kept
+    (in ``.checkpoints``) after the run, so a search with another τ or prompt count reuses them."""
+    settings = {k: v for k, v in search_settings(config).items() if k not in SEARCH_ONLY + ("seed_method",)}
+    settings["attribution"] = config.seed_method if config.method == "acdc" else config.method
+    return settings
 
 
 def _search_summary(outcome, graph: EdgeGraph, heldout: CircuitEvaluator, scores: torch.Tensor) -> dict:

@@ -10,6 +10,9 @@ Measures, on one IOI batch:
   backward pairs);
 * ``patched_over_plain``: an exact patched forward (for a circuit of the size the default run
   picks, about 10 % of edges) over a plain forward, not counting the shared corrupted pass;
+* ``pool``: ACDC candidate evaluations (circuits scored on 32 IOI prompts, one edge removed
+  from a top-2,000 circuit each) per second in this process and on Ray with 1 and 2 workers,
+  and Ray's start-up cost (``ray.init`` plus every actor loading its replica);
 * peak resident memory of this process;
 * wall time and peak memory of the default ``circuits discover --task ioi`` (in a subprocess).
 
@@ -57,6 +60,36 @@ def peak_rss_mb(who=resource.RUSAGE_SELF) -> float:
     return resource.getrusage(who).ru_maxrss / 1024  # Linux reports KiB
 
 
+def pool_rates(adapter, graph, task, model: str, rows: int = 16) -> dict:
+    """Candidate evaluations per second in process and on Ray with 1 and 2 workers, and Ray's start-up."""
+    from functools import partial
+
+    import ray
+
+    from discovery.pool import InProcessPool, RayPool, ScorerSpec
+
+    batches = tuple(task.batches("discovery", 16, limit=32))
+    spec = ScorerSpec(partial(load_model, model), batches, task.metric, "kl", 32)
+    g = torch.Generator().manual_seed(0)
+    base = prune(graph, top_edges(graph, torch.rand(graph.allowed.shape, generator=g), 2000))
+    edges = torch.nonzero(base)[torch.randperm(int(base.sum()), generator=g)[:rows]]
+    circuits = base.unsqueeze(0).repeat(rows, 1, 1)
+    circuits[torch.arange(rows), edges[:, 0], edges[:, 1]] = False
+    chunk = 2
+    out = {"prompts": 32, "circuits": rows, "edges_per_circuit": int(base.sum()) - 1}
+    pool = InProcessPool(spec.build(adapter), chunk)
+    out["in_process_per_second"] = round(rows / best_of(lambda: pool(circuits), 1), 3)
+    for workers in (1, 2):
+        start = time.perf_counter()
+        ray_pool = RayPool(spec, workers, chunk)
+        out[f"ray_{workers}_startup_seconds"] = round(time.perf_counter() - start, 1)
+        out[f"ray_{workers}_per_second"] = round(rows / best_of(lambda: ray_pool(circuits), 1), 3)
+        ray_pool.close()
+        if ray.is_initialized():
+            ray.shutdown()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -64,6 +97,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ig-steps", type=int, default=5)
     parser.add_argument("--skip-run", action="store_true", help="skip timing the default discover command")
+    parser.add_argument("--skip-pool", action="store_true", help="skip the ACDC scorer pool timings (in-process and Ray)")
     args = parser.parse_args()
 
     adapter = load_model(args.model)
@@ -115,6 +149,8 @@ def main() -> None:
         "patched_over_plain": round(t_patched / t_forward, 2),
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
+    if not args.skip_pool:
+        result["pool"] = pool_rates(adapter, graph, task, args.model)
     if not args.skip_run:
         with tempfile.TemporaryDirectory() as scratch:
             start = time.perf_counter()

@@ -1,5 +1,6 @@
 """The discovery run end to end on a tiny model, its run folder, and the command line's handling of bad input."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 
 from discovery.adapter import ModelAdapter
 from discovery.errors import OutputExists, UserError
-from discovery.run import DiscoverConfig, discover
+from discovery.run import DiscoverConfig, Reporter, discover
 from graphs.circuit import CircuitRecord
 from tiny_models import tiny_hf_model
 
@@ -142,3 +143,28 @@ def test_a_task_file_with_a_bad_row_is_refused_unless_bad_rows_are_skipped(tiny_
     assert not (tmp_path / "b").exists()
     skipped = discover(DiscoverConfig(**{**config.__dict__, "skip_bad_rows": True}), out=tmp_path / "c", adapter=tiny_ioi_model)
     assert skipped["prompts_discovery"] + skipped["prompts_heldout"] == 7
+
+
+def test_acdc_run_writes_a_certificate_and_reuses_its_attribution(tiny_ioi_model, tmp_path):
+    config = DiscoverConfig(task="ioi", model="tiny-llama", method="acdc", n_pairs=16, batch_size=8, edges=40,
+                            force=True, curve=False, search_prompts=4, chain=4)
+    summary = discover(config, out=tmp_path / "a", adapter=tiny_ioi_model)
+    search = summary["search"]
+    assert search["rule"] == "acdc" and search["distance"] == "kl" and search["candidates"] <= 40
+    assert summary["edges_kept"] <= search["candidates"]
+    certificate = json.loads((tmp_path / "a" / "certificate.json").read_text())
+    assert certificate["edges"] == summary["edges_kept"] == len(certificate["necessity"])
+    assert certificate["faithfulness_heldout"] == pytest.approx(summary["faithfulness"])
+    assert len(pd.read_csv(tmp_path / "a" / "necessity.csv")) == summary["edges_kept"]
+    kept = [p.name for p in (tmp_path / ".checkpoints").iterdir()]
+    assert len(kept) == 1  # the search's checkpoint is gone; the attribution is kept for reuse
+
+    class Log(Reporter):
+        lines: list = []
+
+        def log(self, message):
+            self.lines.append(message)
+
+    again = discover(dataclasses.replace(config, tau=0.0), out=tmp_path / "b", adapter=tiny_ioi_model, reporter=Log())
+    assert again["search"]["tau"] == 0.0
+    assert any(line.startswith("reusing eap-ig scores") for line in Log.lines)
