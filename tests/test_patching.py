@@ -85,7 +85,7 @@ def test_mlp_and_logit_edges_match_plain_huggingface_forward(tiny, edge):
     s, r = graph.edge_index(edge)
     patched = _patch_one_edge(tiny, graph, clean, corr_senders, s, r)
 
-    style = "gpt2" if tiny.shape.n_kv_groups == tiny.shape.n_heads else "llama"
+    style = tiny.name.removeprefix("tiny-")
     hf = tiny_hf_model(style)
     body = hf.transformer if style == "gpt2" else hf.model
     receiver = graph.receiver_names[r]
@@ -93,7 +93,8 @@ def test_mlp_and_logit_edges_match_plain_huggingface_forward(tiny, edge):
         module = body.ln_f if style == "gpt2" else body.norm
     else:
         block = (body.h if style == "gpt2" else body.layers)[int(receiver[1:])]
-        module = block.ln_2 if style == "gpt2" else block.post_attention_layernorm
+        mlp_norm = {"gpt2": "ln_2", "llama": "post_attention_layernorm", "gemma3": "pre_feedforward_layernorm"}[style]
+        module = getattr(block, mlp_norm)
     delta = corr_senders[s] - clean_senders[s]
     handle = module.register_forward_pre_hook(lambda _m, args: (args[0] + delta,))
     try:
