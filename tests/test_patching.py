@@ -163,3 +163,20 @@ def test_logits_at_positions_equal_the_full_logits_there(tiny):
     full = tiny.logits(clean)
     assert torch.allclose(tiny.logits(clean, positions), full[torch.arange(3), positions], atol=1e-12)
     assert tiny.hook_count() == 0
+
+
+def test_gemma3_head_shares_are_the_heads_parts_of_the_normalised_output(tmp_path):
+    """The post-norm rule (adapter docstring): share_h = (1 + w) ⊙ result_h / rms(Σ_h result_h),
+    summing to the block's residual term ``hook_attn_out``."""
+    from tiny_models import tiny_adapter
+
+    gemma = tiny_adapter("gemma3", tmp_path)
+    clean, _ = random_pair()
+    names = ["blocks.1.attn.hook_result", "blocks.1.ln1_post.hook_in", "blocks.1.hook_attn_out"]
+    result, norm_in, out = gemma.cache(clean, names).values()
+    shares = gemma.head_shares(1, result, out)
+    assert torch.allclose(shares.sum(2), out, atol=1e-12, rtol=0)
+    norm = gemma.bridge.blocks[1].ln1_post
+    rms = (norm_in.pow(2).mean(-1, keepdim=True) + norm.original_component.eps).sqrt()
+    expected = result * ((1 + norm.weight) / rms).unsqueeze(2)
+    assert torch.allclose(shares, expected, atol=1e-5, rtol=0)  # Hugging Face's norm rounds in float32
