@@ -28,10 +28,11 @@ with the RMS of the same run (the clean, corrupted or patched run being recorded
 to ``hook_attn_out``, the block's residual term, in every run; the norm's own float rounding
 (Hugging Face computes it in float32) is spread equally over the heads so that the sum is exact.
 So a receiver's input is still exactly the sum of its senders' values, and full circuit = clean
-run, empty circuit = corrupted run hold. The rule is linear in each head's result given the
-scale: patching an edge swaps that head's share (its result over its own run's RMS). A change to
-one head moves the common RMS and so every share of that layer in the patched run; those moves
-travel along the kept edges, as the norm makes them. The MLP's sender is its post-normed output
+run, empty circuit = corrupted run hold. Patching an edge swaps that head's share for its
+corrupted-run share (its result over its own run's RMS). A change to one head moves the common
+RMS and so every share of that layer in the patched run; those moves travel along the kept edges,
+as the norm makes them. So each head's value depends on the inputs of every head of its layer
+(``ModelShape.post_norm``; pruning treats the layer's q/k/v inputs as feeding all its heads). The MLP's sender is its post-normed output
 (``hook_mlp_out`` is ``ln2_post.hook_out`` on these blocks): one sender, no rule needed.
 """
 
@@ -58,6 +59,7 @@ class ModelShape:
     n_heads: int
     n_kv_groups: int
     d_model: int
+    post_norm: bool = False  # heads share a post-attention norm: each head's value depends on its whole layer
 
 
 class ModelAdapter:
@@ -88,6 +90,7 @@ class ModelAdapter:
             n_heads=cfg.n_heads,
             n_kv_groups=getattr(cfg, "n_key_value_heads", None) or cfg.n_heads,
             d_model=cfg.d_model,
+            post_norm=self.post_norm,
         )
         bridge.set_use_split_qkv_input(True)
         bridge.set_use_attn_result(True)
@@ -114,6 +117,7 @@ class ModelAdapter:
 
     # Hook names of the edge graph's senders and receivers, by kind and layer.
     def sender_hook(self, kind: str, layer: int) -> str:
+        """Where a sender point fires (raw head results on post-norm blocks: record values with ``sender_hooks``)."""
         return {"input": self.SENDER_INPUT, "attn": f"blocks.{layer}.attn.hook_result", "mlp": f"blocks.{layer}.hook_mlp_out"}[kind]
 
     def sender_hooks(self, kind: str, layer: int, record: Callable[[torch.Tensor], None]) -> list[Hook]:

@@ -23,8 +23,8 @@ def ioi(gemma3):
 
 
 def test_gemma3_loads_with_its_published_shape(gemma3):
-    assert gemma3.shape == ModelShape(n_layers=18, n_heads=4, n_kv_groups=1, d_model=640)
-    assert gemma3.post_norm and EdgeGraph(gemma3.shape).n_edges == 5_644
+    assert gemma3.shape == ModelShape(n_layers=18, n_heads=4, n_kv_groups=1, d_model=640, post_norm=True)
+    assert EdgeGraph(gemma3.shape).n_edges == 5_644
     ids = gemma3.tokenizer("When Mary and John went to the store, John gave a drink to")["input_ids"]
     last = torch.tensor([len(ids) - 1])
     assert gemma3.tokenizer.decode(gemma3.logits(torch.tensor([ids]), last)[0].argmax()) == " Mary"
