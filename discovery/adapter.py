@@ -32,8 +32,9 @@ run, empty circuit = corrupted run hold. Patching an edge swaps that head's shar
 corrupted-run share (its result over its own run's RMS). A change to one head moves the common
 RMS and so every share of that layer in the patched run; those moves travel along the kept edges,
 as the norm makes them. So each head's value depends on the inputs of every head of its layer
-(``ModelShape.post_norm``; pruning treats the layer's q/k/v inputs as feeding all its heads). The MLP's sender is its post-normed output
-(``hook_mlp_out`` is ``ln2_post.hook_out`` on these blocks): one sender, no rule needed.
+(``ModelShape.post_norm``; pruning treats the layer's q/k/v inputs as feeding all its heads).
+The MLP's sender is its post-normed output (``hook_mlp_out`` is ``ln2_post.hook_out`` on these
+blocks): one sender, no rule needed.
 """
 
 from __future__ import annotations
