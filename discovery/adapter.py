@@ -11,11 +11,30 @@ flags are on:
   (``attn.hook_result`` ``[batch, pos, heads, d_model]``, summing to the attention output);
 * ``use_hook_mlp_in``: the MLP's input as its own copy (``hook_mlp_in``).
 
-Senders read: ``blocks.0.hook_resid_pre`` (the embedding, plus positions where learned),
-``blocks.{l}.attn.hook_result`` and ``blocks.{l}.hook_mlp_out``. Receivers written:
-the q/k/v inputs, ``blocks.{l}.hook_mlp_in`` and ``ln_final.hook_in`` (the logits' input).
-Hooks are attached only inside :meth:`ModelAdapter.hooks`, which removes them on exit, error or
-not.
+Senders read: ``blocks.0.hook_resid_pre`` (the embedding, plus positions where learned; Gemma's
+``sqrt(d_model)`` scale included), ``blocks.{l}.attn.hook_result`` and ``blocks.{l}.hook_mlp_out``.
+Receivers written: the q/k/v inputs, ``blocks.{l}.hook_mlp_in`` and ``ln_final.hook_in`` (the
+logits' input). Hooks are attached only inside :meth:`ModelAdapter.hooks`, which removes them on
+exit, error or not.
+
+Post-norm blocks (Gemma 2/3: ``ln1_post``, ``ln2_post``). The attention block adds
+``ln1_post(Σ_h result_h) = g ⊙ Σ_h result_h / rms(Σ_h result_h)`` to the residual stream, with
+``g = 1 + w`` (Gemma's RMSNorm) and ``rms(x) = sqrt(mean(x²) + eps)``. The heads' results sum to
+the norm's *input*, not to the residual term, so we state a rule for a head's share:
+
+    sender value of head h = g ⊙ result_h / rms(Σ_h' result_h')
+
+with the RMS of the same run (the clean, corrupted or patched run being recorded). The shares sum
+to ``hook_attn_out``, the block's residual term, in every run; the norm's own float rounding
+(Hugging Face computes it in float32) is spread equally over the heads so that the sum is exact.
+So a receiver's input is still exactly the sum of its senders' values, and full circuit = clean
+run, empty circuit = corrupted run hold. Patching an edge swaps that head's share for its
+corrupted-run share (its result over its own run's RMS). A change to one head moves the common
+RMS and so every share of that layer in the patched run; those moves travel along the kept edges,
+as the norm makes them. So each head's value depends on the inputs of every head of its layer
+(``ModelShape.post_norm``; pruning treats the layer's q/k/v inputs as feeding all its heads).
+The MLP's sender is its post-normed output (``hook_mlp_out`` is ``ln2_post.hook_out`` on these
+blocks): one sender, no rule needed.
 """
 
 from __future__ import annotations
@@ -41,6 +60,7 @@ class ModelShape:
     n_heads: int
     n_kv_groups: int
     d_model: int
+    post_norm: bool = False  # heads share a post-attention norm: each head's value depends on its whole layer
 
 
 class ModelAdapter:
@@ -61,15 +81,17 @@ class ModelAdapter:
         self.name = name
         cfg = bridge.cfg
         blocks = list(bridge.blocks)
-        if any(hasattr(b, "ln1_post") for b in blocks):
-            raise UserError(
-                f"{name}: attention with a post-norm (Gemma 2/3) is not supported by the edge graph yet"
-            )
+        self.post_norm = hasattr(blocks[0], "ln1_post")  # Gemma 2/3: head shares, see the module docstring
+        if self.post_norm and not all(
+            b.ln1_post.uses_rms_norm and getattr(b.attn.o.original_component, "bias", None) is None for b in blocks
+        ):
+            raise UserError(f"{name}: a post-attention norm is supported only as RMSNorm without an output bias (Gemma 2/3)")
         self.shape = ModelShape(
             n_layers=cfg.n_layers,
             n_heads=cfg.n_heads,
             n_kv_groups=getattr(cfg, "n_key_value_heads", None) or cfg.n_heads,
             d_model=cfg.d_model,
+            post_norm=self.post_norm,
         )
         bridge.set_use_split_qkv_input(True)
         bridge.set_use_attn_result(True)
@@ -96,7 +118,52 @@ class ModelAdapter:
 
     # Hook names of the edge graph's senders and receivers, by kind and layer.
     def sender_hook(self, kind: str, layer: int) -> str:
+        """Where a sender point fires (raw head results on post-norm blocks: record values with ``sender_hooks``)."""
         return {"input": self.SENDER_INPUT, "attn": f"blocks.{layer}.attn.hook_result", "mlp": f"blocks.{layer}.hook_mlp_out"}[kind]
+
+    def sender_hooks(self, kind: str, layer: int, record: Callable[[torch.Tensor], None]) -> list[Hook]:
+        """Hooks that pass a sender point's values to ``record`` once per forward, changing nothing.
+
+        The values are ``[batch, pos, heads, d_model]`` for attention, ``[batch, pos, d_model]``
+        otherwise. On post-norm blocks a head's value is its share of the normalised output (module
+        docstring): the results are kept at ``attn.hook_result`` and shared out at ``ln1_post.hook_out``.
+        """
+
+        def observe(act, hook=None):
+            record(act)
+            return act
+
+        if kind != "attn" or not self.post_norm:
+            return [(self.sender_hook(kind, layer), observe)]
+        kept = {}
+
+        def keep(result, hook=None):
+            kept["result"] = result
+            return result
+
+        def share(out, hook=None):
+            record(self.head_shares(layer, kept.pop("result"), out))
+            return out
+
+        return [(self.sender_hook(kind, layer), keep), (f"blocks.{layer}.ln1_post.hook_out", share)]
+
+    @torch.no_grad()
+    def head_shares(self, layer: int, result: Float[torch.Tensor, "batch pos heads d_model"],
+                    out: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos heads d_model"]:
+        """Each head's share ``g ⊙ result_h / rms(Σ_h result_h)`` of the post-norm output ``out``.
+
+        Computed in at least float32; the difference between ``out`` and the shares' sum is the
+        norm's own rounding, added to the heads in equal parts so that the shares sum to ``out``.
+        """
+        norm = self.bridge.blocks[layer].ln1_post
+        module = norm.original_component
+        eps = getattr(module, "eps", getattr(module, "variance_epsilon", 1e-6))
+        dtype = torch.promote_types(result.dtype, torch.float32)
+        gain = (1.0 + norm.weight if norm.uses_weight_offset else norm.weight).to(dtype)  # [d_model]
+        total = result.to(dtype).sum(2)  # [b, p, d]: the norm's input (no output bias)
+        scale = gain * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + eps)  # [b, p, d]
+        shares = (result.to(dtype) * scale.unsqueeze(2)).to(result.dtype)  # [b, p, heads, d]
+        return shares + ((out - shares.sum(2)) / result.shape[2]).unsqueeze(2)
 
     def receiver_hook(self, kind: str, layer: int) -> str:
         return {

@@ -7,7 +7,9 @@ Pruning is exact. A node none of whose kept incoming edges is reachable from the
 corrupted values, so its output equals its corrupted-run output and patching its outgoing edges
 changes nothing. A node with no kept path to the logits influences the logits only through
 patched edges, which carry corrupted values whatever it computes. Removing both kinds of edge
-therefore leaves the circuit's metric unchanged (a test checks this by patching).
+therefore leaves the circuit's metric unchanged (a test checks this by patching). Under a shared
+post-attention norm (Gemma 2/3) the heads of a layer share one scale, so the "node" of these two
+rules is the layer's attention as a whole: ``EdgeGraph.receiver_feeds`` says so.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def prune(graph: EdgeGraph, mask: Mask) -> Mask:
     """Keep only edges on some input → logits path of kept edges (see the module docstring)."""
     mask = mask & graph.allowed
     S = graph.n_senders
-    feeds = graph.receiver_node  # receiver -> sender nodes it feeds
+    feeds = graph.receiver_feeds  # receiver -> sender nodes whose values it changes
 
     # Forward: which sender nodes carry a clean signal. Senders are in topological order.
     reached = torch.zeros(S, dtype=torch.bool)

@@ -150,7 +150,7 @@ def models() -> None:
         flag = "cached" if is_cached(name) else "not yet converted"
         default = " (default)" if name == DEFAULT_MODEL else ""
         print(f"{name}{default}: {spec.hf_id}, {shape.n_layers} layers, {shape.n_heads} heads, "
-              f"{shape.n_kv_groups} kv groups, {EdgeGraph(shape).n_edges:,} edges; {flag}")
+              f"{shape.n_kv_groups} kv group{'s' * (shape.n_kv_groups != 1)}, {EdgeGraph(shape).n_edges:,} edges; {flag}")
 
 
 @tasks_app.command("list")

@@ -164,6 +164,22 @@ class EdgeGraph:
                     out.append((base + H,))
         return tuple(out)
 
+    @cached_property
+    def receiver_feeds(self) -> tuple[tuple[int, ...], ...]:
+        """For each receiver, the sender indices whose values it changes (what pruning follows).
+
+        As :attr:`receiver_node`, except under a shared post-attention norm (``shape.post_norm``,
+        Gemma 2/3): there each q/k/v input of a layer changes every head's value of that layer
+        through the norm's common scale (rule in ``discovery.adapter``).
+        """
+        if not self.shape.post_norm:
+            return self.receiver_node
+        H = self.shape.n_heads
+        points = [p for p in self.receiver_points for _ in range(p.start, p.stop)]  # one per receiver
+        first = [1 + p.layer * (H + 1) for p in points]  # the layer's first head
+        return tuple(tuple(range(f, f + H)) if p.kind in ("q", "k", "v") else node
+                     for p, f, node in zip(points, first, self.receiver_node))
+
 
 def expected_edge_count(n_layers: int, n_heads: int, n_kv_groups: int) -> int:
     """DESIGN.md's closed form for the number of edges, for checking the graph."""

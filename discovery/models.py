@@ -159,7 +159,9 @@ def load_pretrained(name: str, log: Callable[[str], None] = lambda _msg: None):
     if name in BUNDLED:
         spec = BUNDLED[name]
         model, tokenizer = _load_bundled(spec, log)
-        return model.eval(), tokenizer, spec.hf_id
+        return _named(model), tokenizer, spec.hf_id
+    offline_choices = (f"a bundled model ({', '.join(BUNDLED)}) or a local folder holding a saved model "
+                       "(config.json and safetensors, as save_pretrained writes) or a .gguf file")
     path = Path(name).expanduser()
     if path.exists():
         ggufs = [path] if path.suffix == ".gguf" else sorted(path.glob("*.gguf"))
@@ -169,20 +171,28 @@ def load_pretrained(name: str, log: Callable[[str], None] = lambda _msg: None):
             model, tokenizer = _load_safetensors_folder(path)
         else:
             raise ModelNotFound(f"{path} holds neither a .gguf file nor a config.json with safetensors weights")
-        return model.eval(), tokenizer, str(path)
-    known = ", ".join(BUNDLED)
+        return _named(model), tokenizer, str(path)
     if "/" not in name and name not in {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2"}:
-        raise ModelNotFound(f"unknown model {name!r}: use one of {known}, a Hugging Face id (org/name) or a local folder")
+        raise ModelNotFound(f"unknown model {name!r}: use a Hugging Face id (org/name) or {offline_choices}")
+    log(f"fetching {name} from the Hugging Face hub (or its local cache)")
     try:
+        from huggingface_hub.utils import logging as hub_logging
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        _quiet_transformers()
+        hub_logging.set_verbosity_error()  # no retry lines: one error line below says what happened
         model = AutoModelForCausalLM.from_pretrained(
             name, attn_implementation="eager", dtype=torch.float32, use_safetensors=True
         )
         tokenizer = AutoTokenizer.from_pretrained(name)
     except OSError as exc:
         reason = str(exc).splitlines()[0][:160]
-        raise ModelNotFound(
-            f"cannot load {name!r} from the Hugging Face hub ({reason}); offline, use {known} or a local folder"
-        ) from None
-    return model.eval(), tokenizer, name
+        raise ModelNotFound(f"cannot load {name!r} from the Hugging Face hub ({reason}); offline, use {offline_choices}") from None
+    return _named(model), tokenizer, name
+
+
+def _named(model):
+    """Eval mode, and the architecture named in the config (GGUF files leave it empty; the bridge needs it)."""
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [type(model).__name__]
+    return model.eval()

@@ -45,16 +45,15 @@ def record_senders_hooks(adapter: ModelAdapter, graph: EdgeGraph, buffer: torch.
     """
 
     def make(point: SenderPoint):
-        def hook(act, hook=None):
+        def record(values):
             entries = buffer[point.start : point.stop]
-            entries += sign * _as_senders(act.detach())
+            entries += sign * _as_senders(values.detach())
             if total is not None:
                 total.add_(entries.sum(0))
-            return act
 
-        return hook
+        return record
 
-    return [(adapter.sender_hook(p.kind, p.layer), make(p)) for p in graph.sender_points]
+    return [hook for p in graph.sender_points for hook in adapter.sender_hooks(p.kind, p.layer, make(p))]
 
 
 @torch.no_grad()

@@ -44,6 +44,18 @@ def test_dangling_edges_are_pruned():
     assert node_count(graph, prune(graph, mask)) == 3
 
 
+@pytest.mark.parametrize("post_norm, expected", [(False, set()), (True, {"input->a0.h0<q>", "a0.h1->logits"})])
+def test_a_shared_post_norm_couples_the_heads_of_a_layer_in_pruning(post_norm, expected):
+    """Under Gemma's post-attention norm a0.h1's value moves with a0.h0's input (the common RMS)."""
+    from discovery.adapter import ModelShape
+
+    graph = EdgeGraph(ModelShape(2, 2, 2, 4, post_norm=post_norm))
+    mask = torch.zeros_like(graph.allowed)
+    for name in expected | {"input->a0.h0<q>", "a0.h1->logits"}:
+        mask[graph.edge_index(name)] = True
+    assert {graph.edge_name(s, r) for s, r in torch.nonzero(prune(graph, mask)).tolist()} == expected
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_pruning_does_not_change_the_patched_metric(tiny, seed):
     graph = EdgeGraph(tiny.shape)
@@ -52,7 +64,10 @@ def test_pruning_does_not_change_the_patched_metric(tiny, seed):
     mask &= graph.allowed
     pruned = prune(graph, mask)
     assert not torch.equal(pruned, mask)
-    assert evaluator.metric(pruned) == pytest.approx(evaluator.metric(mask), abs=1e-9)
+    # Hugging Face's Gemma-3 norms round to float32 even in a float64 model (3e-8 here; 1e-15 with
+    # float64 norms). Without the shared-norm rule of EdgeGraph.receiver_feeds, seed 1 is off by 1e-2.
+    tol = 1e-6 if tiny.shape.post_norm else 1e-9
+    assert evaluator.metric(pruned) == pytest.approx(evaluator.metric(mask), abs=tol)
 
 
 def test_full_circuit_scores_one_and_empty_circuit_zero(tiny):

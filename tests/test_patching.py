@@ -85,7 +85,7 @@ def test_mlp_and_logit_edges_match_plain_huggingface_forward(tiny, edge):
     s, r = graph.edge_index(edge)
     patched = _patch_one_edge(tiny, graph, clean, corr_senders, s, r)
 
-    style = "gpt2" if tiny.shape.n_kv_groups == tiny.shape.n_heads else "llama"
+    style = tiny.name.removeprefix("tiny-")
     hf = tiny_hf_model(style)
     body = hf.transformer if style == "gpt2" else hf.model
     receiver = graph.receiver_names[r]
@@ -93,7 +93,8 @@ def test_mlp_and_logit_edges_match_plain_huggingface_forward(tiny, edge):
         module = body.ln_f if style == "gpt2" else body.norm
     else:
         block = (body.h if style == "gpt2" else body.layers)[int(receiver[1:])]
-        module = block.ln_2 if style == "gpt2" else block.post_attention_layernorm
+        mlp_norm = {"gpt2": "ln_2", "llama": "post_attention_layernorm", "gemma3": "pre_feedforward_layernorm"}[style]
+        module = getattr(block, mlp_norm)
     delta = corr_senders[s] - clean_senders[s]
     handle = module.register_forward_pre_hook(lambda _m, args: (args[0] + delta,))
     try:
@@ -162,3 +163,20 @@ def test_logits_at_positions_equal_the_full_logits_there(tiny):
     full = tiny.logits(clean)
     assert torch.allclose(tiny.logits(clean, positions), full[torch.arange(3), positions], atol=1e-12)
     assert tiny.hook_count() == 0
+
+
+def test_gemma3_head_shares_are_the_heads_parts_of_the_normalised_output(tmp_path):
+    """The post-norm rule (adapter docstring): share_h = (1 + w) ⊙ result_h / rms(Σ_h result_h),
+    summing to the block's residual term ``hook_attn_out``."""
+    from tiny_models import tiny_adapter
+
+    gemma = tiny_adapter("gemma3", tmp_path)
+    clean, _ = random_pair()
+    names = ["blocks.1.attn.hook_result", "blocks.1.ln1_post.hook_in", "blocks.1.hook_attn_out"]
+    result, norm_in, out = gemma.cache(clean, names).values()
+    shares = gemma.head_shares(1, result, out)
+    assert torch.allclose(shares.sum(2), out, atol=1e-12, rtol=0)
+    norm = gemma.bridge.blocks[1].ln1_post
+    rms = (norm_in.pow(2).mean(-1, keepdim=True) + norm.original_component.eps).sqrt()
+    expected = result * ((1 + norm.weight) / rms).unsqueeze(2)
+    assert torch.allclose(shares, expected, atol=1e-5, rtol=0)  # Hugging Face's norm rounds in float32

@@ -1,8 +1,10 @@
-"""Tiny random-weight models of both block styles, wrapped like the real ones.
+"""Tiny random-weight models of three block styles, wrapped like the real ones.
 
 GPT-2 style: LayerNorm, fused qkv, learned positions, biases. Llama style: RMSNorm, rotary
-positions, grouped-query attention (4 query heads sharing 2 key/value groups). Biases and norm
-weights are randomised too, so no term of the residual stream is trivially zero.
+positions, grouped-query attention (4 query heads sharing 2 key/value groups). Gemma-3 style:
+the Llama style plus post-attention and post-MLP norms, q/k norms, embeddings scaled by
+sqrt(d_model), tied unembedding, and a sliding window (4 tokens) on two of the three layers.
+Biases and norm weights are randomised too, so no term of the residual stream is trivially zero.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast)
 
 from discovery.adapter import ModelAdapter
 
@@ -49,6 +52,12 @@ def tiny_hf_model(style: str, seed: int = 0, dtype: torch.dtype = torch.float64,
                              intermediate_size=32, vocab_size=vocab, max_position_embeddings=64, tie_word_embeddings=False,
                              bos_token_id=0, eos_token_id=0, pad_token_id=0)
         model = LlamaForCausalLM(config)
+    elif style == "gemma3":
+        config = Gemma3TextConfig(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=16, head_dim=8,
+                                  intermediate_size=32, vocab_size=vocab, max_position_embeddings=64, query_pre_attn_scalar=8,
+                                  sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                  bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        model = Gemma3ForCausalLM(config)
     else:
         raise ValueError(style)
     _randomise(model, seed)
@@ -61,7 +70,10 @@ def tiny_adapter(style: str, folder: Path, seed: int = 0, dtype: torch.dtype = t
     return ModelAdapter.from_hf(model, tiny_tokenizer(folder), name=f"tiny-{style}", hf_id=style, dtype=dtype)
 
 
-@pytest.fixture(scope="session", params=["gpt2", "llama"])
+STYLES = ("gpt2", "llama", "gemma3")
+
+
+@pytest.fixture(scope="session", params=STYLES)
 def tiny(request, tmp_path_factory) -> ModelAdapter:
     """A tiny float64 model of each block style."""
     return tiny_adapter(request.param, tmp_path_factory.mktemp(f"tok-{request.param}"))

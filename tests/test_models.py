@@ -1,0 +1,59 @@
+"""Loading models by name: a local folder with a saved Hugging Face model, and the hub's error path."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from discovery.adapter import load_model
+from discovery.graph import EdgeGraph
+from discovery.patching import patched_logits, run_recording_senders
+from tiny_models import random_pair, tiny_hf_model, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_a_local_folder_with_a_saved_model_loads_and_patches_exactly(tmp_path):
+    """save_pretrained of a random GPT-2 and its tokenizer, loaded through the public loader."""
+    folder = tmp_path / "my-gpt2"
+    original = tiny_hf_model("gpt2", dtype=torch.float32)
+    original.save_pretrained(folder)
+    tiny_tokenizer(folder)
+    adapter = load_model(str(folder))
+    assert (adapter.shape.n_layers, adapter.shape.n_heads, adapter.shape.n_kv_groups) == (3, 4, 4)
+
+    clean, corrupted = random_pair()
+    with torch.no_grad():
+        assert torch.allclose(adapter.logits(clean), original(clean).logits, atol=1e-5, rtol=0)
+    graph = EdgeGraph(adapter.shape)
+    corr_senders, corr_logits = run_recording_senders(adapter, graph, corrupted)
+    clean_logits = adapter.logits(clean)
+    full = patched_logits(adapter, graph, clean, corr_senders, torch.zeros(graph.allowed.shape))
+    empty = patched_logits(adapter, graph, clean, corr_senders, torch.ones(graph.allowed.shape))
+    assert (clean_logits - corr_logits).abs().max() > 1.0
+    assert torch.allclose(full, clean_logits, atol=1e-5, rtol=0)
+    assert torch.allclose(empty, corr_logits, atol=1e-5, rtol=0)
+
+
+def test_an_unreachable_hub_is_one_line_naming_the_offline_choices():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "discovery.cli", "discover", "--model", "nobody/no-such-model"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: cannot load 'nobody/no-such-model' from the Hugging Face hub")
+    assert "smollm2-135m, gemma3-270m" in line and "local folder" in line and ".gguf" in line
+
+
+def test_circuits_models_lists_bundled_models_with_their_edge_counts(capsys, monkeypatch, tmp_path):
+    from discovery.cli import models
+
+    monkeypatch.setenv("CIRCUITS_CACHE", str(tmp_path))
+    (tmp_path / "gemma3-270m").mkdir()
+    (tmp_path / "gemma3-270m" / "model.safetensors").write_bytes(b"")
+    models()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("smollm2-135m (default):") and "70,651 edges; not yet converted" in lines[0]
+    assert lines[1].startswith("gemma3-270m:") and "1 kv group, 5,644 edges; cached" in lines[1]
