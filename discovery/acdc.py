@@ -22,8 +22,9 @@ one-at-a-time ACDC in the same order; good guesses only save passes (reported as
 their attribution rank, and a bin guesses "remove" while most of its decided candidates were
 removed (the weaker 80 % of bins start guessing "remove").
 
-Dead receivers: a receiver whose node has no kept outgoing edge cannot affect the logits (the
-argument of :func:`discovery.circuit.prune`), so its incoming edges are removed without a pass.
+Dead receivers: a receiver whose nodes have no kept outgoing edge cannot affect the logits (the
+argument of :func:`discovery.circuit.prune`; under Gemma's shared post-norm the nodes are the
+whole layer's heads, ``EdgeGraph.receiver_feeds``), so its incoming edges go without a pass.
 
 The same engine, with another acceptance rule, prunes a circuit down to a target faithfulness
 (:func:`minimize`).
@@ -116,7 +117,7 @@ def _guesser(candidates: list[tuple[int, int]], scores: torch.Tensor, state: Sea
 
 
 def _dead(graph: EdgeGraph, circuit: Mask, receiver: int) -> bool:
-    fed = graph.receiver_node[receiver]
+    fed = graph.receiver_feeds[receiver]
     return bool(fed) and not bool(circuit[list(fed)].any())
 
 

@@ -61,7 +61,7 @@ def reference_acdc(adapter, tau_fraction: float) -> torch.Tensor:
     circuit = prune(graph, start)
     current = reference_distance(adapter, graph, task, circuit)
     for s, r in candidate_order(graph, circuit, scores):
-        fed = graph.receiver_node[r]
+        fed = graph.receiver_feeds[r]
         if fed and not circuit[list(fed)].any():
             circuit[s, r] = False
             continue
@@ -157,7 +157,7 @@ def test_minimize_is_greedy_removal_above_the_floor(tiny):
     edges = torch.nonzero(circuit)
     order = torch.sort(scores[edges[:, 0], edges[:, 1]].abs().double(), stable=True).indices
     for s, r in edges[order].tolist():
-        fed = graph.receiver_node[r]
+        fed = graph.receiver_feeds[r]
         if fed and not circuit[list(fed)].any():
             circuit[s, r] = False
             continue
