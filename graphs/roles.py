@@ -163,8 +163,12 @@ def measure_roles(adapter, task, max_prompts: int = 64, batch_size: int = 16):
 
     shape = adapter.shape
     L, H = shape.n_layers, shape.n_heads
-    names = [f"blocks.{l}.attn.hook_pattern" for l in range(L)] + [f"blocks.{l}.attn.hook_result" for l in range(L)]
-    names.append(adapter.RECEIVER_LOGITS)
+    from discovery.graph import EdgeGraph
+    from discovery.patching import run_recording_senders
+
+    graph = EdgeGraph(shape)
+    heads = torch.tensor([1 + l * (H + 1) + h for l in range(L) for h in range(H)])  # head senders
+    names = [f"blocks.{l}.attn.hook_pattern" for l in range(L)] + [adapter.RECEIVER_LOGITS]
     per_prompt = {k: [] for k in SCORES[:5]}
     clean_diff = []
     n_done = 0
@@ -186,7 +190,10 @@ def measure_roles(adapter, task, max_prompts: int = 64, batch_size: int = 16):
                 answer_attention(cache[f"blocks.{l}.attn.hook_pattern"].cpu().double(), tokens, end, answer)
                 for l in range(L)], 1))
             resid = cache[adapter.RECEIVER_LOGITS][rows, end]  # [batch, d_model]
-            results = torch.cat([cache[f"blocks.{l}.attn.hook_result"][rows, end] for l in range(L)], 1)  # [batch, L*H, d_model]
+            # each head's sender value: what it adds to the residual stream (its share of the
+            # post-normed output on Gemma-3), as the edge graph defines it
+            senders, _ = run_recording_senders(adapter, graph, tokens, end)
+            results = senders[heads.to(senders.device)][:, rows, end].permute(1, 0, 2)  # [batch, L*H, d_model]
             ids = torch.stack([answer, wrong], 1)  # [batch, 2]
             full = adapter.final_logits(resid[:, None], ids)[:, 0].cpu().double()  # [batch, 2]
             ablated = adapter.final_logits(resid[:, None] - results, ids).cpu().double()  # [batch, L*H, 2]
