@@ -15,10 +15,14 @@ Sign and units (pinned by a test): a score is in the metric's units and estimate
 score is negative supports the behaviour (patching it lowers a logit difference). Circuits rank
 edges by ``|score|``.
 
-EAP-IG (below) averages the gradient over embeddings interpolated between the corrupted and the
-clean prompt; EAP is its one-point case at the clean end. Methods share one signature
-``(adapter, graph, task, batch_size, progress, steps) -> scores [senders, receivers]`` and are
-registered by name in :data:`METHODS`.
+"Corrupted" is whatever the chosen ablation (:mod:`discovery.ablation`) puts in a removed edge:
+the corrupted prompt's sender outputs (counterfactual, the default), their mean over the task's
+prompts, or zero; ``Δ_s = ablated_s − clean_s`` throughout.
+
+EAP-IG (below) averages the gradient over embeddings interpolated between the ablated and the
+clean run's; EAP is its one-point case at the clean end. Methods share one signature
+``(adapter, graph, task, batch_size, progress, steps, ablation) -> scores [senders, receivers]``
+and are registered by name in :data:`METHODS`.
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ from typing import Callable, Protocol
 import torch
 from jaxtyping import Float
 
+from discovery.ablation import Ablation, make_ablation
 from discovery.adapter import ModelAdapter
 from discovery.graph import EdgeGraph, ReceiverPoint
-from discovery.patching import record_senders_hooks, sender_buffer
+from discovery.patching import record_senders_hooks, run_recording_senders
 from tasks.base import Task, TaskBatch
 
 Scores = Float[torch.Tensor, "senders receivers"]
@@ -39,7 +44,8 @@ Scores = Float[torch.Tensor, "senders receivers"]
 
 class AttributionMethod(Protocol):
     def __call__(self, adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch_size: int = 16,
-                 progress: Callable[[int], None] | None = None, steps: int = 5) -> Scores: ...
+                 progress: Callable[[int], None] | None = None, steps: int = 5,
+                 ablation: str | Ablation = "counterfactual") -> Scores: ...
 
 
 def _gradient_hooks(adapter: ModelAdapter, graph: EdgeGraph, diff: torch.Tensor, scores: torch.Tensor) -> list:
@@ -76,28 +82,29 @@ def input_hook(adapter: ModelAdapter, point: torch.Tensor | None) -> tuple:
 
 
 def attribute_batch(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch: TaskBatch, scores: torch.Tensor,
-                    weight: float, alphas: tuple[float, ...] = (1.0,)) -> None:
+                    weight: float, alphas: tuple[float, ...] = (1.0,), ablated: torch.Tensor | None = None) -> None:
     """Add one batch's scores, times ``weight``, into ``scores``: Δsender · mean gradient over ``alphas``.
 
-    A corrupted and a clean forward record ``corrupted − clean`` for every sender; then, for each
-    α, a forward from the embedding ``corrupted + α (clean − corrupted)`` and a backward add
-    ``Δ · ∂m/∂receiver / len(alphas)``. For EAP (α = 1 only) the clean forward is the gradient
-    pass itself: three passes per batch.
+    ``ablated`` is the batch's ablated sender buffer ``[senders, batch, pos, d]`` (by default the
+    corrupted prompts' run). A clean forward records ``Δ = ablated − clean`` for every sender;
+    then, for each α, a forward from the embedding ``ablated + α (clean − ablated)`` and a
+    backward add ``Δ · ∂m/∂receiver / len(alphas)``. For EAP (α = 1 only) the clean forward is
+    the gradient pass itself.
     """
-    diff = sender_buffer(graph, *batch.clean.shape, dtype=adapter.dtype, device=adapter.device)
-    with torch.no_grad(), adapter.hooks(record_senders_hooks(adapter, graph, diff, +1.0)):
-        adapter.logits(batch.corrupted, batch.last)
+    if ablated is None:
+        ablated = run_recording_senders(adapter, graph, batch.corrupted, batch.last)[0]
+    diff = ablated.to(adapter.device, adapter.dtype).clone()  # becomes ablated − clean
     eap_only = alphas == (1.0,)
     if not eap_only:
-        corrupted_input = diff[0].clone()  # [b, p, d]
+        ablated_input = diff[0].clone()  # [b, p, d]
         with torch.no_grad(), adapter.hooks(record_senders_hooks(adapter, graph, diff, -1.0)):
             adapter.logits(batch.clean, batch.last)
-        clean_input = corrupted_input - diff[0]
+        clean_input = ablated_input - diff[0]
     for alpha in alphas:
         if eap_only:  # the clean run: record its senders (diff is complete before the backward)
             hooks = [input_hook(adapter, None)] + record_senders_hooks(adapter, graph, diff, -1.0)
         else:
-            hooks = [input_hook(adapter, corrupted_input + alpha * (clean_input - corrupted_input))]
+            hooks = [input_hook(adapter, ablated_input + alpha * (clean_input - ablated_input))]
         hooks += _gradient_hooks(adapter, graph, diff, scores)
         with torch.enable_grad(), adapter.hooks(hooks):
             metric = task.metric(adapter.logits(batch.clean, batch.last), batch)
@@ -105,23 +112,26 @@ def attribute_batch(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch: 
 
 
 def _attribute(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch_size: int,
-               progress: Callable[[int], None] | None, alphas: tuple[float, ...]) -> Scores:
+               progress: Callable[[int], None] | None, alphas: tuple[float, ...], ablation: str | Ablation) -> Scores:
+    ablation = make_ablation(ablation, adapter, graph, task, batch_size)
     scores = torch.zeros(graph.n_senders, graph.n_receivers, dtype=adapter.dtype, device=adapter.device)
     n = len(task.indices("discovery"))
     for batch in task.batches("discovery", batch_size):
-        attribute_batch(adapter, graph, task, batch.to(adapter.device), scores, 1.0 / n, alphas)
+        batch = batch.to(adapter.device)
+        attribute_batch(adapter, graph, task, batch, scores, 1.0 / n, alphas, ablated=ablation.senders(batch))
         if progress:
             progress(batch.size)
     return (scores * graph.allowed.to(scores.device)).cpu()
 
 
 def eap(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch_size: int = 16,
-        progress: Callable[[int], None] | None = None, steps: int = 1) -> Scores:
+        progress: Callable[[int], None] | None = None, steps: int = 1,
+        ablation: str | Ablation = "counterfactual") -> Scores:
     """EAP scores of every edge on the task's discovery prompts: the gradient at the clean run.
 
     ``steps`` is ignored (EAP takes one gradient); it is there so every method has one signature.
     """
-    return _attribute(adapter, graph, task, batch_size, progress, alphas=(1.0,))
+    return _attribute(adapter, graph, task, batch_size, progress, (1.0,), ablation)
 
 
 def ig_alphas(steps: int) -> tuple[float, ...]:
@@ -132,19 +142,20 @@ def ig_alphas(steps: int) -> tuple[float, ...]:
 
 
 def eap_ig(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch_size: int = 16,
-           progress: Callable[[int], None] | None = None, steps: int = 5) -> Scores:
+           progress: Callable[[int], None] | None = None, steps: int = 5,
+           ablation: str | Ablation = "counterfactual") -> Scores:
     """EAP-IG scores (Hanna, Pezzelle & Belinkov 2024, "Have Faith in Faithfulness", arXiv 2403.17806).
 
     Integrated gradients on the inputs: the gradient at each receiver is averaged over ``steps``
-    forward/backward passes whose embedding moves from the corrupted to the clean prompt's, then
-    multiplied by the sender's ``corrupted − clean`` difference:
+    forward/backward passes whose embedding moves from the ablated to the clean prompt's, then
+    multiplied by the sender's ``ablated − clean`` difference:
 
-        score(s → r) = (corrupted_s − clean_s) · (1/m) Σ_k ∂m/∂(input of r) |_{embedding = e_c + α_k (e − e_c)}
+        score(s → r) = (ablated_s − clean_s) · (1/m) Σ_k ∂m/∂(input of r) |_{embedding = e_a + α_k (e − e_a)}
 
     with α_k the midpoints of m equal steps. Gradients are accumulated into the scores step by
     step, so memory does not grow with m. Same sign and units as EAP.
     """
-    return _attribute(adapter, graph, task, batch_size, progress, alphas=ig_alphas(steps))
+    return _attribute(adapter, graph, task, batch_size, progress, ig_alphas(steps), ablation)
 
 
 @dataclass(frozen=True)
@@ -152,11 +163,14 @@ class Method:
     """A registered attribution method: its function, its cost, and a line for the help text."""
 
     score: AttributionMethod
-    forwards_per_batch: Callable[[int], int]  # steps -> forward passes per batch (each but one no-grad also has a backward)
+    # (steps, graph) -> forward passes per batch under counterfactual ablation, the corrupted and
+    # clean no-grad passes included (every other pass also has a backward)
+    forwards_per_batch: Callable[[int, EdgeGraph], int]
     description: str
 
 
 METHODS: dict[str, Method] = {
-    "eap": Method(eap, lambda steps: 2, "EAP (Syed et al. 2023): gradient at the clean run"),
-    "eap-ig": Method(eap_ig, lambda steps: 2 + steps, "EAP-IG on inputs (Hanna et al. 2024): gradient averaged over --ig-steps"),
+    "eap": Method(eap, lambda steps, graph: 2, "EAP (Syed et al. 2023): gradient at the clean run"),
+    "eap-ig": Method(eap_ig, lambda steps, graph: 2 + steps,
+                     "EAP-IG on inputs (Hanna et al. 2024): gradient averaged over --ig-steps"),
 }

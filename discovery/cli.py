@@ -58,6 +58,7 @@ def discover(
     model: str = typer.Option("smollm2-135m", "--model", help="Bundled model name, Hugging Face id or local folder."),
     method: str = typer.Option("eap-ig", "--method", help="Attribution method: eap-ig (default) or eap."),
     ig_steps: int = typer.Option(5, "--ig-steps", help="Interpolation steps of eap-ig."),
+    ablation: str = typer.Option("counterfactual", "--ablation", help="What a removed edge carries: counterfactual (the corrupted prompt), mean (over the task's prompts) or zero."),
     curve: bool = typer.Option(True, "--curve/--no-curve", help="Measure faithfulness at the MIB edge fractions (CPR, CMD)."),
     force: bool = typer.Option(False, "--force", help="Search even if the model does not show the behaviour."),
     skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Task files: drop invalid rows instead of refusing the file."),
@@ -74,7 +75,7 @@ def discover(
     from discovery.run import DiscoverConfig, discover as run_discover
 
     config = DiscoverConfig(task=task, model=model, method=method, edges=edges, threshold=threshold,
-                            target_faithfulness=target_faithfulness, ig_steps=ig_steps, curve=curve, force=force, skip_bad_rows=skip_bad_rows, n_pairs=pairs, batch_size=batch_size, seed=seed)
+                            target_faithfulness=target_faithfulness, ig_steps=ig_steps, ablation=ablation, curve=curve, force=force, skip_bad_rows=skip_bad_rows, n_pairs=pairs, batch_size=batch_size, seed=seed)
     summary = run_discover(config, out=out, overwrite=overwrite, reporter=ConsoleReporter())
     print(
         f"{summary['task']} on {summary['model']} ({summary['method']}): "

@@ -16,6 +16,8 @@ own circuit, so several circuits can share one forward pass.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from jaxtyping import Float, Int
 
@@ -151,3 +153,12 @@ def patched_logits(
     hooks = record_senders_hooks(adapter, graph, diff, -1.0, total) + patch_receivers_hooks(adapter, graph, diff, total, removed)
     with torch.no_grad(), adapter.hooks(hooks):
         return adapter.logits(clean, positions)
+
+
+def repeat_batch(batch, k: int):
+    """A dataclass batch (e.g. a ``TaskBatch``) stacked ``k`` times along the first axis of every
+    tensor field: copy j is rows ``j·b … (j+1)·b − 1``, ready for a circuit or edge per copy."""
+    return dataclasses.replace(batch, **{
+        f.name: getattr(batch, f.name).repeat(k, *[1] * (getattr(batch, f.name).dim() - 1))
+        for f in dataclasses.fields(batch) if torch.is_tensor(getattr(batch, f.name))
+    })

@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 import pandas as pd
 import torch
 
+from discovery.ablation import ABLATIONS, make_ablation
 from discovery.adapter import ModelAdapter, load_model
 from discovery.attribution import METHODS
 from discovery.circuit import edges_above, node_count, prune, top_edges
@@ -44,6 +45,7 @@ class DiscoverConfig:
     threshold: float | None = None  # … or every edge with |score| ≥ threshold …
     target_faithfulness: float = 0.8  # … or else the smallest top-N found to reach this (discovery split)
     ig_steps: int = 5  # interpolation steps of EAP-IG
+    ablation: str = "counterfactual"  # what a removed edge carries: counterfactual, mean or zero
     curve: bool = True  # also measure held-out faithfulness at the MIB edge fractions
     force: bool = False  # search even when the model does not show the behaviour
     skip_bad_rows: bool = False  # for a task file: drop invalid rows instead of refusing the file
@@ -59,6 +61,8 @@ class DiscoverConfig:
             raise UserError(f"unknown task {self.task!r}: use one of {', '.join(sorted(TASKS))}, or a .jsonl or .csv task file")
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r}: use one of {', '.join(sorted(METHODS))}")
+        if self.ablation not in ABLATIONS:
+            raise UserError(f"unknown ablation {self.ablation!r}: use one of {', '.join(ABLATIONS)}")
         if self.edges is not None and self.threshold is not None:
             raise UserError("give --edges or --threshold, not both")
         if self.edges is not None and self.edges < 1:
@@ -173,7 +177,7 @@ def check_behaviour(baseline, config: DiscoverConfig, model: str) -> None:
 
 
 def choose_circuit(config: DiscoverConfig, adapter: ModelAdapter, graph: EdgeGraph, task, scores: torch.Tensor,
-                   reporter: Reporter) -> tuple[torch.Tensor, SizeSearch | None, int]:
+                   reporter: Reporter, ablation=None) -> tuple[torch.Tensor, SizeSearch | None, int]:
     """The edges to keep (before pruning): top-N, above a threshold, or found by the size search.
 
     Returns:
@@ -183,7 +187,7 @@ def choose_circuit(config: DiscoverConfig, adapter: ModelAdapter, graph: EdgeGra
         return top_edges(graph, scores, config.edges), None, 0
     if config.threshold is not None:
         return edges_above(graph, scores, config.threshold), None, 0
-    discovery = CircuitEvaluator(adapter, graph, task, "discovery", config.batch_size)
+    discovery = CircuitEvaluator(adapter, graph, task, "discovery", config.batch_size, ablation or config.ablation)
     with reporter.progress(f"size search (target faithfulness {config.target_faithfulness})", 0) as advance:
         def step(n, kept, f):
             reporter.log(f"  top {n:>6,} edges → {kept:>6,} after pruning: faithfulness {f:.3f} (discovery)")
@@ -227,19 +231,21 @@ def discover(config: DiscoverConfig, out: Path | None = None, overwrite: bool = 
     )
     reporter.log(f"task {task.name}: {len(task)} prompt pairs ({n_disc} discovery, {n_held} held-out), metric {task.metric_name}")
 
-    heldout = CircuitEvaluator(adapter, graph, task, "heldout", config.batch_size)
+    ablation = make_ablation(config.ablation, adapter, graph, task, config.batch_size)
+    heldout = CircuitEvaluator(adapter, graph, task, "heldout", config.batch_size, ablation)
     b = heldout.baseline
     reporter.log(f"baseline (held-out): clean {b.clean:.3f}, corrupted {b.corrupted:.3f}, clean accuracy {b.accuracy:.0%}")
     check_behaviour(b, config, adapter.name)
 
     method = METHODS[config.method]
     with reporter.progress(f"{config.method} scores", n_disc) as advance:
-        scores = method.score(adapter, graph, task, config.batch_size, progress=advance, steps=config.ig_steps)
-    attribution_passes = method.forwards_per_batch(config.ig_steps) * len(list(task.batches("discovery", config.batch_size)))
+        scores = method.score(adapter, graph, task, config.batch_size, progress=advance, steps=config.ig_steps,
+                              ablation=ablation)
+    attribution_passes = method.forwards_per_batch(config.ig_steps, graph) * len(list(task.batches("discovery", config.batch_size)))
 
-    chosen, search, search_passes = choose_circuit(config, adapter, graph, task, scores, reporter)
+    chosen, search, search_passes = choose_circuit(config, adapter, graph, task, scores, reporter, ablation)
     attribution_passes += search_passes
-    circuit = prune(graph, chosen)
+    circuit = prune(graph, chosen, ablation.is_run)
     faithfulness = heldout.faithfulness(circuit)
     edges_kept, nodes_kept = int(circuit.sum()), node_count(graph, circuit)
     reporter.log(
@@ -258,6 +264,7 @@ def discover(config: DiscoverConfig, out: Path | None = None, overwrite: bool = 
         "model": config.model,
         "task": config.task,
         "method": config.method,
+        "ablation": config.ablation,
         "metric": task.metric_name,
         "edges_total": graph.n_edges,
         "edges_selected": int(chosen.sum()),
@@ -359,7 +366,8 @@ def validate_run(run_dir: Path, top: int = 40, random: int = 60, overwrite: bool
     scores[[i for i, _ in index], [j for _, j in index]] = torch.tensor(table["score"].to_numpy())
     edges, groups = pick_edges(graph, scores, top, random, seed=config.seed)
     with reporter.progress(f"exact effects of {len(edges)} edges", len(edges) * len(list(task.batches("discovery", config.batch_size)))) as advance:
-        effects = exact_edge_effects(adapter, graph, task, edges, "discovery", config.batch_size, progress=advance)
+        effects = exact_edge_effects(adapter, graph, task, edges, "discovery", config.batch_size, progress=advance,
+                                     ablation=config.ablation)
     frame = pd.DataFrame({
         "edge": [graph.edge_name(s, r) for s, r in edges], "group": groups,
         "score": [float(scores[s, r]) for s, r in edges], "exact_effect": effects.numpy(),

@@ -4,21 +4,22 @@ The exact effect of edge s → r is m(that edge alone patched) − m(clean), ave
 the quantity EAP and EAP-IG estimate (Hanna et al. 2024 report Pearson r 0.78 for EAP and 0.95 for
 EAP-IG against it on GPT-2 IOI). When one edge alone is patched, its sender is upstream of the
 patch and keeps its clean value, so the patched run is the clean run with
-``corrupted_s − clean_s`` added to r's input. Many edges share one forward pass: the batch is
+``ablated_s − clean_s`` added to r's input (the corrupted run's value under the default
+counterfactual ablation; see :mod:`discovery.ablation`). Many edges share one forward pass: the batch is
 repeated once per edge and each copy gets its own edge's difference at its own receiver.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import torch
 
+from discovery.ablation import Ablation, make_ablation
 from discovery.adapter import ModelAdapter
 from discovery.graph import EdgeGraph
-from discovery.patching import run_recording_senders
-from tasks.base import Task, TaskBatch
+from discovery.patching import repeat_batch, run_recording_senders
+from tasks.base import Task
 
 
 def _patch_copies_hooks(adapter: ModelAdapter, graph: EdgeGraph, edges: list[tuple[int, int]], delta: torch.Tensor, batch_size: int) -> list:
@@ -43,18 +44,11 @@ def _patch_copies_hooks(adapter: ModelAdapter, graph: EdgeGraph, edges: list[tup
     return hooks
 
 
-def _repeat(batch: TaskBatch, k: int) -> TaskBatch:
-    """The batch stacked ``k`` times along its first axis (every tensor field)."""
-    return dataclasses.replace(batch, **{
-        f.name: getattr(batch, f.name).repeat(k, *[1] * (getattr(batch, f.name).dim() - 1))
-        for f in dataclasses.fields(batch) if torch.is_tensor(getattr(batch, f.name))
-    })
-
-
 @torch.no_grad()
 def exact_edge_effects(adapter: ModelAdapter, graph: EdgeGraph, task: Task, edges: list[tuple[int, int]],
                        split: str = "discovery", batch_size: int = 16, edges_per_pass: int = 8,
-                       progress: Callable[[int], None] | None = None) -> torch.Tensor:
+                       progress: Callable[[int], None] | None = None,
+                       ablation: str | Ablation = "counterfactual") -> torch.Tensor:
     """``m(edge patched) − m(clean)`` for each ``(sender, receiver)`` edge, mean over the split's prompts.
 
     Returns:
@@ -62,17 +56,17 @@ def exact_edge_effects(adapter: ModelAdapter, graph: EdgeGraph, task: Task, edge
     """
     effects = torch.zeros(len(edges), dtype=torch.float64)
     n = 0
+    ablation = make_ablation(ablation, adapter, graph, task, batch_size)
     for batch in task.batches(split, batch_size):
         batch = batch.to(adapter.device)
-        corrupted, _ = run_recording_senders(adapter, graph, batch.corrupted, batch.last)
         clean, clean_logits = run_recording_senders(adapter, graph, batch.clean, batch.last)
-        delta = corrupted - clean  # [s, b, p, d]
-        del corrupted, clean
+        delta = ablation.senders(batch) - clean  # [s, b, p, d]
+        del clean
         base = task.metric(clean_logits, batch)  # [b]
         for start in range(0, len(edges), edges_per_pass):
             chunk = edges[start : start + edges_per_pass]
             k = len(chunk)
-            repeated = _repeat(batch, k)
+            repeated = repeat_batch(batch, k)
             with adapter.hooks(_patch_copies_hooks(adapter, graph, chunk, delta, batch.size)):
                 logits = adapter.logits(repeated.clean, repeated.last)
             values = task.metric(logits, repeated).view(k, batch.size)  # [k, b]
