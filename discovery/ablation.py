@@ -15,6 +15,9 @@ effect of that same replacement. An ablation is a way to build the buffer for a 
   over every real position of every discovery prompt.
 * ``zero``: every sender's output is zero. Constant terms of the residual stream that belong to
   no sender stay, e.g. GPT-2's attention output bias (added after the heads' outputs are summed).
+  Integrated gradients from a zero embedding converge slowly: near 0, a LayerNorm or RMSNorm
+  input is scaled by about 1/√eps, so the integrand has a sharp peak at the ablated end of the
+  path (on the tiny test models EAP-IG on inputs is far from complete even at 64 steps).
 
 Only the counterfactual buffer is the record of a real run of the model: a node that reads
 nothing but ablated values outputs its corrupted-run value exactly. Mean and zero values are
