@@ -25,7 +25,7 @@ import torch
 
 from discovery.ablation import ABLATIONS, make_ablation
 from discovery.adapter import ModelAdapter, load_model
-from discovery.attribution import METHODS
+from discovery.attribution import METHODS, node_scores
 from discovery.circuit import edges_above, node_count, prune, top_edges
 from discovery.errors import OutputExists, UserError
 from discovery.faithfulness import CircuitEvaluator, SizeSearch, faithfulness_curve, search_size
@@ -147,6 +147,17 @@ def scores_table(graph: EdgeGraph, scores: torch.Tensor, circuit: torch.Tensor) 
         "score": values.double().numpy(),
         "rank": rank.numpy(),
         "in_circuit": circuit[s, r].numpy(),
+    })
+
+
+def nodes_table(graph: EdgeGraph, scores: torch.Tensor, circuit: torch.Tensor) -> pd.DataFrame:
+    """One row per sender node: name, score (the sum of its edge scores), rank by |score|, in_circuit."""
+    values = node_scores(graph, scores)
+    return pd.DataFrame({
+        "node": values.index,
+        "score": values.to_numpy(),
+        "rank": values.abs().rank(ascending=False, method="first").astype(int).to_numpy(),
+        "in_circuit": circuit.any(1).numpy(),
     })
 
 
@@ -299,6 +310,7 @@ def discover(config: DiscoverConfig, out: Path | None = None, overwrite: bool = 
     with atomic_dir(out, overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")
         scores_table(graph, scores, circuit).to_parquet(tmp / "scores.parquet", index=False)
+        nodes_table(graph, scores, circuit).to_csv(tmp / "nodes.csv", index=False)
         record.save(tmp / "circuit.json")
         write_prompts(tmp / "prompts.jsonl", task)
         _render(record, tmp / "circuit", reporter)

@@ -41,6 +41,11 @@ def test_discover_writes_a_complete_run_folder(tiny_ioi_model, tmp_path):
     assert json.loads((out / "config.json").read_text())["edges"] == 40
     table = pd.read_parquet(out / "scores.parquet")
     assert len(table) == 190 and table["in_circuit"].sum() == saved["edges_kept"]
+    nodes = pd.read_csv(out / "nodes.csv")
+    assert len(nodes) == 16 and list(nodes.columns) == ["node", "score", "rank", "in_circuit"]
+    by_sender = table.groupby("sender")["score"].sum()
+    assert nodes.set_index("node")["score"].to_dict() == pytest.approx(by_sender.to_dict(), abs=1e-6)
+    assert sorted(nodes["rank"]) == list(range(1, 17))
     assert CircuitRecord.load(out / "circuit.json").edges and len(CircuitRecord.load(out / "circuit.json").edges) == saved["edges_kept"]
     rows = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
     assert len(rows) == 16 and set(rows[0]) == {"clean", "corrupted", "answer", "wrong", "split"}
@@ -48,14 +53,14 @@ def test_discover_writes_a_complete_run_folder(tiny_ioi_model, tmp_path):
     assert summary["faithfulness"] == pytest.approx(saved["faithfulness"])
 
 
-@pytest.mark.parametrize("ablation", ["mean", "zero"])
-def test_discover_uses_the_chosen_ablation_throughout(tiny_ioi_model, tmp_path, ablation):
+@pytest.mark.parametrize("ablation, method", [("mean", "eap"), ("zero", "eap-ig-activations")])
+def test_discover_uses_the_chosen_ablation_throughout(tiny_ioi_model, tmp_path, ablation, method):
     """The run's baseline m(∅) is the every-edge-ablated metric of that ablation, not the corrupted run."""
     from discovery.faithfulness import CircuitEvaluator
     from discovery.graph import EdgeGraph
     from tasks import build_task
 
-    config = DiscoverConfig(task="ioi", n_pairs=16, batch_size=8, edges=30, ablation=ablation, method="eap", force=True)
+    config = DiscoverConfig(task="ioi", n_pairs=16, batch_size=8, edges=30, ablation=ablation, method=method, ig_steps=2, force=True)
     summary = discover(config, out=tmp_path / "run", adapter=tiny_ioi_model)
     assert summary["ablation"] == ablation
     assert json.loads((tmp_path / "run" / "config.json").read_text())["ablation"] == ablation
