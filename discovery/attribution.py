@@ -15,41 +15,63 @@ Sign and units (pinned by a test): a score is in the metric's units and estimate
 score is negative supports the behaviour (patching it lowers a logit difference). Circuits rank
 edges by ``|score|``.
 
-EAP-IG (below) averages the gradient over embeddings interpolated between the corrupted and the
-clean prompt; EAP is its one-point case at the clean end. Methods share one signature
-``(adapter, graph, task, batch_size, progress, steps) -> scores [senders, receivers]`` and are
-registered by name in :data:`METHODS`.
+"Corrupted" is whatever the chosen ablation (:mod:`discovery.ablation`) puts in a removed edge:
+the corrupted prompt's sender outputs (counterfactual, the default), their mean over the task's
+prompts, or zero; ``Δ_s = ablated_s − clean_s`` throughout.
+
+EAP-IG (below) averages the gradient along a path from the ablated to the clean run: on the
+inputs (the embedding interpolated) or on the activations (each sender hook point interpolated in
+turn). EAP is the one-point case at the clean end. Methods share one signature
+``(adapter, graph, task, batch_size, progress, steps, ablation) -> scores [senders, receivers]``
+and are registered by name in :data:`METHODS`.
+
+Node scores (:func:`node_scores`) are the sums of edge scores over each sender's outgoing edges:
+a sender reaches the metric only through the residual stream, i.e. through the receivers it
+feeds, so ``Σ_r Δ_s · ∂m/∂r = Δ_s · ∂m/∂(output of s)``, exactly: the node's own attribution-patching
+score (Nanda 2023; Kramár et al. 2024, "AtP*", arXiv 2403.00745), or with EAP-IG its integrated-
+gradients form (Marks et al. 2024, arXiv 2403.19647). A test checks the equality.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 from jaxtyping import Float
 
+from discovery.ablation import Ablation, make_ablation
 from discovery.adapter import ModelAdapter
-from discovery.graph import EdgeGraph, ReceiverPoint
-from discovery.patching import record_senders_hooks, sender_buffer
+from discovery.graph import EdgeGraph, ReceiverPoint, SenderPoint
+from discovery.patching import record_senders_hooks, run_recording_senders
 from tasks.base import Task, TaskBatch
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 Scores = Float[torch.Tensor, "senders receivers"]
 
 
 class AttributionMethod(Protocol):
     def __call__(self, adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch_size: int = 16,
-                 progress: Callable[[int], None] | None = None, steps: int = 5) -> Scores: ...
+                 progress: Callable[[int], None] | None = None, steps: int = 5,
+                 ablation: str | Ablation = "counterfactual") -> Scores: ...
 
 
-def _gradient_hooks(adapter: ModelAdapter, graph: EdgeGraph, diff: torch.Tensor, scores: torch.Tensor) -> list:
-    """Hooks that, in the backward pass, add ``diff · grad`` for every edge into each receiver."""
+def _gradient_hooks(adapter: ModelAdapter, graph: EdgeGraph, diff: torch.Tensor, scores: torch.Tensor,
+                    senders: SenderPoint | None = None) -> list:
+    """Hooks that, in the backward pass, add ``diff · grad`` for every edge into each receiver.
+
+    With ``senders``, only the edges from that hook point's senders (into receivers after it).
+    """
 
     def make(point: ReceiverPoint):
+        start, stop = (0, point.n_senders) if senders is None else (senders.start, senders.stop)
+
         def accumulate(grad):
             g = (grad.permute(2, 0, 1, 3) if point.per_head else grad.unsqueeze(0)).to(diff.dtype)  # [r, b, p, d]
-            upstream = diff[: point.n_senders].reshape(point.n_senders, -1)  # [s, b·p·d], contiguous
-            scores[: point.n_senders, point.start : point.stop] += upstream @ g.reshape(g.shape[0], -1).T
+            upstream = diff[start:stop].reshape(stop - start, -1)  # [s, b·p·d], contiguous
+            scores[start:stop, point.start : point.stop] += upstream @ g.reshape(g.shape[0], -1).T
 
         def hook(x, hook=None):
             if not x.requires_grad:
@@ -62,7 +84,8 @@ def _gradient_hooks(adapter: ModelAdapter, graph: EdgeGraph, diff: torch.Tensor,
 
         return hook
 
-    return [(adapter.receiver_hook(p.kind, p.layer), make(p)) for p in graph.receiver_points]
+    points = [p for p in graph.receiver_points if senders is None or p.n_senders >= senders.stop]
+    return [(adapter.receiver_hook(p.kind, p.layer), make(p)) for p in points]
 
 
 def input_hook(adapter: ModelAdapter, point: torch.Tensor | None) -> tuple:
@@ -76,52 +99,93 @@ def input_hook(adapter: ModelAdapter, point: torch.Tensor | None) -> tuple:
 
 
 def attribute_batch(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch: TaskBatch, scores: torch.Tensor,
-                    weight: float, alphas: tuple[float, ...] = (1.0,)) -> None:
+                    weight: float, alphas: tuple[float, ...] = (1.0,), ablated: torch.Tensor | None = None) -> None:
     """Add one batch's scores, times ``weight``, into ``scores``: Δsender · mean gradient over ``alphas``.
 
-    A corrupted and a clean forward record ``corrupted − clean`` for every sender; then, for each
-    α, a forward from the embedding ``corrupted + α (clean − corrupted)`` and a backward add
-    ``Δ · ∂m/∂receiver / len(alphas)``. For EAP (α = 1 only) the clean forward is the gradient
-    pass itself: three passes per batch.
+    ``ablated`` is the batch's ablated sender buffer ``[senders, batch, pos, d]`` (by default the
+    corrupted prompts' run). A clean forward records ``Δ = ablated − clean`` for every sender;
+    then, for each α, a forward from the embedding ``ablated + α (clean − ablated)`` and a
+    backward add ``Δ · ∂m/∂receiver / len(alphas)``. For EAP (α = 1 only) the clean forward is
+    the gradient pass itself.
     """
-    diff = sender_buffer(graph, *batch.clean.shape, dtype=adapter.dtype, device=adapter.device)
-    with torch.no_grad(), adapter.hooks(record_senders_hooks(adapter, graph, diff, +1.0)):
-        adapter.logits(batch.corrupted, batch.last)
+    if ablated is None:
+        ablated = run_recording_senders(adapter, graph, batch.corrupted, batch.last)[0]
+    diff = ablated.to(adapter.device, adapter.dtype).clone()  # becomes ablated − clean
     eap_only = alphas == (1.0,)
     if not eap_only:
-        corrupted_input = diff[0].clone()  # [b, p, d]
+        ablated_input = diff[0].clone()  # [b, p, d]
         with torch.no_grad(), adapter.hooks(record_senders_hooks(adapter, graph, diff, -1.0)):
             adapter.logits(batch.clean, batch.last)
-        clean_input = corrupted_input - diff[0]
+        clean_input = ablated_input - diff[0]
     for alpha in alphas:
         if eap_only:  # the clean run: record its senders (diff is complete before the backward)
             hooks = [input_hook(adapter, None)] + record_senders_hooks(adapter, graph, diff, -1.0)
         else:
-            hooks = [input_hook(adapter, corrupted_input + alpha * (clean_input - corrupted_input))]
+            hooks = [input_hook(adapter, ablated_input + alpha * (clean_input - ablated_input))]
         hooks += _gradient_hooks(adapter, graph, diff, scores)
         with torch.enable_grad(), adapter.hooks(hooks):
             metric = task.metric(adapter.logits(batch.clean, batch.last), batch)
             (metric.sum() * weight / len(alphas)).backward()
 
 
+def _output_hook(adapter: ModelAdapter, point: SenderPoint, value: torch.Tensor) -> tuple:
+    """Replace a sender hook point's output by ``value`` ``[senders, b, p, d]``, as a leaf that
+    requires grad (so every receiver after it gets a gradient, and none before it)."""
+
+    def hook(x, hook=None):
+        out = value.permute(1, 2, 0, 3) if x.dim() == 4 else value[0]
+        return out.to(x.dtype).detach().clone().requires_grad_(True)
+
+    return (adapter.sender_hook(point.kind, point.layer), hook)
+
+
+def attribute_batch_activations(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch: TaskBatch,
+                                scores: torch.Tensor, weight: float, alphas: tuple[float, ...],
+                                ablated: torch.Tensor | None = None) -> None:
+    """Add one batch's EAP-IG-activations scores, times ``weight``, into ``scores``.
+
+    For each sender hook point (the input, each layer's attention heads together, each MLP) and
+    each α: a forward on the clean prompts with that point's output set to
+    ``ablated + α (clean − ablated)`` (upstream clean, downstream recomputed) and a backward that
+    adds ``Δ_s · ∂m/∂r / len(alphas)`` for the edges from that point's senders only.
+    """
+    if ablated is None:
+        ablated = run_recording_senders(adapter, graph, batch.corrupted, batch.last)[0]
+    clean, _ = run_recording_senders(adapter, graph, batch.clean, batch.last)  # [s, b, p, d]
+    diff = ablated.to(adapter.device, adapter.dtype) - clean  # ablated − clean
+    del ablated
+    for point in graph.sender_points:
+        rows = slice(point.start, point.stop)
+        for alpha in alphas:
+            hooks = [_output_hook(adapter, point, clean[rows] + (1 - alpha) * diff[rows])]
+            hooks += _gradient_hooks(adapter, graph, diff, scores, senders=point)
+            with torch.enable_grad(), adapter.hooks(hooks):
+                metric = task.metric(adapter.logits(batch.clean, batch.last), batch)
+                (metric.sum() * weight / len(alphas)).backward()
+
+
 def _attribute(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch_size: int,
-               progress: Callable[[int], None] | None, alphas: tuple[float, ...]) -> Scores:
+               progress: Callable[[int], None] | None, alphas: tuple[float, ...], ablation: str | Ablation,
+               per_batch=attribute_batch) -> Scores:
+    ablation = make_ablation(ablation, adapter, graph, task, batch_size)
     scores = torch.zeros(graph.n_senders, graph.n_receivers, dtype=adapter.dtype, device=adapter.device)
     n = len(task.indices("discovery"))
     for batch in task.batches("discovery", batch_size):
-        attribute_batch(adapter, graph, task, batch.to(adapter.device), scores, 1.0 / n, alphas)
+        batch = batch.to(adapter.device)
+        per_batch(adapter, graph, task, batch, scores, 1.0 / n, alphas, ablated=ablation.senders(batch))
         if progress:
             progress(batch.size)
     return (scores * graph.allowed.to(scores.device)).cpu()
 
 
 def eap(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch_size: int = 16,
-        progress: Callable[[int], None] | None = None, steps: int = 1) -> Scores:
+        progress: Callable[[int], None] | None = None, steps: int = 1,
+        ablation: str | Ablation = "counterfactual") -> Scores:
     """EAP scores of every edge on the task's discovery prompts: the gradient at the clean run.
 
     ``steps`` is ignored (EAP takes one gradient); it is there so every method has one signature.
     """
-    return _attribute(adapter, graph, task, batch_size, progress, alphas=(1.0,))
+    return _attribute(adapter, graph, task, batch_size, progress, (1.0,), ablation)
 
 
 def ig_alphas(steps: int) -> tuple[float, ...]:
@@ -132,19 +196,60 @@ def ig_alphas(steps: int) -> tuple[float, ...]:
 
 
 def eap_ig(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch_size: int = 16,
-           progress: Callable[[int], None] | None = None, steps: int = 5) -> Scores:
+           progress: Callable[[int], None] | None = None, steps: int = 5,
+           ablation: str | Ablation = "counterfactual") -> Scores:
     """EAP-IG scores (Hanna, Pezzelle & Belinkov 2024, "Have Faith in Faithfulness", arXiv 2403.17806).
 
     Integrated gradients on the inputs: the gradient at each receiver is averaged over ``steps``
-    forward/backward passes whose embedding moves from the corrupted to the clean prompt's, then
-    multiplied by the sender's ``corrupted − clean`` difference:
+    forward/backward passes whose embedding moves from the ablated to the clean prompt's, then
+    multiplied by the sender's ``ablated − clean`` difference:
 
-        score(s → r) = (corrupted_s − clean_s) · (1/m) Σ_k ∂m/∂(input of r) |_{embedding = e_c + α_k (e − e_c)}
+        score(s → r) = (ablated_s − clean_s) · (1/m) Σ_k ∂m/∂(input of r) |_{embedding = e_a + α_k (e − e_a)}
 
     with α_k the midpoints of m equal steps. Gradients are accumulated into the scores step by
     step, so memory does not grow with m. Same sign and units as EAP.
     """
-    return _attribute(adapter, graph, task, batch_size, progress, alphas=ig_alphas(steps))
+    return _attribute(adapter, graph, task, batch_size, progress, ig_alphas(steps), ablation)
+
+
+def eap_ig_activations(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch_size: int = 16,
+                       progress: Callable[[int], None] | None = None, steps: int = 5,
+                       ablation: str | Ablation = "counterfactual") -> Scores:
+    """EAP-IG on the activations (MIB's "EAP-IG-activations", Mueller et al. 2025, arXiv 2504.13151).
+
+    Instead of the embedding, the output of each sender hook point u (the input; the heads of a
+    layer, which share one hook; an MLP) is moved from its ablated to its clean value, one hook
+    point at a time, everything upstream clean and everything downstream recomputed, as in
+    Marks et al. 2024's integrated-gradients node attribution:
+
+        score(s → r) = (ablated_s − clean_s) · (1/m) Σ_k ∂m/∂(input of r) |_{out_u = a_u + α_k (c_u − a_u)},  s ∈ u
+
+    with α_k the midpoints of m equal steps. Summed over a hook point's outgoing edges this is
+    the integrated gradient of the point's output, so it tends to ``m(u ablated) − m(clean)``
+    as m grows (completeness; a test checks it).
+
+    The EAP-IG code (hannamw/EAP-IG, ``get_scores_ig_activations``, used by MIB) runs the same
+    interpolated passes (α = k/m, k = 1…m) but adds every pass's gradients to every edge and
+    divides by (hook points × m); in a pass interpolating u, a receiver at or before u gets a
+    zero or truncated gradient (u's output is a constant there), so an edge's score mixes in
+    passes unrelated to it. Here an edge takes its gradients only from its own sender's passes.
+    Cost: ``(2L + 1) · m`` forward and backward passes per batch; memory does not grow with m.
+    """
+    return _attribute(adapter, graph, task, batch_size, progress, ig_alphas(steps), ablation,
+                      per_batch=attribute_batch_activations)
+
+
+def node_scores(graph: EdgeGraph, scores: Scores) -> "pd.Series":
+    """Score of every sender node (``input``, ``a{l}.h{h}``, ``m{l}``), indexed by name.
+
+    The sum of the node's outgoing edge scores, which equals its attribution-patching score
+    ``Δ_node · ∂m/∂(node output)`` (averaged along the same path for EAP-IG): see the module
+    docstring. Same sign and units as edge scores.
+    """
+    import pandas as pd
+
+    values = (scores * graph.allowed.to(scores.device)).sum(1)
+    return pd.Series(values.double().cpu().numpy(), index=list(graph.sender_names), name="score")
 
 
 @dataclass(frozen=True)
@@ -152,11 +257,16 @@ class Method:
     """A registered attribution method: its function, its cost, and a line for the help text."""
 
     score: AttributionMethod
-    forwards_per_batch: Callable[[int], int]  # steps -> forward passes per batch (each but one no-grad also has a backward)
+    # (steps, graph) -> forward passes per batch under counterfactual ablation, the corrupted and
+    # clean no-grad passes included (every other pass also has a backward)
+    forwards_per_batch: Callable[[int, EdgeGraph], int]
     description: str
 
 
 METHODS: dict[str, Method] = {
-    "eap": Method(eap, lambda steps: 2, "EAP (Syed et al. 2023): gradient at the clean run"),
-    "eap-ig": Method(eap_ig, lambda steps: 2 + steps, "EAP-IG on inputs (Hanna et al. 2024): gradient averaged over --ig-steps"),
+    "eap": Method(eap, lambda steps, graph: 2, "EAP (Syed et al. 2023): gradient at the clean run"),
+    "eap-ig": Method(eap_ig, lambda steps, graph: 2 + steps,
+                     "EAP-IG on inputs (Hanna et al. 2024): gradient averaged over --ig-steps"),
+    "eap-ig-activations": Method(eap_ig_activations, lambda steps, graph: 2 + len(graph.sender_points) * steps,
+                                 "EAP-IG on activations (MIB): each layer's output interpolated in turn, --ig-steps each"),
 }

@@ -10,6 +10,11 @@ patched edges, which carry corrupted values whatever it computes. Removing both 
 therefore leaves the circuit's metric unchanged (a test checks this by patching). Under a shared
 post-attention norm (Gemma 2/3) the heads of a layer share one scale, so the "node" of these two
 rules is the layer's attention as a whole: ``EdgeGraph.receiver_feeds`` says so.
+
+The first rule holds only when the ablated values are a real run of the model (counterfactual
+ablation). Under mean or zero ablation a node that reads only ablated values computes f(mean) or
+f(0), not the mean or zero its patched edges carry, so only the second rule is exact:
+``prune(..., ablation_is_run=False)`` applies it alone.
 """
 
 from __future__ import annotations
@@ -37,17 +42,22 @@ def edges_above(graph: EdgeGraph, scores: Float[torch.Tensor, "senders receivers
     return graph.allowed & (scores.abs() >= threshold)
 
 
-def prune(graph: EdgeGraph, mask: Mask) -> Mask:
-    """Keep only edges on some input → logits path of kept edges (see the module docstring)."""
+def prune(graph: EdgeGraph, mask: Mask, ablation_is_run: bool = True) -> Mask:
+    """Keep only edges on some input → logits path of kept edges (see the module docstring).
+
+    With ``ablation_is_run=False`` (mean or zero ablation), keep every edge on a path of kept
+    edges to the logits, whether or not the input reaches it.
+    """
     mask = mask & graph.allowed
     S = graph.n_senders
     feeds = graph.receiver_feeds  # receiver -> sender nodes whose values it changes
 
-    # Forward: which sender nodes carry a clean signal. Senders are in topological order.
-    reached = torch.zeros(S, dtype=torch.bool)
+    # Forward: which sender nodes carry a clean signal (all of them unless the ablation is a run).
+    # Senders are in topological order.
+    reached = torch.full((S,), not ablation_is_run, dtype=torch.bool)
     reached[0] = True
     receiver_reached = torch.zeros(graph.n_receivers, dtype=torch.bool)
-    for point in graph.receiver_points:
+    for point in graph.receiver_points if ablation_is_run else ():
         cols = slice(point.start, point.stop)
         receiver_reached[cols] = (mask[:, cols] & reached[:, None]).any(0)
         for r in range(point.start, point.stop):

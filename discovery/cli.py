@@ -67,6 +67,7 @@ def discover(
     workers: int = typer.Option(0, "--workers", help="acdc/--minimize: Ray actors with a model replica each (0: in this process)."),
     address: Optional[str] = typer.Option(None, "--address", help="Join an existing Ray cluster at this address (with --workers)."),
     ig_steps: int = typer.Option(5, "--ig-steps", help="Interpolation steps of eap-ig."),
+    ablation: str = typer.Option("counterfactual", "--ablation", help="What a removed edge carries: counterfactual (the corrupted prompt), mean (over the task's prompts) or zero."),
     curve: bool = typer.Option(True, "--curve/--no-curve", help="Measure faithfulness at the MIB edge fractions (CPR, CMD)."),
     force: bool = typer.Option(False, "--force", help="Search even if the model does not show the behaviour."),
     skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Task files: drop invalid rows instead of refusing the file."),
@@ -83,7 +84,7 @@ def discover(
     from discovery.run import DiscoverConfig, discover as run_discover
 
     config = DiscoverConfig(task=task, model=model, method=method, edges=edges, threshold=threshold,
-                            target_faithfulness=target_faithfulness, ig_steps=ig_steps, curve=curve, force=force,
+                            target_faithfulness=target_faithfulness, ig_steps=ig_steps, ablation=ablation, curve=curve, force=force,
                             skip_bad_rows=skip_bad_rows, n_pairs=pairs, batch_size=batch_size, seed=seed,
                             seed_method=seed_method, tau=tau, acdc_metric=acdc_metric, minimize=minimize,
                             search_prompts=search_prompts, chain=chain, workers=workers, address=address)

@@ -1,28 +1,32 @@
 """Exact faithfulness of circuits, by patching, on one split of a task's prompts.
 
 The faithfulness of a circuit C is (m(C) − m(∅)) / (m(full) − m(∅)), where m is the task metric
-averaged over the prompts, m(C) is measured with every edge outside C patched from the corrupted
-run, m(full) is the clean run and m(∅) the corrupted run (so the empty circuit scores exactly 0
-and the full circuit exactly 1). This is the normalised faithfulness of Hanna et al. 2024 and of
-the MIB circuit track (Mueller et al. 2025).
+averaged over the prompts, m(C) is measured with every edge outside C ablated (patched from the
+chosen ablation's sender values, :mod:`discovery.ablation`), m(full) is the clean run and m(∅) the
+run with every edge ablated: under the default counterfactual ablation that is exactly the
+corrupted run. The empty circuit scores exactly 0 and the full circuit exactly 1. This is the
+normalised faithfulness of Hanna et al. 2024 and of the MIB circuit track (Mueller et al. 2025).
 
-:class:`CircuitEvaluator` runs the corrupted and clean prompts once, keeps the corrupted sender
-outputs, and then costs one forward pass per batch for each circuit evaluated.
+:class:`CircuitEvaluator` builds the ablated sender values of each batch once, and then costs
+one forward pass per batch for each circuit evaluated. Several circuits share a pass: the batch
+is repeated once per circuit and each copy is patched with its own circuit (``patched_logits``
+with a per-prompt mask), as many copies per pass as a memory budget allows.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
+from discovery.ablation import Ablation, make_ablation
 from discovery.adapter import ModelAdapter
 from discovery.circuit import Mask, prune, top_edges
 from discovery.graph import EdgeGraph
-from discovery.patching import patched_logits, run_recording_senders
-from tasks.base import Task, TaskBatch
+from discovery.patching import patched_logits
+from tasks.base import Task
 
 
 class MetricError(ValueError):
@@ -31,7 +35,11 @@ class MetricError(ValueError):
 
 @dataclass(frozen=True)
 class Baseline:
-    """Mean metric of the clean and the corrupted run on a split, and clean accuracy."""
+    """Mean metric of the clean run and of the fully ablated run (m(∅)) on a split, and clean accuracy.
+
+    ``corrupted`` is m(∅): the corrupted run under counterfactual ablation, otherwise the clean
+    prompts with every edge mean- or zero-ablated.
+    """
 
     clean: float
     corrupted: float
@@ -40,54 +48,118 @@ class Baseline:
 
 
 class CircuitEvaluator:
-    """Exact metric and faithfulness of circuits on one split of a task."""
+    """Exact metric and faithfulness of circuits on one split of a task, under one ablation.
 
-    def __init__(self, adapter: ModelAdapter, graph: EdgeGraph, task: Task, split: str = "heldout", batch_size: int = 16):
+    Args:
+        ablation: ``"counterfactual"``, ``"mean"`` or ``"zero"`` (or a built :class:`Ablation`).
+        memory_budget: bytes that the patched copies of one batch may take in a forward pass
+            evaluating several circuits (bounds how many circuits share a pass).
+    """
+
+    def __init__(self, adapter: ModelAdapter, graph: EdgeGraph, task: Task, split: str = "heldout", batch_size: int = 16,
+                 ablation: str | Ablation = "counterfactual", memory_budget: int = 1 << 30):
         self.adapter, self.graph, self.task = adapter, graph, task
+        self.memory_budget = memory_budget
         self.batches = [b.to(adapter.device) for b in task.batches(split, batch_size)]
         if not self.batches:
             raise MetricError(f"task {task.name!r} has no {split} prompts")
         self.n = sum(b.size for b in self.batches)
-        self._corrupted = []
-        clean_sum = corrupted_sum = correct = 0.0
+        self.ablation = make_ablation(ablation, adapter, graph, task, batch_size)
+        self._ablated = []
+        clean_sum = correct = 0.0
         with torch.no_grad():
             for batch in self.batches:
-                senders, corrupted_logits = run_recording_senders(adapter, graph, batch.corrupted, batch.last)
-                self._corrupted.append(senders)
+                self._ablated.append(self.ablation.senders(batch))
                 clean_logits = adapter.logits(batch.clean, batch.last)
                 clean_sum += float(task.metric(clean_logits, batch).sum())
-                corrupted_sum += float(task.metric(corrupted_logits, batch).sum())
                 rows = torch.arange(batch.size, device=clean_logits.device)
                 correct += float((clean_logits[rows, batch.answer] > clean_logits[rows, batch.wrong]).sum())
-        self.baseline = Baseline(clean_sum / self.n, corrupted_sum / self.n, correct / self.n, self.n)
-        for label, value in (("clean", self.baseline.clean), ("corrupted", self.baseline.corrupted)):
+        self.forward_passes = len(self.batches) * (1 + self.ablation.is_run)
+        empty = float(self._metric_sums([torch.zeros_like(graph.allowed)])[0]) / self.n
+        self.baseline = Baseline(clean_sum / self.n, empty, correct / self.n, self.n)
+        for label, value in (("clean", self.baseline.clean), ("ablated", self.baseline.corrupted)):
             if not math.isfinite(value):
                 raise MetricError(f"the {label} metric is {value} on the {split} prompts; check the task's answers")
         if abs(self.baseline.clean - self.baseline.corrupted) < 1e-6:
             raise MetricError(
-                f"clean and corrupted metric are equal ({self.baseline.clean:.4g}) on the {split} prompts: "
-                "the corruption does not change the behaviour, so faithfulness is undefined"
+                f"the clean metric equals the metric with every edge ablated ({self.ablation.kind}; "
+                f"{self.baseline.clean:.4g}) on the {split} prompts: the ablation does not change the "
+                "behaviour, so faithfulness is undefined"
             )
-        self.forward_passes = 2 * len(self.batches)
+
+    def prune(self, mask: Mask) -> Mask:
+        """:func:`discovery.circuit.prune` with the rule this evaluator's ablation allows."""
+        return prune(self.graph, mask, ablation_is_run=self.ablation.is_run)
+
+    def circuits_per_pass(self) -> int:
+        """How many circuits one forward pass evaluates within the memory budget."""
+        b, p = max(x.clean.shape[0] for x in self.batches), max(x.clean.shape[1] for x in self.batches)
+        S, R, d = self.graph.n_senders, self.graph.n_receivers, self.graph.shape.d_model
+        itemsize = torch.finfo(self.adapter.dtype).bits // 8
+        per_circuit = itemsize * b * (2 * S * p * d + S * R)  # ablated copy and its diff, mask
+        return max(1, self.memory_budget // per_circuit)
+
+    def _metric_sums(self, circuits: Sequence[Mask]) -> torch.Tensor:
+        """Metric summed over the prompts for each circuit, all circuits in one pass per batch."""
+        k = len(circuits)
+        removed = torch.stack([~c for c in circuits]).to(self.adapter.dtype)  # [k, s, r]
+        sums = torch.zeros(k, dtype=torch.float64)
+        for batch, ablated in zip(self.batches, self._ablated):
+            if k == 1:
+                logits = patched_logits(self.adapter, self.graph, batch.clean, ablated, removed[0], batch.last)
+                values = self.task.metric(logits, batch)[None]  # [1, b]
+            else:
+                copies = batch.repeat(k)  # copy j is rows j·b … (j+1)·b − 1
+                logits = patched_logits(self.adapter, self.graph, copies.clean, ablated.repeat(1, k, 1, 1),
+                                        removed.repeat_interleave(batch.size, dim=0), copies.last)
+                values = self.task.metric(logits, copies).view(k, batch.size)
+            sums += values.sum(1).double().cpu()
+        self.forward_passes += k * len(self.batches)
+        return sums
 
     @torch.no_grad()
+    def metrics(self, circuits: Sequence[Mask], progress: Callable[[int], None] | None = None) -> list[float]:
+        """Mean metric of each circuit with every edge outside it ablated, several circuits per pass.
+
+        The full and the empty circuit are, by definition, the clean and the fully ablated run:
+        they take the baseline's values (so their faithfulness is exactly 1 and 0).
+        """
+        allowed = self.graph.allowed
+        values: list[float | None] = [None] * len(circuits)
+        todo = []
+        for i, c in enumerate(circuits):
+            c = c & allowed
+            if torch.equal(c, allowed):
+                values[i] = self.baseline.clean
+            elif not c.any():
+                values[i] = self.baseline.corrupted
+            else:
+                todo.append(i)
+        if progress and len(todo) < len(circuits):
+            progress(len(circuits) - len(todo))
+        per_pass = self.circuits_per_pass()
+        for start in range(0, len(todo), per_pass):
+            chunk = todo[start : start + per_pass]
+            for i, total in zip(chunk, self._metric_sums([circuits[i] for i in chunk]).tolist()):
+                values[i] = total / self.n
+                if not math.isfinite(values[i]):
+                    raise MetricError(f"the metric of a circuit is {values[i]}")
+            if progress:
+                progress(len(chunk))
+        return values
+
     def metric(self, circuit: Mask) -> float:
-        """Mean metric with every edge outside ``circuit`` patched."""
-        removed = (~circuit).to(self.adapter.dtype)
-        total = 0.0
-        for batch, senders in zip(self.batches, self._corrupted):
-            logits = patched_logits(self.adapter, self.graph, batch.clean, senders, removed, batch.last)
-            total += float(self.task.metric(logits, batch).sum())
-        self.forward_passes += len(self.batches)
-        value = total / self.n
-        if not math.isfinite(value):
-            raise MetricError(f"the metric of a circuit is {value}")
-        return value
+        """Mean metric with every edge outside ``circuit`` ablated."""
+        return self.metrics([circuit])[0]
+
+    def faithfulnesses(self, circuits: Sequence[Mask], progress: Callable[[int], None] | None = None) -> list[float]:
+        """(m(C) − m(∅)) / (m(full) − m(∅)) for each circuit (evaluated several per pass)."""
+        b = self.baseline
+        return [(m - b.corrupted) / (b.clean - b.corrupted) for m in self.metrics(circuits, progress)]
 
     def faithfulness(self, circuit: Mask) -> float:
         """(m(C) − m(∅)) / (m(full) − m(∅)) for ``circuit``."""
-        b = self.baseline
-        return (self.metric(circuit) - b.corrupted) / (b.clean - b.corrupted)
+        return self.faithfulnesses([circuit])[0]
 
 
 @dataclass(frozen=True)
@@ -117,7 +189,7 @@ def search_size(
 
     def measure(n: int) -> float:
         if n not in tried:
-            mask = prune(graph, top_edges(graph, scores, n))
+            mask = evaluator.prune(top_edges(graph, scores, n))
             tried[n] = (int(mask.sum()), evaluator.faithfulness(mask))
             if progress:
                 progress(n, tried[n][0], tried[n][1])
@@ -170,15 +242,15 @@ class Curve:
 
 def faithfulness_curve(evaluator: CircuitEvaluator, scores: torch.Tensor, percents: tuple[float, ...] = MIB_PERCENTS,
                        progress: Callable[[int], None] | None = None) -> Curve:
-    """Faithfulness of the top-k % edges (pruned) for each k in ``percents``, exactly, by patching."""
+    """Faithfulness of the top-k % edges (pruned) for each k in ``percents``, exactly, by patching.
+
+    The circuits are evaluated together, several per forward pass (:meth:`CircuitEvaluator.metrics`).
+    """
     graph = evaluator.graph
-    points = []
-    for percent in percents:
-        n = max(1, round(graph.n_edges * percent / 100))
-        circuit = prune(graph, top_edges(graph, scores, n))
-        points.append((percent, n, int(circuit.sum()), evaluator.faithfulness(circuit)))
-        if progress:
-            progress(1)
+    sizes = [max(1, round(graph.n_edges * percent / 100)) for percent in percents]
+    circuits = [evaluator.prune(top_edges(graph, scores, n)) for n in sizes]
+    values = evaluator.faithfulnesses(circuits, progress)
+    points = [(p, n, int(c.sum()), f) for p, n, c, f in zip(percents, sizes, circuits, values)]
     xs = [0.0] + [p / 100 for p, *_ in points]
     fs = [0.0] + [f for *_, f in points]
     cpr = sum((xs[i + 1] - xs[i]) * (fs[i] + fs[i + 1]) / 2 for i in range(len(xs) - 1))

@@ -16,6 +16,7 @@ own circuit, so several circuits can share one forward pass.
 
 from __future__ import annotations
 
+
 import torch
 from jaxtyping import Float, Int
 
@@ -150,3 +151,4 @@ def patched_logits(
     hooks = record_senders_hooks(adapter, graph, diff, -1.0, total) + patch_receivers_hooks(adapter, graph, diff, total, removed)
     with torch.no_grad(), adapter.hooks(hooks):
         return adapter.logits(clean, positions)
+

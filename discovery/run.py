@@ -23,8 +23,9 @@ from typing import Callable, Iterator
 import pandas as pd
 import torch
 
+from discovery.ablation import ABLATIONS, make_ablation
 from discovery.adapter import ModelAdapter, load_model
-from discovery.attribution import METHODS
+from discovery.attribution import METHODS, node_scores
 from discovery.circuit import edges_above, node_count, prune, top_edges
 from discovery.errors import OutputExists, UserError
 from discovery.checkpoint import Checkpoint
@@ -47,6 +48,7 @@ class DiscoverConfig:
     threshold: float | None = None  # … or every edge with |score| ≥ threshold …
     target_faithfulness: float = 0.8  # … or else the smallest top-N found to reach this (discovery split)
     ig_steps: int = 5  # interpolation steps of EAP-IG
+    ablation: str = "counterfactual"  # what a removed edge carries: counterfactual, mean or zero
     seed_method: str = "eap-ig"  # for --method acdc: the attribution that orders and bounds the search
     tau: float | None = None  # ACDC threshold on the distance; None: 1 % of the empty circuit's distance
     acdc_metric: str = "kl"  # ACDC's distance from the clean run: "kl" or "task"
@@ -78,6 +80,10 @@ class DiscoverConfig:
             raise UserError(f"--acdc-metric must be one of {', '.join(DISTANCES)}, got {self.acdc_metric!r}")
         if self.search_prompts < 1 or self.chain < 1 or self.workers < 0:
             raise UserError("--search-prompts and --chain must be ≥ 1 and --workers ≥ 0")
+        if self.ablation not in ABLATIONS:
+            raise UserError(f"unknown ablation {self.ablation!r}: use one of {', '.join(ABLATIONS)}")
+        if (self.method == "acdc" or self.minimize) and self.ablation != "counterfactual":
+            raise UserError("ACDC and --minimize patch from the corrupted run only: use --ablation counterfactual")
         if self.edges is not None and self.threshold is not None:
             raise UserError("give --edges or --threshold, not both")
         if self.edges is not None and self.edges < 1:
@@ -165,6 +171,17 @@ def scores_table(graph: EdgeGraph, scores: torch.Tensor, circuit: torch.Tensor) 
     })
 
 
+def nodes_table(graph: EdgeGraph, scores: torch.Tensor, circuit: torch.Tensor) -> pd.DataFrame:
+    """One row per sender node: name, score (the sum of its edge scores), rank by |score|, in_circuit."""
+    values = node_scores(graph, scores)
+    return pd.DataFrame({
+        "node": values.index,
+        "score": values.to_numpy(),
+        "rank": values.abs().rank(ascending=False, method="first").astype(int).to_numpy(),
+        "in_circuit": circuit.any(1).numpy(),
+    })
+
+
 def write_prompts(path: Path, task) -> None:
     with open(path, "w") as f:
         for text, split in zip(task.texts, task.split):
@@ -192,7 +209,7 @@ def check_behaviour(baseline, config: DiscoverConfig, model: str) -> None:
 
 
 def choose_circuit(config: DiscoverConfig, adapter: ModelAdapter, graph: EdgeGraph, task, scores: torch.Tensor,
-                   reporter: Reporter) -> tuple[torch.Tensor, SizeSearch | None, int]:
+                   reporter: Reporter, ablation=None) -> tuple[torch.Tensor, SizeSearch | None, int]:
     """The edges to keep (before pruning): top-N, above a threshold, or found by the size search.
 
     Returns:
@@ -202,7 +219,7 @@ def choose_circuit(config: DiscoverConfig, adapter: ModelAdapter, graph: EdgeGra
         return top_edges(graph, scores, config.edges), None, 0
     if config.threshold is not None:
         return edges_above(graph, scores, config.threshold), None, 0
-    discovery = CircuitEvaluator(adapter, graph, task, "discovery", config.batch_size)
+    discovery = CircuitEvaluator(adapter, graph, task, "discovery", config.batch_size, ablation or config.ablation)
     with reporter.progress(f"size search (target faithfulness {config.target_faithfulness})", 0) as advance:
         def step(n, kept, f):
             reporter.log(f"  top {n:>6,} edges → {kept:>6,} after pruning: faithfulness {f:.3f} (discovery)")
@@ -246,7 +263,8 @@ def discover(config: DiscoverConfig, out: Path | None = None, overwrite: bool = 
     )
     reporter.log(f"task {task.name}: {len(task)} prompt pairs ({n_disc} discovery, {n_held} held-out), metric {task.metric_name}")
 
-    heldout = CircuitEvaluator(adapter, graph, task, "heldout", config.batch_size)
+    ablation = make_ablation(config.ablation, adapter, graph, task, config.batch_size)
+    heldout = CircuitEvaluator(adapter, graph, task, "heldout", config.batch_size, ablation)
     b = heldout.baseline
     reporter.log(f"baseline (held-out): clean {b.clean:.3f}, corrupted {b.corrupted:.3f}, clean accuracy {b.accuracy:.0%}")
     check_behaviour(b, config, adapter.name)
@@ -265,9 +283,10 @@ def discover(config: DiscoverConfig, out: Path | None = None, overwrite: bool = 
     else:
         method = METHODS[attribution]
         with reporter.progress(f"{attribution} scores", n_disc) as advance:
-            scores = method.score(adapter, graph, task, config.batch_size, progress=advance, steps=config.ig_steps)
-        attribution_passes = method.forwards_per_batch(config.ig_steps) * len(list(task.batches("discovery", config.batch_size)))
-        chosen, search, search_passes = choose_circuit(config, adapter, graph, task, scores, reporter)
+            scores = method.score(adapter, graph, task, config.batch_size, progress=advance, steps=config.ig_steps,
+                                  ablation=ablation)
+        attribution_passes = method.forwards_per_batch(config.ig_steps, graph) * len(list(task.batches("discovery", config.batch_size)))
+        chosen, search, search_passes = choose_circuit(config, adapter, graph, task, scores, reporter, ablation)
         attribution_passes += search_passes
         if seed_store:
             if search is not None:
@@ -290,7 +309,7 @@ def discover(config: DiscoverConfig, out: Path | None = None, overwrite: bool = 
             f"{st.wasted_rows:,} on wrong guesses), {outcome.forward_passes:,} forward passes, {outcome.seconds:.0f} s"
         )
     else:
-        circuit = prune(graph, chosen)
+        circuit = prune(graph, chosen, ablation.is_run)
     faithfulness = heldout.faithfulness(circuit)
     edges_kept, nodes_kept = int(circuit.sum()), node_count(graph, circuit)
     reporter.log(
@@ -309,6 +328,7 @@ def discover(config: DiscoverConfig, out: Path | None = None, overwrite: bool = 
         "model": config.model,
         "task": config.task,
         "method": config.method,
+        "ablation": config.ablation,
         "metric": task.metric_name,
         "edges_total": graph.n_edges,
         "edges_selected": int(chosen.sum()),
@@ -344,6 +364,7 @@ def discover(config: DiscoverConfig, out: Path | None = None, overwrite: bool = 
     with atomic_dir(out, overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")
         scores_table(graph, scores, circuit).to_parquet(tmp / "scores.parquet", index=False)
+        nodes_table(graph, scores, circuit).to_csv(tmp / "nodes.csv", index=False)
         record.save(tmp / "circuit.json")
         write_prompts(tmp / "prompts.jsonl", task)
         _render(record, tmp / "circuit", reporter)
@@ -463,7 +484,8 @@ def validate_run(run_dir: Path, top: int = 40, random: int = 60, overwrite: bool
     scores[[i for i, _ in index], [j for _, j in index]] = torch.tensor(table["score"].to_numpy())
     edges, groups = pick_edges(graph, scores, top, random, seed=config.seed)
     with reporter.progress(f"exact effects of {len(edges)} edges", len(edges) * len(list(task.batches("discovery", config.batch_size)))) as advance:
-        effects = exact_edge_effects(adapter, graph, task, edges, "discovery", config.batch_size, progress=advance)
+        effects = exact_edge_effects(adapter, graph, task, edges, "discovery", config.batch_size, progress=advance,
+                                     ablation=config.ablation)
     frame = pd.DataFrame({
         "edge": [graph.edge_name(s, r) for s, r in edges], "group": groups,
         "score": [float(scores[s, r]) for s, r in edges], "exact_effect": effects.numpy(),

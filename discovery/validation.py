@@ -4,7 +4,8 @@ The exact effect of edge s → r is m(that edge alone patched) − m(clean), ave
 the quantity EAP and EAP-IG estimate (Hanna et al. 2024 report Pearson r 0.78 for EAP and 0.95 for
 EAP-IG against it on GPT-2 IOI). When one edge alone is patched, its sender is upstream of the
 patch and keeps its clean value, so the patched run is the clean run with
-``corrupted_s − clean_s`` added to r's input. Many edges share one forward pass: the batch is
+``ablated_s − clean_s`` added to r's input (the corrupted run's value under the default
+counterfactual ablation; see :mod:`discovery.ablation`). Many edges share one forward pass: the batch is
 repeated once per edge and each copy gets its own edge's difference at its own receiver.
 """
 
@@ -14,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from discovery.ablation import Ablation, make_ablation
 from discovery.adapter import ModelAdapter
 from discovery.graph import EdgeGraph
 from discovery.patching import run_recording_senders
@@ -45,7 +47,8 @@ def _patch_copies_hooks(adapter: ModelAdapter, graph: EdgeGraph, edges: list[tup
 @torch.no_grad()
 def exact_edge_effects(adapter: ModelAdapter, graph: EdgeGraph, task: Task, edges: list[tuple[int, int]],
                        split: str = "discovery", batch_size: int = 16, edges_per_pass: int = 8,
-                       progress: Callable[[int], None] | None = None) -> torch.Tensor:
+                       progress: Callable[[int], None] | None = None,
+                       ablation: str | Ablation = "counterfactual") -> torch.Tensor:
     """``m(edge patched) − m(clean)`` for each ``(sender, receiver)`` edge, mean over the split's prompts.
 
     Returns:
@@ -53,12 +56,12 @@ def exact_edge_effects(adapter: ModelAdapter, graph: EdgeGraph, task: Task, edge
     """
     effects = torch.zeros(len(edges), dtype=torch.float64)
     n = 0
+    ablation = make_ablation(ablation, adapter, graph, task, batch_size)
     for batch in task.batches(split, batch_size):
         batch = batch.to(adapter.device)
-        corrupted, _ = run_recording_senders(adapter, graph, batch.corrupted, batch.last)
         clean, clean_logits = run_recording_senders(adapter, graph, batch.clean, batch.last)
-        delta = corrupted - clean  # [s, b, p, d]
-        del corrupted, clean
+        delta = ablation.senders(batch) - clean  # [s, b, p, d]
+        del clean
         base = task.metric(clean_logits, batch)  # [b]
         for start in range(0, len(edges), edges_per_pass):
             chunk = edges[start : start + edges_per_pass]

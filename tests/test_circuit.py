@@ -108,3 +108,34 @@ def test_faithfulness_curve_ends_at_one_and_its_areas_follow_the_trapezoid_rule(
     assert n100 == graph.n_edges == k100 and f100 == pytest.approx(1.0, abs=1e-9)
     assert curve.cpr == pytest.approx(0.1 * f10 / 2 + 0.4 * (f10 + f50) / 2 + 0.5 * (f50 + 1) / 2)
     assert curve.cmd == pytest.approx(0.1 * (1 + abs(1 - f10)) / 2 + 0.4 * (abs(1 - f10) + abs(1 - f50)) / 2 + 0.5 * abs(1 - f50) / 2)
+
+
+@pytest.mark.parametrize("kind", ["counterfactual", "mean", "zero"])
+def test_circuits_evaluated_together_equal_circuits_evaluated_one_at_a_time(tiny, kind):
+    """Several circuits in one pass (the batch repeated, a mask per copy) give each circuit's own metric."""
+    graph = EdgeGraph(tiny.shape)
+    evaluator = CircuitEvaluator(tiny, graph, tiny_task(), split="discovery", batch_size=3, ablation=kind)
+    g = torch.Generator().manual_seed(4)
+    circuits = [graph.allowed & (torch.rand(graph.allowed.shape, generator=g) < f) for f in (0.05, 0.3, 0.5, 0.8, 0.97)]
+    alone = [evaluator.metric(c) for c in circuits]
+    for per_pass in (2, 5):
+        evaluator.memory_budget = per_pass * (evaluator.memory_budget // evaluator.circuits_per_pass()) + 1
+        assert evaluator.circuits_per_pass() == per_pass
+        passes = evaluator.forward_passes
+        together = evaluator.metrics(circuits)
+        assert evaluator.forward_passes - passes == len(circuits) * len(evaluator.batches)
+        assert max(abs(a - b) for a, b in zip(together, alone)) < 1e-10
+    assert len(set(alone)) == len(alone)  # different circuits: the test can fail
+
+
+@pytest.mark.parametrize("kind", ["counterfactual", "mean", "zero"])
+def test_curve_s_full_point_is_exactly_one_and_the_empty_circuit_exactly_zero(tiny, kind):
+    from discovery.faithfulness import faithfulness_curve
+
+    graph = EdgeGraph(tiny.shape)
+    task = tiny_task()
+    evaluator = CircuitEvaluator(tiny, graph, task, split="discovery", ablation=kind)
+    curve = faithfulness_curve(evaluator, eap(tiny, graph, task, ablation=kind), percents=(0.5, 20.0, 100.0))
+    assert curve.points[-1][3] == 1.0
+    assert evaluator.faithfulness(torch.zeros_like(graph.allowed)) == 0.0
+    assert evaluator.faithfulnesses([graph.allowed, torch.zeros_like(graph.allowed)]) == [1.0, 0.0]

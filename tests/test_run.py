@@ -42,11 +42,36 @@ def test_discover_writes_a_complete_run_folder(tiny_ioi_model, tmp_path):
     assert json.loads((out / "config.json").read_text())["edges"] == 40
     table = pd.read_parquet(out / "scores.parquet")
     assert len(table) == 190 and table["in_circuit"].sum() == saved["edges_kept"]
+    nodes = pd.read_csv(out / "nodes.csv")
+    assert len(nodes) == 16 and list(nodes.columns) == ["node", "score", "rank", "in_circuit"]
+    by_sender = table.groupby("sender")["score"].sum()
+    assert nodes.set_index("node")["score"].to_dict() == pytest.approx(by_sender.to_dict(), abs=1e-6)
+    assert sorted(nodes["rank"]) == list(range(1, 17))
     assert CircuitRecord.load(out / "circuit.json").edges and len(CircuitRecord.load(out / "circuit.json").edges) == saved["edges_kept"]
     rows = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
     assert len(rows) == 16 and set(rows[0]) == {"clean", "corrupted", "answer", "wrong", "split"}
     ET.parse(out / "circuit.svg")
     assert summary["faithfulness"] == pytest.approx(saved["faithfulness"])
+
+
+@pytest.mark.parametrize("ablation, method", [("mean", "eap"), ("zero", "eap-ig-activations")])
+def test_discover_uses_the_chosen_ablation_throughout(tiny_ioi_model, tmp_path, ablation, method):
+    """The run's baseline m(∅) is the every-edge-ablated metric of that ablation, not the corrupted run."""
+    from discovery.faithfulness import CircuitEvaluator
+    from discovery.graph import EdgeGraph
+    from tasks import build_task
+
+    config = DiscoverConfig(task="ioi", n_pairs=16, batch_size=8, edges=30, ablation=ablation, method=method, ig_steps=2, force=True)
+    summary = discover(config, out=tmp_path / "run", adapter=tiny_ioi_model)
+    assert summary["ablation"] == ablation
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["ablation"] == ablation
+    task = build_task("ioi", tiny_ioi_model.tokenizer, n_pairs=16, seed=0)
+    graph = EdgeGraph(tiny_ioi_model.shape)
+    expected = CircuitEvaluator(tiny_ioi_model, graph, task, "heldout", 8, ablation=ablation).baseline.corrupted
+    counterfactual = CircuitEvaluator(tiny_ioi_model, graph, task, "heldout", 8).baseline.corrupted
+    assert summary["metric_corrupted"] == pytest.approx(expected, abs=1e-5)
+    assert abs(summary["metric_corrupted"] - counterfactual) > 1e-3
+    assert summary["curve"][-1][1] == 1.0
 
 
 def test_discover_refuses_to_overwrite_unless_asked(tiny_ioi_model, tmp_path):
@@ -70,6 +95,7 @@ def test_same_seed_gives_byte_identical_circuit(tiny_ioi_model, tmp_path):
 @pytest.mark.parametrize("config, message", [
     (DiscoverConfig(task="nope"), "unknown task"),
     (DiscoverConfig(method="nope"), "unknown method"),
+    (DiscoverConfig(ablation="nope"), "unknown ablation"),
     (DiscoverConfig(edges=10, threshold=0.1), "not both"),
     (DiscoverConfig(edges=0), "at least 1"),
     (DiscoverConfig(target_faithfulness=1.5), "target-faithfulness"),
@@ -88,6 +114,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     (["discover", "--task", "nope"], "unknown task 'nope'"),
     (["discover", "--model", "no-such-model"], "unknown model 'no-such-model'"),
     (["discover", "--edges", "5", "--threshold", "1"], "not both"),
+    (["discover", "--ablation", "nope"], "unknown ablation 'nope'"),
     (["render", "/no/such/run"], "no circuit file"),
     (["discover", "--task", "/no/such/task.jsonl"], "no task file at /no/such/task.jsonl"),
     (["validate", "/no/such/run"], "not a run folder"),
