@@ -16,6 +16,7 @@ the group that is.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ class NodeName:
 
 def parse_name(name: str) -> NodeName:
     """Parse ``input``, ``logits``, ``m3``, ``a2.h1``, ``a2.h1<q>``, ``a2.g0<k>``."""
-    m = _NODE.match(name)
+    m = _NODE.match(name) if isinstance(name, str) else None
     if not m:
         raise CircuitFileError(f"not a node name: {name!r}")
     if name.startswith("input"):
@@ -57,6 +58,10 @@ def parse_name(name: str) -> NodeName:
     head = int(m.group("h")) if m.group("h") is not None else None
     group = int(m.group("g")) if m.group("g") is not None else None
     return NodeName("attn", layer=int(m.group("al")), head=head, group=group, slot=m.group("slot"))
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -94,6 +99,8 @@ class CircuitRecord:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise CircuitFileError(f"{source} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        except (ValueError, RecursionError) as exc:  # an integer too long to parse, nesting too deep
+            raise CircuitFileError(f"{source} is not valid JSON ({str(exc).split(';')[0] or 'nested too deeply'})") from None
         if not isinstance(data, dict) or data.get("schema") != SCHEMA:
             raise CircuitFileError(f"{source} is not a circuit file (schema must be {SCHEMA!r})")
         if data.get("version") != VERSION:
@@ -101,6 +108,17 @@ class CircuitRecord:
         missing = [k for k in ("model", "task", "method", "n_layers", "n_heads", "n_kv_groups", "edges") if k not in data]
         if missing:
             raise CircuitFileError(f"{source} lacks the field(s) {', '.join(missing)}")
+        for k in ("n_layers", "n_heads", "n_kv_groups"):
+            if not isinstance(data[k], int) or isinstance(data[k], bool) or data[k] < 1:
+                raise CircuitFileError(f"{source}: {k!r} must be a positive integer, got {data[k]!r}")
+        L, H, G = data["n_layers"], data["n_heads"], data["n_kv_groups"]
+        if H % G:
+            raise CircuitFileError(f"{source}: n_heads {H} is not a multiple of n_kv_groups {G}")
+        for k in ("model", "task", "method"):
+            if not isinstance(data[k], str):
+                raise CircuitFileError(f"{source}: {k!r} must be a string, got {data[k]!r}")
+        if not isinstance(data.get("metadata", {}), dict):
+            raise CircuitFileError(f"{source}: 'metadata' must be an object")
         edges = data["edges"]
         if not isinstance(edges, list):
             raise CircuitFileError(f"{source}: 'edges' must be a list")
@@ -109,6 +127,8 @@ class CircuitRecord:
                 raise CircuitFileError(f"{source}: edge {k} needs sender, receiver and score")
             parse_name(e["sender"])
             parse_name(e["receiver"])
+            if not _number(e["score"]):
+                raise CircuitFileError(f"{source}: edge {k}: score must be a finite number, got {e['score']!r}")
         return cls(
             model=data["model"], task=data["task"], method=data["method"],
             n_layers=int(data["n_layers"]), n_heads=int(data["n_heads"]), n_kv_groups=int(data["n_kv_groups"]),
@@ -129,7 +149,13 @@ class CircuitRecord:
         path = Path(path)
         if not path.is_file():
             raise CircuitFileError(f"no circuit file at {path}")
-        return cls.from_json(path.read_text(), source=str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise CircuitFileError(f"{path} is not a circuit file (not UTF-8 text: {exc.reason} at byte {exc.start})") from None
+        except OSError as exc:
+            raise CircuitFileError(f"cannot read {path} ({exc.strerror})") from None
+        return cls.from_json(text, source=str(path))
 
     def to_networkx(self) -> nx.DiGraph:
         """The circuit as a node-level DiGraph.
