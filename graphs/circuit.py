@@ -47,7 +47,7 @@ class NodeName:
 def parse_name(name: str) -> NodeName:
     """Parse ``input``, ``logits``, ``m3``, ``a2.h1``, ``a2.h1<q>``, ``a2.g0<k>``."""
     m = _NODE.match(name) if isinstance(name, str) else None
-    if not m:
+    if not m or (m.group("slot") and not m.group("al")):
         raise CircuitFileError(f"not a node name: {name!r}")
     if name.startswith("input"):
         return NodeName("input", layer=-1)
@@ -58,10 +58,6 @@ def parse_name(name: str) -> NodeName:
     head = int(m.group("h")) if m.group("h") is not None else None
     group = int(m.group("g")) if m.group("g") is not None else None
     return NodeName("attn", layer=int(m.group("al")), head=head, group=group, slot=m.group("slot"))
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -127,7 +123,8 @@ class CircuitRecord:
                 raise CircuitFileError(f"{source}: edge {k} needs sender, receiver and score")
             parse_name(e["sender"])
             parse_name(e["receiver"])
-            if not _number(e["score"]):
+            score = e["score"]
+            if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
                 raise CircuitFileError(f"{source}: edge {k}: score must be a finite number, got {e['score']!r}")
         return cls(
             model=data["model"], task=data["task"], method=data["method"],
