@@ -219,7 +219,7 @@ def circuit_document(draw):
         else:
             doc[key] = draw(json_value | st.integers(-3, 5))
     for edge in doc["edges"] if isinstance(doc.get("edges"), list) else []:
-        if draw(st.integers(0, 4)) == 0:
+        if isinstance(edge, dict) and draw(st.integers(0, 4)) == 0:
             edge.pop(draw(st.sampled_from(["sender", "receiver", "score"])), None)
     return doc
 

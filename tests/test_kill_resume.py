@@ -152,6 +152,7 @@ def test_sigkill_at_a_random_moment_leaves_nothing_finished_and_the_rerun_gives_
     note = f"KILL_SEED={seed} (stage {stage}, {_decided(checkpoint)} decided at the kill)\n{log.read_text()}"
 
     completed = out.exists()
+    print(f"{note.splitlines()[0]}; the run had {'completed' if completed else 'not completed'}")
     assert not completed or _finished(out), note  # a run folder exists only when whole
     assert all(_finished(p) for p in _visible(runs)), note  # anything else is hidden and temporary
     if not completed:
