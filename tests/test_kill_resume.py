@@ -5,13 +5,13 @@ Each run is a subprocess on a tiny random Llama saved as a model folder (``--mod
 with an ACDC search long enough (``--chain 1``: one candidate per chain, about 18 chains) for a
 signal to land mid-search. What must hold:
 
-- SIGTERM mid-search: exit status 130, a message saying how to resume, no run folder; the same
-  command again says it resumes and ends with a ``circuit.json`` byte-identical to that of an
-  uninterrupted run.
-- SIGKILL at a random moment (start-up, mid-search or while writing the run folder; the seed is
-  printed on failure and ``KILL_SEED`` replays it): nothing at ``--out`` that looks finished
-  (only hidden temporary folders may remain), and the same command again ends with the same
-  ``circuit.json``.
+- SIGTERM mid-search: exit status 130, a message saying how to resume, no run folder, the
+  checkpoint kept.
+- The same command, killed by SIGKILL at a random moment (start-up, mid-search or while writing
+  the run folder; the seed is printed on failure and ``KILL_SEED`` replays it): nothing at
+  ``--out`` that looks finished (only hidden temporary folders may remain), no saved progress lost.
+- The same command once more: it says it resumes, and ends with a ``circuit.json`` byte-identical
+  to that of an uninterrupted run.
 - SIGKILL after the run folder's files are written but before it is renamed into place: no run
   folder, only a hidden temporary one without ``summary.json``.
 
@@ -111,58 +111,57 @@ def reference(runs, tiny_model_dir) -> dict:
             "checkpoint": checkpoint}
 
 
-def test_sigterm_mid_search_stops_cleanly_and_the_rerun_resumes_to_the_same_circuit(runs, reference, tiny_model_dir):
-    out, log, checkpoint = runs / "term", runs / ".term.log", reference["checkpoint"]
+def test_sigterm_then_sigkill_at_a_random_moment_then_the_same_command_resumes_to_the_same_circuit(runs, reference, tiny_model_dir):
+    """One search, stopped twice: SIGTERM mid-search, then SIGKILL at a random moment of the
+    resumed run; the third run of the same command resumes and gives the reference circuit."""
+    out, log, checkpoint, candidates = runs / "run", runs / ".run.log", reference["checkpoint"], reference["candidates"]
     command = _command(tiny_model_dir, out)
+
+    # 1. SIGTERM once the checkpoint holds some progress: status 130, how to resume, no run folder
     proc = _start(command, log)
     assert _wait_for(lambda: _decided(checkpoint) >= 3, proc, "search progress"), log.read_text()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(TIMEOUT) == 130, log.read_text()
     message = log.read_text()
     assert "interrupted" in message and "rerun the same command to resume" in message and "Traceback" not in message
-    assert not out.exists()
     saved = _decided(checkpoint)
-    assert 3 <= saved < reference["candidates"]  # the checkpoint is kept, mid-search
+    assert not out.exists() and 3 <= saved < candidates  # the checkpoint is kept, mid-search
 
-    rerun = _run(command)
-    assert rerun.returncode == 0, rerun.stderr
-    assert f"resuming from checkpoint {checkpoint}: {saved} of {reference['candidates']} candidates decided" in rerun.stderr
-    assert (out / "circuit.json").read_bytes() == reference["circuit"]
-    assert _finished(out) and not checkpoint.exists()
-
-
-def test_sigkill_at_a_random_moment_leaves_nothing_finished_and_the_rerun_gives_the_same_circuit(runs, reference, tiny_model_dir):
+    # 2. The same command, killed by SIGKILL at a random moment: start-up, mid-search or while
+    #    writing the run folder. Nothing at --out may look finished.
     seed = int(os.environ.get("KILL_SEED", random.randrange(10**6)))
     rng = random.Random(seed)
     stage = rng.choice(["start-up", "search", "writing"])
-    out, log, checkpoint = runs / "kill", runs / ".kill.log", reference["checkpoint"]
-    command = _command(tiny_model_dir, out)
     proc = _start(command, log)
-    if stage == "start-up":  # importing, loading the model, attribution
-        time.sleep(rng.uniform(0, 6))
+    if stage == "start-up":  # importing, loading the model, reading the checkpoint
+        time.sleep(rng.uniform(0, 5))
     elif stage == "search":
-        target = rng.randint(1, reference["candidates"] - 1)
+        target = rng.randint(saved + 1, max(saved + 1, candidates - 1))
         _wait_for(lambda: _decided(checkpoint) >= target, proc, "search progress")
         time.sleep(rng.uniform(0, 0.3))
     else:
-        _wait_for(lambda: any(p.name.startswith(".kill.partial-") for p in runs.iterdir()), proc, "the run folder's writing")
+        _wait_for(lambda: any(p.name.startswith(".run.partial-") for p in runs.iterdir()), proc, "the run folder's writing")
         time.sleep(rng.uniform(0, 0.05))
     proc.kill()
     proc.wait(TIMEOUT)
-    note = f"KILL_SEED={seed} (stage {stage}, {_decided(checkpoint)} decided at the kill)\n{log.read_text()}"
-
     completed = out.exists()
-    print(f"{note.splitlines()[0]}; the run had {'completed' if completed else 'not completed'}")
+    note = (f"KILL_SEED={seed} (stage {stage}, {_decided(checkpoint)} of {candidates} decided at the kill, "
+            f"{saved} after SIGTERM); the run had {'completed' if completed else 'not completed'}")
+    print(note)
+    note += "\n" + log.read_text()
     assert not completed or _finished(out), note  # a run folder exists only when whole
     assert all(_finished(p) for p in _visible(runs)), note  # anything else is hidden and temporary
+    assert completed or _decided(checkpoint) >= saved, note  # the kill lost no saved progress
+
+    # 3. The same command again: it resumes and ends with the circuit of the uninterrupted run
     if not completed:
         progress = _decided(checkpoint)
         rerun = _run(command)
         assert rerun.returncode == 0, note + rerun.stderr
-        if progress:
-            assert "resuming from checkpoint" in rerun.stderr, note + rerun.stderr
+        assert f"resuming from checkpoint {checkpoint}: {progress} of {candidates} candidates decided" in rerun.stderr, \
+            note + rerun.stderr
     assert (out / "circuit.json").read_bytes() == reference["circuit"], note
-    assert _finished(out) and not checkpoint.exists(), note
+    assert _finished(out) and (completed or not checkpoint.exists()), note  # a finished run deletes its checkpoint
 
 
 def test_sigkill_while_the_run_folder_is_written_leaves_only_a_hidden_temporary_folder(tmp_path, tiny_model_dir):

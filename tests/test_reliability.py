@@ -325,9 +325,9 @@ def test_a_search_checkpoint_that_does_not_fit_is_redone(tiny_ioi_model, tmp_pat
 
 @pytest.mark.parametrize("method", ["eap-ig", "acdc"])
 def test_same_inputs_and_seed_give_a_byte_identical_circuit(tiny_ioi_model, tmp_path, method):
-    extra = {"edges": 40, "search_prompts": 4} if method == "acdc" else {}  # eap-ig: with its size search
-    config = DiscoverConfig(task="ioi", model="tiny-llama", method=method, n_pairs=8, batch_size=8, force=True,
-                            curve=False, **extra)
+    extra = {"seed_method": "eap", "edges": 30, "chain": 16, "search_prompts": 4} if method == "acdc" else {}  # eap-ig: size search
+    config = DiscoverConfig(task="ioi", model="tiny-llama", method=method, n_pairs=4 if method == "acdc" else 8,
+                            batch_size=8, force=True, curve=False, **extra)
     for name in ("a", "b"):  # separate parents: the second run cannot resume from the first's checkpoint
         discover(config, out=tmp_path / name / "run", adapter=tiny_ioi_model)
     a, b = ((tmp_path / n / "run" / "circuit.json").read_bytes() for n in ("a", "b"))
