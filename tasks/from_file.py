@@ -175,7 +175,7 @@ def load_task_file(
             if len(clean) != len(corrupted):
                 row_problems.append(f"clean has {len(clean)} tokens, corrupted {len(corrupted)}; they must be equal")
             elif not clean:
-                row_problems.append("clean and corrupted are no token at all; a prompt needs at least one")
+                row_problems.append("clean and corrupted tokenize to no token; a prompt needs at least one")
             answers, found = _answers(tokenizer, "answer", row["answer"])
             wrongs, found_w = _answers(tokenizer, "wrong", row["wrong"])
             row_problems += found + found_w
