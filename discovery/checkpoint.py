@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
@@ -65,7 +66,12 @@ class Checkpoint:
 
     def load_tensors(self, name: str) -> dict[str, torch.Tensor] | None:
         path = self.dir / f"{name}.safetensors"
-        return load_file(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError):
+            return None  # damaged outside our atomic writes (disk, hand edits): redo that phase
 
     def save_json(self, name: str, data: dict) -> None:
         self._ensure()
@@ -77,7 +83,7 @@ class Checkpoint:
             return None
         try:
             return json.loads(path.read_text())
-        except json.JSONDecodeError:
+        except (ValueError, OSError):
             return None  # cannot happen with atomic writes; start that phase afresh if it does
 
     def clear(self) -> None:

@@ -296,6 +296,9 @@ def convert(
     print(f"{len(record.edges):,} circuit edges -> {out}{extra}")
 
 
+INTERRUPTED = "interrupted: no results were written (a search's checkpoint is kept: rerun the same command to resume)"
+
+
 def _terminate(signum, frame) -> None:
     """SIGTERM stops a run like Ctrl-C: cleanly, keeping any checkpoint."""
     raise KeyboardInterrupt
@@ -305,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user errors into one-line messages with exit status 2."""
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except _user_errors() as exc:
         if _state["debug"]:
             raise
@@ -314,15 +317,18 @@ def main(argv: list[str] | None = None) -> None:
     except (typer.Exit, SystemExit) as exc:
         sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))
     except KeyboardInterrupt:
-        console.print("interrupted: no results were written (a search's checkpoint is kept: rerun the same command to resume)")
+        console.print(INTERRUPTED)
         sys.exit(130)
     except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.ClickException):
+        # by name: recent typer raises its own vendored copy of click's exceptions, not click's
+        if any(kind.__name__ == "ClickException" for kind in type(exc).__mro__):
             exc.show()
             sys.exit(2)
         raise
+    if code == 130:  # typer turns Ctrl-C (and so SIGTERM) in a command into status 130, returned, not raised
+        console.print(INTERRUPTED)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -115,11 +115,18 @@ def _load_safetensors_folder(folder: Path, architecture: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
-
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, attn_implementation="eager", dtype=torch.float32, use_safetensors=True
-    )
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    pickled = sorted(p.name for p in Path(folder).glob("*") if p.suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl"})
+    if pickled and not any(Path(folder).glob("*.safetensors")):
+        raise ModelNotFound(f"{folder} holds pickled weights ({', '.join(pickled)}), which are never loaded; "
+                            "save the model as safetensors (save_pretrained(folder, safe_serialization=True))")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, attn_implementation="eager", dtype=torch.float32, use_safetensors=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as exc:  # missing weights or tokenizer, a config transformers cannot read
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ModelNotFound(f"cannot load the model saved in {folder} ({reason})") from None
     if architecture:
         model.config.architectures = [architecture]
     return model, tokenizer

@@ -75,7 +75,11 @@ def run_search(config: "DiscoverConfig", adapter: ModelAdapter, graph: EdgeGraph
             candidates = [tuple(map(int, e)) for e in edges[torch.sort(key, stable=True).indices]]
             label = f"minimising (faithfulness ≥ {config.target_faithfulness} on {n_prompts} prompts)"
         saved = checkpoint.load_json("search")
-        state = SearchState.from_json(saved, start, candidates) if saved else None
+        try:
+            state = SearchState.from_json(saved, start, candidates) if saved else None
+        except (ValueError, KeyError, TypeError):
+            reporter.log(f"checkpoint {checkpoint.dir} does not fit this search: starting the search afresh")
+            state = None
         if state is not None:
             reporter.log(f"resuming from checkpoint {checkpoint.dir}: {state.position:,} of {len(candidates):,} candidates decided")
         reporter.log(f"{label}: {len(candidates):,} candidate edges, {n_prompts} prompts, {config.chain} per chain")

@@ -154,6 +154,8 @@ class CircuitRecord:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise CircuitFileError(f"{source} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        except (ValueError, RecursionError) as exc:  # an integer too long to parse, nesting too deep
+            raise CircuitFileError(f"{source} is not valid JSON ({str(exc).split(';')[0] or 'nested too deeply'})") from None
         if not isinstance(data, dict) or data.get("schema") != SCHEMA:
             hint = " (an EAP-IG/MIB graph? use `circuits convert`)" if isinstance(data, dict) and "cfg" in data else ""
             raise CircuitFileError(f"{source} is not a circuit file (schema must be {SCHEMA!r}){hint}")
@@ -168,6 +170,11 @@ class CircuitRecord:
         L, H, G = data["n_layers"], data["n_heads"], data["n_kv_groups"]
         if H % G:
             raise CircuitFileError(f"{source}: n_heads {H} is not a multiple of n_kv_groups {G}")
+        for k in ("model", "task", "method"):
+            if not isinstance(data[k], str):
+                raise CircuitFileError(f"{source}: {k!r} must be a string, got {data[k]!r}")
+        if not isinstance(data.get("metadata", {}), dict):
+            raise CircuitFileError(f"{source}: 'metadata' must be an object")
         edges = data["edges"]
         if not isinstance(edges, list):
             raise CircuitFileError(f"{source}: 'edges' must be a list")
@@ -219,7 +226,13 @@ class CircuitRecord:
         path = Path(path)
         if not path.is_file():
             raise CircuitFileError(f"no circuit file at {path}")
-        return cls.from_json(path.read_text(), source=str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise CircuitFileError(f"{path} is not a circuit file (not UTF-8 text: {exc.reason} at byte {exc.start})") from None
+        except OSError as exc:
+            raise CircuitFileError(f"cannot read {path} ({exc.strerror})") from None
+        return cls.from_json(text, source=str(path))
 
     def to_networkx(self) -> nx.DiGraph:
         """The circuit merged to node level, losslessly (see the module docstring)."""

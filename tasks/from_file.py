@@ -40,7 +40,7 @@ SHOWN_PROBLEMS = 5  # problems listed in an error message; the rest are counted
 
 def _read_jsonl(path: Path, problems: list) -> list[tuple[int, dict]]:
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -48,6 +48,9 @@ def _read_jsonl(path: Path, problems: list) -> list[tuple[int, dict]]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 problems.append((line_no, f"invalid JSON: {exc.msg} (column {exc.colno})"))
+                continue
+            except (ValueError, RecursionError) as exc:  # an integer too long to parse, nesting too deep
+                problems.append((line_no, f"invalid JSON: {str(exc).split(';')[0] or 'nested too deeply'}"))
                 continue
             if not isinstance(row, dict):
                 problems.append((line_no, f"expected a JSON object with fields {', '.join(FIELDS)}; got {type(row).__name__}"))
@@ -61,29 +64,43 @@ def _csv_list(value: str) -> str | list:
     if value.startswith("["):
         try:
             return json.loads(value)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON (or an integer too long, nesting too deep)
             return value
     return value.split("|") if "|" in value else value
 
 
 def _read_csv(path: Path, problems: list) -> list[tuple[int, dict]]:
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: spreadsheets write a byte-order mark
         reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        missing = [c for c in FIELDS if c not in header]
-        if header and missing:
-            problems.append((1, f"missing column {', '.join(map(repr, missing))}; columns present: {', '.join(header)}"))
-            return []
-        rows = []
-        for row in reader:
-            if None in row:
-                problems.append((reader.line_num, f"{len(header) + len(row[None])} cells for {len(header)} columns"))
-                continue
-            if not any((v or "").strip() for v in row.values()):
-                continue
-            rows.append((reader.line_num, {k: _csv_list(v) if k in ("answer", "wrong") and v is not None else v
-                                           for k, v in row.items()}))
-        return rows
+        try:
+            header = reader.fieldnames or []
+            missing = [c for c in FIELDS if c not in header]
+            if header and missing:
+                problems.append((1, f"missing column {', '.join(map(repr, missing))}; columns present: {', '.join(header)}"))
+                return []
+            rows = []
+            for row in reader:
+                if None in row:
+                    problems.append((reader.line_num, f"{len(header) + len(row[None])} cells for {len(header)} columns"))
+                    continue
+                if not any((v or "").strip() for v in row.values()):
+                    continue
+                rows.append((reader.line_num, {k: _csv_list(v) if k in ("answer", "wrong") and v is not None else v
+                                               for k, v in row.items()}))
+            return rows
+        except csv.Error as exc:  # e.g. a cell over the csv module's size limit: the rest cannot be read
+            raise TaskError(f"{path}:{max(reader.line_num, 1)}: not readable as CSV ({exc})") from None
+
+
+def _encodable(value) -> bool:
+    """Whether a field's text (a string or a list of them) can be encoded, as a tokenizer needs."""
+    try:
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str):
+                v.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _answers(tokenizer, label: str, value) -> tuple[list[int], list[str]]:
@@ -151,10 +168,14 @@ def load_task_file(
             row_problems.append(f"missing field {', '.join(map(repr, missing))}; fields present: {present}")
         elif not isinstance(row["clean"], str) or not isinstance(row["corrupted"], str):
             row_problems.append("clean and corrupted must be strings")
+        elif not all(_encodable(row[k]) for k in FIELDS):
+            row_problems.append("text that is not valid Unicode (a lone surrogate such as \\ud800)")
         else:
             clean, corrupted = tokenizer(row["clean"])["input_ids"], tokenizer(row["corrupted"])["input_ids"]
             if len(clean) != len(corrupted):
                 row_problems.append(f"clean has {len(clean)} tokens, corrupted {len(corrupted)}; they must be equal")
+            elif not clean:
+                row_problems.append("clean and corrupted tokenize to no token; a prompt needs at least one")
             answers, found = _answers(tokenizer, "answer", row["answer"])
             wrongs, found_w = _answers(tokenizer, "wrong", row["wrong"])
             row_problems += found + found_w

@@ -57,3 +57,18 @@ def word_tokenizer(tmp_path_factory):
     path = tmp_path_factory.mktemp("word_tokenizer")
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=_BOS, eos_token=_EOS, pad_token=_PAD).save_pretrained(path)
     return AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(word_tokenizer, tmp_path_factory):
+    """A tiny random Llama saved like a user's model folder (safetensors, config, tokenizer), for
+    ``--model FOLDER`` in command-line and subprocess tests. Its vocabulary covers the IOI words."""
+    import torch
+
+    from tiny_models import tiny_hf_model
+
+    folder = tmp_path_factory.mktemp("tiny-llama-folder")
+    model = tiny_hf_model("llama", seed=0, dtype=torch.float32, vocab=len(word_tokenizer))
+    model.save_pretrained(folder, safe_serialization=True)
+    word_tokenizer.save_pretrained(folder)
+    return folder
