@@ -256,6 +256,10 @@ def discover(config: DiscoverConfig, out: Path | None = None, overwrite: bool = 
     for note in task.notes:
         reporter.log(f"task: {note}")
     graph = EdgeGraph(adapter.shape)
+    if adapter.shape.post_norm and (config.ablation != "counterfactual" or config.method == "eap-ig-activations"):
+        raise UserError(f"{adapter.name} normalises its heads' sum (a shared post-attention norm): mean/zero "
+                        "ablation and eap-ig-activations are not defined for it yet; use the counterfactual "
+                        "ablation with eap, eap-ig or acdc")
     n_disc, n_held = len(task.indices("discovery")), len(task.indices("heldout"))
     reporter.log(
         f"{adapter.name}: {adapter.shape.n_layers} layers, {adapter.shape.n_heads} heads, "

@@ -11,7 +11,7 @@ from discovery.graph import EdgeGraph
 from discovery.patching import patched_logits, run_recording_senders
 from tasks.base import Task, logit_difference
 from test_attribution import tiny_task
-from tiny_models import VOCAB, tiny, tiny_hf_model  # noqa: F401 (fixture)
+from tiny_models import skip_post_norm, VOCAB, tiny, tiny_hf_model  # noqa: F401 (fixture)
 
 KINDS = ("counterfactual", "mean", "zero")
 TOL = 1e-10  # float64
@@ -72,6 +72,7 @@ def _bias_only_logits(tiny, tokens, keep_input: bool) -> torch.Tensor:
 def test_zero_ablation_of_every_edge_leaves_the_residual_only_its_biases(tiny, keep_input):
     """Every edge zero-ablated (or all but input → logits): the logits read only the biases outside
     any sender (and the embedding)."""
+    skip_post_norm(tiny)
     graph, batch, ablated = _one_batch(tiny, tiny_task(), "zero")
     removed = torch.ones(graph.n_senders, graph.n_receivers)
     if keep_input:
@@ -137,6 +138,7 @@ def test_under_mean_and_zero_ablation_only_dead_ends_are_pruned(tiny, kind):
     outputs of nodes that read only ablated values is exact when the ablation is a real run, and
     not under mean ablation, nor under zero ablation when the model has biases (GPT-2). A model
     without biases (Llama) maps all-zero inputs to zero outputs, so there it is exact for zero."""
+    skip_post_norm(tiny)
     graph = EdgeGraph(tiny.shape)
     evaluator = CircuitEvaluator(tiny, graph, tiny_task(), split="discovery", batch_size=4, ablation=kind)
     mask = graph.allowed & (torch.rand(graph.allowed.shape, generator=torch.Generator().manual_seed(7)) < 0.2)

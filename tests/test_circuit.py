@@ -124,7 +124,9 @@ def test_circuits_evaluated_together_equal_circuits_evaluated_one_at_a_time(tiny
         passes = evaluator.forward_passes
         together = evaluator.metrics(circuits)
         assert evaluator.forward_passes - passes == len(circuits) * len(evaluator.batches)
-        assert max(abs(a - b) for a, b in zip(together, alone)) < 1e-10
+        # Gemma-3's norms compute in float32 inside HF, whose rounding depends on the batch
+        tolerance = 1e-6 if tiny.shape.post_norm else 1e-10
+        assert max(abs(a - b) for a, b in zip(together, alone)) < tolerance
     assert len(set(alone)) == len(alone)  # different circuits: the test can fail
 
 

@@ -16,7 +16,7 @@ from discovery.graph import EdgeGraph
 from discovery.patching import patched_logits
 from tasks.base import logit_difference
 from test_attribution import tiny_task
-from tiny_models import tiny  # noqa: F401 (fixture)
+from tiny_models import skip_post_norm, tiny  # noqa: F401 (fixture)
 
 
 def _setup(tiny, kind):
@@ -37,6 +37,7 @@ def _point_of(graph, sender):
 
 @pytest.mark.parametrize("kind", ["counterfactual", "mean"])
 def test_eap_ig_activations_is_the_mean_gradient_along_each_sender_s_own_path(tiny, kind):
+    skip_post_norm(tiny)
     task, graph, batch, ablated = _setup(tiny, kind)
     steps = 3
     scores = eap_ig_activations(tiny, graph, task, batch_size=3, steps=steps, ablation=kind)
@@ -76,6 +77,7 @@ def test_a_layer_s_scores_add_up_to_ablating_it(tiny, kind="counterfactual"):
     Checked for the attention and MLP hook points; the input's path is EAP-IG on inputs (the test
     above), whose integrand is stiffer on these random models and needs more steps.
     """
+    skip_post_norm(tiny)
     task, graph, batch, ablated = _setup(tiny, kind)
     nodes = torch.tensor(node_scores(graph, eap_ig_activations(tiny, graph, task, steps=16, ablation=kind)).to_numpy())
     clean = _metric(tiny, graph, batch, ablated, torch.zeros(graph.allowed.shape))

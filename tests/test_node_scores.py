@@ -9,7 +9,7 @@ from discovery.graph import EdgeGraph
 from discovery.patching import patched_logits, run_recording_senders
 from tasks.base import logit_difference
 from test_attribution import tiny_task
-from tiny_models import tiny  # noqa: F401 (fixture)
+from tiny_models import skip_post_norm, tiny  # noqa: F401 (fixture)
 
 
 def _sender_output_gradients(tiny, graph, batch) -> torch.Tensor:
@@ -33,6 +33,7 @@ def _sender_output_gradients(tiny, graph, batch) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", ["counterfactual", "mean"])
 def test_node_scores_are_each_sender_s_delta_times_its_output_gradient(tiny, kind):
+    skip_post_norm(tiny)
     task = tiny_task()
     graph = EdgeGraph(tiny.shape)
     (batch,) = task.batches("discovery", batch_size=len(task))
@@ -49,6 +50,7 @@ def test_node_scores_are_each_sender_s_delta_times_its_output_gradient(tiny, kin
 @pytest.mark.parametrize("node", ["input", "a0.h1", "a1.h2", "m1", "a2.h3"])
 def test_a_node_score_is_the_derivative_of_patching_the_node(tiny, node):
     """d/dα m(all of the node's outgoing edges patched with weight α) at α = 0."""
+    skip_post_norm(tiny)
     task = tiny_task()
     graph = EdgeGraph(tiny.shape)
     (batch,) = task.batches("discovery", batch_size=len(task))
