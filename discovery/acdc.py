@@ -186,6 +186,25 @@ class SearchResult:
     evaluated: int  # candidates decided by a pass (the others were dead receivers)
 
 
+def removal_order(graph: EdgeGraph, start: Mask, scores: torch.Tensor) -> list[tuple[int, int]]:
+    """The start circuit's edges weakest |score| first, over the whole graph (minimisation's order)."""
+    edges = torch.nonzero(start)
+    key = scores[edges[:, 0], edges[:, 1]].abs().double()
+    return [tuple(map(int, e)) for e in edges[torch.sort(key, stable=True).indices]]
+
+
+def _search(graph: EdgeGraph, evaluate: Evaluate, scores: torch.Tensor, start: Mask, order, accept, chain: int,
+            state: SearchState | None, on_chain) -> SearchResult:
+    """Prune ``start``, order its edges, score it once (unless resuming) and decide every edge."""
+    start = prune(graph, start)
+    candidates = order(graph, start, scores)
+    if state is None:
+        first = evaluate(start.unsqueeze(0))
+        state = SearchState(start.clone(), (float(first.metric[0]), float(first.distance[0])), rows=1, chains=1)
+    state = iterative_removal(graph, candidates, state, evaluate, accept, _guesser(candidates, scores, state), chain, on_chain)
+    return SearchResult(prune(graph, state.circuit), state, len(candidates), sum(d != 2 for d in state.decided))
+
+
 def acdc(graph: EdgeGraph, evaluate: Evaluate, scores: torch.Tensor, start: Mask, tau: float, chain: int = 8,
          state: SearchState | None = None, on_chain: Callable[[SearchState], None] | None = None) -> SearchResult:
     """ACDC over the edges of ``start`` (see the module docstring).
@@ -193,14 +212,8 @@ def acdc(graph: EdgeGraph, evaluate: Evaluate, scores: torch.Tensor, start: Mask
     A removal stands when the distance from the clean run grows by less than ``tau``.
     ``state`` resumes an interrupted search (from :meth:`SearchState.from_json`).
     """
-    start = prune(graph, start)
-    candidates = candidate_order(graph, start, scores)
-    if state is None:
-        first = evaluate(start.unsqueeze(0))
-        state = SearchState(start.clone(), (float(first.metric[0]), float(first.distance[0])), rows=1, chains=1)
-    state = iterative_removal(graph, candidates, state, evaluate, lambda new, cur: new[1] - cur[1] < tau,
-                              _guesser(candidates, scores, state), chain, on_chain)
-    return SearchResult(prune(graph, state.circuit), state, len(candidates), sum(d != 2 for d in state.decided))
+    return _search(graph, evaluate, scores, start, candidate_order, lambda new, cur: new[1] - cur[1] < tau,
+                   chain, state, on_chain)
 
 
 def minimize(graph: EdgeGraph, evaluate: Evaluate, scores: torch.Tensor, start: Mask, floor: float, chain: int = 8,
@@ -210,13 +223,5 @@ def minimize(graph: EdgeGraph, evaluate: Evaluate, scores: torch.Tensor, start: 
     With ``floor`` = m(∅) + target · (m(full) − m(∅)) this keeps faithfulness ≥ target on the
     evaluated prompts: the pruning step of a minimal faithful circuit.
     """
-    start = prune(graph, start)
-    edges = torch.nonzero(start)
-    key = scores[edges[:, 0], edges[:, 1]].abs().double()
-    candidates = [tuple(map(int, e)) for e in edges[torch.sort(key, stable=True).indices]]
-    if state is None:
-        first = evaluate(start.unsqueeze(0))
-        state = SearchState(start.clone(), (float(first.metric[0]), float(first.distance[0])), rows=1, chains=1)
-    state = iterative_removal(graph, candidates, state, evaluate, lambda new, cur: new[0] >= floor,
-                              _guesser(candidates, scores, state), chain, on_chain)
-    return SearchResult(prune(graph, state.circuit), state, len(candidates), sum(d != 2 for d in state.decided))
+    return _search(graph, evaluate, scores, start, removal_order, lambda new, cur: new[0] >= floor,
+                   chain, state, on_chain)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from discovery.acdc import SearchResult, SearchState, acdc, candidate_order, minimize
+from discovery.acdc import SearchResult, SearchState, acdc, candidate_order, minimize, removal_order
 from discovery.adapter import ModelAdapter, load_model
 from discovery.checkpoint import Checkpoint
 from discovery.circuit import Mask, prune
@@ -70,9 +70,7 @@ def run_search(config: "DiscoverConfig", adapter: ModelAdapter, graph: EdgeGraph
         else:
             floor = empty[0] + config.target_faithfulness * (full[0] - empty[0])
             rule = {"rule": "minimize", "target_faithfulness": config.target_faithfulness, "metric_floor": floor}
-            edges = torch.nonzero(start)
-            key = scores[edges[:, 0], edges[:, 1]].abs().double()
-            candidates = [tuple(map(int, e)) for e in edges[torch.sort(key, stable=True).indices]]
+            candidates = removal_order(graph, start, scores)
             label = f"minimising (faithfulness ≥ {config.target_faithfulness} on {n_prompts} prompts)"
         saved = checkpoint.load_json("search")
         try:

@@ -45,6 +45,16 @@ from discovery.patching import patched_logits, run_recording_senders  # noqa: E4
 from tasks import build_task  # noqa: E402
 
 
+def write_result(result: dict, prefix: str) -> Path:
+    """Save ``result`` as ``outputs/benchmarks/{prefix}-TIME.json`` and print it."""
+    out = ROOT / "outputs" / "benchmarks" / f"{prefix}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return out
+
+
 def best_of(fn, repeats: int) -> float:
     """Fastest of ``repeats`` timed calls after one warm-up (the least noisy estimate)."""
     fn()
@@ -160,11 +170,7 @@ def main() -> None:
             result["discover_ioi_summary"] = json.loads((Path(scratch) / "run" / "summary.json").read_text())
         result["discover_ioi_peak_rss_mb"] = round(peak_rss_mb(resource.RUSAGE_CHILDREN), 1)
 
-    out = ROOT / "outputs" / "benchmarks" / f"benchmark-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_result(result, "benchmark")
 
 
 if __name__ == "__main__":

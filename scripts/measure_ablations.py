@@ -16,10 +16,8 @@ Writes ``outputs/benchmarks/ablations-<time>.json`` and prints it.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -33,6 +31,9 @@ from discovery.faithfulness import CircuitEvaluator, faithfulness_curve  # noqa:
 from discovery.graph import EdgeGraph  # noqa: E402
 from discovery.validation import correlations, exact_edge_effects, pick_edges  # noqa: E402
 from tasks import build_task  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from benchmark import write_result  # noqa: E402
 
 
 def main() -> None:
@@ -96,11 +97,7 @@ def main() -> None:
     result["curve_circuits_per_pass"] = timings["batched"][4]
     result["curve_max_difference"] = max(abs(a - b) for a, b in zip(timings["batched"][1], timings["one_per_pass"][1]))
 
-    out = ROOT / "outputs" / "benchmarks" / f"ablations-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_result(result, "ablations")
 
 
 if __name__ == "__main__":

@@ -59,17 +59,24 @@ def reference_acdc(adapter, tau_fraction: float) -> torch.Tensor:
     start = start_circuit(graph, scores)
     tau = tau_fraction * reference_distance(adapter, graph, task, graph.allowed & False)
     circuit = prune(graph, start)
-    current = reference_distance(adapter, graph, task, circuit)
-    for s, r in candidate_order(graph, circuit, scores):
+    return one_at_a_time(graph, circuit, candidate_order(graph, circuit, scores),
+                         lambda c: reference_distance(adapter, graph, task, c), lambda new, cur: new - cur < tau)
+
+
+def one_at_a_time(graph, circuit, edges, measure, keeps_removal) -> torch.Tensor:
+    """Decide ``edges`` in order, one pass each: a receiver feeding no kept node loses the edge
+    unmeasured; otherwise the removal stands when ``keeps_removal(measure(trial), current)``."""
+    current = measure(circuit)
+    for s, r in edges:
         fed = graph.receiver_feeds[r]
         if fed and not circuit[list(fed)].any():
             circuit[s, r] = False
             continue
         trial = circuit.clone()
         trial[s, r] = False
-        d = reference_distance(adapter, graph, task, trial)
-        if d - current < tau:
-            circuit, current = trial, d
+        value = measure(trial)
+        if keeps_removal(value, current):
+            circuit, current = trial, value
     return prune(graph, circuit)
 
 
@@ -156,16 +163,9 @@ def test_minimize_is_greedy_removal_above_the_floor(tiny):
     circuit = prune(graph, start_circuit(graph, scores))
     edges = torch.nonzero(circuit)
     order = torch.sort(scores[edges[:, 0], edges[:, 1]].abs().double(), stable=True).indices
-    for s, r in edges[order].tolist():
-        fed = graph.receiver_feeds[r]
-        if fed and not circuit[list(fed)].any():
-            circuit[s, r] = False
-            continue
-        trial = circuit.clone()
-        trial[s, r] = False
-        if reference_metric(tiny, graph, task, trial) >= floor:
-            circuit = trial
-    assert torch.equal(result.circuit, prune(graph, circuit))
+    want = one_at_a_time(graph, circuit, edges[order].tolist(), lambda c: reference_metric(tiny, graph, task, c),
+                         lambda new, _cur: new >= floor)
+    assert torch.equal(result.circuit, want)
     assert 0 < int(result.circuit.sum()) < int(prune(graph, start_circuit(graph, scores)).sum())
     assert reference_metric(tiny, graph, task, result.circuit) >= floor
 
