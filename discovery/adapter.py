@@ -175,6 +175,40 @@ class ModelAdapter:
         }[kind]
 
     @contextmanager
+    def batch_repeated_from(self, layer: int, k: int) -> Iterator[Hook]:
+        """A hook that repeats the batch k times as the residual stream enters block ``layer``
+        (``n_layers``: the final norm's input), so the layers before it run once for k copies.
+
+        Attach the yielded hook with :meth:`hooks`. Inside the block, an attention mask or
+        rotary embedding that still has the original batch is repeated to match the grown batch
+        (the model builds them once from the input; every copy's are the same).
+        """
+
+        def repeat(x, hook=None):
+            return x.repeat(k, *[1] * (x.dim() - 1))
+
+        def grow(value, batch: int):
+            if torch.is_tensor(value) and value.dim() >= 2 and value.shape[0] == batch // k and value.shape[0] > 1:
+                return repeat(value)
+            if isinstance(value, tuple):
+                return tuple(grow(v, batch) for v in value)
+            return value
+
+        def match(module, args, kwargs):
+            hidden = args[0] if args and torch.is_tensor(args[0]) else kwargs.get("hidden_states")
+            names = ("attention_mask", "position_embeddings")
+            return args, {n: grow(v, hidden.shape[0]) if n in names else v for n, v in kwargs.items()}
+
+        handles = [self.bridge.blocks[l].attn.register_forward_pre_hook(match, with_kwargs=True)
+                   for l in range(layer, self.shape.n_layers)]
+        name = self.RECEIVER_LOGITS if layer == self.shape.n_layers else f"blocks.{layer}.hook_resid_pre"
+        try:
+            yield (name, repeat)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextmanager
     def hooks(self, fwd_hooks: list[Hook]) -> Iterator["ModelAdapter"]:
         """Attach forward hooks ``(hook name, fn(tensor, hook))`` for the body of the block only."""
         with self.bridge.hooks(fwd_hooks=fwd_hooks, reset_hooks_end=True):
@@ -195,8 +229,8 @@ class ModelAdapter:
         tokens = tokens.to(self.device)
         if positions is None:
             return self.bridge(tokens, return_type="logits")
-        rows = torch.arange(tokens.shape[0], device=self.device)
         positions = positions.to(self.device)
+        rows = torch.arange(len(positions), device=self.device)  # the batch may grow inside the pass
 
         def gather(x, hook=None):
             return x[rows, positions].unsqueeze(1)

@@ -10,7 +10,7 @@ normalised faithfulness of Hanna et al. 2024 and of the MIB circuit track (Muell
 :class:`CircuitEvaluator` builds the ablated sender values of each batch once, and then costs
 one forward pass per batch for each circuit evaluated. Several circuits share a pass: the batch
 is repeated once per circuit and each copy is patched with its own circuit (``patched_logits``
-with a per-prompt mask), as many copies per pass as a memory budget allows.
+with a mask per copy), as many copies per pass as a memory budget allows.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from discovery.ablation import Ablation, make_ablation
 from discovery.adapter import ModelAdapter
 from discovery.circuit import Mask, prune, top_edges
 from discovery.graph import EdgeGraph
-from discovery.patching import patched_logits
+from discovery.patching import patched_logits, stacked_patched_logits
 from tasks.base import Task
 
 
@@ -96,7 +96,7 @@ class CircuitEvaluator:
         b, p = max(x.clean.shape[0] for x in self.batches), max(x.clean.shape[1] for x in self.batches)
         S, R, d = self.graph.n_senders, self.graph.n_receivers, self.graph.shape.d_model
         itemsize = torch.finfo(self.adapter.dtype).bits // 8
-        per_circuit = itemsize * b * (2 * S * p * d + S * R)  # ablated copy and its diff, mask
+        per_circuit = itemsize * (b * S * p * d + S * R)  # its senders' diff and its mask
         return max(1, self.memory_budget // per_circuit)
 
     def _metric_sums(self, circuits: Sequence[Mask]) -> torch.Tensor:
@@ -110,8 +110,7 @@ class CircuitEvaluator:
                 values = self.task.metric(logits, batch)[None]  # [1, b]
             else:
                 copies = batch.repeat(k)  # copy j is rows j·b … (j+1)·b − 1
-                logits = patched_logits(self.adapter, self.graph, copies.clean, ablated.repeat(1, k, 1, 1),
-                                        removed.repeat_interleave(batch.size, dim=0), copies.last)
+                logits = stacked_patched_logits(self.adapter, self.graph, batch.clean, ablated, removed, batch.last)
                 values = self.task.metric(logits, copies).view(k, batch.size)
             sums += values.sum(1).double().cpu()
         self.forward_passes += k * len(self.batches)

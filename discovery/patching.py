@@ -10,8 +10,9 @@ has *in this patched run* (which may itself be affected by patches upstream). Ev
 in one forward pass per batch.
 
 ``removed`` is a float ``[senders, receivers]`` weight (1 = patched, 0 = kept; fractions
-interpolate, which the tests use to check gradients). A leading batch axis gives each prompt its
-own circuit, so several circuits can share one forward pass.
+interpolate, which the tests use to check gradients). A leading axis of size k gives each of k
+equal consecutive blocks of the batch its own circuit (k = batch: one per prompt), so several
+circuits share one forward pass: repeat the prompts k times (``TaskBatch.repeat``).
 """
 
 from __future__ import annotations
@@ -74,17 +75,27 @@ def _removed_slice(removed: torch.Tensor, point: ReceiverPoint) -> torch.Tensor:
 
 
 def _mix(upstream: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``Σ_s weights[s, r] · upstream[s]`` → ``[batch, pos, r, d]`` (weights may carry a batch axis).
+    """``Σ_s weights[s, r] · upstream[s]`` → ``[batch, pos, r, d]``.
 
     Args:
         upstream: ``[s, batch, pos, d]``.
-        weights: ``[s, r]`` or ``[batch, s, r]``.
+        weights: ``[s, r]``.
     """
     s, b, p, d = upstream.shape
-    if weights.dim() == 3:
-        return torch.einsum("sbpd,bsr->bprd", upstream, weights)
     mixed = weights.T @ upstream.reshape(s, b * p * d)  # [r, b·p·d]
     return mixed.view(-1, b, p, d).permute(1, 2, 0, 3)
+
+
+def _plan(w: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
+    """For one circuit's weights ``[s, r]`` into a hook point: the sender rows to sum, their
+    weights, and whether to subtract that sum from the running total; None if nothing is patched."""
+    rows_removed = torch.nonzero(w.abs().sum(1)).flatten()
+    if len(rows_removed) == 0:
+        return None
+    rows_kept = torch.nonzero((1 - w).abs().sum(1)).flatten()
+    from_total = len(rows_kept) < len(rows_removed)
+    rows, weights = (rows_kept, 1 - w) if from_total else (rows_removed, w)
+    return rows.to(device), weights.index_select(0, rows), from_total
 
 
 def patch_receivers_hooks(adapter: ModelAdapter, graph: EdgeGraph, diff: torch.Tensor, total: torch.Tensor,
@@ -94,37 +105,45 @@ def patch_receivers_hooks(adapter: ModelAdapter, graph: EdgeGraph, diff: torch.T
     The sum over a receiver's removed edges is computed from whichever side is smaller: the
     senders with a removed edge into the hook point, or those with a kept edge, using
     ``Σ_removed = Σ_all − Σ_kept`` where ``Σ_all`` is the running ``total`` of every sender's
-    ``corrupted − current`` so far. Small and nearly full circuits both cost little.
+    ``corrupted − current`` so far. Small and nearly full circuits both cost little. With a
+    circuit per block of the batch, each block takes its own smaller side.
 
     Args:
         diff: ``[senders, batch, pos, d_model]``, holding ``corrupted − current`` for every sender
             that has fired so far in this pass.
         total: ``[batch, pos, d_model]``, the sum of ``diff`` over the senders fired so far.
-        removed: ``[senders, receivers]`` or ``[batch, senders, receivers]`` patch weights.
+        removed: ``[senders, receivers]`` or ``[k, senders, receivers]`` patch weights (a circuit
+            per block of ``batch / k`` consecutive prompts).
     """
 
-    def make(point: ReceiverPoint, rows: torch.Tensor, weights: torch.Tensor, from_total: bool):
+    def delta(point: ReceiverPoint, plan, rows_slice: slice) -> torch.Tensor:
+        rows, weights, from_total = plan
+        upstream, running = diff[:, rows_slice], total[rows_slice]  # views of this block's prompts
+        d = _mix(upstream.index_select(0, rows), weights) if len(rows) else torch.zeros_like(running).unsqueeze(2)
+        if from_total:
+            d = running.unsqueeze(2) - d
+        return d if point.per_head else d.squeeze(2)
+
+    def make(point: ReceiverPoint, plans: list):
         def hook(x, hook=None):
-            delta = _mix(diff.index_select(0, rows), weights) if len(rows) else 0.0
-            if from_total:
-                delta = total.unsqueeze(2) - delta
-            delta = delta if point.per_head else delta.squeeze(2)
-            return x + delta.to(x.dtype) if torch.is_tensor(delta) else x
+            if len(plans) == 1:
+                return x + delta(point, plans[0], slice(None)).to(x.dtype)
+            x, size = x.clone(), x.shape[0] // len(plans)
+            for j, plan in enumerate(plans):
+                if plan is not None:
+                    block = slice(j * size, (j + 1) * size)
+                    x[block] += delta(point, plan, block).to(x.dtype)
+            return x
 
         return hook
 
     hooks = []
     for point in graph.receiver_points:
         w = _removed_slice(removed, point).to(diff.dtype)  # every entry here is an edge
-        axes = (0, 2) if w.dim() == 3 else (1,)
-        rows_removed = torch.nonzero(w.abs().sum(axes)).flatten()
-        if len(rows_removed) == 0:  # every edge into this point kept: no hook
+        plans = [_plan(wj, diff.device) for wj in (w if w.dim() == 3 else [w])]
+        if all(plan is None for plan in plans):  # every edge into this point kept: no hook
             continue
-        rows_kept = torch.nonzero((1 - w).abs().sum(axes)).flatten()
-        from_total = len(rows_kept) < len(rows_removed)
-        rows, weights = (rows_kept, 1 - w) if from_total else (rows_removed, w)
-        weights = weights.index_select(w.dim() - 2, rows)
-        hooks.append((adapter.receiver_hook(point.kind, point.layer), make(point, rows.to(diff.device), weights, from_total)))
+        hooks.append((adapter.receiver_hook(point.kind, point.layer), make(point, plans)))
     return hooks
 
 
@@ -141,10 +160,13 @@ def patched_logits(
     Args:
         clean: clean token ids.
         corrupted_senders: sender outputs of the corrupted run (from :func:`run_recording_senders`).
-        removed: ``[senders, receivers]`` (or per prompt ``[batch, senders, receivers]``) weights,
-            1 where the edge is patched. Entries that are not edges are ignored.
+        removed: ``[senders, receivers]`` weights, 1 where the edge is patched, or ``[k, senders,
+            receivers]``: one circuit per block of ``batch / k`` consecutive prompts (k = batch:
+            one per prompt). Entries that are not edges are ignored.
         positions: when given, only the logits at these positions, ``[batch, vocab]``.
     """
+    if removed.dim() == 3 and clean.shape[0] % removed.shape[0]:
+        raise ValueError(f"{removed.shape[0]} circuits do not divide a batch of {clean.shape[0]} prompts")
     removed = removed.to(adapter.device) * graph.allowed.to(adapter.device)
     diff = corrupted_senders.clone()  # becomes corrupted − current as senders fire
     total = torch.zeros_like(diff[0])  # [b, p, d]: Σ over fired senders of corrupted − current
@@ -152,3 +174,90 @@ def patched_logits(
     with torch.no_grad(), adapter.hooks(hooks):
         return adapter.logits(clean, positions)
 
+
+
+def _first_difference(graph: EdgeGraph, removed: torch.Tensor) -> int | None:
+    """Layer of the first receiver point whose edges differ between the stacked circuits."""
+    for point in graph.receiver_points:
+        w = _removed_slice(removed, point)
+        if bool((w != w[:1]).any()):
+            return point.layer
+    return None
+
+
+@torch.no_grad()
+def stacked_patched_logits(
+    adapter: ModelAdapter,
+    graph: EdgeGraph,
+    clean: Int[torch.Tensor, "batch pos"],
+    corrupted_senders: Float[torch.Tensor, "senders batch pos d_model"],
+    removed: Float[torch.Tensor, "k senders receivers"],
+    positions: Int[torch.Tensor, " batch"] | None = None,
+) -> torch.Tensor:
+    """Logits of k circuits on the same prompts, ``[k · batch, …]`` (circuit j on rows j·batch …).
+
+    Equal to :func:`patched_logits` on the prompts repeated k times with a ``[k, s, r]`` mask,
+    but the layers before the first receiver where the circuits differ run once, on ``batch``
+    rows: the residual stream is repeated k times only as it enters that layer. Senders computed
+    before that point have one ``corrupted − current`` entry shared by all circuits; later senders
+    have one per circuit. An iterative search (ACDC) stacks circuits that differ in the edges into
+    one late receiver, so most of the model runs once per stack instead of once per circuit.
+    """
+    k, b = removed.shape[0], clean.shape[0]
+    removed = removed.to(adapter.device) * graph.allowed.to(adapter.device)
+    layer = _first_difference(graph, removed)
+    if layer is None:  # one circuit k times
+        logits = patched_logits(adapter, graph, clean, corrupted_senders, removed[0], positions)
+        return logits.repeat(k, *[1] * (logits.dim() - 1))
+    shared = next((p.start for p in graph.sender_points if p.layer >= layer), graph.n_senders)
+    pre = corrupted_senders[:shared].clone()  # [shared, b, p, d]: corrupted − current, one per prompt
+    post = corrupted_senders[shared:].repeat(1, k, 1, 1)  # [rest, k·b, p, d]: one per circuit and prompt
+    state = {"total": torch.zeros_like(pre[0] if shared else corrupted_senders[0])}
+
+    def recorder(point: SenderPoint):
+        def record(values):
+            entries = pre[point.start : point.stop] if point.start < shared else post[point.start - shared : point.stop - shared]
+            entries -= _as_senders(values.detach())
+            state["total"].add_(entries.sum(0))
+
+        return record
+
+    def expand(x, hook=None):
+        state["total"] = state["total"].repeat(k, 1, 1)
+        return repeat(x)
+
+    def delta(point: ReceiverPoint, plan, block: slice) -> torch.Tensor:
+        rows, weights, from_total = plan
+        early = rows < shared
+        d = _mix(pre.index_select(0, rows[early]), weights[early]) if bool(early.any()) else 0.0
+        if not bool(early.all()):
+            d = d + _mix(post[:, block].index_select(0, rows[~early] - shared), weights[~early])
+        if from_total:
+            d = state["total"][block].unsqueeze(2) - d
+        elif not torch.is_tensor(d):
+            d = torch.zeros_like(state["total"][block]).unsqueeze(2)
+        return d if point.per_head else d.squeeze(2)
+
+    def receive(point: ReceiverPoint, plans: list):
+        def hook(x, hook=None):
+            if len(plans) == 1:  # before the split: one circuit, one copy of the prompts
+                return x + delta(point, plans[0], slice(None)).to(x.dtype)
+            x = x.clone()
+            for j, plan in enumerate(plans):
+                if plan is not None:
+                    block = slice(j * b, (j + 1) * b)
+                    x[block] += delta(point, plan, block).to(x.dtype)
+            return x
+
+        return hook
+
+    with adapter.batch_repeated_from(layer, k) as (where, repeat):
+        hooks = [h for p in graph.sender_points for h in adapter.sender_hooks(p.kind, p.layer, recorder(p))]
+        hooks.append((where, expand))  # after the input's recorder, before the logits' receiver
+        for point in graph.receiver_points:
+            w = _removed_slice(removed, point).to(pre.dtype)
+            plans = [_plan(w[0], pre.device)] if point.layer < layer else [_plan(wj, pre.device) for wj in w]
+            if any(plan is not None for plan in plans):
+                hooks.append((adapter.receiver_hook(point.kind, point.layer), receive(point, plans)))
+        with adapter.hooks(hooks):
+            return adapter.logits(clean, None if positions is None else positions.repeat(k))

@@ -3,9 +3,10 @@
 Iterative searches (ACDC, greedy pruning) ask the same question thousands of times: how far is
 the model with *this* circuit from the clean model, on these prompts? :class:`CircuitScorer`
 runs the corrupted prompts once (their sender outputs) and the clean prompts once (their logits
-and metric), and then answers for a stack of circuits by repeating the prompt batch once per
-circuit and giving each copy its own mask (``patched_logits`` with a per-row mask), so one
-forward pass serves ``max_rows // prompts`` circuits.
+and metric), and then answers for a stack of circuits in one pass per ``max_rows // prompts``
+circuits (``stacked_patched_logits``): the layers before the first receiver where the stacked
+circuits differ run once, and the batch is repeated per circuit from there on. The circuits of
+an ACDC chain differ in the edges into one receiver, so most of the model runs once per stack.
 
 Distances from the clean run, averaged over the prompts:
 
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from discovery.adapter import ModelAdapter
 from discovery.graph import EdgeGraph
-from discovery.patching import patched_logits, run_recording_senders
+from discovery.patching import run_recording_senders, stacked_patched_logits
 from tasks.base import Metric, TaskBatch
 
 DISTANCES = ("kl", "task")
@@ -48,8 +49,8 @@ class CircuitScorer:
         batches: the prompts (each a :class:`TaskBatch`).
         metric: the task's per-prompt metric.
         distance: ``"kl"`` or ``"task"``.
-        max_rows: sequences per forward pass; circuits are packed ``max_rows // batch size`` at a
-            time (at least one).
+        max_rows: sequences per forward pass after the batch is repeated; circuits are packed
+            ``max_rows // batch size`` at a time (at least one).
     """
 
     def __init__(self, adapter: ModelAdapter, graph: EdgeGraph, batches: list[TaskBatch], metric: Metric,
@@ -85,9 +86,8 @@ class CircuitScorer:
             for start in range(0, k, per_pass):
                 g = min(per_pass, k - start)
                 rows = batch.repeat(g)
-                logits = patched_logits(
-                    self.adapter, self.graph, rows.clean, senders.repeat(1, g, 1, 1),
-                    removed[start : start + g].repeat_interleave(batch.size, 0), rows.last,
+                logits = stacked_patched_logits(
+                    self.adapter, self.graph, batch.clean, senders, removed[start : start + g], batch.last
                 ).double()
                 self.forward_passes += 1
                 metric_sum[start : start + g] += self.metric_fn(logits, rows).view(g, batch.size).sum(1).cpu()
