@@ -112,6 +112,38 @@ def validate(
     print(f"{result['method']} vs exact edge effects ({result['edges']} edges) - " + "; ".join(parts))
 
 
+def _reference_help() -> str:
+    from graphs.references import available
+
+    return f"A published circuit: {', '.join(available())} (default: the one for the run's task)."
+
+
+@app.command()
+def evaluate(
+    run_dir: Optional[Path] = typer.Argument(None, help="A run folder written by `circuits discover`, or a circuit.json."),
+    reference: Optional[str] = typer.Option(None, "--reference", help=_reference_help()),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo an existing evaluation against this reference."),
+    list_: bool = typer.Option(False, "--list", help="List the reference circuits and exit."),
+) -> None:
+    """Grade a run's circuit and scores against a published circuit (ROC-AUC, precision, recall)."""
+    from graphs.references import available, read
+
+    if list_:
+        for name in available():
+            ref = read(name)
+            auc = ref.get("published", {}).get("acdc_edge_roc_auc")
+            print(f"{name}: {ref['title']} (task {ref['task']}, model {ref['model']}"
+                  + (f"; published ACDC edge ROC-AUC {auc}" if auc is not None else "") + ")")
+        return
+    if run_dir is None:
+        raise UserError("give a run folder (circuits evaluate RUN_DIR --reference NAME), or --list")
+    from graphs.evaluate import evaluate_run, format_table
+
+    result = evaluate_run(run_dir, reference=reference, overwrite=overwrite)
+    print(format_table(result))
+    print(f"-> {result['out']}")
+
+
 @app.command()
 def render(
     source: Path = typer.Argument(..., help="A run folder or a circuit.json file."),

@@ -1,0 +1,135 @@
+"""``circuits evaluate``: grade a run's circuit and scores against a published reference circuit.
+
+Reads ``circuit.json`` (the found circuit and the model's shape) and, when the run folder has it,
+``scores.parquet`` (every edge's score; for ``--method acdc`` the seed method's), grades both
+with :func:`graphs.grading.grade` against :mod:`graphs.reference`, and writes
+``evaluation-{reference}.json`` and ``evaluation-{reference}.csv`` (one row per level) beside the
+circuit. Without ``scores.parquet`` only the circuit is graded (ROC-AUC needs every edge's score).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from discovery.adapter import ModelShape
+from discovery.errors import OutputExists, UserError
+from discovery.graph import EdgeGraph
+from graphs.circuit import load_circuit
+from graphs.grading import grade
+from graphs.reference import load_reference, reference_mask
+from graphs.references import available
+
+COLUMNS = ("reference", "circuit", "shared", "precision", "recall", "f1", "roc_auc", "top_k_precision", "top_k_recall",
+           "top_k_f1", "r_precision")
+
+
+def default_reference(task: str) -> str:
+    """The reference for a run's task (the one whose ``task`` it is), else a UserError listing them."""
+    for name in available():
+        if load_reference(name).task == task:
+            return name
+    raise UserError(f"no reference circuit for task {task!r}: choose one with --reference ({', '.join(available())})")
+
+
+def load_scores(path: Path, graph: EdgeGraph) -> torch.Tensor:
+    """Every edge's score from ``scores.parquet`` as a dense ``[senders, receivers]`` tensor."""
+    table = pd.read_parquet(path, columns=["edge", "score"])
+    if len(table) != graph.n_edges or table["edge"].duplicated().any():
+        raise UserError(f"{path} holds {len(table):,} edge scores; this model's graph has {graph.n_edges:,} edges")
+    try:
+        index = [graph.edge_index(e) for e in table["edge"]]
+    except KeyError as exc:
+        raise UserError(f"{path} scores an edge this model does not have ({exc.args[0]})") from None
+    scores = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.float64)
+    scores[[i for i, _ in index], [j for _, j in index]] = torch.tensor(table["score"].to_numpy(dtype="float64"))
+    if not torch.isfinite(scores).all():
+        raise UserError(f"{path} holds scores that are not finite numbers")
+    return scores
+
+
+def evaluate_run(source: Path, reference: str | None = None, overwrite: bool = False) -> dict:
+    """Grade the circuit (and scores) of a run folder or ``circuit.json`` against a reference.
+
+    Args:
+        source: a run folder written by ``circuits discover``, or a ``circuit.json`` file.
+        reference: a name from :func:`graphs.references.available`; default: the one for the run's task.
+        overwrite: replace an existing evaluation against the same reference.
+
+    Returns:
+        The evaluation as written to ``evaluation-{reference}.json`` (with ``out``: its path).
+
+    Raises:
+        UserError: unknown reference, a model of another shape, unreadable scores;
+        OutputExists: the evaluation exists and ``overwrite`` is off.
+    """
+    source = Path(source)
+    ref = load_reference(reference) if reference else None
+    record = load_circuit(source)
+    folder = source if source.is_dir() else source.parent
+    ref = ref or load_reference(default_reference(record.task))
+    targets = [folder / f"evaluation-{ref.name}.{x}" for x in ("json", "csv")]
+    if any(t.exists() for t in targets) and not overwrite:
+        raise OutputExists(f"{targets[0]} already exists: pass --overwrite to redo it")
+    # the edge graph depends only on layers, heads and key/value groups (circuit.json has no d_model)
+    graph = EdgeGraph(ModelShape(record.n_layers, record.n_heads, record.n_kv_groups, d_model=0))
+    truth = reference_mask(ref, graph)
+    circuit = torch.zeros_like(truth)
+    for name in record.edge_names():
+        circuit[graph.edge_index(name)] = True
+    scores_path = folder / "scores.parquet"
+    scores = load_scores(scores_path, graph) if scores_path.is_file() else None
+
+    config = {}
+    if (folder / "config.json").is_file():
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except ValueError:
+            config = {}
+    scored_by = config.get("seed_method") if record.method == "acdc" else record.method
+    notes = []
+    if scores is None:
+        notes.append("no scores.parquet: the circuit is graded, ROC-AUC and top-k need every edge's score")
+    if record.task != ref.task:
+        notes.append(f"the run's task is {record.task!r}, the reference's {ref.task!r}")
+    if ref.model not in record.model.lower():
+        notes.append(f"the run's model is {record.model!r}; the reference is for {ref.model} (same shape)")
+    result = {
+        "reference": ref.name, "reference_title": ref.title, "citation": ref.citation,
+        "run": str(folder), "model": record.model, "task": record.task, "method": record.method,
+        "scores": None if scores is None else f"scores.parquet ({scored_by or record.method})",
+        **grade(graph, truth, circuit, scores),
+        "published": ref.published, "notes": notes,
+    }
+    rows = [{"level": level} | {k: result[level].get(k) for k in ("total",) + COLUMNS} for level in ("edges", "nodes")]
+    tmp = [t.with_name(f".{t.name}.tmp") for t in targets]
+    tmp[0].write_text(json.dumps(result, indent=1) + "\n")
+    pd.DataFrame(rows).to_csv(tmp[1], index=False)
+    for t, final in zip(tmp, targets):
+        os.replace(t, final)
+    return result | {"out": str(targets[0])}
+
+
+def format_table(result: dict) -> str:
+    """The evaluation as a small text table (what ``circuits evaluate`` prints)."""
+    shown = {"reference": "reference", "circuit": "circuit", "shared": "shared", "precision": "precision", "recall": "recall",
+             "f1": "F1", "roc_auc": "ROC-AUC", "top_k_precision": "top-k P", "top_k_recall": "top-k R", "r_precision": "R-prec"}
+    heads = ("level", *shown.values())
+
+    def cell(v) -> str:
+        return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else f"{v:,}")
+
+    rows = [[level] + [cell(result[level].get(k)) for k in shown] for level in ("edges", "nodes")]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads)]
+    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(heads, widths)))]
+    lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    e, n = result["edges"], result["nodes"]
+    top = (f"{result['reference']} ({result['reference_title']}): {e['reference']:,} of {e['total']:,} edges, "
+           f"{n['reference']} of {n['total']} heads and MLPs")
+    published = result["published"].get("acdc_edge_roc_auc")
+    tail = [f"published for comparison: ACDC edge ROC-AUC {published}"] if published is not None else []
+    return "\n".join([top, *lines, *tail, *(f"note: {x}" for x in result["notes"])])
