@@ -97,6 +97,50 @@ def discover(
     )
 
 
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+@app.command()
+def sweep(
+    tasks: str = typer.Option(..., "--tasks", help="Comma-separated tasks (names or task files)."),
+    models: str = typer.Option(..., "--models", help="Comma-separated models (bundled names, Hugging Face ids, folders)."),
+    methods: str = typer.Option("eap-ig", "--methods", help="Comma-separated methods."),
+    out: Path = typer.Option(Path("outputs/sweep"), "--out", help="Sweep folder: one run folder per task-model-method, and sweep.csv/sweep.md."),
+    workers: int = typer.Option(0, "--workers", help="Runs at once, as Ray tasks (0: one after another in this process; each run already uses every core)."),
+    cpus_per_run: int = typer.Option(1, "--cpus-per-run", help="With --workers: CPUs (torch threads) Ray gives each run."),
+    address: Optional[str] = typer.Option(None, "--address", help="With --workers: join an existing Ray cluster (its machines must see --out)."),
+    edges: Optional[int] = typer.Option(None, "--edges", help="Keep the top N edges by |score|."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Keep edges with |score| ≥ T."),
+    target_faithfulness: float = typer.Option(0.8, "--target-faithfulness", help="Without --edges/--threshold: smallest top-N reaching this."),
+    ig_steps: int = typer.Option(5, "--ig-steps", help="Interpolation steps of eap-ig."),
+    ablation: str = typer.Option("counterfactual", "--ablation", help="counterfactual, mean or zero."),
+    curve: bool = typer.Option(True, "--curve/--no-curve", help="Measure faithfulness at the MIB edge fractions (CPR, CMD)."),
+    force: bool = typer.Option(False, "--force", help="Search even if a model does not show the behaviour."),
+    pairs: int = typer.Option(128, "--pairs", help="Prompt pairs (half discovery, half held-out)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Prompts per forward pass."),
+    seed: int = typer.Option(0, "--seed", help="Seed for prompts and split."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo runs that already finished."),
+) -> None:
+    """Discover every task × model × method (skipping finished runs) and write one comparison table."""
+    from discovery.run import DiscoverConfig
+    from discovery.sweep import sweep as run_sweep
+
+    base = DiscoverConfig(edges=edges, threshold=threshold, target_faithfulness=target_faithfulness, ig_steps=ig_steps,
+                          ablation=ablation, curve=curve, force=force, n_pairs=pairs, batch_size=batch_size, seed=seed)
+    try:
+        frame = run_sweep(_names(tasks), _names(models), _names(methods), out=out, base=base, workers=workers,
+                          cpus=cpus_per_run, address=address, overwrite=overwrite, reporter=ConsoleReporter())
+    except KeyboardInterrupt:
+        console.print(f"interrupted: finished runs are kept in {out}; rerun the same command to skip them and go on")
+        sys.exit(130)
+    counts = frame.status.value_counts()
+    print(f"{len(frame)} runs: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("finished", "skipped", "failed"))
+          + f" -> {out / 'sweep.md'}")
+    if counts.get("failed", 0):
+        sys.exit(1)
+
+
 @app.command()
 def validate(
     run_dir: Path = typer.Argument(..., help="A run folder written by `circuits discover`."),

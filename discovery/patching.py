@@ -176,12 +176,14 @@ def patched_logits(
 
 
 
-def _first_difference(graph: EdgeGraph, removed: torch.Tensor) -> int | None:
-    """Layer of the first receiver point whose edges differ between the stacked circuits."""
+def stack_split(graph: EdgeGraph, removed: torch.Tensor) -> tuple[int, int] | None:
+    """Where stacked circuits ``[k, s, r]`` part: the layer of the first receiver whose edges
+    differ between them, and how many senders come before that layer (shared by all); None if
+    the circuits are equal."""
     for point in graph.receiver_points:
         w = _removed_slice(removed, point)
         if bool((w != w[:1]).any()):
-            return point.layer
+            return point.layer, next((p.start for p in graph.sender_points if p.layer >= point.layer), graph.n_senders)
     return None
 
 
@@ -202,14 +204,15 @@ def stacked_patched_logits(
     before that point have one ``corrupted − current`` entry shared by all circuits; later senders
     have one per circuit. An iterative search (ACDC) stacks circuits that differ in the edges into
     one late receiver, so most of the model runs once per stack instead of once per circuit.
+    Memory: the later senders' entries, ``(senders − shared) × k × batch × pos × d_model``.
     """
     k, b = removed.shape[0], clean.shape[0]
     removed = removed.to(adapter.device) * graph.allowed.to(adapter.device)
-    layer = _first_difference(graph, removed)
-    if layer is None:  # one circuit k times
+    split = stack_split(graph, removed)
+    if split is None:  # one circuit k times
         logits = patched_logits(adapter, graph, clean, corrupted_senders, removed[0], positions)
         return logits.repeat(k, *[1] * (logits.dim() - 1))
-    shared = next((p.start for p in graph.sender_points if p.layer >= layer), graph.n_senders)
+    layer, shared = split
     pre = corrupted_senders[:shared].clone()  # [shared, b, p, d]: corrupted − current, one per prompt
     post = corrupted_senders[shared:].repeat(1, k, 1, 1)  # [rest, k·b, p, d]: one per circuit and prompt
     state = {"total": torch.zeros_like(pre[0] if shared else corrupted_senders[0])}

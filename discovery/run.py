@@ -111,13 +111,18 @@ class Reporter:
         yield lambda _n=1: None
 
 
-def default_out_dir(config: DiscoverConfig, root: Path = Path("outputs")) -> Path:
+def run_name(config: DiscoverConfig) -> str:
+    """``TASK-MODEL-METHOD``, safe as a folder name (a task file by its stem)."""
     def safe(name: str) -> str:
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
 
     task = Path(config.task).stem if is_task_file(config.task) else config.task
+    return f"{safe(task)}-{safe(config.model)}-{config.method}"
+
+
+def default_out_dir(config: DiscoverConfig, root: Path = Path("outputs")) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return root / f"{safe(task)}-{safe(config.model)}-{config.method}-{stamp}"
+    return root / f"{run_name(config)}-{stamp}"
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from discovery.adapter import ModelAdapter
 from discovery.graph import EdgeGraph
-from discovery.patching import run_recording_senders, stacked_patched_logits
+from discovery.patching import run_recording_senders, stack_split, stacked_patched_logits
 from tasks.base import Metric, TaskBatch
 
 DISTANCES = ("kl", "task")
@@ -51,16 +51,18 @@ class CircuitScorer:
         distance: ``"kl"`` or ``"task"``.
         max_rows: sequences per forward pass after the batch is repeated; circuits are packed
             ``max_rows // batch size`` at a time (at least one).
+        memory_budget: bytes allowed for the circuits' own copies of the sender buffer in one
+            pass (fewer circuits go together when they part early in the model).
     """
 
     def __init__(self, adapter: ModelAdapter, graph: EdgeGraph, batches: list[TaskBatch], metric: Metric,
-                 distance: str = "kl", max_rows: int = 32):
+                 distance: str = "kl", max_rows: int = 32, memory_budget: int = 2**30):
         if distance not in DISTANCES:
             raise ValueError(f"unknown distance {distance!r}: use one of {', '.join(DISTANCES)}")
         self.adapter, self.graph, self.metric_fn, self.distance = adapter, graph, metric, distance
         self.batches = [b.to(adapter.device) for b in batches]
         self.n = sum(b.size for b in self.batches)
-        self.max_rows = max_rows
+        self.max_rows, self.memory_budget = max_rows, memory_budget
         self.forward_passes = 0
         self._corrupted, self._clean_logprobs = [], []
         clean_sum = 0.0
@@ -74,6 +76,15 @@ class CircuitScorer:
         self.clean_metric = clean_sum / self.n
         self.forward_passes += 2 * len(self.batches)
 
+    def _group(self, removed: torch.Tensor, senders: torch.Tensor) -> int:
+        """How many of the stacked circuits ``removed`` to take into one pass: all, unless their
+        per-circuit sender entries (``stacked_patched_logits``) exceed the memory budget."""
+        split = stack_split(self.graph, removed)
+        if split is None:
+            return removed.shape[0]
+        per_circuit = (self.graph.n_senders - split[1]) * senders[0].numel() * senders.element_size()
+        return max(1, min(removed.shape[0], self.memory_budget // max(per_circuit, 1)))
+
     @torch.no_grad()
     def score(self, circuits: torch.Tensor) -> Scores:
         """Scores of ``circuits`` (bool ``[k, senders, receivers]``, True = kept edge)."""
@@ -83,8 +94,9 @@ class CircuitScorer:
         removed = (~circuits.bool()).to(self.adapter.dtype)
         for batch, senders, clean_lp in zip(self.batches, self._corrupted, self._clean_logprobs):
             per_pass = max(1, self.max_rows // batch.size)
-            for start in range(0, k, per_pass):
-                g = min(per_pass, k - start)
+            start = 0
+            while start < k:
+                g = self._group(removed[start : start + per_pass], senders)
                 rows = batch.repeat(g)
                 logits = stacked_patched_logits(
                     self.adapter, self.graph, batch.clean, senders, removed[start : start + g], batch.last
@@ -95,6 +107,7 @@ class CircuitScorer:
                     lp = F.log_softmax(logits, -1)
                     kl = (clean_lp.exp().repeat(g, 1) * (clean_lp.repeat(g, 1) - lp)).sum(-1)
                     kl_sum[start : start + g] += kl.view(g, batch.size).sum(1).cpu()
+                start += g
         metric = metric_sum / self.n
         distance = kl_sum / self.n if self.distance == "kl" else (metric - self.clean_metric).abs()
         if not all(math.isfinite(v) for v in distance.tolist()):

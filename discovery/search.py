@@ -25,7 +25,7 @@ from discovery.pool import InProcessPool, RayPool, ScorerSpec
 if TYPE_CHECKING:
     from discovery.run import DiscoverConfig, Reporter
 
-MAX_ROWS = 128  # sequences per forward pass in the search, once the batch is repeated per circuit
+MAX_ROWS = 256  # sequences per forward pass in the search, once the batch is repeated per circuit
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from graphs.circuit import CircuitRecord, parse_name
 
 
 def _fmt(value, floatfmt: str) -> str:
-    if value is None or isinstance(value, float) and math.isnan(value):
+    if value is None or value is pd.NA or isinstance(value, float) and math.isnan(value):
         return ""
     if isinstance(value, float):
         return format(value, floatfmt)
