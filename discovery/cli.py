@@ -58,7 +58,7 @@ def discover(
     task: str = typer.Option("ioi", "--task", help="Task name (see `circuits tasks list`)."),
     model: str = typer.Option("smollm2-135m", "--model", help="Bundled model name, Hugging Face id or local folder."),
     method: str = typer.Option("eap-ig", "--method", help="eap-ig (default), eap, or acdc (iterative patching seeded by --seed-method)."),
-    seed_method: str = typer.Option("eap-ig", "--seed-method", help="acdc: attribution that orders and bounds the candidates."),
+    seed_method: str = typer.Option("eap-ig", "--seed-method", help="acdc: attribution that orders and bounds the candidates; none: every edge, in graph order (textbook ACDC)."),
     tau: Optional[float] = typer.Option(None, "--tau", help="acdc: keep a removal when the distance grows by less than this (default: 1% of the empty circuit's distance)."),
     acdc_metric: str = typer.Option("kl", "--acdc-metric", help="acdc: distance from the clean run, kl or task (|metric change|)."),
     minimize: bool = typer.Option(False, "--minimize", help="eap/eap-ig: then remove edges one by one while the target faithfulness holds."),

@@ -37,6 +37,9 @@ from graphs.circuit import CircuitRecord
 from tasks import TASKS, build_task, is_task_file
 
 
+UNSEEDED = "none"  # --seed-method for ACDC over the whole graph, as Conmy et al. ran it
+
+
 @dataclass(frozen=True)
 class DiscoverConfig:
     """Everything that decides a discovery run; saved as ``config.json`` beside its results."""
@@ -49,7 +52,7 @@ class DiscoverConfig:
     target_faithfulness: float = 0.8  # … or else the smallest top-N found to reach this (discovery split)
     ig_steps: int = 5  # interpolation steps of EAP-IG
     ablation: str = "counterfactual"  # what a removed edge carries: counterfactual, mean or zero
-    seed_method: str = "eap-ig"  # for --method acdc: the attribution that orders and bounds the search
+    seed_method: str = "eap-ig"  # for --method acdc: the attribution that orders and bounds the search ("none": all edges)
     tau: float | None = None  # ACDC threshold on the distance; None: 1 % of the empty circuit's distance
     acdc_metric: str = "kl"  # ACDC's distance from the clean run: "kl" or "task"
     minimize: bool = False  # prune the chosen circuit edge by edge while it keeps the target faithfulness
@@ -72,8 +75,10 @@ class DiscoverConfig:
             raise UserError(f"unknown task {self.task!r}: use one of {', '.join(sorted(TASKS))}, or a .jsonl or .csv task file")
         if self.method not in METHODS and self.method != "acdc":
             raise UserError(f"unknown method {self.method!r}: use one of {', '.join(sorted(METHODS) + ['acdc'])}")
-        if self.seed_method not in METHODS:
-            raise UserError(f"unknown --seed-method {self.seed_method!r}: use one of {', '.join(sorted(METHODS))}")
+        if self.seed_method not in METHODS and self.seed_method != UNSEEDED:
+            raise UserError(f"unknown --seed-method {self.seed_method!r}: use one of {', '.join(sorted(METHODS) + [UNSEEDED])}")
+        if self.seed_method == UNSEEDED and self.method != "acdc":
+            raise UserError(f"--seed-method {UNSEEDED} is for --method acdc only")
         if self.tau is not None and not self.tau >= 0:
             raise UserError(f"--tau must be a number ≥ 0, got {self.tau}")
         if self.acdc_metric not in DISTANCES:
@@ -289,6 +294,9 @@ def discover(config: DiscoverConfig, out: Path | None = None, overwrite: bool = 
         search = seed_store.load_json("size_search")
         search = SizeSearch(**search) if search else None
         attribution_passes = 0
+    elif attribution == UNSEEDED:  # textbook ACDC: every edge a candidate, senders in graph order
+        reporter.log("unseeded: every edge of the graph is a candidate, tried in the graph's order")
+        scores, chosen, search, attribution_passes = torch.zeros(graph.allowed.shape), graph.allowed.clone(), None, 0
     else:
         method = METHODS[attribution]
         with reporter.progress(f"{attribution} scores", n_disc) as advance:
@@ -327,7 +335,7 @@ def discover(config: DiscoverConfig, out: Path | None = None, overwrite: bool = 
     )
 
     curve = None
-    if config.curve:
+    if config.curve and attribution != UNSEEDED:  # the curve ranks edges by score
         with reporter.progress("faithfulness curve (held-out)", 10) as advance:
             curve = faithfulness_curve(heldout, scores, progress=advance)
         reporter.log("curve (held-out): " + ", ".join(f"{p:g}% {f:.2f}" for p, _, _, f in curve.points)
@@ -424,8 +432,8 @@ def _search_summary(outcome, graph: EdgeGraph, heldout: CircuitEvaluator, scores
         "forward_passes": outcome.forward_passes,
         "seconds": round(outcome.seconds, 1),
         "ray_startup_seconds": None if outcome.ray_seconds is None else round(outcome.ray_seconds, 1),
-        "seed_top_n_same_size": {"top_n": n, "edges_kept": int(same_size.sum()),
-                                 "faithfulness_heldout": heldout.faithfulness(same_size)},
+        "seed_top_n_same_size": None if not scores.any() else {
+            "top_n": n, "edges_kept": int(same_size.sum()), "faithfulness_heldout": heldout.faithfulness(same_size)},
     }
 
 

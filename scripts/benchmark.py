@@ -10,9 +10,11 @@ Measures, on one IOI batch:
   backward pairs);
 * ``patched_over_plain``: an exact patched forward (for a circuit of the size the default run
   picks, about 10 % of edges) over a plain forward, not counting the shared corrupted pass;
-* ``pool``: ACDC candidate evaluations (circuits scored on 32 IOI prompts, one edge removed
-  from a top-2,000 circuit each) per second in this process and on Ray with 1 and 2 workers,
-  and Ray's start-up cost (``ray.init`` plus every actor loading its replica);
+* ``pool``: ACDC candidate evaluations per second (circuits scored on 32 IOI prompts; three
+  chains of 8, each removing one edge into the same receiver, late, middle and early): stacked
+  (a chain shares the layers before its receiver) against one circuit per pass, in this
+  process and on Ray with 1 and 2 workers (chunks of 4), and Ray's start-up cost (``ray.init``
+  plus every actor loading its replica);
 * peak resident memory of this process;
 * wall time and peak memory of the default ``circuits discover --task ioi`` (in a subprocess).
 
@@ -56,7 +58,12 @@ def write_result(result: dict, prefix: str) -> Path:
 
 
 def best_of(fn, repeats: int) -> float:
-    """Fastest of ``repeats`` timed calls after one warm-up (the least noisy estimate)."""
+    """Fastest of ``repeats`` timed calls after one warm-up (the least noisy estimate); with
+    ``repeats`` 0, the one call's time."""
+    if repeats == 0:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
     fn()
     times = []
     for _ in range(repeats):
@@ -70,30 +77,54 @@ def peak_rss_mb(who=resource.RUSAGE_SELF) -> float:
     return resource.getrusage(who).ru_maxrss / 1024  # Linux reports KiB
 
 
-def pool_rates(adapter, graph, task, model: str, rows: int = 16) -> dict:
-    """Candidate evaluations per second in process and on Ray with 1 and 2 workers, and Ray's start-up."""
+def acdc_chains(graph, base, layers=(27, 15, 3), per_chain: int = 8) -> torch.Tensor:
+    """Stacks like ACDC's chains: ``base`` minus one edge into one receiver at each of ``layers``."""
+    circuits = []
+    for layer in layers:
+        point = next(p for p in graph.receiver_points if p.layer == min(layer, graph.shape.n_layers - 1) and p.kind == "q")
+        r = next(r for r in range(point.start, point.stop) if base[:, r].sum() >= per_chain)
+        for s in torch.nonzero(base[:, r]).flatten()[:per_chain].tolist():
+            circuit = base.clone()
+            circuit[s, r] = False
+            circuits.append(circuit)
+    return torch.stack(circuits)
+
+
+def pool_rates(adapter, graph, task, model: str) -> dict:
+    """ACDC candidate evaluations per second: stacked (circuits of a chain sharing the layers
+    before their receiver) against one circuit per pass in this process, and on Ray with 1 and 2
+    workers; and Ray's start-up cost."""
     from functools import partial
 
     import ray
 
     from discovery.pool import InProcessPool, RayPool, ScorerSpec
+    from discovery.scorer import CircuitScorer
+    from discovery.search import MAX_ROWS
 
-    batches = tuple(task.batches("discovery", 16, limit=32))
-    spec = ScorerSpec(partial(load_model, model), batches, task.metric, "kl", 32)
+    prompts = 32
+    batches = tuple(task.batches("discovery", prompts, limit=prompts))
     g = torch.Generator().manual_seed(0)
-    base = prune(graph, top_edges(graph, torch.rand(graph.allowed.shape, generator=g), 2000))
-    edges = torch.nonzero(base)[torch.randperm(int(base.sum()), generator=g)[:rows]]
-    circuits = base.unsqueeze(0).repeat(rows, 1, 1)
-    circuits[torch.arange(rows), edges[:, 0], edges[:, 1]] = False
-    chunk = 2
-    out = {"prompts": 32, "circuits": rows, "edges_per_circuit": int(base.sum()) - 1}
-    pool = InProcessPool(spec.build(adapter), chunk)
-    out["in_process_per_second"] = round(rows / best_of(lambda: pool(circuits), 1), 3)
+    base = prune(graph, top_edges(graph, torch.rand(graph.allowed.shape, generator=g), 3000))
+    circuits = acdc_chains(graph, base)
+    n = len(circuits)
+    out = {"prompts": prompts, "circuits": n, "edges_per_circuit": int(base.sum()) - 1,
+           "chains": "8 circuits each, one edge removed from the same q receiver in layers 27, 15, 3"}
+    one = CircuitScorer(adapter, graph, list(batches), task.metric, "kl", max_rows=prompts)
+    stacked = CircuitScorer(adapter, graph, list(batches), task.metric, "kl", max_rows=MAX_ROWS)
+    t_one = best_of(lambda: one.score(circuits), 0)
+    t_stacked = best_of(lambda: stacked.score(circuits), 0)
+    out |= {"one_per_pass_per_second": round(n / t_one, 3), "stacked_per_second": round(n / t_stacked, 3),
+            "stacked_speedup": round(t_one / t_stacked, 2)}
+    chunk = 4  # half a chain: two workers share each chain
+    pool = InProcessPool(stacked, chunk)
+    out["in_process_chunk4_per_second"] = round(n / best_of(lambda: pool(circuits), 0), 3)
+    spec = ScorerSpec(partial(load_model, model), batches, task.metric, "kl", MAX_ROWS)
     for workers in (1, 2):
         start = time.perf_counter()
         ray_pool = RayPool(spec, workers, chunk)
         out[f"ray_{workers}_startup_seconds"] = round(time.perf_counter() - start, 1)
-        out[f"ray_{workers}_per_second"] = round(rows / best_of(lambda: ray_pool(circuits), 1), 3)
+        out[f"ray_{workers}_per_second"] = round(n / best_of(lambda: ray_pool(circuits), 0), 3)
         ray_pool.close()
         if ray.is_initialized():
             ray.shutdown()

@@ -12,6 +12,7 @@ import pytest
 
 from discovery.adapter import ModelAdapter
 from discovery.errors import OutputExists, UserError
+from discovery.graph import EdgeGraph
 from discovery.run import DiscoverConfig, Reporter, discover
 from graphs.circuit import CircuitRecord
 from tiny_models import tiny_hf_model
@@ -195,3 +196,15 @@ def test_acdc_run_writes_a_certificate_and_reuses_its_attribution(tiny_ioi_model
     again = discover(dataclasses.replace(config, tau=0.0), out=tmp_path / "b", adapter=tiny_ioi_model, reporter=Log())
     assert again["search"]["tau"] == 0.0
     assert any(line.startswith("reusing eap-ig scores") for line in Log.lines)
+
+
+def test_unseeded_acdc_tries_every_edge_of_the_graph_in_graph_order(tiny_ioi_model, tmp_path):
+    config = DiscoverConfig(task="ioi", model="tiny-llama", method="acdc", seed_method="none", n_pairs=8, batch_size=8,
+                            force=True, search_prompts=4, chain=4)
+    summary = discover(config, out=tmp_path / "a", adapter=tiny_ioi_model)
+    graph = EdgeGraph(tiny_ioi_model.shape)
+    assert summary["search"]["candidates"] == graph.n_edges  # nothing removed up front
+    assert summary["search"]["seed_top_n_same_size"] is None and summary.get("cpr") is None  # no ranking to compare
+    assert 0 < summary["edges_kept"] < graph.n_edges
+    with pytest.raises(UserError, match="for --method acdc only"):
+        DiscoverConfig(method="eap", seed_method="none").validate()
