@@ -62,7 +62,7 @@ def discover(
     tau: Optional[float] = typer.Option(None, "--tau", help="acdc: keep a removal when the distance grows by less than this (default: 1% of the empty circuit's distance)."),
     acdc_metric: str = typer.Option("kl", "--acdc-metric", help="acdc: distance from the clean run, kl or task (|metric change|)."),
     minimize: bool = typer.Option(False, "--minimize", help="eap/eap-ig: then remove edges one by one while the target faithfulness holds."),
-    search_prompts: int = typer.Option(32, "--search-prompts", help="acdc/--minimize: discovery prompts each candidate is evaluated on."),
+    search_prompts: int = typer.Option(16, "--search-prompts", help="acdc/--minimize: discovery prompts each candidate is evaluated on."),
     chain: int = typer.Option(8, "--chain", help="acdc/--minimize: candidates evaluated together (speculatively) per chain."),
     workers: int = typer.Option(0, "--workers", help="acdc/--minimize: Ray actors with a model replica each (0: in this process)."),
     address: Optional[str] = typer.Option(None, "--address", help="Join an existing Ray cluster at this address (with --workers)."),

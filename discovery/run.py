@@ -56,7 +56,7 @@ class DiscoverConfig:
     tau: float | None = None  # ACDC threshold on the distance; None: 1 % of the empty circuit's distance
     acdc_metric: str = "kl"  # ACDC's distance from the clean run: "kl" or "task"
     minimize: bool = False  # prune the chosen circuit edge by edge while it keeps the target faithfulness
-    search_prompts: int = 32  # discovery prompts that ACDC / --minimize evaluate on
+    search_prompts: int = 16  # discovery prompts that ACDC / --minimize evaluate on (faithfulness is then held-out)
     chain: int = 8  # candidates evaluated per speculative chain
     workers: int = 0  # Ray actors for ACDC / --minimize (0: in this process)
     address: str | None = None  # an existing Ray cluster to join
