@@ -17,6 +17,8 @@ circuits share one forward pass: repeat the prompts k times (``TaskBatch.repeat`
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable
 
 import torch
 from jaxtyping import Float, Int
@@ -98,6 +100,23 @@ def _plan(w: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, bool] | 
     return rows.to(device), weights.index_select(0, rows), from_total
 
 
+def _blockwise(plans: list, delta: Callable[[tuple, slice], torch.Tensor]) -> Callable:
+    """A receiver hook adding ``delta(plan, block)`` to each of ``len(plans)`` equal blocks of the
+    batch (a circuit's plan per block, None where it patches nothing; one plan: the whole batch)."""
+
+    def hook(x, hook=None):
+        if len(plans) == 1:
+            return x + delta(plans[0], slice(None)).to(x.dtype)
+        x, size = x.clone(), x.shape[0] // len(plans)
+        for j, plan in enumerate(plans):
+            if plan is not None:
+                block = slice(j * size, (j + 1) * size)
+                x[block] += delta(plan, block).to(x.dtype)
+        return x
+
+    return hook
+
+
 def patch_receivers_hooks(adapter: ModelAdapter, graph: EdgeGraph, diff: torch.Tensor, total: torch.Tensor,
                           removed: torch.Tensor) -> list:
     """Hooks that add the removed edges' ``corrupted − current`` terms to each receiver's input.
@@ -124,26 +143,13 @@ def patch_receivers_hooks(adapter: ModelAdapter, graph: EdgeGraph, diff: torch.T
             d = running.unsqueeze(2) - d
         return d if point.per_head else d.squeeze(2)
 
-    def make(point: ReceiverPoint, plans: list):
-        def hook(x, hook=None):
-            if len(plans) == 1:
-                return x + delta(point, plans[0], slice(None)).to(x.dtype)
-            x, size = x.clone(), x.shape[0] // len(plans)
-            for j, plan in enumerate(plans):
-                if plan is not None:
-                    block = slice(j * size, (j + 1) * size)
-                    x[block] += delta(point, plan, block).to(x.dtype)
-            return x
-
-        return hook
-
     hooks = []
     for point in graph.receiver_points:
         w = _removed_slice(removed, point).to(diff.dtype)  # every entry here is an edge
         plans = [_plan(wj, diff.device) for wj in (w if w.dim() == 3 else [w])]
         if all(plan is None for plan in plans):  # every edge into this point kept: no hook
             continue
-        hooks.append((adapter.receiver_hook(point.kind, point.layer), make(point, plans)))
+        hooks.append((adapter.receiver_hook(point.kind, point.layer), _blockwise(plans, partial(delta, point))))
     return hooks
 
 
@@ -206,7 +212,7 @@ def stacked_patched_logits(
     one late receiver, so most of the model runs once per stack instead of once per circuit.
     Memory: the later senders' entries, ``(senders − shared) × k × batch × pos × d_model``.
     """
-    k, b = removed.shape[0], clean.shape[0]
+    k = removed.shape[0]
     removed = removed.to(adapter.device) * graph.allowed.to(adapter.device)
     split = stack_split(graph, removed)
     if split is None:  # one circuit k times
@@ -241,19 +247,6 @@ def stacked_patched_logits(
             d = torch.zeros_like(state["total"][block]).unsqueeze(2)
         return d if point.per_head else d.squeeze(2)
 
-    def receive(point: ReceiverPoint, plans: list):
-        def hook(x, hook=None):
-            if len(plans) == 1:  # before the split: one circuit, one copy of the prompts
-                return x + delta(point, plans[0], slice(None)).to(x.dtype)
-            x = x.clone()
-            for j, plan in enumerate(plans):
-                if plan is not None:
-                    block = slice(j * b, (j + 1) * b)
-                    x[block] += delta(point, plan, block).to(x.dtype)
-            return x
-
-        return hook
-
     with adapter.batch_repeated_from(layer, k) as (where, repeat):
         hooks = [h for p in graph.sender_points for h in adapter.sender_hooks(p.kind, p.layer, recorder(p))]
         hooks.append((where, expand))  # after the input's recorder, before the logits' receiver
@@ -261,6 +254,6 @@ def stacked_patched_logits(
             w = _removed_slice(removed, point).to(pre.dtype)
             plans = [_plan(w[0], pre.device)] if point.layer < layer else [_plan(wj, pre.device) for wj in w]
             if any(plan is not None for plan in plans):
-                hooks.append((adapter.receiver_hook(point.kind, point.layer), receive(point, plans)))
+                hooks.append((adapter.receiver_hook(point.kind, point.layer), _blockwise(plans, partial(delta, point))))
         with adapter.hooks(hooks):
             return adapter.logits(clean, None if positions is None else positions.repeat(k))
