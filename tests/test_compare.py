@@ -15,6 +15,7 @@ from discovery.errors import OutputExists
 from graphs.circuit import CircuitRecord
 from graphs.compare import compare, depth_bin, depth_table, diff_graph, role_table, same_model_metrics
 from graphs.tables import layer_table, to_markdown, top_edges_table
+from cli_runner import run_in_process as _run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -130,18 +131,6 @@ def test_tables():
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "discovery.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
-
-def _run(capsys, *args: str) -> tuple[int, str, str]:
-    """The command line in this process (much faster than a subprocess): exit code, stdout, stderr."""
-    from discovery.cli import main
-
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_cli_compare_end_to_end(tmp_path):

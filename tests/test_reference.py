@@ -19,6 +19,7 @@ from graphs.circuit import CircuitRecord
 from graphs.grading import average_ranks, grade, node_scores, precision_recall, roc_auc, top_k
 from graphs.reference import load_reference, node_mask, reference_mask, reference_nodes
 from graphs.references import available
+from cli_runner import run_in_process as _run
 
 ROOT = Path(__file__).resolve().parent.parent
 GPT2 = EdgeGraph(ModelShape(12, 12, 12, 768))
@@ -285,17 +286,6 @@ def test_a_partial_circuit_and_no_scores():
 # ---------------------------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------------------------
-
-def _run(capsys, *args: str) -> tuple[int, str, str]:
-    from discovery.cli import main
-
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _fake_run(folder: Path, circuit: torch.Tensor, scores: torch.Tensor | None, graph: EdgeGraph = GPT2,
