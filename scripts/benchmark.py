@@ -11,7 +11,7 @@ Measures, on one IOI batch:
 * ``patched_over_plain``: an exact patched forward (for a circuit of the size the default run
   picks, about 10 % of edges) over a plain forward, not counting the shared corrupted pass;
 * ``pool``: ACDC candidate evaluations per second (circuits scored on 32 IOI prompts; three
-  chains of 8, each removing one edge into the same receiver, late, middle and early): stacked
+  chains of up to 8, each removing one edge into the same receiver, late, middle and early): stacked
   (a chain shares the layers before its receiver) against one circuit per pass, in this
   process and on Ray with 1 and 2 workers (chunks of 4), and Ray's start-up cost (``ray.init``
   plus every actor loading its replica);
@@ -78,11 +78,13 @@ def peak_rss_mb(who=resource.RUSAGE_SELF) -> float:
 
 
 def acdc_chains(graph, base, layers=(27, 15, 3), per_chain: int = 8) -> torch.Tensor:
-    """Stacks like ACDC's chains: ``base`` minus one edge into one receiver at each of ``layers``."""
+    """Stacks like ACDC's chains: ``base`` minus one edge (up to ``per_chain`` of them) into the
+    receiver with most edges of each of ``layers``."""
     circuits = []
     for layer in layers:
-        point = next(p for p in graph.receiver_points if p.layer == min(layer, graph.shape.n_layers - 1) and p.kind == "q")
-        r = next(r for r in range(point.start, point.stop) if base[:, r].sum() >= per_chain)
+        points = [p for p in graph.receiver_points if p.layer == min(layer, graph.shape.n_layers - 1)]
+        receivers = torch.tensor([r for p in points for r in range(p.start, p.stop)])
+        r = int(receivers[base[:, receivers].sum(0).argmax()])  # the layer's receiver with most edges
         for s in torch.nonzero(base[:, r]).flatten()[:per_chain].tolist():
             circuit = base.clone()
             circuit[s, r] = False
@@ -109,7 +111,7 @@ def pool_rates(adapter, graph, task, model: str) -> dict:
     circuits = acdc_chains(graph, base)
     n = len(circuits)
     out = {"prompts": prompts, "circuits": n, "edges_per_circuit": int(base.sum()) - 1,
-           "chains": "8 circuits each, one edge removed from the same q receiver in layers 27, 15, 3"}
+           "chains": "up to 8 circuits each, one edge removed from the same receiver in layers 27, 15, 3"}
     one = CircuitScorer(adapter, graph, list(batches), task.metric, "kl", max_rows=prompts)
     stacked = CircuitScorer(adapter, graph, list(batches), task.metric, "kl", max_rows=MAX_ROWS)
     t_one = best_of(lambda: one.score(circuits), 0)
