@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -42,10 +43,28 @@ class ConsoleReporter:
 
     @contextmanager
     def progress(self, description: str, total: int):
+        if not console.is_terminal:  # a log file or a pipe: a line per tenth instead of a live bar
+            yield _progress_lines(description, total)
+            return
         columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
         with Progress(*columns, console=console, transient=True) as bar:
             handle = bar.add_task(description, total=total or None)
             yield lambda n=1: bar.advance(handle, n)
+
+
+def _progress_lines(description: str, total: int, every: float = 0.1):
+    """An ``advance(n)`` that prints ``description: done/total (p%), elapsed`` at each tenth of ``total``."""
+    start, state = time.monotonic(), {"done": 0, "next": every * total}
+
+    def advance(n: int = 1) -> None:
+        state["done"] += n
+        if total and state["done"] >= state["next"]:
+            while state["next"] <= state["done"]:
+                state["next"] += every * total
+            elapsed = time.monotonic() - start
+            console.print(f"{description}: {state['done']:,}/{total:,} ({state['done'] / total:.0%}), {elapsed:.0f} s")
+
+    return advance
 
 
 @app.callback()

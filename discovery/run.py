@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from discovery.adapter import ModelAdapter, load_model
 from discovery.attribution import METHODS, node_scores
 from discovery.circuit import edges_above, node_count, prune, top_edges
 from discovery.errors import OutputExists, UserError
+from discovery.folders import atomic_dir, check_out_dir
 from discovery.checkpoint import Checkpoint
 from discovery.faithfulness import CircuitEvaluator, SizeSearch, faithfulness_curve, search_size
 from discovery.graph import EdgeGraph
@@ -128,39 +128,6 @@ def run_name(config: DiscoverConfig) -> str:
 def default_out_dir(config: DiscoverConfig, root: Path = Path("outputs")) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return root / f"{run_name(config)}-{stamp}"
-
-
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise OutputExists(f"{out} already holds results: choose another --out, or pass --overwrite")
-
-
-@contextmanager
-def atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary folder that becomes ``out`` only if the block finishes."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield tmp
-        check_out_dir(out, overwrite)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _make_readable(folder: Path) -> None:
-    """Temporary files and folders are private (0600/0700); results are for everyone to read."""
-    mask = os.umask(0)
-    os.umask(mask)
-    folder.chmod(0o777 & ~mask)
-    for f in folder.iterdir():
-        f.chmod(0o666 & ~mask)
 
 
 def scores_table(graph: EdgeGraph, scores: torch.Tensor, circuit: torch.Tensor) -> pd.DataFrame:
@@ -391,7 +358,6 @@ def discover(config: DiscoverConfig, out: Path | None = None, overwrite: bool = 
         if curve is not None:
             pd.DataFrame(curve.rows()).to_csv(tmp / "curve.csv", index=False)
             _plot_curve(curve, f"{config.task} · {config.model} · {config.method}", tmp / "curve.png")
-        _make_readable(tmp)
         summary["seconds"] = round(time.perf_counter() - started, 2)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     if checkpoint:

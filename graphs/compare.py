@@ -24,17 +24,14 @@ strongest ``max_edges`` node links of the union), by depth bin and kind otherwis
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
 
 import networkx as nx
 import pandas as pd
 
-from discovery.errors import OutputExists, UserError
+from discovery.errors import UserError
+from discovery.folders import atomic_dir, check_out_dir
 from graphs.circuit import CircuitRecord, load_circuit, on_paths, parse_name
 
 
@@ -225,27 +222,6 @@ def depth_diff_graph(a: CircuitRecord, b: CircuitRecord, bins: int = 5) -> nx.Di
     return out
 
 
-@contextmanager
-def _atomic_dir(out: Path, overwrite: bool):
-    """A temporary folder that becomes ``out`` only if the block finishes."""
-    if out.exists() and not overwrite:
-        raise OutputExists(f"{out} already exists: choose another --out, or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield tmp
-        mask = os.umask(0)
-        os.umask(mask)
-        tmp.chmod(0o777 & ~mask)
-        for f in tmp.iterdir():
-            f.chmod(0o666 & ~mask)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _stem(source: Path) -> str:
     """A run folder's name, or the name of the folder holding a circuit file."""
     source = Path(source).resolve()
@@ -285,8 +261,7 @@ def compare(source_a: Path, source_b: Path, out: Path | None = None, overwrite: 
             raise UserError(f"{source} holds an empty circuit: nothing to compare")
     names = (_name(source_a, a), _name(source_b, b))
     out = Path(out) if out is not None else Path("outputs") / f"compare-{_stem(source_a)}-vs-{_stem(source_b)}"
-    if out.exists() and not overwrite:
-        raise OutputExists(f"{out} already exists: choose another --out, or pass --overwrite")
+    check_out_dir(out, overwrite)
 
     comparable = same_shape(a, b)
     metrics = {"A": names[0], "B": names[1], "A_edges": len(a.edges), "B_edges": len(b.edges),
@@ -306,7 +281,7 @@ def compare(source_a: Path, source_b: Path, out: Path | None = None, overwrite: 
                  "node and edge labels: counts in A and B")
         dot = diff_to_dot(graph, ("A", "B"), title, tick_label=lambda k: bin_label(k, bins))
 
-    with _atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite) as tmp:
         (tmp / "comparison.json").write_text(json.dumps(metrics, indent=1) + "\n")
         table = pd.DataFrame({"metric": list(metrics), "value": [("" if v is None else v) for v in metrics.values()]})
         table.to_csv(tmp / "metrics.csv", index=False)

@@ -163,7 +163,7 @@ def test_cli_tables_convert_and_render(tmp_path, capsys):
     (["compare", "nowhere", "nowhere2"], "no circuit file at nowhere"),
     (["compare", "{a}", "{bad}"], "is not a circuit file"),
     (["compare", "{a}", "{a}", "--bins", "0"], "--bins must be at least 1"),
-    (["compare", "{a}", "{a}", "--out", "{a}"], "already exists"),
+    (["compare", "{a}", "{a}", "--out", "{a}"], "already holds results"),
     (["compare", "{a}", "{a}", "--format", "gif"], "unknown format"),
     (["compare", "{a}", "{empty}"], "holds an empty circuit"),
     (["render", "{a}", "--level", "huge"], "unknown level"),

@@ -164,13 +164,13 @@ def test_sigterm_then_sigkill_at_a_random_moment_then_the_same_command_resumes_t
     assert _finished(out) and (completed or not checkpoint.exists()), note  # a finished run deletes its checkpoint
 
 
-def test_sigkill_while_the_run_folder_is_written_leaves_only_a_hidden_temporary_folder(tmp_path, tiny_model_dir):
+def test_sigkill_while_the_run_folder_is_written_leaves_only_a_hidden_folder_the_next_run_removes(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
     args = ["--task", "ioi", "--method", "eap", "--edges", "20", "--pairs", "8", "--batch-size", "8", "--force", "--no-curve"]
     killed_mid_write = (  # every file is in the temporary folder; the kill comes before it is renamed to --out
         "import os, signal, sys\n"
-        "import discovery.run\n"
-        "discovery.run._make_readable = lambda folder: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "import discovery.folders\n"
+        "discovery.folders.make_readable = lambda folder: os.kill(os.getpid(), signal.SIGKILL)\n"
         "from discovery.cli import main\n"
         "main(sys.argv[1:])\n"
     )
@@ -180,4 +180,8 @@ def test_sigkill_while_the_run_folder_is_written_leaves_only_a_hidden_temporary_
     assert not out.exists() and _visible(tmp_path) == []
     (partial,) = tmp_path.iterdir()
     assert partial.name.startswith(".run.partial-")
-    assert (partial / "circuit.json").is_file() and not (partial / "summary.json").exists()
+    assert (partial / "circuit.json").is_file() and (partial / "summary.json").is_file()
+    rerun = subprocess.run(_command(tiny_model_dir, out, args), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                           timeout=TIMEOUT)
+    assert rerun.returncode == 0, rerun.stderr
+    assert _finished(out) and list(tmp_path.iterdir()) == [out]  # the killed run's folder is gone

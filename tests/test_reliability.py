@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import os
 import pickle
 import signal
 from pathlib import Path
@@ -345,3 +346,42 @@ def test_an_interrupted_command_exits_130_saying_how_to_resume(cli, monkeypatch)
     monkeypatch.setattr(discovery.run, "discover", interrupted)
     code, out, err = cli("discover", "--tau", "0.1")
     assert code == 130 and "rerun the same command to resume" in err and "Traceback" not in err and out == ""
+
+
+def test_progress_in_a_log_file_is_a_line_per_tenth():
+    from discovery import cli
+
+    with cli.console.capture() as captured:
+        advance = cli._progress_lines("scoring", 40)
+        for _ in range(40):
+            advance()
+    lines = captured.get().splitlines()
+    assert [line.split(",")[0] for line in lines] == [f"scoring: {n}/40 ({n / 40:.0%})" for n in range(4, 41, 4)]
+
+
+def test_progress_jumps_print_one_line():
+    from discovery import cli
+
+    with cli.console.capture() as captured:
+        advance = cli._progress_lines("deciding", 100)
+        advance(35)
+        advance(65)
+    assert [line.split(",")[0] for line in captured.get().splitlines()] == ["deciding: 35/100 (35%)", "deciding: 100/100 (100%)"]
+
+
+def test_only_temporary_folders_of_ended_processes_here_are_removed(tmp_path):
+    import socket
+    import subprocess
+
+    from discovery.folders import remove_stale_partials
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    host = socket.gethostname()
+    names = {"dead": f".run.partial-{ended.pid}@{host}-abc123", "alive": f".run.partial-{os.getpid()}@{host}-def456",
+             "elsewhere": f".run.partial-{ended.pid}@not-{host}-ghi789", "other_run": f".runs.partial-{ended.pid}@{host}-x1",
+             "old_style": ".run.partial-jkl012"}
+    for name in names.values():
+        (tmp_path / name).mkdir()
+    assert remove_stale_partials(tmp_path / "run") == [tmp_path / names["dead"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(v for k, v in names.items() if k != "dead")
