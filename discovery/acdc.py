@@ -65,6 +65,8 @@ class SearchState:
     circuit: Mask
     current: tuple[float, float]  # (metric, distance) of ``circuit``
     decided: list[int] = field(default_factory=list)  # per candidate decided: 0 kept, 1 removed, 2 removed unevaluated
+    trials: list = field(default_factory=list)  # per candidate decided: [metric, distance] with it removed, before
+    # the decision's [metric, distance]; None for a dead receiver's edge (or a checkpoint that predates them)
     rows: int = 0  # circuits evaluated
     wasted_rows: int = 0  # rows dropped after a wrong guess
     chains: int = 0  # stacked evaluations
@@ -75,7 +77,7 @@ class SearchState:
 
     def to_json(self) -> dict:
         return {"current": list(self.current), "decided": "".join(map(str, self.decided)), "rows": self.rows,
-                "wasted_rows": self.wasted_rows, "chains": self.chains}
+                "wasted_rows": self.wasted_rows, "chains": self.chains, "trials": self.trials}
 
     @classmethod
     def from_json(cls, data: dict, start: Mask, candidates: list[tuple[int, int]]) -> "SearchState":
@@ -86,7 +88,10 @@ class SearchState:
         for (s, r), d in zip(candidates, decided):
             if d:
                 circuit[s, r] = False
-        return cls(circuit, tuple(data["current"]), decided, data["rows"], data["wasted_rows"], data["chains"])
+        trials = data.get("trials") or [None] * len(decided)
+        if len(trials) != len(decided):
+            raise ValueError("checkpoint does not fit this search")
+        return cls(circuit, tuple(data["current"]), decided, trials, data["rows"], data["wasted_rows"], data["chains"])
 
 
 def _guesser(candidates: list[tuple[int, int]], scores: torch.Tensor, state: SearchState) -> Callable[[int], bool]:
@@ -160,10 +165,12 @@ def iterative_removal(
             if j is None:
                 state.circuit[s, r] = False
                 state.decided.append(2)
+                state.trials.append(None)
                 continue
             used = j + 1
             new = (float(scored.metric[j]), float(scored.distance[j]))
             removed = accept(new, state.current)
+            state.trials.append([*new, *state.current])
             if removed:
                 state.circuit[s, r] = False
                 state.current = new
@@ -184,6 +191,7 @@ class SearchResult:
     state: SearchState
     candidates: int
     evaluated: int  # candidates decided by a pass (the others were dead receivers)
+    order: list[tuple[int, int]]  # the candidates (sender, receiver) in the order they were decided
 
 
 def removal_order(graph: EdgeGraph, start: Mask, scores: torch.Tensor) -> list[tuple[int, int]]:
@@ -202,7 +210,8 @@ def _search(graph: EdgeGraph, evaluate: Evaluate, scores: torch.Tensor, start: M
         first = evaluate(start.unsqueeze(0))
         state = SearchState(start.clone(), (float(first.metric[0]), float(first.distance[0])), rows=1, chains=1)
     state = iterative_removal(graph, candidates, state, evaluate, accept, _guesser(candidates, scores, state), chain, on_chain)
-    return SearchResult(prune(graph, state.circuit), state, len(candidates), sum(d != 2 for d in state.decided))
+    return SearchResult(prune(graph, state.circuit), state, len(candidates), sum(d != 2 for d in state.decided),
+                        candidates)
 
 
 def acdc(graph: EdgeGraph, evaluate: Evaluate, scores: torch.Tensor, start: Mask, tau: float, chain: int = 8,

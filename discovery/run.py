@@ -32,7 +32,7 @@ from discovery.checkpoint import Checkpoint
 from discovery.faithfulness import CircuitEvaluator, SizeSearch, faithfulness_curve, search_size
 from discovery.graph import EdgeGraph
 from discovery.scorer import DISTANCES
-from discovery.search import run_search
+from discovery.search import decisions_table, run_search
 from graphs.circuit import CircuitRecord
 from tasks import TASKS, build_task, is_task_file
 
@@ -355,6 +355,7 @@ def discover(config: DiscoverConfig, out: Path | None = None, overwrite: bool = 
         if outcome is not None:
             (tmp / "certificate.json").write_text(json.dumps(_certificate(summary, outcome), indent=1) + "\n")
             pd.DataFrame(outcome.necessity).to_csv(tmp / "necessity.csv", index=False)
+            decisions_table(graph, outcome, scores).to_csv(tmp / "decisions.csv", index=False)
         if curve is not None:
             pd.DataFrame(curve.rows()).to_csv(tmp / "curve.csv", index=False)
             _plot_curve(curve, f"{config.task} · {config.model} · {config.method}", tmp / "curve.png")

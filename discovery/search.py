@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
+import pandas as pd
 import torch
 
 from discovery.acdc import SearchResult, SearchState, acdc, candidate_order, minimize, removal_order
@@ -121,3 +122,20 @@ def run_search(config: "DiscoverConfig", adapter: ModelAdapter, graph: EdgeGraph
                              time.perf_counter() - started, ray_seconds)
     finally:
         pool.close()
+
+
+DECISION = {0: "kept", 1: "removed", 2: "dead receiver"}
+
+
+def decisions_table(graph: EdgeGraph, outcome: SearchOutcome, scores: torch.Tensor) -> pd.DataFrame:
+    """One row per candidate in the order decided: its score, the decision, and the (metric, distance)
+    before it and with it removed (empty for a dead receiver's edges, which went without a pass)."""
+    state = outcome.result.state
+    rows = []
+    for step, ((s, r), decided, trial) in enumerate(zip(outcome.result.order, state.decided, state.trials), 1):
+        after_m, after_d, before_m, before_d = trial if trial else (None,) * 4
+        rows.append({"step": step, "edge": graph.edge_name(s, r), "score": float(scores[s, r]),
+                     "decision": DECISION[decided], "metric_before": before_m, "metric_removed": after_m,
+                     "distance_before": before_d, "distance_removed": after_d})
+    return pd.DataFrame(rows, columns=["step", "edge", "score", "decision", "metric_before", "metric_removed",
+                                       "distance_before", "distance_removed"])

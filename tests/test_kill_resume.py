@@ -108,7 +108,7 @@ def reference(runs, tiny_model_dir) -> dict:
     assert not checkpoint.exists()  # cleared once the results were written
     assert summary["search"]["chains"] >= 12 and summary["edges_kept"] > 0  # room for a signal mid-search
     return {"circuit": (runs / "reference" / "circuit.json").read_bytes(), "candidates": summary["search"]["candidates"],
-            "checkpoint": checkpoint}
+            "checkpoint": checkpoint, "decisions": (runs / "reference" / "decisions.csv").read_bytes()}
 
 
 def test_sigterm_then_sigkill_at_a_random_moment_then_the_same_command_resumes_to_the_same_circuit(runs, reference, tiny_model_dir):
@@ -161,6 +161,7 @@ def test_sigterm_then_sigkill_at_a_random_moment_then_the_same_command_resumes_t
         assert f"resuming from checkpoint {checkpoint}: {progress} of {candidates} candidates decided" in rerun.stderr, \
             note + rerun.stderr
     assert (out / "circuit.json").read_bytes() == reference["circuit"], note
+    assert (out / "decisions.csv").read_bytes() == reference["decisions"], note  # every decision, with its trial
     assert _finished(out) and (completed or not checkpoint.exists()), note  # a finished run deletes its checkpoint
 
 

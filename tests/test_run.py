@@ -184,6 +184,15 @@ def test_acdc_run_writes_a_certificate_and_reuses_its_attribution(tiny_ioi_model
     assert certificate["edges"] == summary["edges_kept"] == len(certificate["necessity"])
     assert certificate["faithfulness_heldout"] == pytest.approx(summary["faithfulness"])
     assert len(pd.read_csv(tmp_path / "a" / "necessity.csv")) == summary["edges_kept"]
+    decisions = pd.read_csv(tmp_path / "a" / "decisions.csv")  # ACDC's log, one row per candidate
+    assert list(decisions.step) == list(range(1, search["candidates"] + 1))
+    tried = decisions[decisions.decision != "dead receiver"]
+    rise = tried.distance_removed - tried.distance_before
+    assert ((rise < search["tau"]) == (tried.decision == "removed")).all()
+    after = tried.distance_removed.where(tried.decision == "removed", tried.distance_before)
+    assert list(after[:-1]) == list(tried.distance_before[1:])  # each decision starts where the last one left
+    circuit = {f"{e['sender']}->{e['receiver']}" for e in json.loads((tmp_path / "a" / "circuit.json").read_text())["edges"]}
+    assert circuit <= set(tried.edge[tried.decision == "kept"])
     kept = [p.name for p in (tmp_path / ".checkpoints").iterdir()]
     assert len(kept) == 1  # the search's checkpoint is gone; the attribution is kept for reuse
 
