@@ -22,6 +22,15 @@ one-at-a-time ACDC in the same order; good guesses only save passes (reported as
 their attribution rank, and a bin guesses "remove" while most of its decided candidates were
 removed (the weaker 80 % of bins start guessing "remove").
 
+Chain length adapts. A chain of c rows whose earliest receiver is in layer l costs about
+``OVERHEAD + l + c · (L − l + 1)`` layer-passes (the layers before l run once; the rest, and the
+unembedding, once per row) and decides ``(1 − q^c) / (1 − q)`` candidates on average when each
+guess is right with probability q. Each chain takes the length, up to ``chain``, with the least
+cost per decision, q being the share of right guesses among the last ``GUESS_WINDOW`` (with a
+prior of 3 right in 4). Where few removals stand (seeded ACDC at a small τ) chains are short;
+where nearly all do (unseeded ACDC) they are long. The length only changes the cost, never the
+circuit; it depends only on the saved decisions, so a resumed search takes the same chains.
+
 Dead receivers: a receiver whose nodes have no kept outgoing edge cannot affect the logits (the
 argument of :func:`discovery.circuit.prune`; under Gemma's shared post-norm the nodes are the
 whole layer's heads, ``EdgeGraph.receiver_feeds``), so its incoming edges go without a pass.
@@ -43,6 +52,8 @@ from discovery.scorer import Scores
 
 Evaluate = Callable[[torch.Tensor], Scores]  # circuits [k, S, R] -> their scores
 GUESS_BINS = 10
+GUESS_WINDOW = 32
+OVERHEAD = 1.0  # a pass's fixed cost, in layer-passes
 
 
 def candidate_order(graph: EdgeGraph, start: Mask, scores: torch.Tensor) -> list[tuple[int, int]]:
@@ -65,6 +76,7 @@ class SearchState:
     circuit: Mask
     current: tuple[float, float]  # (metric, distance) of ``circuit``
     decided: list[int] = field(default_factory=list)  # per candidate decided: 0 kept, 1 removed, 2 removed unevaluated
+    guessed: list[int] = field(default_factory=list)  # per candidate decided: 1 guess right, 0 wrong, 2 no guess
     trials: list = field(default_factory=list)  # per candidate decided: [metric, distance] with it removed, before
     # the decision's [metric, distance]; None for a dead receiver's edge (or a checkpoint that predates them)
     rows: int = 0  # circuits evaluated
@@ -77,7 +89,8 @@ class SearchState:
 
     def to_json(self) -> dict:
         return {"current": list(self.current), "decided": "".join(map(str, self.decided)), "rows": self.rows,
-                "wasted_rows": self.wasted_rows, "chains": self.chains, "trials": self.trials}
+                "wasted_rows": self.wasted_rows, "chains": self.chains, "trials": self.trials,
+                "guessed": "".join(map(str, self.guessed))}
 
     @classmethod
     def from_json(cls, data: dict, start: Mask, candidates: list[tuple[int, int]]) -> "SearchState":
@@ -89,9 +102,11 @@ class SearchState:
             if d:
                 circuit[s, r] = False
         trials = data.get("trials") or [None] * len(decided)
-        if len(trials) != len(decided):
+        guessed = [int(c) for c in data.get("guessed", "2" * len(decided))]
+        if len(trials) != len(decided) or len(guessed) != len(decided):
             raise ValueError("checkpoint does not fit this search")
-        return cls(circuit, tuple(data["current"]), decided, trials, data["rows"], data["wasted_rows"], data["chains"])
+        return cls(circuit, tuple(data["current"]), decided, guessed, trials, data["rows"], data["wasted_rows"],
+                   data["chains"])
 
 
 def _guesser(candidates: list[tuple[int, int]], scores: torch.Tensor, state: SearchState) -> Callable[[int], bool]:
@@ -121,6 +136,15 @@ def _guesser(candidates: list[tuple[int, int]], scores: torch.Tensor, state: Sea
     return guess
 
 
+def chain_length(state: SearchState, layer: int, n_layers: int, longest: int) -> int:
+    """The chain length, up to ``longest``, with the least expected cost per decision when the
+    chain's first receiver is in ``layer`` (see the module docstring)."""
+    recent = [g for g in state.guessed[-4 * GUESS_WINDOW:] if g != 2][-GUESS_WINDOW:]
+    q = min((sum(recent) + 3) / (len(recent) + 4), 0.995)
+    per_row, shared = n_layers - layer + 1, OVERHEAD + layer
+    return min(range(1, longest + 1), key=lambda c: (shared + c * per_row) * (1 - q) / (1 - q**c))
+
+
 def _dead(graph: EdgeGraph, circuit: Mask, receiver: int) -> bool:
     fed = graph.receiver_feeds[receiver]
     return bool(fed) and not bool(circuit[list(fed)].any())
@@ -139,12 +163,14 @@ def iterative_removal(
     """Decide every candidate from ``state.position`` on, in order, by exact evaluation.
 
     ``accept(new, current)`` (each ``(metric, distance)``) says whether a removal stands.
+    ``chain`` is the longest chain (:func:`chain_length` picks each one's length).
     ``on_chain`` is called after each chain (for checkpoints and progress).
     """
     while state.position < len(candidates):
         rows, spec, plan = [], state.circuit.clone(), []  # plan: (candidate, row or None if dead, guess)
         i = state.position
-        while i < len(candidates) and len(rows) < chain:
+        length = chain_length(state, candidates[i][1] // graph.receivers_per_layer, graph.shape.n_layers, chain)
+        while i < len(candidates) and len(rows) < length:
             s, r = candidates[i]
             if _dead(graph, spec, r):
                 spec[s, r] = False
@@ -165,6 +191,7 @@ def iterative_removal(
             if j is None:
                 state.circuit[s, r] = False
                 state.decided.append(2)
+                state.guessed.append(2)
                 state.trials.append(None)
                 continue
             used = j + 1
@@ -175,6 +202,7 @@ def iterative_removal(
                 state.circuit[s, r] = False
                 state.current = new
             state.decided.append(int(removed))
+            state.guessed.append(int(removed == guessed))
             if removed != guessed:
                 break
         state.rows += len(rows)

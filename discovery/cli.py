@@ -82,7 +82,7 @@ def discover(
     acdc_metric: str = typer.Option("kl", "--acdc-metric", help="acdc: distance from the clean run, kl or task (|metric change|)."),
     minimize: bool = typer.Option(False, "--minimize", help="eap/eap-ig: then remove edges one by one while the target faithfulness holds."),
     search_prompts: int = typer.Option(16, "--search-prompts", help="acdc/--minimize: discovery prompts each candidate is evaluated on."),
-    chain: int = typer.Option(8, "--chain", help="acdc/--minimize: candidates evaluated together (speculatively) per chain."),
+    chain: int = typer.Option(16, "--chain", help="acdc/--minimize: the most candidates evaluated together (speculatively) per chain; each chain's length adapts to how often guesses are right."),
     workers: int = typer.Option(0, "--workers", help="acdc/--minimize: Ray actors with a model replica each (0: in this process)."),
     address: Optional[str] = typer.Option(None, "--address", help="Join an existing Ray cluster at this address (with --workers)."),
     ig_steps: int = typer.Option(5, "--ig-steps", help="Interpolation steps of eap-ig."),

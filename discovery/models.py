@@ -14,6 +14,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -81,8 +82,13 @@ def _load_gguf(folder: Path, filename: str, architecture: str | None):
 
     _quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-    # TQDM_DISABLE hides the per-tensor dequantisation bar; our own log line says what happens.
-    with mock.patch.dict(os.environ, {"TQDM_DISABLE": "1"}):
+    # transformers draws a per-tensor dequantisation bar with tqdm, which reads TQDM_DISABLE only
+    # when imported; our own log line says what happens, so the bar is replaced by a plain loop.
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = mock.patch.object(gguf_utils, "tqdm", lambda items, *args, **kwargs: items) \
+        if hasattr(gguf_utils, "tqdm") else nullcontext()
+    with bar:
         model = AutoModelForCausalLM.from_pretrained(
             folder, gguf_file=filename, attn_implementation="eager", dtype=torch.float32
         )

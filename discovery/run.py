@@ -57,7 +57,7 @@ class DiscoverConfig:
     acdc_metric: str = "kl"  # ACDC's distance from the clean run: "kl" or "task"
     minimize: bool = False  # prune the chosen circuit edge by edge while it keeps the target faithfulness
     search_prompts: int = 16  # discovery prompts that ACDC / --minimize evaluate on (faithfulness is then held-out)
-    chain: int = 8  # candidates evaluated per speculative chain
+    chain: int = 16  # the most candidates evaluated per speculative chain (each chain's length adapts)
     workers: int = 0  # Ray actors for ACDC / --minimize (0: in this process)
     address: str | None = None  # an existing Ray cluster to join
     curve: bool = True  # also measure held-out faithfulness at the MIB edge fractions
@@ -291,6 +291,7 @@ def discover(config: DiscoverConfig, out: Path | None = None, overwrite: bool = 
             f"{'ACDC' if config.method == 'acdc' else 'minimising'}: {outcome.result.candidates:,} candidates, "
             f"{outcome.result.evaluated:,} evaluated by patching ({st.rows:,} circuits in {st.chains:,} chains, "
             f"{st.wasted_rows:,} on wrong guesses), {outcome.forward_passes:,} forward passes, {outcome.seconds:.0f} s"
+            + (f" over {outcome.sittings} sittings" if outcome.sittings > 1 else "")
         )
     else:
         circuit = prune(graph, chosen, ablation.is_run)
@@ -398,6 +399,7 @@ def _search_summary(outcome, graph: EdgeGraph, heldout: CircuitEvaluator, scores
         "chains": st.chains,
         "forward_passes": outcome.forward_passes,
         "seconds": round(outcome.seconds, 1),
+        "sittings": outcome.sittings,
         "ray_startup_seconds": None if outcome.ray_seconds is None else round(outcome.ray_seconds, 1),
         "seed_top_n_same_size": None if not scores.any() else {
             "top_n": n, "edges_kept": int(same_size.sum()), "faithfulness_heldout": heldout.faithfulness(same_size)},

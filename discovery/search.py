@@ -35,9 +35,10 @@ class SearchOutcome:
     result: SearchResult
     rule: dict  # what decided removals: tau and distance, or the metric floor
     necessity: list[dict]  # per kept edge: metric and distance change when it alone is removed
-    forward_passes: int
-    seconds: float
+    forward_passes: int  # over every sitting of a resumed search (each up to its last saved chain)
+    seconds: float  # likewise
     ray_seconds: float | None  # start-up of the Ray pool, when one was used
+    sittings: int  # 1, or more when the search was resumed from its checkpoint
 
 
 def _pool(config: "DiscoverConfig", adapter: ModelAdapter, spec: ScorerSpec, chunk: int):
@@ -79,16 +80,21 @@ def run_search(config: "DiscoverConfig", adapter: ModelAdapter, graph: EdgeGraph
         except (ValueError, KeyError, TypeError):
             reporter.log(f"checkpoint {checkpoint.dir} does not fit this search: starting the search afresh")
             state = None
+        earlier = saved if state is not None else {}
+        passes_before, seconds_before = earlier.get("forward_passes", 0), earlier.get("seconds", 0.0)
+        sittings = earlier.get("sittings", 1) + 1 if state is not None else 1
         if state is not None:
             reporter.log(f"resuming from checkpoint {checkpoint.dir}: {state.position:,} of {len(candidates):,} candidates decided")
-        reporter.log(f"{label}: {len(candidates):,} candidate edges, {n_prompts} prompts, {config.chain} per chain")
+        reporter.log(f"{label}: {len(candidates):,} candidate edges, {n_prompts} prompts, up to {config.chain} per chain")
         with reporter.progress(label, len(candidates)) as advance:
             done = [state.position if state else 0]
             if done[0]:
                 advance(done[0])
 
             def on_chain(st: SearchState) -> None:
-                checkpoint.save_json("search", st.to_json())
+                checkpoint.save_json("search", st.to_json() | {
+                    "forward_passes": passes_before + pool.forward_passes, "sittings": sittings,
+                    "seconds": seconds_before + time.perf_counter() - started})
                 advance(st.position - done[0])
                 done[0] = st.position
                 if st.chains % 50 == 0:
@@ -118,8 +124,8 @@ def run_search(config: "DiscoverConfig", adapter: ModelAdapter, graph: EdgeGraph
                 advance(len(trials))
         rule |= {"metric_empty": empty[0], "metric_full": full[0], "metric_circuit": float(base.metric[0]),
                  "distance_circuit": float(base.distance[0]), "prompts": n_prompts}
-        return SearchOutcome(circuit, result, rule, necessity, pool.forward_passes,
-                             time.perf_counter() - started, ray_seconds)
+        return SearchOutcome(circuit, result, rule, necessity, passes_before + pool.forward_passes,
+                             seconds_before + time.perf_counter() - started, ray_seconds, sittings)
     finally:
         pool.close()
 

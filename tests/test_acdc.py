@@ -183,3 +183,18 @@ def test_task_distance_is_the_metric_gap(tiny):
     m_corrupted = float(logit_difference(logits, batch).mean())
     assert float(empty.metric[0]) == pytest.approx(m_corrupted, abs=1e-10)
     assert float(empty.distance[0]) == pytest.approx(abs(m_corrupted - scorer.clean_metric), abs=1e-10)
+
+
+def test_chain_length_grows_with_right_guesses_and_with_the_shared_layers():
+    from discovery.acdc import chain_length
+
+    def state(right: int, wrong: int) -> SearchState:
+        return SearchState(torch.zeros(1, 1, dtype=torch.bool), (0.0, 0.0), guessed=[1] * right + [0] * wrong + [2] * 5)
+
+    always, never, half = state(64, 0), state(0, 64), state(16, 16)
+    assert chain_length(always, 29, 30, 16) == 16  # right guesses (q capped at 0.995): the longest chain
+    assert chain_length(never, 0, 30, 16) == 1  # every guess wrong: one candidate a pass
+    assert chain_length(half, 28, 30, 16) > 1 == chain_length(half, 2, 30, 16)  # late receivers share more
+    assert [chain_length(state(n, 32 - n), 10, 30, 64) for n in (8, 16, 24, 32)] == sorted(
+        chain_length(state(n, 32 - n), 10, 30, 64) for n in (8, 16, 24, 32))
+    assert chain_length(SearchState(torch.zeros(1, 1, dtype=torch.bool), (0.0, 0.0)), 10, 30, 16) > 1  # prior: 3 in 4 right

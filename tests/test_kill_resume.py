@@ -108,7 +108,8 @@ def reference(runs, tiny_model_dir) -> dict:
     assert not checkpoint.exists()  # cleared once the results were written
     assert summary["search"]["chains"] >= 12 and summary["edges_kept"] > 0  # room for a signal mid-search
     return {"circuit": (runs / "reference" / "circuit.json").read_bytes(), "candidates": summary["search"]["candidates"],
-            "checkpoint": checkpoint, "decisions": (runs / "reference" / "decisions.csv").read_bytes()}
+            "checkpoint": checkpoint, "decisions": (runs / "reference" / "decisions.csv").read_bytes(),
+            "search": summary["search"]}
 
 
 def test_sigterm_then_sigkill_at_a_random_moment_then_the_same_command_resumes_to_the_same_circuit(runs, reference, tiny_model_dir):
@@ -162,6 +163,11 @@ def test_sigterm_then_sigkill_at_a_random_moment_then_the_same_command_resumes_t
             note + rerun.stderr
     assert (out / "circuit.json").read_bytes() == reference["circuit"], note
     assert (out / "decisions.csv").read_bytes() == reference["decisions"], note  # every decision, with its trial
+    search, ref = json.loads((out / "summary.json").read_text())["search"], reference["search"]
+    # sittings that saved progress, and the last: a kill at start-up saves nothing
+    assert ref["sittings"] == 1 and search["sittings"] in ((2,) if completed else (2, 3)), note
+    assert search["circuits_evaluated"] == ref["circuits_evaluated"] and search["chains"] == ref["chains"], note
+    assert search["forward_passes"] >= ref["forward_passes"] and search["seconds"] > 0, note
     assert _finished(out) and (completed or not checkpoint.exists()), note  # a finished run deletes its checkpoint
 
 

@@ -69,3 +69,22 @@ def test_tasks_show_prints_pairs_and_the_baseline():
     assert result.returncode == 0, result.stderr
     assert "clean:" in result.stdout and "corrupted:" in result.stdout
     assert "baseline on smollm2-135m (held-out): clean" in result.stdout
+
+
+def test_the_gguf_conversion_is_quiet_and_gives_the_cached_weights(smollm2, tmp_path, monkeypatch, capfd):
+    """Converting the bundled GGUF again, into an empty cache, prints our one line and no tqdm bar,
+    and writes the same float32 weights as the cache the other tests load."""
+    import safetensors.torch
+
+    from discovery.models import cache_root, load_pretrained
+
+    default = cache_root() / "smollm2-135m" / "model.safetensors"
+    monkeypatch.setenv("CIRCUITS_CACHE", str(tmp_path))
+    lines = []
+    model, _ = load_pretrained("smollm2-135m", lines.append)
+    assert lines == [f"converting smollm2-135m from GGUF to float32 safetensors (once; cached in {tmp_path / 'smollm2-135m'})"]
+    err = capfd.readouterr().err
+    assert "de-quantizing" not in err and "%|" not in err, err[-500:]
+    fresh = safetensors.torch.load_file(tmp_path / "smollm2-135m" / "model.safetensors")
+    cached = safetensors.torch.load_file(default)
+    assert fresh.keys() == cached.keys() and all(torch.equal(fresh[k], cached[k]) for k in fresh)
