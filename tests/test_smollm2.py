@@ -81,7 +81,7 @@ def test_the_gguf_conversion_is_quiet_and_gives_the_cached_weights(smollm2, tmp_
     default = cache_root() / "smollm2-135m" / "model.safetensors"
     monkeypatch.setenv("CIRCUITS_CACHE", str(tmp_path))
     lines = []
-    model, _ = load_pretrained("smollm2-135m", lines.append)
+    load_pretrained("smollm2-135m", lines.append)
     assert lines == [f"converting smollm2-135m from GGUF to float32 safetensors (once; cached in {tmp_path / 'smollm2-135m'})"]
     err = capfd.readouterr().err
     assert "de-quantizing" not in err and "%|" not in err, err[-500:]
