@@ -108,7 +108,8 @@ def run_search(config: "DiscoverConfig", adapter: ModelAdapter, graph: EdgeGraph
             else:
                 result = minimize(graph, pool, scores, start, floor, config.chain, state, on_chain)
         circuit = result.circuit
-        kept = torch.nonzero(circuit).tolist()
+        # latest receivers first: a pass's circuits then differ only from a late layer on, and share the rest
+        kept = sorted(torch.nonzero(circuit).tolist(), key=lambda e: (-e[1], e[0]))
         with reporter.progress(f"necessity of {len(kept)} kept edges", len(kept)) as advance:
             base = pool(circuit.unsqueeze(0))
             necessity = []
