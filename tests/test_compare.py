@@ -139,7 +139,7 @@ def test_cli_compare_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "edge Jaccard 0.429" in result.stdout and (tmp_path / "cmp" / "depth.csv").is_file()
     result = _cli("compare", str(a), str(b), "--out", str(tmp_path / "cmp"))
-    assert result.returncode == 2 and "already exists" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "already holds results" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_cli_tables_convert_and_render(tmp_path, capsys):
