@@ -217,9 +217,16 @@ def iterative_removal(
 class SearchResult:
     circuit: Mask  # pruned
     state: SearchState
-    candidates: int
-    evaluated: int  # candidates decided by a pass (the others were dead receivers)
     order: list[tuple[int, int]]  # the candidates (sender, receiver) in the order they were decided
+
+    @property
+    def candidates(self) -> int:
+        return len(self.order)
+
+    @property
+    def evaluated(self) -> int:
+        """Candidates decided by a pass (the others were dead receivers)."""
+        return sum(d != 2 for d in self.state.decided)
 
 
 def removal_order(graph: EdgeGraph, start: Mask, scores: torch.Tensor) -> list[tuple[int, int]]:
@@ -238,8 +245,7 @@ def _search(graph: EdgeGraph, evaluate: Evaluate, scores: torch.Tensor, start: M
         first = evaluate(start.unsqueeze(0))
         state = SearchState(start.clone(), (float(first.metric[0]), float(first.distance[0])), rows=1, chains=1)
     state = iterative_removal(graph, candidates, state, evaluate, accept, _guesser(candidates, scores, state), chain, on_chain)
-    return SearchResult(prune(graph, state.circuit), state, len(candidates), sum(d != 2 for d in state.decided),
-                        candidates)
+    return SearchResult(prune(graph, state.circuit), state, candidates)
 
 
 def acdc(graph: EdgeGraph, evaluate: Evaluate, scores: torch.Tensor, start: Mask, tau: float, chain: int = 8,
