@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Iterator
 
 import torch
@@ -115,6 +116,51 @@ class ModelAdapter:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.bridge.parameters()).dtype
+
+    @cached_property
+    def working_dtype(self) -> torch.dtype:
+        """The lowest precision the forward pass rounds to (``discovery.precision`` says why it matters).
+
+        The model's dtype, or float32 for a float64 model with a float32 island. Probed with two
+        forward passes on one short prompt whose residual stream is first moved off the float32
+        grid (a different relative nudge of 1e-9 each time): an island is a hook point whose
+        non-integer values all lie on the float32 grid and change with the input (constants such
+        as rotary tables computed in float32 do not count).
+        """
+        if self.dtype != torch.float64:
+            return self.dtype
+        tokens = torch.arange(6, device=self.device).unsqueeze(0) % max(self.bridge.cfg.d_vocab, 1)
+        seen: list[dict[str, torch.Tensor]] = []
+        for seed in (1, 2):
+            g = torch.Generator().manual_seed(seed)
+            grid: dict[str, torch.Tensor] = {}
+            nudged = []
+
+            def nudge(x, hook=None):
+                nudged.append(True)
+                noise = torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device)
+                return x * (1 + 1e-9 * noise)
+
+            def look(name):
+                def observe(module, args, x):
+                    if nudged and torch.is_tensor(x) and x.dtype == torch.float64:
+                        values = x[torch.isfinite(x)]
+                        values = values[values != values.round()]
+                        if values.numel() >= 4 and torch.equal(values, values.float().double()):
+                            grid[name] = x.detach().clone()
+                return observe
+
+            handles = [point.register_forward_hook(look(n)) for n, point in self.bridge.hook_dict.items()]
+            try:
+                with torch.no_grad(), self.hooks([(self.SENDER_INPUT, nudge)]):
+                    self.bridge(tokens, return_type="logits")
+            finally:
+                for handle in handles:
+                    handle.remove()
+            seen.append(grid)
+        islands = [n for n in seen[0] if n in seen[1] and seen[0][n].shape == seen[1][n].shape
+                   and not torch.equal(seen[0][n], seen[1][n])]
+        return torch.float32 if islands else torch.float64
 
     # Hook names of the edge graph's senders and receivers, by kind and layer.
     def sender_hook(self, kind: str, layer: int) -> str:

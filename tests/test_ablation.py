@@ -9,12 +9,12 @@ from discovery.circuit import prune
 from discovery.faithfulness import CircuitEvaluator
 from discovery.graph import EdgeGraph
 from discovery.patching import patched_logits, run_recording_senders
+from discovery.precision import tolerance_for
 from tasks.base import Task, logit_difference
 from test_attribution import tiny_task
-from tiny_models import skip_post_norm, VOCAB, tiny, tiny_hf_model  # noqa: F401 (fixture)
+from tiny_models import assert_exact, skip_post_norm, VOCAB, tiny, tiny_hf_model  # noqa: F401 (fixture)
 
 KINDS = ("counterfactual", "mean", "zero")
-TOL = 1e-10  # float64
 
 
 def _one_batch(tiny, task, kind):
@@ -34,7 +34,7 @@ def test_the_full_circuit_is_the_clean_run_under_every_ablation(tiny, kind):
     graph, batch, ablated = _one_batch(tiny, tiny_task(), kind)
     kept_all = torch.zeros(graph.n_senders, graph.n_receivers)
     clean = tiny.logits(batch.clean, batch.last)
-    assert torch.allclose(patched_logits(tiny, graph, batch.clean, ablated, kept_all, batch.last), clean, atol=TOL, rtol=0)
+    assert_exact(tiny, patched_logits(tiny, graph, batch.clean, ablated, kept_all, batch.last), clean)
 
 
 def test_the_empty_circuit_differs_between_ablations(tiny):
@@ -47,7 +47,7 @@ def test_the_empty_circuit_differs_between_ablations(tiny):
     assert min(abs(a - b) for i, a in enumerate(empty) for b in empty[i + 1 :]) > 1e-3
     (batch,) = task.batches("discovery", batch_size=len(task))
     corrupted_run = float(logit_difference(tiny.logits(batch.corrupted, batch.last), batch).mean())
-    assert baselines["counterfactual"].corrupted == pytest.approx(corrupted_run, abs=TOL)
+    assert baselines["counterfactual"].corrupted == pytest.approx(corrupted_run, abs=tolerance_for(tiny, torch.tensor(corrupted_run)))
 
 
 def _bias_only_logits(tiny, tokens, keep_input: bool) -> torch.Tensor:
@@ -81,7 +81,7 @@ def test_zero_ablation_of_every_edge_leaves_the_residual_only_its_biases(tiny, k
     reference = _bias_only_logits(tiny, batch.clean, keep_input)
     gpt2 = tiny.shape.n_kv_groups == tiny.shape.n_heads
     assert reference.abs().max() > 0.1 or not gpt2  # the biases matter, so the test can fail
-    assert torch.allclose(patched, reference, atol=TOL if gpt2 else 1e-5, rtol=0)
+    assert torch.allclose(patched, reference, atol=tolerance_for(tiny, reference) if gpt2 else 1e-5, rtol=0)
 
 
 def test_mean_ablation_is_the_per_position_mean_over_the_prompts_that_reach_it(tiny):
@@ -97,9 +97,9 @@ def test_mean_ablation_is_the_per_position_mean_over_the_prompts_that_reach_it(t
     alone = [run_recording_senders(tiny, graph, clean[i : i + 1, :n])[0][:, 0] for i, n in enumerate([4, 5, 3])]
     for p in range(5):
         reaching = [a[:, p] for a in alone if a.shape[1] > p]
-        assert torch.allclose(means[:, p], sum(reaching) / len(reaching), atol=TOL, rtol=0)
+        assert_exact(tiny, means[:, p], sum(reaching) / len(reaching))
     pooled = torch.cat(alone, dim=1).mean(1)  # [s, d] over the 12 real positions
-    assert torch.allclose(means[:, 5], pooled, atol=TOL, rtol=0)
+    assert_exact(tiny, means[:, 5], pooled)
     # a batch reads the means of its own positions, the same for every prompt
     batch = next(task.batches("heldout"))
     assert torch.equal(make_ablation("mean", tiny, graph, task, batch_size=2).senders(batch)[:, 0], means[:, :6])

@@ -6,9 +6,8 @@ import torch
 from discovery.adapter import ModelShape
 from discovery.graph import EdgeGraph, expected_edge_count
 from discovery.patching import patched_logits, run_recording_senders
-from tiny_models import add_to_receiver_hook, random_pair, tiny, tiny_hf_model  # noqa: F401 (fixture)
+from tiny_models import add_to_receiver_hook, assert_exact, random_pair, tiny, tiny_hf_model  # noqa: F401 (fixture)
 
-TOL = 1e-10  # float64
 
 
 @pytest.mark.parametrize(
@@ -48,8 +47,8 @@ def test_full_circuit_is_clean_run_and_empty_circuit_is_corrupted_run(tiny):
     assert (clean_logits - corr_logits).abs().max() > 1.0  # the two runs differ: the test can fail
     none_removed = torch.zeros(graph.n_senders, graph.n_receivers)
     all_removed = torch.ones(graph.n_senders, graph.n_receivers)
-    assert torch.allclose(patched_logits(tiny, graph, clean, corr_senders, none_removed), clean_logits, atol=TOL, rtol=0)
-    assert torch.allclose(patched_logits(tiny, graph, clean, corr_senders, all_removed), corr_logits, atol=TOL, rtol=0)
+    assert_exact(tiny, patched_logits(tiny, graph, clean, corr_senders, none_removed), clean_logits)
+    assert_exact(tiny, patched_logits(tiny, graph, clean, corr_senders, all_removed), corr_logits)
 
 
 def _patch_one_edge(tiny, graph, clean, corr_senders, s, r):
@@ -74,7 +73,7 @@ def test_single_edge_patch_matches_hand_built_reference(tiny, edge):
     patched = _patch_one_edge(tiny, graph, clean, corr_senders, s, r)
     reference = _one_edge_reference_by_hook(tiny, graph, clean, corr_senders[s] - clean_senders[s], r)
     assert (patched - clean_logits).abs().max() > 1e-6  # the edge matters
-    assert torch.allclose(patched, reference, atol=TOL, rtol=0)
+    assert_exact(tiny, patched, reference)
 
 
 @pytest.mark.parametrize("edge", ["a1.h3->m1", "m0->m2", "a2.h1->logits", "input->logits"])
@@ -113,7 +112,7 @@ def test_per_prompt_circuits_match_separate_runs(tiny):
     together = patched_logits(tiny, graph, clean, corr_senders, masks)
     for i in range(2):
         alone = patched_logits(tiny, graph, clean[i : i + 1], corr_senders[:, i : i + 1], masks[i])
-        assert torch.allclose(together[i], alone[0], atol=TOL, rtol=0)
+        assert_exact(tiny, together[i], alone[0])
 
 
 def test_no_hook_remains_after_an_exception(tiny):
@@ -154,7 +153,7 @@ def test_sparse_and_dense_circuits_match_the_plain_formulation(tiny, kept_fracti
     kept = torch.rand(graph.allowed.shape, generator=torch.Generator().manual_seed(5)) < kept_fraction
     removed = (graph.allowed & ~kept).double()
     fast = patched_logits(tiny, graph, clean, corr_senders, removed)
-    assert torch.allclose(fast, _naive_patched_logits(tiny, graph, clean, corr_senders, removed), atol=TOL, rtol=0)
+    assert_exact(tiny, fast, _naive_patched_logits(tiny, graph, clean, corr_senders, removed))
 
 
 def test_logits_at_positions_equal_the_full_logits_there(tiny):

@@ -5,9 +5,8 @@ import torch
 
 from discovery.graph import EdgeGraph
 from discovery.patching import patched_logits, run_recording_senders, stacked_patched_logits
-from tiny_models import random_pair, tiny  # noqa: F401 (fixture)
+from tiny_models import assert_exact, random_pair, tiny  # noqa: F401 (fixture)
 
-TOL = 1e-10  # float64
 
 
 def _circuits(graph: EdgeGraph, k: int, first_layer: int | None, seed: int) -> torch.Tensor:
@@ -37,7 +36,7 @@ def test_stacked_equals_one_copy_per_circuit(tiny, first_layer, positions):
     copies = patched_logits(tiny, graph, clean.repeat(k, 1), corr.repeat(1, k, 1, 1), masks,
                             None if where is None else where.repeat(k))
     assert stacked.shape == copies.shape
-    assert torch.allclose(stacked, copies, atol=TOL, rtol=0)
+    assert_exact(tiny, stacked, copies)
     # the circuits give different logits, so the comparison can fail
     if first_layer is not None:
         per_circuit = stacked.view(k, -1)
@@ -51,5 +50,5 @@ def test_stacked_full_and_empty_circuits(tiny):
     _, clean_logits = run_recording_senders(tiny, graph, clean)
     masks = torch.stack([torch.zeros(graph.allowed.shape), torch.ones(graph.allowed.shape)]).double()
     out = stacked_patched_logits(tiny, graph, clean, corr, masks)
-    assert torch.allclose(out[:2], clean_logits, atol=TOL, rtol=0)
-    assert torch.allclose(out[2:], corr_logits, atol=TOL, rtol=0)
+    assert_exact(tiny, out[:2], clean_logits)
+    assert_exact(tiny, out[2:], corr_logits)

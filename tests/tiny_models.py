@@ -112,3 +112,12 @@ def skip_post_norm(adapter: ModelAdapter) -> None:
     and node-patching derivatives are not yet defined there, and runs refuse them."""
     if adapter.shape.post_norm:
         pytest.skip("not defined under a shared post-attention norm yet (runs refuse it)")
+
+
+def assert_exact(adapter: ModelAdapter, got: torch.Tensor, want: torch.Tensor) -> None:
+    """``got`` equals ``want`` to the model's exact tolerance (``discovery.precision``)."""
+    from discovery.precision import tolerance_for
+
+    tol = tolerance_for(adapter, want)
+    diff = (got - want).abs().max().item()
+    assert got.shape == want.shape and diff <= tol, f"differs by {diff:.3g} > {tol:.3g} ({adapter.name}, working {adapter.working_dtype})"
