@@ -62,6 +62,7 @@ class ModelShape:
     n_kv_groups: int
     d_model: int
     post_norm: bool = False  # heads share a post-attention norm: each head's value depends on its whole layer
+    parallel: bool = False  # attention and MLP of a layer read the same residual stream (no head -> same-layer MLP edge)
 
 
 class ModelAdapter:
@@ -87,16 +88,30 @@ class ModelAdapter:
             b.ln1_post.uses_rms_norm and getattr(b.attn.o.original_component, "bias", None) is None for b in blocks
         ):
             raise UserError(f"{name}: a post-attention norm is supported only as RMSNorm without an output bias (Gemma 2/3)")
+        self.architecture = type(getattr(bridge, "original_model", None)).__name__
         self.shape = ModelShape(
             n_layers=cfg.n_layers,
             n_heads=cfg.n_heads,
             n_kv_groups=getattr(cfg, "n_key_value_heads", None) or cfg.n_heads,
             d_model=cfg.d_model,
             post_norm=self.post_norm,
+            parallel=type(blocks[0]).__name__ == "ParallelBlockBridge",  # checked by discovery.checks
         )
-        bridge.set_use_split_qkv_input(True)
+        try:
+            bridge.set_use_split_qkv_input(True)
+        except NotImplementedError:
+            raise UserError(f"{name}: {self.architecture} is not supported: TransformerLens's bridge cannot give its "
+                            f"attention ({type(blocks[0].attn).__name__}) separate query/key/value inputs and per-head outputs, which "
+                            "edge patching needs") from None
         bridge.set_use_attn_result(True)
         bridge.set_use_hook_mlp_in(True)
+        # Where the bridge's hook_mlp_in never fires, the adapter supplies the MLP's receiver itself
+        # (``_own_mlp_input_hooks``): on parallel blocks with one shared norm (Phi-1/2, Falcon,
+        # Cohere) as a copy of the block's input, elsewhere (BLOOM) at the pre-MLP norm's input.
+        self.own_mlp_input = None
+        if not self._fires("blocks.0.hook_mlp_in"):
+            subs = blocks[0].submodules or {}
+            self.own_mlp_input = "ln2" if "ln2" in subs else "shared-norm" if self.shape.parallel and "ln1" in subs else None
         for p in bridge.parameters():
             p.requires_grad_(False)
         bridge.eval()
@@ -121,29 +136,30 @@ class ModelAdapter:
     def working_dtype(self) -> torch.dtype:
         """The lowest precision the forward pass rounds to (``discovery.precision`` says why it matters).
 
-        The model's dtype, or float32 for a float64 model with a float32 island. Probed with two
-        forward passes on one short prompt whose residual stream is first moved off the float32
-        grid (a different relative nudge of 1e-9 each time): an island is a hook point whose
-        non-integer values all lie on the float32 grid and change with the input (constants such
-        as rotary tables computed in float32 do not count).
+        The model's dtype, or float32 for a float64 model with a float32 island somewhere. Probed on
+        one short prompt whose residual stream entering the first block is nudged by a relative 1e-9
+        (far below float32's resolution, far above float64's), then by twice that. Two signs of an
+        island, either enough: the logits do not respond linearly (a float32 cast absorbs the nudge
+        or jumps by an ulp; Llama-style norms, which cast and then scale by a float64 weight), or
+        some hook point's non-integer values all lie on the float32 grid and move with the nudge
+        (a softmax taken in float32 on a path the linear test cannot see past a float64 LayerNorm).
         """
         if self.dtype != torch.float64:
             return self.dtype
-        tokens = torch.arange(6, device=self.device).unsqueeze(0) % max(self.bridge.cfg.d_vocab, 1)
-        seen: list[dict[str, torch.Tensor]] = []
-        for seed in (1, 2):
-            g = torch.Generator().manual_seed(seed)
+        tokens = torch.arange(8, device=self.device).unsqueeze(0) % max(int(self.bridge.cfg.d_vocab), 1)
+        noise = torch.randn((1, 8, self.shape.d_model), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+        on_grid: list[dict[str, torch.Tensor]] = []
+
+        def logits_nudged(size: float) -> torch.Tensor:
             grid: dict[str, torch.Tensor] = {}
-            nudged = []
 
             def nudge(x, hook=None):
-                nudged.append(True)
-                noise = torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device)
-                return x * (1 + 1e-9 * noise)
+                return x * (1 + size * noise.to(x.device))
 
             def look(name):
                 def observe(module, args, x):
-                    if nudged and torch.is_tensor(x) and x.dtype == torch.float64:
+                    if torch.is_tensor(x) and x.dtype == torch.float64:
                         values = x[torch.isfinite(x)]
                         values = values[values != values.round()]
                         if values.numel() >= 4 and torch.equal(values, values.float().double()):
@@ -153,14 +169,20 @@ class ModelAdapter:
             handles = [point.register_forward_hook(look(n)) for n, point in self.bridge.hook_dict.items()]
             try:
                 with torch.no_grad(), self.hooks([(self.SENDER_INPUT, nudge)]):
-                    self.bridge(tokens, return_type="logits")
+                    logits = self.bridge(tokens, return_type="logits")
             finally:
                 for handle in handles:
                     handle.remove()
-            seen.append(grid)
-        islands = [n for n in seen[0] if n in seen[1] and seen[0][n].shape == seen[1][n].shape
-                   and not torch.equal(seen[0][n], seen[1][n])]
-        return torch.float32 if islands else torch.float64
+            on_grid.append(grid)
+            return logits
+
+        base, once, twice = logits_nudged(0.0), logits_nudged(1e-9), logits_nudged(2e-9)
+        first, second = once - base, twice - base
+        linear = first.abs().max() > 0 and (second - 2 * first).abs().max() <= 1e-3 * first.abs().max()
+        nudged_once, nudged_twice = on_grid[1], on_grid[2]  # the un-nudged run reads float32-exact weights
+        moving_grid = any(name in nudged_twice and values.shape == nudged_twice[name].shape
+                          and not torch.equal(values, nudged_twice[name]) for name, values in nudged_once.items())
+        return torch.float64 if linear and not moving_grid else torch.float32
 
     # Hook names of the edge graph's senders and receivers, by kind and layer.
     def sender_hook(self, kind: str, layer: int) -> str:
@@ -257,8 +279,67 @@ class ModelAdapter:
     @contextmanager
     def hooks(self, fwd_hooks: list[Hook]) -> Iterator["ModelAdapter"]:
         """Attach forward hooks ``(hook name, fn(tensor, hook))`` for the body of the block only."""
-        with self.bridge.hooks(fwd_hooks=fwd_hooks, reset_hooks_end=True):
-            yield self
+        own = {}
+        if self.own_mlp_input:
+            names = {f"blocks.{l}.hook_mlp_in": l for l in range(self.shape.n_layers)}
+            for name, fn in fwd_hooks:
+                if name in names:
+                    own.setdefault(names[name], []).append(fn)
+            fwd_hooks = [(n, fn) for n, fn in fwd_hooks if n not in names]
+        extra, handles = self._own_mlp_input_hooks(own)
+        try:
+            # the residual is captured last at its hook point, after any hook that grows the batch there
+            with self.bridge.hooks(fwd_hooks=fwd_hooks + extra, reset_hooks_end=True):
+                yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _fires(self, name: str) -> bool:
+        """Whether a hook point fires in a forward pass (one short prompt)."""
+        fired = []
+        with torch.no_grad(), self.bridge.hooks(fwd_hooks=[(name, lambda x, hook=None: fired.append(1))], reset_hooks_end=True):
+            self.bridge(torch.zeros((1, 4), dtype=torch.long, device=self.device), return_type="logits")
+        return bool(fired)
+
+    def _own_mlp_input_hooks(self, own: dict[int, list[Callable]]) -> tuple[list[Hook], list]:
+        """The MLP receivers the bridge does not expose: ``own`` maps a layer to its receiver hooks.
+
+        ``ln2`` (BLOOM): the hooks act on a copy of the pre-MLP norm's input (the residual stream
+        after attention), as the bridge's own ``hook_mlp_in`` does elsewhere. ``shared-norm``
+        (parallel blocks whose attention and MLP share one norm: Phi-1/2, Falcon, Cohere): the MLP
+        reads ``ln1(resid_pre)``, the attention's very input, so its receiver is a copy of
+        ``resid_pre`` of its own, captured at ``blocks.{l}.hook_resid_pre``, passed through the
+        hooks, normalised by the block's norm module and given to the MLP in place of the shared
+        input. Unchanged, either copy gives the MLP what it read before; its gradient is the MLP
+        branch's alone.
+        """
+        extra, handles = [], []
+        for layer, fns in own.items():
+            block = self.bridge.blocks[layer]
+
+            def apply(x, fns=fns):
+                x = x.clone()  # [batch, pos, d_model]: the MLP's own copy
+                for fn in fns:
+                    x = fn(x)
+                return x
+
+            if self.own_mlp_input == "ln2":
+                handles.append(block.ln2.register_forward_pre_hook(lambda _m, args, apply=apply: (apply(args[0]), *args[1:])))
+                continue
+            kept: dict[str, torch.Tensor] = {}
+
+            def capture(x, hook=None, kept=kept):
+                kept["resid"] = x
+                return x
+
+            def replace(module, args, kwargs, kept=kept, apply=apply, norm=block.ln1.original_component):
+                x = norm(apply(kept.pop("resid")))
+                return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
+            extra.append((f"blocks.{layer}.hook_resid_pre", capture))
+            handles.append(block.mlp.register_forward_pre_hook(replace, with_kwargs=True))
+        return extra, handles
 
     def hook_count(self) -> int:
         """Forward and backward hooks attached right now (for tests that none are left)."""

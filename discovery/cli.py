@@ -90,6 +90,7 @@ def discover(
     curve: bool = typer.Option(True, "--curve/--no-curve", help="Measure faithfulness at the MIB edge fractions (CPR, CMD)."),
     force: bool = typer.Option(False, "--force", help="Search even if the model does not show the behaviour."),
     skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Task files: drop invalid rows instead of refusing the file."),
+    skip_model_check: bool = typer.Option(False, "--skip-model-check", help="Do not verify at load that patching is exact on the model."),
     edges: Optional[int] = typer.Option(None, "--edges", help="Keep the top N edges by |score|."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Keep edges with |score| ≥ T."),
     target_faithfulness: float = typer.Option(0.8, "--target-faithfulness", help="Without --edges/--threshold: smallest top-N reaching this."),
@@ -104,7 +105,7 @@ def discover(
 
     config = DiscoverConfig(task=task, model=model, method=method, edges=edges, threshold=threshold,
                             target_faithfulness=target_faithfulness, ig_steps=ig_steps, ablation=ablation, curve=curve, force=force,
-                            skip_bad_rows=skip_bad_rows, n_pairs=pairs, batch_size=batch_size, seed=seed,
+                            skip_bad_rows=skip_bad_rows, check_model=not skip_model_check, n_pairs=pairs, batch_size=batch_size, seed=seed,
                             seed_method=seed_method, tau=tau, acdc_metric=acdc_metric, minimize=minimize,
                             search_prompts=search_prompts, chain=chain, workers=workers, address=address)
     summary = run_discover(config, out=out, overwrite=overwrite, reporter=ConsoleReporter())

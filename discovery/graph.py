@@ -13,6 +13,13 @@ edges (32,491 for GPT-2 small, as in EAP-IG and MIB). A receiver's input is the 
 senders' outputs (plus constant biases), so patching one edge swaps that one term for its value
 in the corrupted run.
 
+Parallel blocks (``shape.parallel``: GPT-NeoX with ``use_parallel_residual``, i.e. every Pythia
+model; GPT-J; Phi-1/2; Falcon with ``parallel_attn``; Cohere) compute a layer's attention and MLP
+from the same residual stream, so the MLP of layer l reads no head of layer l: those L·H edges do
+not exist, and
+
+    E_parallel = E − L·H.
+
 Everything that holds a value per edge is a dense ``[senders, receivers]`` tensor in the index
 order fixed here; ``allowed`` marks which entries are edges.
 
@@ -91,7 +98,8 @@ class EdgeGraph:
                 ReceiverPoint("q", layer, base, base + H, before, True),
                 ReceiverPoint("k", layer, base + H, base + H + G, before, True),
                 ReceiverPoint("v", layer, base + H + G, base + H + 2 * G, before, True),
-                ReceiverPoint("mlp", layer, base + H + 2 * G, base + H + 2 * G + 1, before + H, False),
+                ReceiverPoint("mlp", layer, base + H + 2 * G, base + H + 2 * G + 1,
+                              before if self.shape.parallel else before + H, False),
             ]
         points.append(ReceiverPoint("logits", self.shape.n_layers, self.n_receivers - 1, self.n_receivers, self.n_senders, False))
         return tuple(points)
@@ -181,8 +189,9 @@ class EdgeGraph:
                      for p, f, node in zip(points, first, self.receiver_node))
 
 
-def expected_edge_count(n_layers: int, n_heads: int, n_kv_groups: int) -> int:
+def expected_edge_count(n_layers: int, n_heads: int, n_kv_groups: int, parallel: bool = False) -> int:
     """DESIGN.md's closed form for the number of edges, for checking the graph."""
     L, H, G = n_layers, n_heads, n_kv_groups
     S = 1 + L * (H + 1)
-    return sum((H + 2 * G) * (1 + l * (H + 1)) + (1 + l * (H + 1) + H) for l in range(L)) + S
+    sequential = sum((H + 2 * G) * (1 + l * (H + 1)) + (1 + l * (H + 1) + H) for l in range(L)) + S
+    return sequential - L * H if parallel else sequential

@@ -24,6 +24,7 @@ import torch
 
 from discovery.ablation import ABLATIONS, make_ablation
 from discovery.adapter import ModelAdapter, load_model
+from discovery.checks import load_checked_model
 from discovery.attribution import METHODS, node_scores
 from discovery.circuit import edges_above, node_count, prune, top_edges
 from discovery.errors import OutputExists, UserError
@@ -63,6 +64,7 @@ class DiscoverConfig:
     curve: bool = True  # also measure held-out faithfulness at the MIB edge fractions
     force: bool = False  # search even when the model does not show the behaviour
     skip_bad_rows: bool = False  # for a task file: drop invalid rows instead of refusing the file
+    check_model: bool = True  # verify at load that the engine is exact on the model (discovery.checks)
     n_pairs: int = 128
     batch_size: int = 16
     seed: int = 0
@@ -227,7 +229,7 @@ def discover(config: DiscoverConfig, out: Path | None = None, overwrite: bool = 
 
     if adapter is None:
         reporter.log(f"loading {config.model}")
-        adapter = load_model(config.model, reporter.log)
+        adapter = load_checked_model(config.model, reporter.log, check=config.check_model)
     task = build_task(config.task, adapter.tokenizer, n_pairs=config.n_pairs, seed=config.seed,
                       skip_bad_rows=config.skip_bad_rows)
     for note in task.notes:
@@ -341,7 +343,7 @@ def discover(config: DiscoverConfig, out: Path | None = None, overwrite: bool = 
     }
     record = CircuitRecord(
         model=config.model, task=config.task, method=config.method, n_layers=adapter.shape.n_layers,
-        n_heads=adapter.shape.n_heads, n_kv_groups=adapter.shape.n_kv_groups,
+        n_heads=adapter.shape.n_heads, n_kv_groups=adapter.shape.n_kv_groups, parallel=adapter.shape.parallel,
         edges=[{"sender": graph.sender_names[s], "receiver": graph.receiver_names[r], "score": float(scores[s, r])}
                for s, r in torch.nonzero(circuit).tolist()],
         metadata={"faithfulness": faithfulness, "edges_total": graph.n_edges},

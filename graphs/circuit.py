@@ -77,8 +77,9 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def check_edge(sender: str, receiver: str, n_layers: int, n_heads: int, n_kv_groups: int) -> str | None:
-    """What is wrong with an edge of a model of this shape, or None if it is an edge of its graph."""
+def check_edge(sender: str, receiver: str, n_layers: int, n_heads: int, n_kv_groups: int, parallel: bool = False) -> str | None:
+    """What is wrong with an edge of a model of this shape, or None if it is an edge of its graph
+    (``parallel``: a layer's MLP reads no head of its layer, ``discovery.graph``)."""
     try:
         s, r = parse_name(sender), parse_name(receiver)
     except CircuitFileError as exc:
@@ -98,6 +99,8 @@ def check_edge(sender: str, receiver: str, n_layers: int, n_heads: int, n_kv_gro
             return f"{name!r}: key/value group {p.group} but the model has {n_kv_groups} per layer"
     if r.kind == "attn" and s.layer >= r.layer or r.kind == "mlp" and (s.layer > r.layer or s.kind == "mlp" and s.layer == r.layer):
         return f"{sender!r} is not computed before {receiver!r}"
+    if parallel and r.kind == "mlp" and s.kind == "attn" and s.layer == r.layer:
+        return f"{sender!r} does not reach {receiver!r}: the model's blocks are parallel"
     return None
 
 
@@ -114,6 +117,7 @@ class CircuitRecord:
     edges: list[dict]  # {"sender", "receiver", "score"[, "necessity"]}
     metadata: dict = field(default_factory=dict)
     roles: dict[str, dict] = field(default_factory=dict)  # head in the circuit -> {"role": str|None, score name: float}
+    parallel: bool = False  # parallel blocks: no head -> same-layer MLP edge (written only when true)
 
     @property
     def heads_per_group(self) -> int:
@@ -138,6 +142,7 @@ class CircuitRecord:
             "n_layers": self.n_layers,
             "n_heads": self.n_heads,
             "n_kv_groups": self.n_kv_groups,
+            **({"parallel": True} if self.parallel else {}),
             "metadata": self.metadata,
             "edges": [{"sender": e["sender"], "receiver": e["receiver"], "score": float(e["score"])}
                       | ({"necessity": float(e["necessity"])} if e.get("necessity") is not None else {})
@@ -170,6 +175,9 @@ class CircuitRecord:
         L, H, G = data["n_layers"], data["n_heads"], data["n_kv_groups"]
         if H % G:
             raise CircuitFileError(f"{source}: n_heads {H} is not a multiple of n_kv_groups {G}")
+        parallel = data.get("parallel", False)
+        if not isinstance(parallel, bool):
+            raise CircuitFileError(f"{source}: 'parallel' must be true or false, got {parallel!r}")
         for k in ("model", "task", "method"):
             if not isinstance(data[k], str):
                 raise CircuitFileError(f"{source}: {k!r} must be a string, got {data[k]!r}")
@@ -183,7 +191,7 @@ class CircuitRecord:
             if not isinstance(e, dict) or not {"sender", "receiver", "score"} <= set(e):
                 raise CircuitFileError(f"{source}: edge {k} needs sender, receiver and score")
             name = f"{e['sender']}->{e['receiver']}"
-            problem = check_edge(e["sender"], e["receiver"], L, H, G)
+            problem = check_edge(e["sender"], e["receiver"], L, H, G, parallel)
             if problem:
                 raise CircuitFileError(f"{source}: edge {k} ({name}): {problem}")
             for key in ("score", "necessity"):
@@ -202,13 +210,13 @@ class CircuitRecord:
         roles = {k: {"role": v.get("role"), **{s: x for s, x in v.items() if s != "role"}} for k, v in roles.items()}
         return cls(
             model=data["model"], task=data["task"], method=data["method"], n_layers=L, n_heads=H, n_kv_groups=G,
-            edges=edges, metadata=data.get("metadata", {}), roles=roles,
+            edges=edges, metadata=data.get("metadata", {}), roles=roles, parallel=parallel,
         )
 
     def with_edges(self, edges: list[dict]) -> "CircuitRecord":
         """The same circuit description with other edges (roles and metadata copied)."""
         return CircuitRecord(self.model, self.task, self.method, self.n_layers, self.n_heads, self.n_kv_groups,
-                             edges, dict(self.metadata), dict(self.roles))
+                             edges, dict(self.metadata), dict(self.roles), self.parallel)
 
     def top(self, n: int) -> "CircuitRecord":
         """The ``n`` edges of largest ``|score|`` (for drawing large circuits legibly)."""

@@ -76,7 +76,7 @@ def evaluate_run(source: Path, reference: str | None = None, overwrite: bool = F
     if any(t.exists() for t in targets) and not overwrite:
         raise OutputExists(f"{targets[0]} already exists: pass --overwrite to redo it")
     # the edge graph depends only on layers, heads and key/value groups (circuit.json has no d_model)
-    graph = EdgeGraph(ModelShape(record.n_layers, record.n_heads, record.n_kv_groups, d_model=0))
+    graph = EdgeGraph(ModelShape(record.n_layers, record.n_heads, record.n_kv_groups, d_model=0, parallel=record.parallel))
     truth = reference_mask(ref, graph)
     circuit = torch.zeros_like(truth)
     for name in record.edge_names():

@@ -55,10 +55,22 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
 }
 
 
-def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float64):
+# Architectures refused, and a phrase their one-line refusal contains.
+NO_QKV_SPLIT = "separate query/key/value inputs"
+EXPECTED_REFUSAL = {"gptj": NO_QKV_SPLIT, "gpt-neo": NO_QKV_SPLIT, "opt": NO_QKV_SPLIT}
+# Mixture-of-experts: transformers' grouped expert matmul has no float64 kernel (float32 is exact to its rounding).
+FLOAT32_ONLY = {"mixtral"}
+
+
+def load_dtype(name: str) -> torch.dtype:
+    """The dtype an architecture is tested in: float64, or float32 where it cannot run in float64."""
+    return torch.float32 if name in FLOAT32_ONLY else torch.float64
+
+
+def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float64, vocab: int = VOCAB):
     """The tiny Hugging Face model of one architecture, randomised, in ``dtype``, eval mode."""
     config_class, kwargs = ARCHITECTURES[name]
-    config = getattr(tf, config_class)(**kwargs)
+    config = getattr(tf, config_class)(**(kwargs | {"vocab_size": vocab}))
     model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     _randomise(model, seed)
     model.config.architectures = [type(model).__name__]

@@ -25,6 +25,21 @@ def test_edge_count_matches_formula_and_published_counts(shape, edges):
     assert graph.edge_index(graph.edge_name(s, r)) == (s, r)
 
 
+@pytest.mark.parametrize("shape", [(6, 8, 8), (3, 4, 2), (1, 1, 1)])  # Pythia-70m's shape first
+def test_parallel_blocks_have_no_head_to_same_layer_mlp_edge(shape):
+    L, H, _ = shape
+    sequential = EdgeGraph(ModelShape(*shape, d_model=8))
+    parallel = EdgeGraph(ModelShape(*shape, d_model=8, parallel=True))
+    assert parallel.n_edges == expected_edge_count(*shape, parallel=True) == sequential.n_edges - L * H
+    names = {parallel.edge_name(s, r) for s, r in torch.nonzero(parallel.allowed).tolist()}
+    for l in range(L):
+        assert not any(f"a{l}.h{h}->m{l}" in names for h in range(H))
+        assert f"m{l - 1}->m{l}" in names if l else f"input->m{l}" in names
+        assert f"a{l}.h0->logits" in names and (l == 0 or f"a{l - 1}.h{H - 1}->m{l}" in names)
+    # the only difference: exactly those L·H edges
+    assert (sequential.allowed & ~parallel.allowed).sum() == L * H and not (parallel.allowed & ~sequential.allowed).any()
+
+
 def test_layer_zero_receivers_read_only_the_input():
     graph = EdgeGraph(ModelShape(2, 3, 1, 8))
     assert graph.allowed[:, graph.receiver_names.index("a0.h2<q>")].nonzero().flatten().tolist() == [0]

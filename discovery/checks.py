@@ -1,0 +1,166 @@
+"""The check at load: a model is used only where the engine is exact on it.
+
+The tests hold the engine exact on a matrix of architectures (``tests/test_architectures.py``);
+this check protects the models they do not cover. A few forward passes on one random prompt
+pair (8 tokens), every comparison within ``discovery.precision``'s tolerance:
+
+1. **Every receiver is wired.** A random vector added at each receiver hook (q, k, v, MLP input
+   of the first, middle and last layers; the logits' input) moves the logits. A hook that does
+   not sit on what the model reads moves nothing: the bridge's MLP input on BLOOM, Falcon,
+   Phi-1/2 and Cohere is such a hook, and edges into those MLPs would silently do nothing.
+2. **The block rule of the graph holds.** A change to layer l's heads moves layer l's MLP output
+   exactly when the graph has head → same-layer-MLP edges (``ModelShape.parallel``).
+3. **Full circuit = clean run, empty circuit = corrupted run.**
+4. **Single edges of every kind** (from the input, a head and an MLP; into q, k, v, an MLP and
+   the logits), patched by the engine, equal the clean run with that edge's corrupted − clean
+   difference added at its receiver by one plain hook.
+
+Any failure refuses the model with one line (:class:`ModelRefused`); ``check=False`` (the command
+line's ``--skip-model-check``) skips the check.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from discovery.adapter import ModelAdapter, load_model
+from discovery.errors import UserError
+from discovery.graph import EdgeGraph, ReceiverPoint
+from discovery.patching import patched_logits, run_recording_senders
+from discovery.precision import tolerance_for
+
+
+class ModelRefused(UserError):
+    """A model on which the engine would not be exact."""
+
+
+def load_checked_model(name: str, log: Callable[[str], None] = lambda _msg: None, check: bool = True) -> ModelAdapter:
+    """:func:`discovery.adapter.load_model`, then :func:`check_model` unless ``check`` is False."""
+    adapter = load_model(name, log)
+    if check:
+        check_model(adapter)
+        log(f"checked {adapter.name}: exact to {adapter.working_dtype} rounding (full, empty, every receiver kind)")
+    return adapter
+
+
+def _refuse(adapter: ModelAdapter, what: str) -> ModelRefused:
+    return ModelRefused(f"{adapter.name} ({adapter.architecture}): {what}; the engine would not be exact on it "
+                        "(--skip-model-check runs it anyway)")
+
+
+def _random_like(x: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.device, x.dtype) * x.detach().std().clamp_min(1e-3)
+
+
+def check_model(adapter: ModelAdapter, seed: int = 0) -> None:
+    """Raise :class:`ModelRefused` unless the engine is exact on this model (module docstring)."""
+    graph = EdgeGraph(adapter.shape)
+    g = torch.Generator().manual_seed(seed)
+    vocab = int(adapter.bridge.cfg.d_vocab)
+    clean, corrupted = (torch.randint(0, vocab, (1, 8), generator=g) for _ in range(2))
+    try:
+        corr_senders, corr_logits = run_recording_senders(adapter, graph, corrupted)
+        clean_senders, clean_logits = run_recording_senders(adapter, graph, clean)
+    except RuntimeError as e:  # e.g. a mixture-of-experts matmul with no float64 kernel
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise _refuse(adapter, f"a forward pass fails in {adapter.dtype} ({reason})") from None
+    tol = tolerance_for(adapter, clean_logits)
+    L = adapter.shape.n_layers
+
+    # 1. every receiver kind, in the first, middle and last layer, moves the logits
+    layers = sorted({0, L // 2, L - 1})
+    for point in graph.receiver_points:
+        if point.layer not in layers and point.kind != "logits":
+            continue
+        hook_name = adapter.receiver_hook(point.kind, point.layer)
+        fired = []
+
+        def nudge(x, hook=None, fired=fired):
+            fired.append(True)
+            return x + _random_like(x, seed + 1)
+
+        with torch.no_grad(), adapter.hooks([(hook_name, nudge)]):
+            moved = (adapter.logits(clean) - clean_logits).abs().max().item()
+        if not fired or moved <= tol:
+            where = "never fires" if not fired else "changes nothing"
+            raise _refuse(adapter, f"the {point.kind} input of layer {point.layer} ({hook_name}) {where}")
+
+    # 2. heads reach their own layer's MLP exactly when the graph says so
+    for layer in sorted({0, L - 1}):
+        mlp_out = {}
+
+        def keep(x, hook=None):
+            mlp_out["value"] = x.detach().clone()
+            return x
+
+        def bump(x, hook=None):
+            return x + _random_like(x, seed + 2)
+
+        mlp_hook = adapter.sender_hook("mlp", layer)
+        with torch.no_grad(), adapter.hooks([(mlp_hook, keep)]):
+            adapter.logits(clean)
+        before = mlp_out.pop("value")
+        with torch.no_grad(), adapter.hooks([(adapter.sender_hook("attn", layer), bump), (mlp_hook, keep)]):
+            adapter.logits(clean)
+        reads_heads = (mlp_out["value"] - before).abs().max().item() > tolerance_for(adapter, before)
+        if reads_heads == adapter.shape.parallel:
+            says = "parallel" if adapter.shape.parallel else "sequential"
+            raise _refuse(adapter, f"layer {layer}'s MLP {'reads' if reads_heads else 'does not read'} its own "
+                          f"layer's heads, but the block was taken as {says}")
+
+    # 3. full = clean, empty = corrupted
+    none = torch.zeros(graph.n_senders, graph.n_receivers)
+    for removed, want, what in ((none, clean_logits, "the full circuit differs from the clean run"),
+                                (graph.allowed.double(), corr_logits, "the empty circuit differs from the corrupted run")):
+        got = patched_logits(adapter, graph, clean, corr_senders, removed)
+        if (got - want).abs().max().item() > tol:
+            raise _refuse(adapter, f"{what} by {(got - want).abs().max().item():.2g} (tolerance {tol:.2g})")
+
+    # 4. one edge of every kind against a single plain hook at its receiver
+    for edge in sample_edges(graph):
+        s, r = graph.edge_index(edge)
+        removed = torch.zeros(graph.n_senders, graph.n_receivers)
+        removed[s, r] = 1
+        got = patched_logits(adapter, graph, clean, corr_senders, removed)
+        point = next(p for p in graph.receiver_points if p.start <= r < p.stop)
+        with torch.no_grad(), adapter.hooks([receiver_delta_hook(adapter, point, r, corr_senders[s] - clean_senders[s])]):
+            want = adapter.logits(clean)
+        if (got - want).abs().max().item() > tol:
+            raise _refuse(adapter, f"patching {edge} differs from a plain hook by {(got - want).abs().max().item():.2g}")
+
+
+def sample_edges(graph: EdgeGraph) -> list[str]:
+    """One edge of every sender kind into every receiver kind, in the last layer (and the first where it must)."""
+    L, H, G = graph.shape.n_layers, graph.shape.n_heads, graph.shape.n_kv_groups
+    last, prev = L - 1, max(L - 2, 0)
+    head_into_mlp = f"a{last}.h0->m{last}" if not graph.shape.parallel else f"a{prev}.h{H - 1}->m{last}"
+    wanted = [f"input->a0.h0<q>", f"input->a{last}.g0<k>", f"input->a{last}.g{G - 1}<v>", f"input->m{last}",
+              f"a{prev}.h0->a{last}.h{H - 1}<q>", f"m{prev}->a{last}.g0<k>", f"a{prev}.h{H - 1}->a{last}.g{G - 1}<v>",
+              head_into_mlp, f"m{prev}->m{last}", f"a{last}.h0->logits", f"m{last}->logits", "input->logits"]
+    allowed = graph.allowed
+    keep = []
+    for name in wanted:
+        try:
+            s, r = graph.edge_index(name)
+        except KeyError:
+            continue
+        if allowed[s, r] and name not in keep:
+            keep.append(name)
+    return keep
+
+
+def receiver_delta_hook(adapter: ModelAdapter, point: ReceiverPoint, receiver: int, delta: torch.Tensor) -> tuple:
+    """A hook adding ``delta`` ``[batch, pos, d]`` to one receiver's input: the plain reference of one patched edge."""
+
+    def hook(x, hook=None):
+        x = x.clone()
+        if point.per_head:
+            x[:, :, receiver - point.start] += delta.to(x.dtype)
+        else:
+            x += delta.to(x.dtype)
+        return x
+
+    return (adapter.receiver_hook(point.kind, point.layer), hook)

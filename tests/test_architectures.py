@@ -1,0 +1,263 @@
+"""The architecture matrix: every decoder family of ``tests/architectures.py`` is exact or refused.
+
+For each exact one (float64; Mixtral in float32, which its expert matmul needs): the bridge's
+logits equal the Hugging Face model's; the check at load passes (full = clean, empty = corrupted,
+one edge of every sender and receiver kind against a single plain hook, every receiver wired, the
+block rule); edges into an MLP and into the logits equal a reference computed on the Hugging Face
+modules alone (a forward pre-hook on the module that receiver reads, no engine, no
+TransformerLens); EAP equals the derivative of exact patching. Each refused one is refused with
+one line that names the architecture and what is missing. ``scripts/architectures.py`` writes
+the README's table from the same catalogue and the same check.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from architectures import ARCHITECTURES, EXPECTED_REFUSAL, build, load_dtype
+from discovery.adapter import ModelAdapter
+from discovery.attribution import eap
+from discovery.checks import ModelRefused, check_model
+from discovery.errors import UserError
+from discovery.graph import EdgeGraph, expected_edge_count
+from discovery.patching import patched_logits, run_recording_senders
+from discovery.precision import exact_tolerance, tolerance_for
+from test_attribution import mean_metric, tiny_task
+from tiny_models import random_pair, tiny_tokenizer
+
+EXACT = [a for a in ARCHITECTURES if a not in EXPECTED_REFUSAL]
+PARALLEL = {"gpt-neox-parallel", "falcon", "phi", "cohere", "gptj"}
+
+# The Hugging Face module whose input is the MLP's receiver: (decoder layers, attribute of a layer).
+# OLMo-2's MLP reads the residual stream itself (no pre-MLP norm); parallel blocks with one shared
+# norm are in SHARED_NORM (the layer's input, normalised by that norm, replaces the MLP's input).
+SHARED_NORM = {"phi": "model.layers", "falcon": "transformer.h", "cohere": "model.layers"}
+MLP_READS = {
+    "gpt2": ("transformer.h", "ln_2"), "gpt-neox-parallel": ("gpt_neox.layers", "post_attention_layernorm"),
+    "gpt-neox-sequential": ("gpt_neox.layers", "post_attention_layernorm"), "olmo2": ("model.layers", "mlp"),
+    "bloom": ("transformer.h", "post_attention_layernorm"), "gemma2": ("model.layers", "pre_feedforward_layernorm"), "gemma3": ("model.layers", "pre_feedforward_layernorm"),
+}
+FINAL_NORM = {"gpt2": "transformer.ln_f", "gpt-neox-parallel": "gpt_neox.final_layer_norm",
+              "gpt-neox-sequential": "gpt_neox.final_layer_norm", "phi": "model.final_layernorm", "falcon": "transformer.ln_f",
+              "bloom": "transformer.ln_f"}
+
+
+def _add_at_receiver(hf, name: str, receiver: str, delta: torch.Tensor) -> list:
+    """Forward pre-hooks on Hugging Face modules that add ``delta`` to what ``receiver`` reads."""
+    if receiver == "logits":
+        module = _module(hf, FINAL_NORM.get(name, "model.norm"))
+        return [module.register_forward_pre_hook(lambda _m, args: (args[0] + delta.to(args[0].dtype), *args[1:]))]
+    layer = int(receiver[1:])
+    if name in SHARED_NORM:
+        decoder = _module(hf, SHARED_NORM[name])[layer]
+        kept = {}
+
+        def keep(_m, args, kwargs):
+            kept["x"] = args[0] if args else kwargs["hidden_states"]
+
+        def replace(_m, args):
+            return (decoder.input_layernorm(kept["x"] + delta.to(kept["x"].dtype)), *args[1:])
+
+        return [decoder.register_forward_pre_hook(keep, with_kwargs=True), decoder.mlp.register_forward_pre_hook(replace)]
+    layers, attribute = MLP_READS.get(name, ("model.layers", "post_attention_layernorm"))
+    module = getattr(_module(hf, layers)[layer], attribute)
+    return [module.register_forward_pre_hook(lambda _m, args: (args[0] + delta.to(args[0].dtype), *args[1:]))]
+
+
+def _module(model, path: str):
+    for part in path.split("."):
+        model = getattr(model, part)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return tiny_tokenizer(tmp_path_factory.mktemp("arch-tok"))
+
+
+_ADAPTERS: dict[str, ModelAdapter] = {}
+
+
+def adapter_for(name: str, tokenizer) -> ModelAdapter:
+    if name not in _ADAPTERS:
+        dtype = load_dtype(name)
+        _ADAPTERS[name] = ModelAdapter.from_hf(build(name, dtype=dtype), tokenizer, name=f"tiny-{name}", hf_id=name, dtype=dtype)
+    return _ADAPTERS[name]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_REFUSAL))
+def test_unsupported_architectures_are_refused_with_one_line(name, tokenizer):
+    with pytest.raises(UserError) as refused:
+        check_model(adapter_for(name, tokenizer))
+    message = str(refused.value)
+    assert "\n" not in message and EXPECTED_REFUSAL[name] in message
+    assert type(build(name)).__name__ in message
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_bridge_equals_hugging_face_and_the_check_at_load_passes(name, tokenizer):
+    adapter = adapter_for(name, tokenizer)
+    hf = build(name, dtype=load_dtype(name))
+    clean, _ = random_pair()
+    with torch.no_grad():
+        want = hf(clean).logits
+    got = adapter.logits(clean)
+    # Two implementations, not one: Hugging Face's own modules compute rotary tables, norms and
+    # softmax in float32 even in a float64 model, so they are compared at float32's tolerance.
+    working = torch.float32 if adapter.dtype == torch.float64 else adapter.dtype
+    assert (got - want).abs().max().item() <= exact_tolerance(working, adapter.shape.n_layers, want.abs().max().item())
+    assert adapter.shape.parallel == (name in PARALLEL)
+    graph = EdgeGraph(adapter.shape)
+    assert graph.n_edges == expected_edge_count(adapter.shape.n_layers, adapter.shape.n_heads, adapter.shape.n_kv_groups,
+                                                adapter.shape.parallel)
+    check_model(adapter)
+
+
+@pytest.mark.parametrize("name", EXACT)
+@pytest.mark.parametrize("edge", ["m0->m2", "a0.h1->m2", "input->m1", "a2.h3->logits", "m1->logits"])
+def test_edges_into_mlps_and_logits_match_the_hugging_face_modules(name, edge, tokenizer):
+    adapter = adapter_for(name, tokenizer)
+    graph = EdgeGraph(adapter.shape)
+    clean, corrupted = random_pair(seed=1)
+    corr, _ = run_recording_senders(adapter, graph, corrupted)
+    clean_senders, clean_logits = run_recording_senders(adapter, graph, clean)
+    s, r = graph.edge_index(edge)
+    removed = torch.zeros(graph.n_senders, graph.n_receivers)
+    removed[s, r] = 1
+    patched = patched_logits(adapter, graph, clean, corr, removed)
+    assert (patched - clean_logits).abs().max() > 1e-4  # the edge matters: the test can fail
+
+    hf = build(name, dtype=load_dtype(name))
+    handles = _add_at_receiver(hf, name, graph.receiver_names[r], corr[s] - clean_senders[s])
+    try:
+        with torch.no_grad():
+            reference = hf(clean).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    working = torch.float32 if adapter.dtype == torch.float64 else adapter.dtype  # as above: two implementations
+    assert (patched - reference).abs().max().item() <= exact_tolerance(working, adapter.shape.n_layers, reference.abs().max().item())
+
+
+# Where each head's query and each group's key and value are computed, on the Hugging Face modules:
+# (decoder layers, pre-attention norm or None where the attention reads the residual stream, attention
+# module, its q/k/v projections). GPT-2 has one fused projection [q | k | v]; the other fused layouts
+# (GPT-NeoX, Falcon, BLOOM, Phi-3 interleave per head) are covered by the check at load's plain hooks.
+QKV = {name: ("model.layers", "input_layernorm", "self_attn", ("q_proj", "k_proj", "v_proj"))
+       for name in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "stablelm", "cohere", "phi")}
+QKV["olmo2"] = ("model.layers", None, "self_attn", ("q_proj", "k_proj", "v_proj"))
+QKV["gpt2"] = ("transformer.h", "ln_1", "attn", "c_attn")
+
+
+def _add_at_qkv(hf, name: str, receiver: str, delta: torch.Tensor, n_heads: int, n_groups: int) -> list:
+    """Hooks on Hugging Face modules: the receiver's head (q) or group (k, v) computed from its layer's
+    input plus ``delta``, every other head and group as before."""
+    layers, norm_name, attn_name, projections = QKV[name]
+    layer = int(receiver[1:].split(".")[0])
+    decoder = _module(hf, layers)[layer]
+    attn = getattr(decoder, attn_name)
+    kind = receiver[-2]
+    index = int(receiver.split(".")[1][1:].split("<")[0])
+    kept = {}
+
+    def keep(_m, args, kwargs):
+        kept["x"] = args[0] if args else kwargs["hidden_states"]
+
+    def computed_from(x):
+        return getattr(decoder, norm_name)(x) if norm_name else x
+
+    if isinstance(projections, str):  # GPT-2's Conv1D [q | k | v], each d_model wide
+        module, d = getattr(attn, projections), hf.config.n_embd
+        width, offset = d // n_heads, {"q": 0, "k": d, "v": 2 * d}[kind]
+
+        def full(x):
+            return x @ module.weight + module.bias
+    else:
+        module = getattr(attn, projections["qkv".index(kind)])
+        width, offset = module.out_features // (n_heads if kind == "q" else n_groups), 0
+
+        def full(x):
+            return torch.nn.functional.linear(x, module.weight, module.bias)
+
+    cols = slice(offset + index * width, offset + (index + 1) * width)
+
+    def replace(_m, _args, out):
+        out = out.clone()
+        out[..., cols] = full(computed_from(kept["x"] + delta.to(kept["x"].dtype)))[..., cols]
+        return out
+
+    return [decoder.register_forward_pre_hook(keep, with_kwargs=True), module.register_forward_hook(replace)]
+
+
+@pytest.mark.parametrize("name", sorted(QKV))
+@pytest.mark.parametrize("edge", ["input->a1.h2<q>", "a0.h1->a2.g0<k>", "m0->a1.g-1<v>", "a1.h3->a2.h0<q>"])
+def test_edges_into_queries_keys_and_values_match_the_hugging_face_modules(name, edge, tokenizer):
+    adapter = adapter_for(name, tokenizer)
+    graph = EdgeGraph(adapter.shape)
+    edge = edge.replace("g-1", f"g{adapter.shape.n_kv_groups - 1}")
+    clean, corrupted = random_pair(seed=2)
+    corr, _ = run_recording_senders(adapter, graph, corrupted)
+    clean_senders, clean_logits = run_recording_senders(adapter, graph, clean)
+    s, r = graph.edge_index(edge)
+    removed = torch.zeros(graph.n_senders, graph.n_receivers)
+    removed[s, r] = 1
+    patched = patched_logits(adapter, graph, clean, corr, removed)
+    assert (patched - clean_logits).abs().max() > 1e-4  # the edge matters: the test can fail
+
+    hf = build(name, dtype=load_dtype(name))
+    handles = _add_at_qkv(hf, name, graph.receiver_names[r], corr[s] - clean_senders[s], adapter.shape.n_heads,
+                          adapter.shape.n_kv_groups)
+    try:
+        with torch.no_grad():
+            reference = hf(clean).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    working = torch.float32 if adapter.dtype == torch.float64 else adapter.dtype  # two implementations
+    assert (patched - reference).abs().max().item() <= exact_tolerance(working, adapter.shape.n_layers, reference.abs().max().item())
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_eap_is_the_derivative_of_exact_patching(name, tokenizer):
+    adapter = adapter_for(name, tokenizer)
+    graph = EdgeGraph(adapter.shape)
+    task = tiny_task()
+    scores = eap(adapter, graph, task, batch_size=4)
+    for edge in ("input->a1.h0<q>", "a0.h1->a2.g0<k>", "m0->a1.g1<v>" if adapter.shape.n_kv_groups > 1 else "m0->a1.g0<v>",
+                 "a0.h2->m1", "m1->logits"):
+        s, r = graph.edge_index(edge)
+        eps = 1e-2 if adapter.working_dtype == torch.float32 else 1e-4
+        removed = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.float64)
+        removed[s, r] = eps
+        up = mean_metric(adapter, graph, task, removed)
+        removed[s, r] = -eps
+        down = mean_metric(adapter, graph, task, removed)
+        derivative = (up - down) / (2 * eps)
+        assert scores[s, r].item() == pytest.approx(derivative, rel=2e-2, abs=1e-4), edge
+
+
+
+@pytest.mark.parametrize("name", ["gpt-neox-parallel", "phi", "bloom", "mixtral", "gptj"])
+def test_discover_on_a_saved_folder_runs_or_exits_2_with_one_line(name, word_tokenizer, tmp_path, capsys):
+    import json
+
+    from cli_runner import run_in_process
+
+    folder = tmp_path / name
+    build(name, dtype=torch.float32, vocab=len(word_tokenizer)).save_pretrained(folder, safe_serialization=True)
+    word_tokenizer.save_pretrained(folder)
+    out = tmp_path / "run"
+    code, _, err = run_in_process(capsys, "discover", "--task", "ioi", "--model", str(folder), "--method", "eap", "--pairs", "8",
+                                  "--batch-size", "8", "--edges", "40", "--no-curve", "--force", "--out", str(out))
+    if name in EXPECTED_REFUSAL:
+        assert code == 2 and EXPECTED_REFUSAL[name] in err
+        assert "Traceback" not in err and len([l for l in err.splitlines() if "error" in l.lower()]) == 1
+        assert not out.exists()
+        return
+    assert code == 0, err
+    circuit = json.loads((out / "circuit.json").read_text())
+    assert circuit.get("parallel", False) == (name in PARALLEL)
+    same_layer = [e for e in circuit["edges"] if e["receiver"].startswith("m") and e["sender"].startswith("a")
+                  and e["sender"][1:].split(".")[0] == e["receiver"][1:]]
+    assert not (name in PARALLEL and same_layer)
