@@ -109,7 +109,13 @@ class ModelAdapter:
         # (``_own_mlp_input_hooks``): on parallel blocks with one shared norm (Phi-1/2, Falcon,
         # Cohere) as a copy of the block's input, elsewhere (BLOOM) at the pre-MLP norm's input.
         self.own_mlp_input = None
-        if not self._fires("blocks.0.hook_mlp_in"):
+        try:
+            mlp_in_fires = self._fires("blocks.0.hook_mlp_in")
+        except RuntimeError as e:  # e.g. a mixture-of-experts matmul with no float64 kernel
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"{name} ({self.architecture}): a forward pass fails in {self.dtype} ({reason}); "
+                            "load it in float32") from None
+        if not mlp_in_fires:
             subs = blocks[0].submodules or {}
             self.own_mlp_input = "ln2" if "ln2" in subs else "shared-norm" if self.shape.parallel and "ln1" in subs else None
         for p in bridge.parameters():

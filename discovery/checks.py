@@ -40,8 +40,9 @@ def load_checked_model(name: str, log: Callable[[str], None] = lambda _msg: None
     """:func:`discovery.adapter.load_model`, then :func:`check_model` unless ``check`` is False."""
     adapter = load_model(name, log)
     if check:
-        check_model(adapter)
-        log(f"checked {adapter.name}: exact to {adapter.working_dtype} rounding (full, empty, every receiver kind)")
+        worst = check_model(adapter)
+        log(f"checked {adapter.name}: patching exact (largest difference {worst:.2%} of the "
+            f"{str(adapter.working_dtype).removeprefix('torch.')} tolerance)")
     return adapter
 
 
@@ -55,8 +56,11 @@ def _random_like(x: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.device, x.dtype) * x.detach().std().clamp_min(1e-3)
 
 
-def check_model(adapter: ModelAdapter, seed: int = 0) -> None:
-    """Raise :class:`ModelRefused` unless the engine is exact on this model (module docstring)."""
+def check_model(adapter: ModelAdapter, seed: int = 0) -> float:
+    """Raise :class:`ModelRefused` unless the engine is exact on this model (module docstring).
+
+    Returns the largest difference of the exactness comparisons (3 and 4) as a fraction of the tolerance.
+    """
     graph = EdgeGraph(adapter.shape)
     g = torch.Generator().manual_seed(seed)
     vocab = int(adapter.bridge.cfg.d_vocab)
@@ -112,10 +116,12 @@ def check_model(adapter: ModelAdapter, seed: int = 0) -> None:
                           f"layer's heads, but the block was taken as {says}")
 
     # 3. full = clean, empty = corrupted
+    worst = 0.0
     none = torch.zeros(graph.n_senders, graph.n_receivers)
     for removed, want, what in ((none, clean_logits, "the full circuit differs from the clean run"),
                                 (graph.allowed.double(), corr_logits, "the empty circuit differs from the corrupted run")):
         got = patched_logits(adapter, graph, clean, corr_senders, removed)
+        worst = max(worst, (got - want).abs().max().item() / tol)
         if (got - want).abs().max().item() > tol:
             raise _refuse(adapter, f"{what} by {(got - want).abs().max().item():.2g} (tolerance {tol:.2g})")
 
@@ -128,8 +134,10 @@ def check_model(adapter: ModelAdapter, seed: int = 0) -> None:
         point = next(p for p in graph.receiver_points if p.start <= r < p.stop)
         with torch.no_grad(), adapter.hooks([receiver_delta_hook(adapter, point, r, corr_senders[s] - clean_senders[s])]):
             want = adapter.logits(clean)
+        worst = max(worst, (got - want).abs().max().item() / tol)
         if (got - want).abs().max().item() > tol:
             raise _refuse(adapter, f"patching {edge} differs from a plain hook by {(got - want).abs().max().item():.2g}")
+    return worst
 
 
 def sample_edges(graph: EdgeGraph) -> list[str]:

@@ -32,25 +32,25 @@ def table() -> str:
     from tiny_models import tiny_tokenizer
 
     tokenizer = tiny_tokenizer(Path(tempfile.mkdtemp(prefix="arch-tok-")))
-    rows = ["| architecture | Hugging Face class | result | blocks | tested in (working precision) | key/value groups | edges (3 layers, 4 heads) |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| architecture | Hugging Face class | result | blocks | tested in (working precision) | key/value groups | edges (3 layers, 4 heads) | largest difference / tolerance |",
+            "|---|---|---|---|---|---|---|---|"]
     for name in ARCHITECTURES:
         dtype = load_dtype(name)
         model = build(name, dtype=dtype)
         cls = type(model).__name__
         try:
             adapter = ModelAdapter.from_hf(model, tokenizer, name=name, hf_id=name, dtype=dtype)
-            check_model(adapter)
+            worst = check_model(adapter)
         except UserError as refused:
             why = str(refused).split(": ", 1)[-1].replace(" (--skip-model-check runs it anyway)", "")
-            rows.append(f"| {name} | `{cls}` | refused: {why} | | | | |")
+            rows.append(f"| {name} | `{cls}` | refused: {why} | | | | | |")
             continue
         shape = adapter.shape
         precision = str(dtype).removeprefix("torch.") + f" ({str(adapter.working_dtype).removeprefix('torch.')})"
         experts = getattr(model.config, "num_local_experts", 0)
         rows.append(f"| {name} | `{cls}` | exact | {'parallel' if shape.parallel else 'sequential'}"
                     f"{', post-norm' if shape.post_norm else ''}{f', {experts} experts (one MLP node)' if experts else ''}"
-                    f" | {precision} | {shape.n_kv_groups} | {EdgeGraph(shape).n_edges:,} |")
+                    f" | {precision} | {shape.n_kv_groups} | {EdgeGraph(shape).n_edges:,} | {worst:.1e} |")
     return "\n".join(rows)
 
 

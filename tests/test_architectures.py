@@ -18,12 +18,12 @@ import torch
 from architectures import ARCHITECTURES, EXPECTED_REFUSAL, build, load_dtype
 from discovery.adapter import ModelAdapter
 from discovery.attribution import eap
-from discovery.checks import ModelRefused, check_model
+from discovery.checks import check_model
 from discovery.errors import UserError
 from discovery.graph import EdgeGraph, expected_edge_count
 from discovery.patching import patched_logits, run_recording_senders
 from discovery.precision import exact_tolerance, tolerance_for
-from test_attribution import mean_metric, tiny_task
+from test_attribution import patching_derivative, tiny_task
 from tiny_models import random_pair, tiny_tokenizer
 
 EXACT = [a for a in ARCHITECTURES if a not in EXPECTED_REFUSAL]
@@ -118,6 +118,12 @@ def test_bridge_equals_hugging_face_and_the_check_at_load_passes(name, tokenizer
 @pytest.mark.parametrize("edge", ["m0->m2", "a0.h1->m2", "input->m1", "a2.h3->logits", "m1->logits"])
 def test_edges_into_mlps_and_logits_match_the_hugging_face_modules(name, edge, tokenizer):
     adapter = adapter_for(name, tokenizer)
+    _one_edge_against_hugging_face(adapter, name, edge, lambda hf, receiver, delta: _add_at_receiver(hf, name, receiver, delta))
+
+
+def _one_edge_against_hugging_face(adapter, name: str, edge: str, hooks_for) -> None:
+    """The engine's logits with ``edge`` patched equal the Hugging Face model's under ``hooks_for``
+    (hf, receiver name, corrupted − clean value of the sender) → forward hook handles."""
     graph = EdgeGraph(adapter.shape)
     clean, corrupted = random_pair(seed=1)
     corr, _ = run_recording_senders(adapter, graph, corrupted)
@@ -129,7 +135,7 @@ def test_edges_into_mlps_and_logits_match_the_hugging_face_modules(name, edge, t
     assert (patched - clean_logits).abs().max() > 1e-4  # the edge matters: the test can fail
 
     hf = build(name, dtype=load_dtype(name))
-    handles = _add_at_receiver(hf, name, graph.receiver_names[r], corr[s] - clean_senders[s])
+    handles = hooks_for(hf, graph.receiver_names[r], corr[s] - clean_senders[s])
     try:
         with torch.no_grad():
             reference = hf(clean).logits
@@ -196,26 +202,8 @@ def test_edges_into_queries_keys_and_values_match_the_hugging_face_modules(name,
     adapter = adapter_for(name, tokenizer)
     graph = EdgeGraph(adapter.shape)
     edge = edge.replace("g-1", f"g{adapter.shape.n_kv_groups - 1}")
-    clean, corrupted = random_pair(seed=2)
-    corr, _ = run_recording_senders(adapter, graph, corrupted)
-    clean_senders, clean_logits = run_recording_senders(adapter, graph, clean)
-    s, r = graph.edge_index(edge)
-    removed = torch.zeros(graph.n_senders, graph.n_receivers)
-    removed[s, r] = 1
-    patched = patched_logits(adapter, graph, clean, corr, removed)
-    assert (patched - clean_logits).abs().max() > 1e-4  # the edge matters: the test can fail
-
-    hf = build(name, dtype=load_dtype(name))
-    handles = _add_at_qkv(hf, name, graph.receiver_names[r], corr[s] - clean_senders[s], adapter.shape.n_heads,
-                          adapter.shape.n_kv_groups)
-    try:
-        with torch.no_grad():
-            reference = hf(clean).logits
-    finally:
-        for handle in handles:
-            handle.remove()
-    working = torch.float32 if adapter.dtype == torch.float64 else adapter.dtype  # two implementations
-    assert (patched - reference).abs().max().item() <= exact_tolerance(working, adapter.shape.n_layers, reference.abs().max().item())
+    H, G = adapter.shape.n_heads, adapter.shape.n_kv_groups
+    _one_edge_against_hugging_face(adapter, name, edge, lambda hf, receiver, delta: _add_at_qkv(hf, name, receiver, delta, H, G))
 
 
 @pytest.mark.parametrize("name", EXACT)
@@ -227,19 +215,32 @@ def test_eap_is_the_derivative_of_exact_patching(name, tokenizer):
     for edge in ("input->a1.h0<q>", "a0.h1->a2.g0<k>", "m0->a1.g1<v>" if adapter.shape.n_kv_groups > 1 else "m0->a1.g0<v>",
                  "a0.h2->m1", "m1->logits"):
         s, r = graph.edge_index(edge)
-        eps = 1e-2 if adapter.working_dtype == torch.float32 else 1e-4
-        removed = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.float64)
-        removed[s, r] = eps
-        up = mean_metric(adapter, graph, task, removed)
-        removed[s, r] = -eps
-        down = mean_metric(adapter, graph, task, removed)
-        derivative = (up - down) / (2 * eps)
+        derivative = patching_derivative(adapter, graph, task, s, r, eps=1e-2 if adapter.working_dtype == torch.float32 else 1e-4)
         assert scores[s, r].item() == pytest.approx(derivative, rel=2e-2, abs=1e-4), edge
 
 
 
-@pytest.mark.parametrize("name", ["gpt-neox-parallel", "phi", "bloom", "mixtral", "gptj"])
-def test_discover_on_a_saved_folder_runs_or_exits_2_with_one_line(name, word_tokenizer, tmp_path, capsys):
+def test_a_mixture_of_experts_in_float64_is_refused_with_one_line(tokenizer):
+    with pytest.raises(UserError, match="fails in torch.float64") as refused:
+        check_model(ModelAdapter.from_hf(build("mixtral"), tokenizer, name="tiny-mixtral", hf_id="mixtral", dtype=torch.float64))
+    assert "\n" not in str(refused.value) and "MixtralForCausalLM" in str(refused.value)
+
+
+@pytest.fixture(scope="module")
+def task_file(tmp_path_factory):
+    """A task file in the IOI form whose words the word tokenizer holds as single tokens."""
+    import json
+
+    from test_tasks_files import _rows  # rows that tests/test_tasks_files.py checks load
+
+    rows = _rows(8)
+    path = tmp_path_factory.mktemp("task") / "ioi-small.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_discover_on_a_saved_folder_runs_or_exits_2_with_one_line(name, word_tokenizer, task_file, tmp_path, capsys):
     import json
 
     from cli_runner import run_in_process
@@ -248,8 +249,8 @@ def test_discover_on_a_saved_folder_runs_or_exits_2_with_one_line(name, word_tok
     build(name, dtype=torch.float32, vocab=len(word_tokenizer)).save_pretrained(folder, safe_serialization=True)
     word_tokenizer.save_pretrained(folder)
     out = tmp_path / "run"
-    code, _, err = run_in_process(capsys, "discover", "--task", "ioi", "--model", str(folder), "--method", "eap", "--pairs", "8",
-                                  "--batch-size", "8", "--edges", "40", "--no-curve", "--force", "--out", str(out))
+    code, _, err = run_in_process(capsys, "discover", "--task", str(task_file), "--model", str(folder), "--method", "eap",
+                                  "--pairs", "8", "--batch-size", "8", "--edges", "40", "--no-curve", "--force", "--out", str(out))
     if name in EXPECTED_REFUSAL:
         assert code == 2 and EXPECTED_REFUSAL[name] in err
         assert "Traceback" not in err and len([l for l in err.splitlines() if "error" in l.lower()]) == 1

@@ -28,6 +28,15 @@ def mean_metric(adapter, graph, task, removed) -> float:
     return float(logit_difference(logits[rows, batch.last], batch).mean())
 
 
+def patching_derivative(adapter, graph, task, s: int, r: int, eps: float) -> float:
+    """d/dα of the exactly patched mean metric with edge (s, r) patched by weight α, at 0 (central difference)."""
+    removed = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.float64)
+    removed[s, r] = eps
+    up = mean_metric(adapter, graph, task, removed)
+    removed[s, r] = -eps
+    return (up - mean_metric(adapter, graph, task, removed)) / (2 * eps)
+
+
 @pytest.mark.parametrize("edge", ["input->a0.h1<q>", "a0.h2->a2.h3<q>", "input->a1.g0<v>", "a0.h0->a1.g1<k>",
                                   "a1.h3->m1", "m0->m2", "a2.h1->logits", "input->logits"])
 def test_eap_score_is_the_derivative_of_exact_patching(tiny, edge):
@@ -38,13 +47,7 @@ def test_eap_score_is_the_derivative_of_exact_patching(tiny, edge):
     s, r = graph.edge_index(edge)
     # Hugging Face's Llama takes RMSNorm and softmax in float32 even in a float64 model, so a
     # small step drowns in rounding; at 1e-2 the central difference's own error is ~1e-3.
-    eps = 1e-2
-    removed = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.float64)
-    removed[s, r] = eps
-    up = mean_metric(tiny, graph, task, removed)
-    removed[s, r] = -eps
-    down = mean_metric(tiny, graph, task, removed)
-    derivative = (up - down) / (2 * eps)
+    derivative = patching_derivative(tiny, graph, task, s, r, eps=1e-2)
     assert abs(derivative) > 1e-4  # the edge matters, so the test can fail
     assert scores[s, r].item() == pytest.approx(derivative, rel=1e-2, abs=1e-6)
 

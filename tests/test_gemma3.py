@@ -46,3 +46,10 @@ def test_full_and_empty_circuits_reproduce_clean_and_corrupted_runs(gemma3, ioi)
 def test_ioi_shows_a_clear_gap_between_clean_and_corrupted(gemma3, ioi):
     baseline = CircuitEvaluator(gemma3, EdgeGraph(gemma3.shape), ioi, "heldout").baseline
     assert baseline.clean > 2.0 and abs(baseline.corrupted) < 1.0 and baseline.accuracy > 0.8
+
+
+def test_gemma3_passes_the_check_at_load(gemma3):
+    from discovery.checks import check_model
+
+    assert gemma3.working_dtype == torch.float32
+    assert check_model(gemma3) < 0.1  # every exactness comparison well inside the float32 tolerance

@@ -177,3 +177,17 @@ def test_summary_graph_keeps_the_heaviest_nodes(record):
     units = [n for n, k in g.nodes(data="kind") if k in ("attn", "mlp")]
     assert len(units) <= 3 and {"input", "logits", "m2"} <= set(g)
     assert nx.has_path(g, "input", "logits")
+
+
+def test_a_parallel_circuit_round_trips_and_refuses_a_head_to_same_layer_mlp_edge():
+    edges = [{"sender": "a0.h1", "receiver": "m1", "score": 0.5}, {"sender": "m0", "receiver": "logits", "score": -1.0}]
+    record = CircuitRecord("m", "t", "eap", 2, 2, 1, edges, parallel=True)
+    again = CircuitRecord.from_json(record.to_json())
+    assert again.parallel and again.edge_names() == record.edge_names()
+    assert "parallel" not in json.loads(CircuitRecord("m", "t", "eap", 2, 2, 1, edges).to_json())
+    bad = json.loads(record.to_json())
+    bad["edges"].append({"sender": "a1.h0", "receiver": "m1", "score": 0.1})
+    with pytest.raises(CircuitFileError, match="parallel"):
+        CircuitRecord.from_json(json.dumps(bad))
+    bad["parallel"] = False
+    assert len(CircuitRecord.from_json(json.dumps(bad)).edges) == 3  # a sequential model has that edge

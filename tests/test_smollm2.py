@@ -88,3 +88,10 @@ def test_the_gguf_conversion_is_quiet_and_gives_the_cached_weights(smollm2, tmp_
     fresh = safetensors.torch.load_file(tmp_path / "smollm2-135m" / "model.safetensors")
     cached = safetensors.torch.load_file(default)
     assert fresh.keys() == cached.keys() and all(torch.equal(fresh[k], cached[k]) for k in fresh)
+
+
+def test_smollm2_passes_the_check_at_load(smollm2):
+    from discovery.checks import check_model
+
+    assert smollm2.working_dtype == torch.float32
+    assert check_model(smollm2) < 0.1  # every exactness comparison well inside the float32 tolerance

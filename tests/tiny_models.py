@@ -87,17 +87,10 @@ def random_pair(batch: int = 3, pos: int = 6, seed: int = 0) -> tuple[torch.Tens
 
 def add_to_receiver_hook(adapter: ModelAdapter, graph, receiver: int, delta: torch.Tensor) -> tuple:
     """A hook adding ``delta`` ``[batch, pos, d]`` to one receiver's input (a test reference)."""
+    from discovery.checks import receiver_delta_hook
+
     point = next(p for p in graph.receiver_points if p.start <= receiver < p.stop)
-
-    def hook(x, hook=None):
-        x = x.clone()
-        if point.per_head:
-            x[:, :, receiver - point.start] += delta
-        else:
-            x += delta
-        return x
-
-    return (adapter.receiver_hook(point.kind, point.layer), hook)
+    return receiver_delta_hook(adapter, point, receiver, delta)
 
 
 def load_tiny_gpt2() -> ModelAdapter:
