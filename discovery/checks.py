@@ -36,6 +36,14 @@ class ModelRefused(UserError):
     """A model on which the engine would not be exact."""
 
 
+# Architectures the generic check cannot see through, refused on the test matrix's evidence
+# (tests/test_architectures.py measures each against the Hugging Face model's own modules).
+KNOWN_INEXACT = {
+    "BloomForCausalLM": "the bridge's query/key/value inputs do not act as the model's (an edge into q, k or v "
+                        "moves the logits by up to 0.3 against Hugging Face's own modules)",
+}
+
+
 def load_checked_model(name: str, log: Callable[[str], None] = lambda _msg: None, check: bool = True) -> ModelAdapter:
     """:func:`discovery.adapter.load_model`, then :func:`check_model` unless ``check`` is False."""
     adapter = load_model(name, log)
@@ -61,6 +69,8 @@ def check_model(adapter: ModelAdapter, seed: int = 0) -> float:
 
     Returns the largest difference of the exactness comparisons (3 and 4) as a fraction of the tolerance.
     """
+    if adapter.architecture in KNOWN_INEXACT:
+        raise _refuse(adapter, KNOWN_INEXACT[adapter.architecture])
     graph = EdgeGraph(adapter.shape)
     g = torch.Generator().manual_seed(seed)
     vocab = int(adapter.bridge.cfg.d_vocab)

@@ -57,7 +57,8 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
 
 # Architectures refused, and a phrase their one-line refusal contains.
 NO_QKV_SPLIT = "separate query/key/value inputs"
-EXPECTED_REFUSAL = {"gptj": NO_QKV_SPLIT, "gpt-neo": NO_QKV_SPLIT, "opt": NO_QKV_SPLIT}
+EXPECTED_REFUSAL = {"gptj": NO_QKV_SPLIT, "gpt-neo": NO_QKV_SPLIT, "opt": NO_QKV_SPLIT,
+                    "bloom": "query/key/value inputs do not act as the model's"}
 # Mixture-of-experts: transformers' grouped expert matmul has no float64 kernel (float32 is exact to its rounding).
 FLOAT32_ONLY = {"mixtral"}
 
