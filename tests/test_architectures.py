@@ -212,6 +212,42 @@ def test_edges_into_queries_keys_and_values_match_the_hugging_face_modules(name,
 
 
 @pytest.mark.parametrize("name", EXACT)
+def test_stacked_circuits_equal_one_copy_per_circuit(name, tokenizer):
+    """Circuits that share a prefix of layers run it once (the batch grows as the residual enters the
+    layer where they part), including the MLP receivers the adapter supplies itself."""
+    from discovery.patching import stacked_patched_logits
+
+    adapter = adapter_for(name, tokenizer)
+    graph = EdgeGraph(adapter.shape)
+    clean, corrupted = random_pair(batch=2, pos=5)
+    corr, _ = run_recording_senders(adapter, graph, corrupted)
+    g = torch.Generator().manual_seed(3)
+    masks = (torch.rand(graph.allowed.shape, generator=g) < 0.5).double().repeat(3, 1, 1)
+    mlp2 = next(p for p in graph.receiver_points if p.kind == "mlp" and p.layer == 2)
+    q1 = next(p for p in graph.receiver_points if p.kind == "q" and p.layer == 1)
+    masks[1, :, mlp2.start] = 1 - masks[0, :, mlp2.start]  # parts at layer 2, on an MLP receiver
+    masks[2, :, q1.start] = 1 - masks[0, :, q1.start]  # parts at layer 1
+    stacked = stacked_patched_logits(adapter, graph, clean, corr, masks)
+    copies = patched_logits(adapter, graph, clean.repeat(3, 1), corr.repeat(1, 3, 1, 1), masks)
+    assert (stacked - copies).abs().max().item() <= tolerance_for(adapter, copies)
+    assert (stacked.view(3, -1)[1:] - stacked.view(3, -1)[0]).abs().max() > 1e-4  # the circuits differ
+
+
+def test_hooks_the_adapter_supplies_are_removed_after_an_exception(tokenizer):
+    adapter = adapter_for("phi", tokenizer)  # its MLP receivers are the adapter's own hooks
+    assert adapter.own_mlp_input == "shared-norm"
+
+    def boom(x, hook=None):
+        raise RuntimeError("inside a hook")
+
+    with pytest.raises(RuntimeError, match="inside a hook"):
+        with adapter.hooks([("blocks.1.hook_mlp_in", boom)]):
+            adapter.logits(torch.zeros((1, 4), dtype=torch.long))
+    assert adapter.hook_count() == 0
+    assert all(not block.mlp._forward_pre_hooks for block in adapter.bridge.blocks)
+
+
+@pytest.mark.parametrize("name", EXACT)
 def test_eap_is_the_derivative_of_exact_patching(name, tokenizer):
     adapter = adapter_for(name, tokenizer)
     graph = EdgeGraph(adapter.shape)
