@@ -180,24 +180,37 @@ def _attribute(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch_size: 
 
 def eap(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch_size: int = 16,
         progress: Callable[[int], None] | None = None, steps: int = 1,
-        ablation: str | Ablation = "counterfactual") -> Scores:
+        ablation: str | Ablation = "counterfactual", ig_rule: str = "midpoint") -> Scores:
     """EAP scores of every edge on the task's discovery prompts: the gradient at the clean run.
 
-    ``steps`` is ignored (EAP takes one gradient); it is there so every method has one signature.
+    ``steps`` and ``ig_rule`` are ignored (EAP takes one gradient); they are there so every method
+    has one signature.
     """
     return _attribute(adapter, graph, task, batch_size, progress, (1.0,), ablation)
 
 
-def ig_alphas(steps: int) -> tuple[float, ...]:
-    """Midpoints ``(k + ½) / steps`` of ``steps`` equal parts of [0, 1] (the midpoint rule)."""
+IG_RULES = ("midpoint", "left", "right")
+
+
+def ig_alphas(steps: int, rule: str = "midpoint") -> tuple[float, ...]:
+    """The interpolation points of ``steps`` equal parts of [0, 1] (α = 0 ablated, α = 1 clean).
+
+    ``midpoint``: (k + ½)/m, k = 0 … m−1, this project's default: the midpoint rule of the path
+    integral, exact for a linear gradient and never the path's ends. ``left``: k/m, k = 0 … m−1, as
+    the published EAP-IG code interpolates the inputs (the fully ablated point in, the clean one
+    out). ``right``: k/m, k = 1 … m, as it interpolates activations.
+    """
     if steps < 1:
         raise ValueError(f"EAP-IG needs at least one step, got {steps}")
-    return tuple((k + 0.5) / steps for k in range(steps))
+    if rule not in IG_RULES:
+        raise ValueError(f"unknown interpolation rule {rule!r}: use one of {', '.join(IG_RULES)}")
+    offset = {"midpoint": 0.5, "left": 0.0, "right": 1.0}[rule]
+    return tuple((k + offset) / steps for k in range(steps))
 
 
 def eap_ig(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch_size: int = 16,
            progress: Callable[[int], None] | None = None, steps: int = 5,
-           ablation: str | Ablation = "counterfactual") -> Scores:
+           ablation: str | Ablation = "counterfactual", ig_rule: str = "midpoint") -> Scores:
     """EAP-IG scores (Hanna, Pezzelle & Belinkov 2024, "Have Faith in Faithfulness", arXiv 2403.17806).
 
     Integrated gradients on the inputs: the gradient at each receiver is averaged over ``steps``
@@ -206,15 +219,16 @@ def eap_ig(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch_size: int 
 
         score(s → r) = (ablated_s − clean_s) · (1/m) Σ_k ∂m/∂(input of r) |_{embedding = e_a + α_k (e − e_a)}
 
-    with α_k the midpoints of m equal steps. Gradients are accumulated into the scores step by
-    step, so memory does not grow with m. Same sign and units as EAP.
+    with α_k the points of ``ig_rule`` (:func:`ig_alphas`; midpoints by default). Gradients are
+    accumulated into the scores step by step, so memory does not grow with m. Same sign and units
+    as EAP.
     """
-    return _attribute(adapter, graph, task, batch_size, progress, ig_alphas(steps), ablation)
+    return _attribute(adapter, graph, task, batch_size, progress, ig_alphas(steps, ig_rule), ablation)
 
 
 def eap_ig_activations(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch_size: int = 16,
                        progress: Callable[[int], None] | None = None, steps: int = 5,
-                       ablation: str | Ablation = "counterfactual") -> Scores:
+                       ablation: str | Ablation = "counterfactual", ig_rule: str = "midpoint") -> Scores:
     """EAP-IG on the activations (MIB's "EAP-IG-activations", Mueller et al. 2025, arXiv 2504.13151).
 
     Instead of the embedding, the output of each sender hook point u (the input; the heads of a
@@ -235,7 +249,7 @@ def eap_ig_activations(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batc
     passes unrelated to it. Here an edge takes its gradients only from its own sender's passes.
     Cost: ``(2L + 1) · m`` forward and backward passes per batch; memory does not grow with m.
     """
-    return _attribute(adapter, graph, task, batch_size, progress, ig_alphas(steps), ablation,
+    return _attribute(adapter, graph, task, batch_size, progress, ig_alphas(steps, ig_rule), ablation,
                       per_batch=attribute_batch_activations)
 
 

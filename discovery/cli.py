@@ -86,6 +86,9 @@ def discover(
     workers: int = typer.Option(0, "--workers", help="acdc/--minimize: Ray actors with a model replica each (0: in this process)."),
     address: Optional[str] = typer.Option(None, "--address", help="Join an existing Ray cluster at this address (with --workers)."),
     ig_steps: int = typer.Option(5, "--ig-steps", help="Interpolation steps of eap-ig."),
+    ig_rule: str = typer.Option("midpoint", "--ig-rule", help="EAP-IG's interpolation points: midpoint ((k+½)/m), left (k/m, k<m: the published code on inputs) or right (k/m, k≥1: on activations)."),
+    bos: str = typer.Option("auto", "--bos", help="auto: the tokenizer's own rule (SmolLM2 adds no BOS token, Gemma does); always: prepend it, as the published EAP-IG code does."),
+    match_published: bool = typer.Option(False, "--match-published", help="Every choice the published EAP-IG code makes (--bos always and its --ig-rule): its scores, divided by the prompt count."),
     ablation: str = typer.Option("counterfactual", "--ablation", help="What a removed edge carries: counterfactual (the corrupted prompt), mean (over the task's prompts) or zero."),
     curve: bool = typer.Option(True, "--curve/--no-curve", help="Measure faithfulness at the MIB edge fractions (CPR, CMD)."),
     force: bool = typer.Option(False, "--force", help="Search even if the model does not show the behaviour."),
@@ -104,10 +107,13 @@ def discover(
     from discovery.run import DiscoverConfig, discover as run_discover
 
     config = DiscoverConfig(task=task, model=model, method=method, edges=edges, threshold=threshold,
-                            target_faithfulness=target_faithfulness, ig_steps=ig_steps, ablation=ablation, curve=curve, force=force,
+                            target_faithfulness=target_faithfulness, ig_steps=ig_steps, ig_rule=ig_rule, bos=bos,
+                            ablation=ablation, curve=curve, force=force,
                             skip_bad_rows=skip_bad_rows, check_model=not skip_model_check, n_pairs=pairs, batch_size=batch_size, seed=seed,
                             seed_method=seed_method, tau=tau, acdc_metric=acdc_metric, minimize=minimize,
                             search_prompts=search_prompts, chain=chain, workers=workers, address=address)
+    if match_published:
+        config = config.matching_published()
     summary = run_discover(config, out=out, overwrite=overwrite, reporter=ConsoleReporter())
     print(
         f"{summary['task']} on {summary['model']} ({summary['method']}): "

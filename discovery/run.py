@@ -25,7 +25,7 @@ import torch
 from discovery.ablation import ABLATIONS, make_ablation
 from discovery.adapter import ModelAdapter, load_model
 from discovery.checks import load_checked_model
-from discovery.attribution import METHODS, node_scores
+from discovery.attribution import IG_RULES, METHODS, node_scores
 from discovery.circuit import edges_above, node_count, prune, top_edges
 from discovery.errors import OutputExists, UserError
 from discovery.folders import atomic_dir, check_out_dir
@@ -35,7 +35,7 @@ from discovery.graph import EdgeGraph
 from discovery.scorer import DISTANCES
 from discovery.search import decisions_table, run_search
 from graphs.circuit import CircuitRecord
-from tasks import TASKS, build_task, is_task_file
+from tasks import TASKS, Task, build_task, is_task_file
 
 
 UNSEEDED = "none"  # --seed-method for ACDC over the whole graph, as Conmy et al. ran it
@@ -52,6 +52,8 @@ class DiscoverConfig:
     threshold: float | None = None  # … or every edge with |score| ≥ threshold …
     target_faithfulness: float = 0.8  # … or else the smallest top-N found to reach this (discovery split)
     ig_steps: int = 5  # interpolation steps of EAP-IG
+    ig_rule: str = "midpoint"  # EAP-IG's interpolation points: midpoint, left (published, inputs), right (published, activations)
+    bos: str = "auto"  # "auto": the tokenizer's own rule (SmolLM2 adds no BOS, Gemma does); "always": prepend it
     ablation: str = "counterfactual"  # what a removed edge carries: counterfactual, mean or zero
     seed_method: str = "eap-ig"  # for --method acdc: the attribution that orders and bounds the search ("none": all edges)
     tau: float | None = None  # ACDC threshold on the distance; None: 1 % of the empty circuit's distance
@@ -103,8 +105,29 @@ class DiscoverConfig:
             raise UserError(f"--pairs must be at least 4, got {self.n_pairs}")
         if self.ig_steps < 1:
             raise UserError(f"--ig-steps must be at least 1, got {self.ig_steps}")
+        if self.ig_rule not in IG_RULES:
+            raise UserError(f"--ig-rule must be one of {', '.join(IG_RULES)}, got {self.ig_rule!r}")
+        if self.bos not in ("auto", "always"):
+            raise UserError(f"--bos must be auto or always, got {self.bos!r}")
+
+    def matching_published(self) -> "DiscoverConfig":
+        """This configuration with every choice the published EAP-IG code makes (hannamw/EAP-IG):
+        the BOS token always prepended, and its interpolation points (``left`` on the inputs,
+        ``right`` on activations). Its scores then equal that code's (divided by the prompt count)."""
+        rule = "right" if self.method == "eap-ig-activations" else "left"
+        return dataclasses.replace(self, bos="always", ig_rule=rule)
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+
+def build_run_task(config: DiscoverConfig, tokenizer) -> Task:
+    """The run's task: built for the tokenizer, with the BOS token prepended when ``config.bos`` says so."""
+    task = build_task(config.task, tokenizer, n_pairs=config.n_pairs, seed=config.seed, skip_bad_rows=config.skip_bad_rows)
+    if config.bos == "always":
+        if tokenizer.bos_token_id is None:
+            raise UserError(f"--bos always: the tokenizer of {config.model} has no BOS token")
+        task = task.with_bos(tokenizer.bos_token_id)
+    return task
 
 
 class Reporter:
@@ -230,8 +253,7 @@ def discover(config: DiscoverConfig, out: Path | None = None, overwrite: bool = 
     if adapter is None:
         reporter.log(f"loading {config.model}")
         adapter = load_checked_model(config.model, reporter.log, check=config.check_model)
-    task = build_task(config.task, adapter.tokenizer, n_pairs=config.n_pairs, seed=config.seed,
-                      skip_bad_rows=config.skip_bad_rows)
+    task = build_run_task(config, adapter.tokenizer)
     for note in task.notes:
         reporter.log(f"task: {note}")
     graph = EdgeGraph(adapter.shape)
@@ -270,7 +292,7 @@ def discover(config: DiscoverConfig, out: Path | None = None, overwrite: bool = 
         method = METHODS[attribution]
         with reporter.progress(f"{attribution} scores", n_disc) as advance:
             scores = method.score(adapter, graph, task, config.batch_size, progress=advance, steps=config.ig_steps,
-                                  ablation=ablation)
+                                  ablation=ablation, ig_rule=config.ig_rule)
         attribution_passes = method.forwards_per_batch(config.ig_steps, graph) * len(list(task.batches("discovery", config.batch_size)))
         chosen, search, search_passes = choose_circuit(config, adapter, graph, task, scores, reporter, ablation)
         attribution_passes += search_passes
@@ -463,8 +485,7 @@ def validate_run(run_dir: Path, top: int = 40, random: int = 60, overwrite: bool
     if adapter is None:
         reporter.log(f"loading {config.model}")
         adapter = load_model(config.model, reporter.log)
-    task = build_task(config.task, adapter.tokenizer, n_pairs=config.n_pairs, seed=config.seed,
-                      skip_bad_rows=config.skip_bad_rows)
+    task = build_run_task(config, adapter.tokenizer)
     graph = EdgeGraph(adapter.shape)
     table = pd.read_parquet(run_dir / "scores.parquet")
     scores = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.float64)

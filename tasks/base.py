@@ -19,6 +19,7 @@ accuracy (``logits[answer] > logits[wrong]``), works unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Callable, Iterator
 
@@ -156,6 +157,21 @@ class Task:
 
     def __len__(self) -> int:
         return self.clean.shape[0]
+
+    def with_bos(self, bos_id: int) -> "Task":
+        """The same pairs with ``bos_id`` prepended to every prompt, unless every prompt starts with it.
+
+        The published EAP-IG code always prepends the BOS token (TransformerLens's
+        ``prepend_bos``); a tokenizer that adds none by default (SmolLM2's) gives different prompts.
+        Named positions and lengths move by one; the texts are unchanged.
+        """
+        if bool((self.clean[:, 0] == bos_id).all() and (self.corrupted[:, 0] == bos_id).all()):
+            return self
+        column = torch.full((len(self), 1), bos_id, dtype=self.clean.dtype)
+        return dataclasses.replace(
+            self, clean=torch.cat([column, self.clean], 1), corrupted=torch.cat([column, self.corrupted], 1),
+            lengths=self.lengths + 1, positions={k: v + 1 for k, v in self.positions.items()},
+            notes=(*self.notes, f"BOS token {bos_id} prepended to every prompt"))
 
     def indices(self, split: str | None = None) -> list[int]:
         """Indices of the pairs in ``split`` (all pairs when None)."""
