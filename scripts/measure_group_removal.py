@@ -15,19 +15,19 @@ outputs/benchmarks/group-removal-TIME.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 
 def main() -> None:
     import torch
 
+    from benchmark import write_result
     from discovery.adapter import load_model
     from discovery.attribution import eap_ig
     from discovery.circuit import prune, top_edges
@@ -105,10 +105,7 @@ def main() -> None:
         "seconds_total": round(time.perf_counter() - t0, 1), "note": "2 CPU threads, nothing else heavy running",
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    out = ROOT / "outputs" / "benchmarks" / f"group-removal-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1), f"\nwrote {out}")
+    write_result(result, "group-removal")
 
 
 if __name__ == "__main__":

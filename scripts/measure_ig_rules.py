@@ -14,19 +14,19 @@ outputs/benchmarks/ig-rules-TIME.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 
 def main() -> None:
     import torch
 
+    from benchmark import write_result
     from discovery.adapter import load_model
     from discovery.attribution import eap_ig
     from discovery.graph import EdgeGraph
@@ -67,10 +67,7 @@ def main() -> None:
               "seconds": round(time.perf_counter() - started, 1),
               "note": "2 CPU threads; nothing else heavy running",
               "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    out = ROOT / "outputs" / "benchmarks" / f"ig-rules-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(apart), f"wrote {out}")
+    write_result(result, "ig-rules")
 
 
 if __name__ == "__main__":

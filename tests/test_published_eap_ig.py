@@ -134,3 +134,6 @@ def test_match_published_on_the_command_line(tiny_model_dir, tmp_path, capsys):
     code, _, err = run_in_process(capsys, "discover", "--task", "ioi", "--model", str(tiny_model_dir), "--ig-rule", "simpson",
                                   "--out", str(tmp_path / "bad"))
     assert code == 2 and "--ig-rule must be one of midpoint, left, right" in err
+    code, _, err = run_in_process(capsys, "discover", "--task", "ioi", "--model", str(tiny_model_dir), "--bos", "sometimes",
+                                  "--out", str(tmp_path / "bad-bos"))
+    assert code == 2 and "--bos must be auto or always" in err
