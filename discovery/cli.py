@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from discovery.errors import UserError
+from circuitfinder.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find, check and draw the circuits behind a language model's behaviours.")
@@ -28,9 +28,9 @@ _state = {"debug": False}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from discovery.faithfulness import MetricError
-    from graphs.circuit import CircuitFileError
-    from tasks.base import TaskError
+    from circuitfinder.engine.faithfulness import MetricError
+    from circuitfinder.graphs.circuit import CircuitFileError
+    from circuitfinder.tasks.base import TaskError
 
     return (UserError, TaskError, CircuitFileError, MetricError)
 
@@ -104,7 +104,7 @@ def discover(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
 ) -> None:
     """Find the circuit of a task in a model and check it by exact patching."""
-    from discovery.run import DiscoverConfig, discover as run_discover
+    from circuitfinder.runs.run import DiscoverConfig, discover as run_discover
 
     config = DiscoverConfig(task=task, model=model, method=method, edges=edges, threshold=threshold,
                             target_faithfulness=target_faithfulness, ig_steps=ig_steps, ig_rule=ig_rule, bos=bos,
@@ -149,8 +149,8 @@ def sweep(
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo runs that already finished."),
 ) -> None:
     """Discover every task × model × method (skipping finished runs) and write one comparison table."""
-    from discovery.run import DiscoverConfig
-    from discovery.sweep import sweep as run_sweep
+    from circuitfinder.runs.run import DiscoverConfig
+    from circuitfinder.runs.sweep import sweep as run_sweep
 
     base = DiscoverConfig(edges=edges, threshold=threshold, target_faithfulness=target_faithfulness, ig_steps=ig_steps,
                           ablation=ablation, curve=curve, force=force, n_pairs=pairs, batch_size=batch_size, seed=seed)
@@ -175,7 +175,7 @@ def validate(
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo an existing validation."),
 ) -> None:
     """Compare a run's scores with exact single-edge patching (Pearson, Spearman, scatter plot)."""
-    from discovery.run import validate_run
+    from circuitfinder.runs.run import validate_run
 
     result = validate_run(run_dir, top=top, random=random, overwrite=overwrite, reporter=ConsoleReporter())
     parts = [f"{k}: Pearson {v['pearson']:.3f}, Spearman {v['spearman']:.3f}" for k, v in result.items() if isinstance(v, dict)]
@@ -183,7 +183,7 @@ def validate(
 
 
 def _reference_help() -> str:
-    from graphs.references import available
+    from circuitfinder.graphs.references import available
 
     return f"A published circuit: {', '.join(available())} (default: the one for the run's task)."
 
@@ -196,7 +196,7 @@ def evaluate(
     list_: bool = typer.Option(False, "--list", help="List the reference circuits and exit."),
 ) -> None:
     """Grade a run's circuit and scores against a published circuit (ROC-AUC, precision, recall)."""
-    from graphs.references import available, read
+    from circuitfinder.graphs.references import available, read
 
     if list_:
         for name in available():
@@ -207,7 +207,7 @@ def evaluate(
         return
     if run_dir is None:
         raise UserError("give a run folder (circuits evaluate RUN_DIR --reference NAME), or --list")
-    from graphs.evaluate import evaluate_run, format_table
+    from circuitfinder.graphs.evaluate import evaluate_run, format_table
 
     result = evaluate_run(run_dir, reference=reference, overwrite=overwrite)
     print(format_table(result))
@@ -225,8 +225,8 @@ def render(
     max_nodes: int = typer.Option(30, "--max-nodes", help="Node level: draw the heaviest N heads and MLPs (and 2N links)."),
 ) -> None:
     """Draw a saved circuit (no model needed); head roles come from roles.csv beside it."""
-    from graphs.circuit import load_circuit
-    from graphs.render import draw_record
+    from circuitfinder.graphs.circuit import load_circuit
+    from circuitfinder.graphs.render import draw_record
 
     record = load_circuit(source)
     path = source / "circuit.json" if source.is_dir() else source
@@ -244,9 +244,9 @@ def render(
 @app.command()
 def models() -> None:
     """List the bundled models, whether they are cached, and their edge counts."""
-    from discovery.adapter import ModelShape
-    from discovery.graph import EdgeGraph
-    from discovery.models import BUNDLED, DEFAULT_MODEL, is_cached
+    from circuitfinder.engine.adapter import ModelShape
+    from circuitfinder.engine.graph import EdgeGraph
+    from circuitfinder.engine.models import BUNDLED, DEFAULT_MODEL, is_cached
 
     for name, spec in BUNDLED.items():
         shape = ModelShape(*spec.shape)
@@ -259,7 +259,7 @@ def models() -> None:
 @tasks_app.command("list")
 def tasks_list() -> None:
     """List the built-in tasks."""
-    from tasks import DESCRIPTIONS, TASKS
+    from circuitfinder.tasks import DESCRIPTIONS, TASKS
 
     for name in sorted(TASKS):
         print(f"{name}: {DESCRIPTIONS.get(name, '')}")
@@ -274,10 +274,10 @@ def tasks_show(
     examples: int = typer.Option(3, "--examples", help="Prompt pairs to print."),
 ) -> None:
     """Show a few prompt pairs of a task and the model's baseline on it."""
-    from discovery.adapter import load_model
-    from discovery.faithfulness import CircuitEvaluator
-    from discovery.graph import EdgeGraph
-    from tasks import build_task
+    from circuitfinder.engine.adapter import load_model
+    from circuitfinder.engine.faithfulness import CircuitEvaluator
+    from circuitfinder.engine.graph import EdgeGraph
+    from circuitfinder.tasks import build_task
 
     adapter = load_model(model, ConsoleReporter().log)
     task = build_task(name, adapter.tokenizer, n_pairs=pairs, seed=seed)
@@ -301,7 +301,7 @@ def compare(
     max_edges: int = typer.Option(150, "--max-edges", help="Same model: node links of the union to draw."),
 ) -> None:
     """Compare two circuits (same model: Jaccard and overlaps; any models: by relative depth and role)."""
-    from graphs.compare import compare as run_compare
+    from circuitfinder.graphs.compare import compare as run_compare
 
     m = run_compare(a, b, out=out, overwrite=overwrite, bins=bins, formats=tuple(f.strip() for f in fmt.split(",")),
                     max_edges=max_edges)
@@ -319,8 +319,8 @@ def roles(
     overwrite: bool = typer.Option(False, "--overwrite", help="Measure again over an existing roles.csv."),
 ) -> None:
     """Score every head's role (previous-token, duplicate, induction, mover) on the run's prompts: roles.csv."""
-    from graphs.circuit import load_circuit
-    from graphs.roles import roles_for_run
+    from circuitfinder.graphs.circuit import load_circuit
+    from circuitfinder.graphs.roles import roles_for_run
 
     if prompts < 1:
         raise UserError(f"--prompts must be at least 1, got {prompts}")
@@ -338,8 +338,8 @@ def tables(
     out: Optional[Path] = typer.Option(None, "--out", help="Folder to write into (default: beside the circuit)."),
 ) -> None:
     """Write per-layer counts and the top edges with head roles, as CSV and Markdown."""
-    from graphs.circuit import load_circuit
-    from graphs.tables import write_tables
+    from circuitfinder.graphs.circuit import load_circuit
+    from circuitfinder.graphs.tables import write_tables
 
     if top < 1:
         raise UserError(f"--top must be at least 1, got {top}")
@@ -360,8 +360,8 @@ def convert(
     """Convert a circuit between circuit.json, GraphML and the EAP-IG/MIB graph format."""
     import json as _json
 
-    from graphs.circuit import load_circuit
-    from graphs.formats import from_mib, save_graphml, save_mib
+    from circuitfinder.graphs.circuit import load_circuit
+    from circuitfinder.graphs.formats import from_mib, save_graphml, save_mib
 
     if to not in ("graphml", "mib", "circuit"):
         raise UserError(f"unknown --to {to!r}: use graphml, mib or circuit")
@@ -375,8 +375,8 @@ def convert(
     if isinstance(data, dict) and "cfg" in data and "schema" not in data:
         record = from_mib(data, source=str(path))
     elif path.suffix == ".graphml":
-        from graphs.circuit import from_networkx
-        from graphs.formats import load_graphml
+        from circuitfinder.graphs.circuit import from_networkx
+        from circuitfinder.graphs.formats import load_graphml
 
         record = from_networkx(load_graphml(path))
     else:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from discovery.errors import OutputExists
+from circuitfinder.errors import OutputExists
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:

@@ -3,7 +3,7 @@
 ``circuit.json`` (schema ``circuits/circuit``, version 1) holds the model's shape and the kept
 edges, each as ``{"sender": "a0.h3", "receiver": "a5.h1<q>", "score": -0.12}`` with an optional
 ``"necessity"`` (the metric's change when that edge alone is removed from the circuit), and an
-optional ``"roles"`` object (head name → role scores and label, see ``graphs.roles``). Node
+optional ``"roles"`` object (head name → role scores and label, see ``circuitfinder.graphs.roles``). Node
 names follow DESIGN.md: ``input``, ``a{layer}.h{head}``, ``m{layer}``, ``logits``; a receiver
 name is its node plus a slot (``<q>``, ``<k>``, ``<v>``), where k/v slots name the key/value
 group (``a5.g1<k>``) under grouped-query attention.
@@ -79,7 +79,7 @@ def _number(value) -> bool:
 
 def check_edge(sender: str, receiver: str, n_layers: int, n_heads: int, n_kv_groups: int, parallel: bool = False) -> str | None:
     """What is wrong with an edge of a model of this shape, or None if it is an edge of its graph
-    (``parallel``: a layer's MLP reads no head of its layer, ``discovery.graph``)."""
+    (``parallel``: a layer's MLP reads no head of its layer, ``circuitfinder.engine.graph``)."""
     try:
         s, r = parse_name(sender), parse_name(receiver)
     except CircuitFileError as exc:
@@ -328,7 +328,7 @@ def attach_roles(record: CircuitRecord, table) -> None:
 
     Args:
         record: the circuit; only its heads get roles (NaN scores are left out).
-        table: rows with ``node``, ``role`` and score columns (``graphs.roles.measure_roles``'s
+        table: rows with ``node``, ``role`` and score columns (``circuitfinder.graphs.roles.measure_roles``'s
             DataFrame, or ``roles.csv`` read back); ``layer`` and ``head`` are skipped.
     """
     heads = {n for n, k in record.to_networkx().nodes(data="kind") if k == "attn"}

@@ -12,7 +12,7 @@ Between circuits of **one model shape** (same layers, heads and key/value groups
   with different score scales compare.
 
 Between **models of different depth or width**, nodes are aligned by relative depth (layer /
-n_layers, in ``bins`` equal bins: fifths by default) and by head role (``graphs.roles``): the
+n_layers, in ``bins`` equal bins: fifths by default) and by head role (``circuitfinder.graphs.roles``): the
 depth table says, per bin, how many heads and MLPs each circuit has there, what share of its
 |score| leaves from there, and which roles both, only A or only B have there. Both tables are
 written for circuits of one model too.
@@ -30,9 +30,9 @@ from pathlib import Path
 import networkx as nx
 import pandas as pd
 
-from discovery.errors import UserError
-from discovery.folders import atomic_dir, check_out_dir
-from graphs.circuit import CircuitRecord, load_circuit, on_paths, parse_name
+from circuitfinder.errors import UserError
+from circuitfinder.folders import atomic_dir, check_out_dir
+from circuitfinder.graphs.circuit import CircuitRecord, load_circuit, on_paths, parse_name
 
 
 def same_shape(a: CircuitRecord, b: CircuitRecord) -> bool:
@@ -245,8 +245,8 @@ def compare(source_a: Path, source_b: Path, out: Path | None = None, overwrite: 
     Raises:
         UserError: a bad input or option; OutputExists: ``out`` exists and ``overwrite`` is off.
     """
-    from graphs.render import FORMATS, diff_to_dot, write_diagram
-    from graphs.tables import to_markdown
+    from circuitfinder.graphs.render import FORMATS, diff_to_dot, write_diagram
+    from circuitfinder.graphs.tables import to_markdown
 
     if bins < 1:
         raise UserError(f"--bins must be at least 1, got {bins}")

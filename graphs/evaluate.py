@@ -2,7 +2,7 @@
 
 Reads ``circuit.json`` (the found circuit and the model's shape) and, when the run folder has it,
 ``scores.parquet`` (every edge's score; for ``--method acdc`` the seed method's), grades both
-with :func:`graphs.grading.grade` against :mod:`graphs.reference`, and writes
+with :func:`circuitfinder.graphs.grading.grade` against :mod:`circuitfinder.graphs.reference`, and writes
 ``evaluation-{reference}.json`` and ``evaluation-{reference}.csv`` (one row per level) beside the
 circuit. Without ``scores.parquet`` only the circuit is graded (ROC-AUC needs every edge's score).
 """
@@ -16,13 +16,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from discovery.adapter import ModelShape
-from discovery.errors import OutputExists, UserError
-from discovery.graph import EdgeGraph
-from graphs.circuit import load_circuit
-from graphs.grading import grade
-from graphs.reference import load_reference, reference_mask
-from graphs.references import available
+from circuitfinder.engine.adapter import ModelShape
+from circuitfinder.errors import OutputExists, UserError
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.graphs.circuit import load_circuit
+from circuitfinder.graphs.grading import grade
+from circuitfinder.graphs.reference import load_reference, reference_mask
+from circuitfinder.graphs.references import available
 
 COLUMNS = ("reference", "circuit", "shared", "precision", "recall", "f1", "roc_auc", "top_k_precision", "top_k_recall",
            "top_k_f1", "r_precision")
@@ -57,7 +57,7 @@ def evaluate_run(source: Path, reference: str | None = None, overwrite: bool = F
 
     Args:
         source: a run folder written by ``circuits discover``, or a ``circuit.json`` file.
-        reference: a name from :func:`graphs.references.available`; default: the one for the run's task.
+        reference: a name from :func:`circuitfinder.graphs.references.available`; default: the one for the run's task.
         overwrite: replace an existing evaluation against the same reference.
 
     Returns:

@@ -3,7 +3,7 @@
 **GraphML** (``networkx.write_graphml``) holds the node-level graph of
 :meth:`CircuitRecord.to_networkx` with GraphML-safe values: attributes that are None are left
 out (and restored as None on reading), and the record's ``metadata`` is a JSON string. Reading a
-file written here and calling :func:`graphs.circuit.from_networkx` gives the record back exactly.
+file written here and calling :func:`circuitfinder.graphs.circuit.from_networkx` gives the record back exactly.
 
 **EAP-IG / MIB graph JSON** is what ``eap.graph.Graph.to_json`` of Hanna et al.'s EAP-IG writes
 and what the MIB circuit track (Mueller et al. 2025) takes as a submission::
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import networkx as nx
 
-from graphs.circuit import CircuitFileError, CircuitRecord, check_edge, parse_name
+from circuitfinder.graphs.circuit import CircuitFileError, CircuitRecord, check_edge, parse_name
 
 _NONE_DEFAULTS = ("head", "role", "slot")
 
@@ -106,7 +106,7 @@ def to_mib(record: CircuitRecord, scores: dict[str, float] | None = None, d_mode
     if d_model is None:
         d_model = record.metadata.get("d_model")
     if d_model is None:
-        from discovery.models import BUNDLED
+        from circuitfinder.engine.models import BUNDLED
 
         spec = BUNDLED.get(record.model)
         d_model = spec.shape[3] if spec else None

@@ -1,13 +1,13 @@
 """Grading a method against a reference circuit: ROC-AUC of its score ranking, precision and recall.
 
 As in the ACDC evaluation (Conmy et al. 2023, arXiv:2304.14997), a method is graded on how well
-it recovers a published circuit (``graphs.reference``), at two levels:
+it recovers a published circuit (``circuitfinder.graphs.reference``), at two levels:
 
 * **edges**: every edge of the graph, labelled by the reference edge mask, ranked by |score|;
 * **nodes**: every head and MLP (``input`` and ``logits`` are in every circuit and left out),
   labelled by the node-level reference; a node's score is the **sum of |score| over the edges
-  into and out of it**, the node weight of ``graphs.circuit.summary_graph`` (a k/v group edge
-  counts for every head of its group, as ``discovery.circuit.node_count`` does).
+  into and out of it**, the node weight of ``circuitfinder.graphs.circuit.summary_graph`` (a k/v group edge
+  counts for every head of its group, as ``circuitfinder.engine.masks.node_count`` does).
 
 Measures, each level:
 
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Float
 
-from discovery.graph import EdgeGraph
-from graphs.reference import node_mask
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.graphs.reference import node_mask
 
 Mask = Bool[torch.Tensor, "senders receivers"]
 Scores = Float[torch.Tensor, "senders receivers"]
@@ -132,7 +132,7 @@ def grade(graph: EdgeGraph, reference: Mask, circuit: Mask | None = None, scores
 
     Args:
         graph: the model's edge graph.
-        reference: ``[senders, receivers]`` reference edges (``graphs.reference.reference_mask``).
+        reference: ``[senders, receivers]`` reference edges (``circuitfinder.graphs.reference.reference_mask``).
         circuit: the found circuit's edges, or None.
         scores: every edge's score (signed; ranked by |score|), or None.
 

@@ -43,11 +43,11 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Bool
 
-from discovery.adapter import ModelShape
-from discovery.errors import UserError
-from discovery.graph import EdgeGraph
-from graphs.circuit import parse_name
-from graphs.references import read
+from circuitfinder.engine.adapter import ModelShape
+from circuitfinder.errors import UserError
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.graphs.circuit import parse_name
+from circuitfinder.graphs.references import read
 
 SCHEMA = "circuits/reference"
 
@@ -90,7 +90,7 @@ def _names(value) -> tuple[str, ...]:
 
 
 def load_reference(name: str) -> Reference:
-    """The reference called ``name`` (see :func:`graphs.references.available`).
+    """The reference called ``name`` (see :func:`circuitfinder.graphs.references.available`).
 
     Raises:
         UserError: no reference of that name (the message lists the available ones).
@@ -152,7 +152,7 @@ def node_mask(graph: EdgeGraph, edges: Bool[torch.Tensor, "senders receivers"]) 
     """Heads and MLPs at an end of an edge of ``edges``, indexed like senders (``input`` always False).
 
     A receiver's node is as in ``EdgeGraph.receiver_node`` (a k/v group input touches every head
-    of its group), as ``discovery.circuit.node_count`` counts nodes.
+    of its group), as ``circuitfinder.engine.masks.node_count`` counts nodes.
     """
     touched = edges.any(1).clone()
     for r in torch.nonzero(edges.any(0)).flatten().tolist():

@@ -20,8 +20,8 @@ Diagram conventions (shown again in the legend drawn with every diagram):
   per pair of units whose width follows the summed ``|score|`` of the circuit edges it stands
   for, with their count as the label (``×3``) and the colour of their net sign; ``draw_record``
   then keeps the heaviest ``max_nodes`` units and ``2 × max_nodes`` links among them
-  (``graphs.circuit.summary_graph``).
-* **Roles.** A head's role label (``graphs.roles``) is printed under its name in italics.
+  (``circuitfinder.graphs.circuit.summary_graph``).
+* **Roles.** A head's role label (``circuitfinder.graphs.roles``) is printed under its name in italics.
 * **SVG.** Every edge carries a tooltip with its exact score.
 """
 
@@ -186,7 +186,7 @@ def to_dot(graph: nx.DiGraph, style: str = "default", title: str | None = None, 
     return dot
 
 
-# Diff diagrams (graphs.compare): Okabe-Ito colours, told apart in greyscale by line style too.
+# Diff diagrams (circuitfinder.graphs.compare): Okabe-Ito colours, told apart in greyscale by line style too.
 DIFF = {
     "shared": {"color": "black", "fill": "#f0f0f0", "style": "solid"},
     "A": {"color": "#0072b2", "fill": "#cfe3f2", "style": "dashed"},
@@ -304,14 +304,14 @@ def draw_record(record, out_path: Path, formats=("svg",), style: str = "default"
 
     At edge level, circuits of more than ``max_edges`` edges are drawn by their ``max_edges``
     largest-|score| edges; at node level, by their ``max_nodes`` heaviest heads and MLPs
-    (``graphs.circuit.summary_graph``). Either is restricted to input → logits paths, and the
+    (``circuitfinder.graphs.circuit.summary_graph``). Either is restricted to input → logits paths, and the
     title says so; the record keeps everything. ``style="summary"`` means the default style at
     node level.
 
     Raises:
         ValueError: nothing is left to draw, or an unknown style or level.
     """
-    from graphs.circuit import on_paths, summary_graph
+    from circuitfinder.graphs.circuit import on_paths, summary_graph
 
     if style == "summary":
         style, level = "default", "node"

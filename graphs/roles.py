@@ -145,15 +145,15 @@ def label(scores: dict[str, float]) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# On a model (through discovery.adapter only)
+# On a model (through circuitfinder.engine.adapter only)
 # ---------------------------------------------------------------------------------------------
 
 def measure_roles(adapter, task, max_prompts: int = 64, batch_size: int = 16):
     """Role scores of every head of a model on a task's clean prompts.
 
     Args:
-        adapter: a ``discovery.adapter.ModelAdapter``.
-        task: a ``tasks.base.Task``; its first ``max_prompts`` clean prompts are used.
+        adapter: a ``circuitfinder.engine.adapter.ModelAdapter``.
+        task: a ``circuitfinder.tasks.base.Task``; its first ``max_prompts`` clean prompts are used.
 
     Returns:
         A DataFrame with one row per head: ``node``, ``layer``, ``head``, the :data:`SCORES`
@@ -163,8 +163,8 @@ def measure_roles(adapter, task, max_prompts: int = 64, batch_size: int = 16):
 
     shape = adapter.shape
     L, H = shape.n_layers, shape.n_heads
-    from discovery.graph import EdgeGraph
-    from discovery.patching import run_recording_senders
+    from circuitfinder.engine.graph import EdgeGraph
+    from circuitfinder.engine.patching import run_recording_senders
 
     graph = EdgeGraph(shape)
     heads = torch.tensor([1 + l * (H + 1) + h for l in range(L) for h in range(H)])  # head senders
@@ -217,11 +217,11 @@ def roles_for_run(run_dir, max_prompts: int = 64, overwrite: bool = False, repor
     """
     from pathlib import Path
 
-    from discovery.adapter import load_model
-    from discovery.errors import OutputExists
-    from discovery.run import load_run_config
-    from graphs.tables import to_markdown
-    from tasks import build_task
+    from circuitfinder.engine.adapter import load_model
+    from circuitfinder.errors import OutputExists
+    from circuitfinder.runs.run import load_run_config
+    from circuitfinder.graphs.tables import to_markdown
+    from circuitfinder.tasks import build_task
 
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from graphs.circuit import CircuitRecord, parse_name
+from circuitfinder.graphs.circuit import CircuitRecord, parse_name
 
 
 def _fmt(value, floatfmt: str) -> str:

@@ -1,11 +1,11 @@
-"""Write the README's table of architectures from the test matrix (tests/architectures.py).
+"""Write the table of architectures in RESULTS.md from the test matrix (tests/architectures.py).
 
-Each tiny model of the matrix is wrapped and put through the check at load (discovery.checks),
+Each tiny model of the matrix is wrapped and put through the check at load (circuitfinder.engine.checks),
 the same check the tests run; the table says which are exact (and in which working precision) and
 which are refused, with the refusal's own words. Run it after changing the matrix or the engine:
 
     .venv/bin/python scripts/architectures.py            # print the table
-    .venv/bin/python scripts/architectures.py --readme   # and replace it in README.md
+    .venv/bin/python scripts/architectures.py --readme   # and replace it in RESULTS.md
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ START, END = "<!-- architectures: start (scripts/architectures.py) -->", "<!-- a
 
 def table() -> str:
     from architectures import ARCHITECTURES, build, load_dtype
-    from discovery.adapter import ModelAdapter
-    from discovery.checks import check_model
-    from discovery.errors import UserError
-    from discovery.graph import EdgeGraph
+    from circuitfinder.engine.adapter import ModelAdapter
+    from circuitfinder.engine.checks import check_model
+    from circuitfinder.errors import UserError
+    from circuitfinder.engine.graph import EdgeGraph
     from tiny_models import tiny_tokenizer
 
     tokenizer = tiny_tokenizer(Path(tempfile.mkdtemp(prefix="arch-tok-")))
@@ -60,10 +60,10 @@ def main() -> None:
     text = table()
     print(text)
     if "--readme" in sys.argv:
-        readme = ROOT / "README.md"
+        readme = ROOT / "RESULTS.md"
         body = readme.read_text()
         if START not in body:
-            sys.exit(f"README.md has no {START} marker")
+            sys.exit(f"RESULTS.md has no {START} marker")
         body = re.sub(re.escape(START) + ".*?" + re.escape(END), f"{START}\n{text}\n{END}", body, flags=re.S)
         readme.write_text(body)
 

@@ -39,12 +39,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from discovery.adapter import load_model  # noqa: E402
-from discovery.attribution import attribute_batch, ig_alphas, input_hook  # noqa: E402
-from discovery.circuit import prune, top_edges  # noqa: E402
-from discovery.graph import EdgeGraph  # noqa: E402
-from discovery.patching import patched_logits, run_recording_senders  # noqa: E402
-from tasks import build_task  # noqa: E402
+from circuitfinder.engine.adapter import load_model  # noqa: E402
+from circuitfinder.methods.attribution import attribute_batch, ig_alphas, input_hook  # noqa: E402
+from circuitfinder.engine.masks import prune, top_edges  # noqa: E402
+from circuitfinder.engine.graph import EdgeGraph  # noqa: E402
+from circuitfinder.engine.patching import patched_logits, run_recording_senders  # noqa: E402
+from circuitfinder.tasks import build_task  # noqa: E402
 
 
 def write_result(result: dict, prefix: str) -> Path:
@@ -100,9 +100,9 @@ def pool_rates(adapter, graph, task, model: str) -> dict:
 
     import ray
 
-    from discovery.pool import InProcessPool, RayPool, ScorerSpec
-    from discovery.scorer import CircuitScorer
-    from discovery.search import MAX_ROWS
+    from circuitfinder.methods.pool import InProcessPool, RayPool, ScorerSpec
+    from circuitfinder.engine.scorer import CircuitScorer
+    from circuitfinder.methods.search import MAX_ROWS
 
     prompts = 32
     batches = tuple(task.batches("discovery", prompts, limit=prompts))

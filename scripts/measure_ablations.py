@@ -25,12 +25,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from discovery.adapter import load_model  # noqa: E402
-from discovery.attribution import METHODS  # noqa: E402
-from discovery.faithfulness import CircuitEvaluator, faithfulness_curve  # noqa: E402
-from discovery.graph import EdgeGraph  # noqa: E402
-from discovery.validation import correlations, exact_edge_effects, pick_edges  # noqa: E402
-from tasks import build_task  # noqa: E402
+from circuitfinder.engine.adapter import load_model  # noqa: E402
+from circuitfinder.methods.attribution import METHODS  # noqa: E402
+from circuitfinder.engine.faithfulness import CircuitEvaluator, faithfulness_curve  # noqa: E402
+from circuitfinder.engine.graph import EdgeGraph  # noqa: E402
+from circuitfinder.methods.validation import correlations, exact_edge_effects, pick_edges  # noqa: E402
+from circuitfinder.tasks import build_task  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from benchmark import write_result  # noqa: E402

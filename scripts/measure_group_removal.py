@@ -28,13 +28,13 @@ def main() -> None:
     import torch
 
     from benchmark import write_result
-    from discovery.adapter import load_model
-    from discovery.attribution import eap_ig
-    from discovery.circuit import prune, top_edges
-    from discovery.faithfulness import CircuitEvaluator
-    from discovery.graph import EdgeGraph
-    from discovery.scorer import CircuitScorer
-    from tasks import build_task
+    from circuitfinder.engine.adapter import load_model
+    from circuitfinder.methods.attribution import eap_ig
+    from circuitfinder.engine.masks import prune, top_edges
+    from circuitfinder.engine.faithfulness import CircuitEvaluator
+    from circuitfinder.engine.graph import EdgeGraph
+    from circuitfinder.engine.scorer import CircuitScorer
+    from circuitfinder.tasks import build_task
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--group", type=int, default=64)

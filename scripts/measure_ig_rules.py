@@ -27,11 +27,11 @@ def main() -> None:
     import torch
 
     from benchmark import write_result
-    from discovery.adapter import load_model
-    from discovery.attribution import eap_ig
-    from discovery.graph import EdgeGraph
-    from discovery.validation import correlations, exact_edge_effects, pick_edges
-    from tasks import build_task
+    from circuitfinder.engine.adapter import load_model
+    from circuitfinder.methods.attribution import eap_ig
+    from circuitfinder.engine.graph import EdgeGraph
+    from circuitfinder.methods.validation import correlations, exact_edge_effects, pick_edges
+    from circuitfinder.tasks import build_task
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--pairs", type=int, default=64)

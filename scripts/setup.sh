@@ -46,8 +46,10 @@ fi
 want="$(cat pyproject.toml "$LOCK" | "$PY" -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')"
 have="$(cat "$STAMP" 2>/dev/null || true)"
 if [ "$want" != "$have" ] || [ ! -x "$VENV/bin/circuits" ]; then
-    say "installing the locked packages (scripts/requirements.lock) and circuits (editable)"
+    say "installing the locked packages (scripts/requirements.lock) and circuitfinder (editable)"
     pip_install --require-hashes --no-deps -r "$LOCK"
+    # this project was once installed under the distribution name "circuits" (a PyPI name it did not own)
+    "$PY" -m pip uninstall -qq -y circuits >/dev/null 2>&1 || true
     pip_install --no-deps --no-build-isolation -e .
     echo "$want" >"$STAMP"
 fi

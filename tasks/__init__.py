@@ -1,7 +1,7 @@
 """Tasks: clean/corrupted prompt pairs with a metric. ``TASKS`` maps a name to its builder.
 
 :func:`build_task` also takes the path of a task file (``.jsonl`` or ``.csv``; see
-:mod:`tasks.from_file`).
+:mod:`circuitfinder.tasks.from_file`).
 """
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from tasks.base import Task, TaskError
-from tasks.from_file import load_task_file
-from tasks.greater_than import make_greater_than
-from tasks.induction import make_induction
-from tasks.ioi import make_ioi
+from circuitfinder.tasks.base import Task, TaskError
+from circuitfinder.tasks.from_file import load_task_file
+from circuitfinder.tasks.greater_than import make_greater_than
+from circuitfinder.tasks.induction import make_induction
+from circuitfinder.tasks.ioi import make_ioi
 
 TaskBuilder = Callable[..., Task]  # (tokenizer, n_pairs, seed) -> Task
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.base import Task, TaskError, logit_difference, pad_id_of, pad_sets, probability_difference, split_labels, stack_pairs
+from circuitfinder.tasks.base import Task, TaskError, logit_difference, pad_id_of, pad_sets, probability_difference, split_labels, stack_pairs
 
 FIELDS = ("clean", "corrupted", "answer", "wrong")
 SPLITS = ("discovery", "heldout")

@@ -35,7 +35,7 @@ import random
 
 import torch
 
-from tasks.base import Task, TaskError, pad_id_of, pad_sets, probability_difference, split_labels, stack_pairs
+from circuitfinder.tasks.base import Task, TaskError, pad_id_of, pad_sets, probability_difference, split_labels, stack_pairs
 
 TEMPLATE = "The {noun} lasted from the year {xx}{yy} to the year {xx}"
 # Hanna et al.'s event nouns (a selection of their cache/potential_nouns.txt), and their example "war".

@@ -34,7 +34,7 @@ import random
 
 import torch
 
-from tasks.base import Task, TaskError, answer_logprob, pad_id_of, split_labels, stack_pairs
+from circuitfinder.tasks.base import Task, TaskError, answer_logprob, pad_id_of, split_labels, stack_pairs
 
 
 def safe_tokens(tokenizer, min_letters: int = 3) -> dict[int, str]:

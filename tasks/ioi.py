@@ -21,7 +21,7 @@ import random
 
 import torch
 
-from tasks.base import Task, TaskError, logit_difference, pad_id_of, split_labels, stack_pairs
+from circuitfinder.tasks.base import Task, TaskError, logit_difference, pad_id_of, split_labels, stack_pairs
 
 # Wang et al.'s templates, written in the ABBA order: [A] is the indirect object, [B] the
 # subject. The BABA form swaps the first [A] and [B]. Each stops right before the IO name.

@@ -3,7 +3,7 @@
 
 def run_in_process(capsys, *args: str) -> tuple[int, str, str]:
     """The command line with ``args``: its exit code, stdout and stderr (captured by ``capsys``)."""
-    from discovery.cli import main
+    from circuitfinder.cli import main
 
     try:
         main(list(args))

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-# The project is not necessarily installed; make its packages importable from any directory.
-_ROOT = str(Path(__file__).resolve().parent.parent)
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+# The project is imported as installed (scripts/setup.sh installs it editable): the package is
+# ``circuitfinder``, whose folders discovery/, tasks/ and graphs/ are not importable by those names.
 
 # --------------------------------------------------------------------------------------------
 # word_tokenizer: a small GPT-2-style byte-level BPE tokenizer trained offline (IOI tests).
@@ -33,7 +30,7 @@ def word_tokenizer(tmp_path_factory):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from tasks.ioi import NAMES, OBJECTS, PLACES, TEMPLATES
+    from circuitfinder.tasks.ioi import NAMES, OBJECTS, PLACES, TEMPLATES
 
     words = [w for w in (*NAMES, *PLACES, *OBJECTS) if w not in WORD_TOKENIZER_UNSEEN]
     filler = " ".join(t.replace("[", "").replace("]", "") for t in TEMPLATES)

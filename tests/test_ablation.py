@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from discovery.ablation import make_ablation, sender_means
-from discovery.attribution import eap
-from discovery.circuit import prune
-from discovery.faithfulness import CircuitEvaluator
-from discovery.graph import EdgeGraph
-from discovery.patching import patched_logits, run_recording_senders
-from discovery.precision import tolerance_for
-from tasks.base import Task, logit_difference
+from circuitfinder.engine.ablation import make_ablation, sender_means
+from circuitfinder.methods.attribution import eap
+from circuitfinder.engine.masks import prune
+from circuitfinder.engine.faithfulness import CircuitEvaluator
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.engine.patching import patched_logits, run_recording_senders
+from circuitfinder.engine.precision import tolerance_for
+from circuitfinder.tasks.base import Task, logit_difference
 from test_attribution import tiny_task
 from tiny_models import assert_exact, skip_post_norm, VOCAB, tiny, tiny_hf_model  # noqa: F401 (fixture)
 

@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from discovery.acdc import SearchState, acdc, candidate_order, minimize
-from discovery.attribution import eap
-from discovery.circuit import prune, top_edges
-from discovery.graph import EdgeGraph
-from discovery.patching import patched_logits, run_recording_senders
-from discovery.pool import InProcessPool, _pack, _unpack
-from discovery.scorer import CircuitScorer
-from tasks.base import logit_difference
+from circuitfinder.methods.acdc import SearchState, acdc, candidate_order, minimize
+from circuitfinder.methods.attribution import eap
+from circuitfinder.engine.masks import prune, top_edges
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.engine.patching import patched_logits, run_recording_senders
+from circuitfinder.methods.pool import InProcessPool, _pack, _unpack
+from circuitfinder.engine.scorer import CircuitScorer
+from circuitfinder.tasks.base import logit_difference
 from test_attribution import tiny_task
 from tiny_models import tiny  # noqa: F401 (fixture)
 
@@ -186,7 +186,7 @@ def test_task_distance_is_the_metric_gap(tiny):
 
 
 def test_chain_length_grows_with_right_guesses_and_with_the_shared_layers():
-    from discovery.acdc import chain_length
+    from circuitfinder.methods.acdc import chain_length
 
     def state(right: int, wrong: int) -> SearchState:
         return SearchState(torch.zeros(1, 1, dtype=torch.bool), (0.0, 0.0), guessed=[1] * right + [0] * wrong + [2] * 5)

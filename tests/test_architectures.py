@@ -7,7 +7,7 @@ block rule); edges into an MLP and into the logits equal a reference computed on
 modules alone (a forward pre-hook on the module that receiver reads, no engine, no
 TransformerLens); EAP equals the derivative of exact patching. Each refused one is refused with
 one line that names the architecture and what is missing. ``scripts/architectures.py`` writes
-the README's table from the same catalogue and the same check.
+the table in RESULTS.md from the same catalogue and the same check.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from architectures import ARCHITECTURES, EXPECTED_REFUSAL, build, load_dtype
-from discovery.adapter import ModelAdapter
-from discovery.attribution import eap
-from discovery.checks import check_model
-from discovery.errors import UserError
-from discovery.graph import EdgeGraph, expected_edge_count
-from discovery.patching import patched_logits, run_recording_senders
-from discovery.precision import exact_tolerance, tolerance_for
+from circuitfinder.engine.adapter import ModelAdapter
+from circuitfinder.methods.attribution import eap
+from circuitfinder.engine.checks import check_model
+from circuitfinder.errors import UserError
+from circuitfinder.engine.graph import EdgeGraph, expected_edge_count
+from circuitfinder.engine.patching import patched_logits, run_recording_senders
+from circuitfinder.engine.precision import exact_tolerance, tolerance_for
 from test_attribution import patching_derivative, tiny_task
 from tiny_models import random_pair, tiny_tokenizer
 
@@ -215,7 +215,7 @@ def test_edges_into_queries_keys_and_values_match_the_hugging_face_modules(name,
 def test_stacked_circuits_equal_one_copy_per_circuit(name, tokenizer):
     """Circuits that share a prefix of layers run it once (the batch grows as the residual enters the
     layer where they part), including the MLP receivers the adapter supplies itself."""
-    from discovery.patching import stacked_patched_logits
+    from circuitfinder.engine.patching import stacked_patched_logits
 
     adapter = adapter_for(name, tokenizer)
     graph = EdgeGraph(adapter.shape)
@@ -263,7 +263,7 @@ def test_eap_is_the_derivative_of_exact_patching(name, tokenizer):
 
 @pytest.mark.parametrize("edge", ["input->a1.h2<q>", "a0.h1->a2.g0<k>", "m0->a1.g3<v>"])
 def test_bloom_is_refused_because_its_bridge_qkv_inputs_differ_from_the_model(edge, tokenizer):
-    """The evidence behind BLOOM's refusal (discovery.checks.KNOWN_INEXACT): its MLP and logit edges
+    """The evidence behind BLOOM's refusal (circuitfinder.engine.checks.KNOWN_INEXACT): its MLP and logit edges
     match Hugging Face's modules, its q/k/v edges do not. When this fails, lift the refusal."""
     adapter = ModelAdapter.from_hf(build("bloom"), tokenizer, name="tiny-bloom", hf_id="bloom", dtype=torch.float64)
     with pytest.raises(AssertionError, match="<="):

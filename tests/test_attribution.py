@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from discovery.attribution import METHODS, eap
-from discovery.graph import EdgeGraph
-from discovery.patching import patched_logits, run_recording_senders
-from tasks.base import Task, logit_difference
+from circuitfinder.methods.attribution import METHODS, eap
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.engine.patching import patched_logits, run_recording_senders
+from circuitfinder.tasks.base import Task, logit_difference
 from tiny_models import add_to_receiver_hook, random_pair, tiny  # noqa: F401 (fixture)
 
 
@@ -78,7 +78,7 @@ def test_eap_first_order_sum_tracks_small_corruptions(tiny):
 
 def _nudged_metric(adapter, graph, task, alpha, receiver, nudge):
     """Mean metric with the embedding at ``corrupted + α (clean − corrupted)`` and ``nudge`` added to one receiver."""
-    from discovery.attribution import input_hook
+    from circuitfinder.methods.attribution import input_hook
 
     (batch,) = task.batches("discovery", batch_size=len(task))
     corrupted, _ = run_recording_senders(adapter, graph, batch.corrupted)
@@ -95,7 +95,7 @@ def _nudged_metric(adapter, graph, task, alpha, receiver, nudge):
 def test_eap_ig_is_the_mean_gradient_along_the_input_path(tiny, edge):
     """Each EAP-IG score equals Δsender · ∂m/∂receiver averaged over the interpolated embeddings,
     the derivatives taken here by central differences of nudged forward passes."""
-    from discovery.attribution import eap_ig, ig_alphas
+    from circuitfinder.methods.attribution import eap_ig, ig_alphas
 
     task = tiny_task()
     graph = EdgeGraph(tiny.shape)
@@ -124,7 +124,7 @@ def test_eap_ig_is_the_mean_gradient_along_the_input_path(tiny, edge):
 
 def test_eap_ig_memory_does_not_grow_with_steps(tiny):
     """Gradients are accumulated step by step: no hook or tensor is kept per step."""
-    from discovery.attribution import eap_ig
+    from circuitfinder.methods.attribution import eap_ig
 
     task = tiny_task()
     graph = EdgeGraph(tiny.shape)
@@ -137,7 +137,7 @@ def test_eap_ig_memory_does_not_grow_with_steps(tiny):
 
 def test_exact_edge_effects_match_one_edge_patched_by_the_engine(tiny):
     """Edges evaluated several per pass give exactly what the patching engine gives one at a time."""
-    from discovery.validation import exact_edge_effects
+    from circuitfinder.methods.validation import exact_edge_effects
 
     task = tiny_task()
     graph = EdgeGraph(tiny.shape)
@@ -153,7 +153,7 @@ def test_exact_edge_effects_match_one_edge_patched_by_the_engine(tiny):
 
 
 def test_correlations_are_pearson_and_rank_pearson():
-    from discovery.validation import correlations
+    from circuitfinder.methods.validation import correlations
 
     x = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
     assert correlations(x, x**3)["spearman"] == pytest.approx(1.0)

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from discovery.attribution import eap
-from discovery.circuit import edges_above, node_count, prune, top_edges
-from discovery.faithfulness import CircuitEvaluator, MetricError, search_size
-from discovery.graph import EdgeGraph
-from tasks.base import Task
+from circuitfinder.methods.attribution import eap
+from circuitfinder.engine.masks import edges_above, node_count, prune, top_edges
+from circuitfinder.engine.faithfulness import CircuitEvaluator, MetricError, search_size
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.tasks.base import Task
 from test_attribution import tiny_task
 from tiny_models import tiny  # noqa: F401 (fixture)
 
@@ -32,7 +32,7 @@ def test_pruning_keeps_everything_of_the_full_graph_and_is_idempotent(tiny):
 
 
 def test_dangling_edges_are_pruned():
-    from discovery.adapter import ModelShape
+    from circuitfinder.engine.adapter import ModelShape
 
     graph = EdgeGraph(ModelShape(2, 2, 2, 4))
     mask = torch.zeros_like(graph.allowed)
@@ -47,7 +47,7 @@ def test_dangling_edges_are_pruned():
 @pytest.mark.parametrize("post_norm, expected", [(False, set()), (True, {"input->a0.h0<q>", "a0.h1->logits"})])
 def test_a_shared_post_norm_couples_the_heads_of_a_layer_in_pruning(post_norm, expected):
     """Under Gemma's post-attention norm a0.h1's value moves with a0.h0's input (the common RMS)."""
-    from discovery.adapter import ModelShape
+    from circuitfinder.engine.adapter import ModelShape
 
     graph = EdgeGraph(ModelShape(2, 2, 2, 4, post_norm=post_norm))
     mask = torch.zeros_like(graph.allowed)
@@ -98,7 +98,7 @@ def test_identical_clean_and_corrupted_prompts_are_refused(tiny):
 
 
 def test_faithfulness_curve_ends_at_one_and_its_areas_follow_the_trapezoid_rule(tiny):
-    from discovery.faithfulness import faithfulness_curve
+    from circuitfinder.engine.faithfulness import faithfulness_curve
 
     graph = EdgeGraph(tiny.shape)
     task = tiny_task()
@@ -132,7 +132,7 @@ def test_circuits_evaluated_together_equal_circuits_evaluated_one_at_a_time(tiny
 
 @pytest.mark.parametrize("kind", ["counterfactual", "mean", "zero"])
 def test_curve_s_full_point_is_exactly_one_and_the_empty_circuit_exactly_zero(tiny, kind):
-    from discovery.faithfulness import faithfulness_curve
+    from circuitfinder.engine.faithfulness import faithfulness_curve
 
     graph = EdgeGraph(tiny.shape)
     task = tiny_task()

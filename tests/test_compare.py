@@ -11,10 +11,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from discovery.errors import OutputExists
-from graphs.circuit import CircuitRecord
-from graphs.compare import compare, depth_bin, depth_table, diff_graph, role_table, same_model_metrics
-from graphs.tables import layer_table, to_markdown, top_edges_table
+from circuitfinder.errors import OutputExists
+from circuitfinder.graphs.circuit import CircuitRecord
+from circuitfinder.graphs.compare import compare, depth_bin, depth_table, diff_graph, role_table, same_model_metrics
+from circuitfinder.graphs.tables import layer_table, to_markdown, top_edges_table
 from cli_runner import run_in_process as _run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,7 +110,7 @@ def test_roles_csv_beside_a_circuit_is_used(tmp_path):
     folder = _save(_record([("input", "a0.h0<q>", -1.0), ("a0.h0", "logits", -1.0)]), tmp_path / "r")
     pd.DataFrame([{"node": "a0.h0", "layer": 0, "head": 0, "previous_token": 0.9, "role": "prev-token"},
                   {"node": "a1.h1", "layer": 1, "head": 1, "previous_token": 0.1, "role": None}]).to_csv(folder / "roles.csv", index=False)
-    from graphs.circuit import load_circuit
+    from circuitfinder.graphs.circuit import load_circuit
 
     assert load_circuit(folder).roles == {"a0.h0": {"role": "prev-token", "previous_token": 0.9}}
 
@@ -129,7 +129,7 @@ def test_tables():
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "discovery.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "circuitfinder.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 

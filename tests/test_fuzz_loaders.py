@@ -1,8 +1,8 @@
 """Fuzz tests (hypothesis) of the two loaders that read files a user hands us.
 
 Random task files (JSONL and CSV; valid and invalid rows, random Unicode, missing fields, wrong
-types, empty files, raw bytes) go to :func:`tasks.from_file.load_task_file`, and random
-``circuit.json`` documents to :meth:`graphs.circuit.CircuitRecord.load`. Every outcome must be a
+types, empty files, raw bytes) go to :func:`circuitfinder.tasks.from_file.load_task_file`, and random
+``circuit.json`` documents to :meth:`circuitfinder.graphs.circuit.CircuitRecord.load`. Every outcome must be a
 usable result or the loader's documented error (``TaskError``, ``CircuitFileError``), never
 another exception. Pathological inputs that random generation rarely reaches (integers longer
 than Python parses, nesting deeper than the recursion limit, lone surrogates, CSV cells over the
@@ -23,9 +23,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from graphs.circuit import SCHEMA, VERSION, CircuitFileError, CircuitRecord
-from tasks.base import Task, TaskError
-from tasks.from_file import FIELDS, load_task_file
+from circuitfinder.graphs.circuit import SCHEMA, VERSION, CircuitFileError, CircuitRecord
+from circuitfinder.tasks.base import Task, TaskError
+from circuitfinder.tasks.from_file import FIELDS, load_task_file
 from tiny_models import VOCAB, tiny_tokenizer
 
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from discovery.adapter import ModelShape, load_model
-from discovery.faithfulness import CircuitEvaluator
-from discovery.graph import EdgeGraph
-from discovery.patching import patched_logits, run_recording_senders
-from tasks import build_task
+from circuitfinder.engine.adapter import ModelShape, load_model
+from circuitfinder.engine.faithfulness import CircuitEvaluator
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.engine.patching import patched_logits, run_recording_senders
+from circuitfinder.tasks import build_task
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,7 @@ def test_ioi_shows_a_clear_gap_between_clean_and_corrupted(gemma3, ioi):
 
 
 def test_gemma3_passes_the_check_at_load(gemma3):
-    from discovery.checks import check_model
+    from circuitfinder.engine.checks import check_model
 
     assert gemma3.working_dtype == torch.float32
     assert check_model(gemma3) < 0.1  # every exactness comparison well inside the float32 tolerance

@@ -9,8 +9,8 @@ import xml.etree.ElementTree as ET
 import networkx as nx
 import pytest
 
-from graphs.circuit import CircuitFileError, CircuitRecord, attach_roles, from_networkx, on_paths, summary_graph
-from graphs.formats import _split, from_mib, load_graphml, load_mib, save_graphml, save_mib, to_mib
+from circuitfinder.graphs.circuit import CircuitFileError, CircuitRecord, attach_roles, from_networkx, on_paths, summary_graph
+from circuitfinder.graphs.formats import _split, from_mib, load_graphml, load_mib, save_graphml, save_mib, to_mib
 
 # 3 layers, 4 heads in 2 key/value groups: k/v receivers name groups, so GQA mapping is exercised.
 EDGES = [

@@ -10,11 +10,11 @@ weights, taken here by central differences, with no hook of the method under tes
 import pytest
 import torch
 
-from discovery.ablation import make_ablation
-from discovery.attribution import METHODS, eap_ig, eap_ig_activations, ig_alphas, node_scores
-from discovery.graph import EdgeGraph
-from discovery.patching import patched_logits
-from tasks.base import logit_difference
+from circuitfinder.engine.ablation import make_ablation
+from circuitfinder.methods.attribution import METHODS, eap_ig, eap_ig_activations, ig_alphas, node_scores
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.engine.patching import patched_logits
+from circuitfinder.tasks.base import logit_difference
 from test_attribution import tiny_task
 from tiny_models import skip_post_norm, tiny  # noqa: F401 (fixture)
 

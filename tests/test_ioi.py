@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tasks.ioi as ioi
-from tasks.base import TaskError
-from tasks.ioi import TEMPLATES, make_ioi
+import circuitfinder.tasks.ioi as ioi
+from circuitfinder.tasks.base import TaskError
+from circuitfinder.tasks.ioi import TEMPLATES, make_ioi
 
 N = 40
 
@@ -140,7 +140,7 @@ def test_odd_or_empty_n_pairs_raise(word_tokenizer, n):
 @pytest.mark.slow
 def test_real_smollm2_tokenizer():
     """On the bundled SmolLM2's tokenizer (converted on first use): prompts tokenize as stored."""
-    from discovery.models import load_pretrained
+    from circuitfinder.engine.models import load_pretrained
 
     _, tok, _ = load_pretrained("smollm2-135m")
     task = make_ioi(tok, n_pairs=16)

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import pytest
 
-from discovery.checkpoint import Checkpoint
-from discovery.run import DiscoverConfig, discover, search_settings
+from circuitfinder.checkpoint import Checkpoint
+from circuitfinder.runs.run import DiscoverConfig, discover, search_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SEARCH = dict(task="ioi", method="acdc", edges=40, chain=1, search_prompts=4, n_pairs=8, batch_size=8, force=True, curve=False)
@@ -48,7 +48,7 @@ def _env() -> dict:
 
 
 def _command(model_dir: Path, out: Path, args: list[str] = ARGS) -> list[str]:
-    return [sys.executable, "-m", "discovery.cli", "discover", *args, "--model", str(model_dir), "--out", str(out)]
+    return [sys.executable, "-m", "circuitfinder.cli", "discover", *args, "--model", str(model_dir), "--out", str(out)]
 
 
 def _start(command: list[str], log: Path) -> subprocess.Popen:
@@ -100,7 +100,7 @@ def runs(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(runs, tiny_model_dir) -> dict:
     """An uninterrupted run (in this process): its circuit.json, candidate count and checkpoint folder."""
-    from discovery.adapter import load_model
+    from circuitfinder.engine.adapter import load_model
 
     config = DiscoverConfig(model=str(tiny_model_dir), **SEARCH)
     summary = discover(config, out=runs / "reference", adapter=load_model(str(tiny_model_dir)))
@@ -176,9 +176,9 @@ def test_sigkill_while_the_run_folder_is_written_leaves_only_a_hidden_folder_the
     args = ["--task", "ioi", "--method", "eap", "--edges", "20", "--pairs", "8", "--batch-size", "8", "--force", "--no-curve"]
     killed_mid_write = (  # every file is in the temporary folder; the kill comes before it is renamed to --out
         "import os, signal, sys\n"
-        "import discovery.folders\n"
-        "discovery.folders.make_readable = lambda folder: os.kill(os.getpid(), signal.SIGKILL)\n"
-        "from discovery.cli import main\n"
+        "import circuitfinder.folders\n"
+        "circuitfinder.folders.make_readable = lambda folder: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "from circuitfinder.cli import main\n"
         "main(sys.argv[1:])\n"
     )
     result = subprocess.run([sys.executable, "-c", killed_mid_write, *_command(tiny_model_dir, out, args)[3:]],

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from discovery.adapter import load_model
-from discovery.graph import EdgeGraph
-from discovery.patching import patched_logits, run_recording_senders
+from circuitfinder.engine.adapter import load_model
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.engine.patching import patched_logits, run_recording_senders
 from tiny_models import random_pair, tiny_hf_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +39,7 @@ def test_a_local_folder_with_a_saved_model_loads_and_patches_exactly(tmp_path):
 
 def test_an_unreachable_hub_is_one_line_naming_the_offline_choices():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "discovery.cli", "discover", "--model", "nobody/no-such-model"],
+    result = subprocess.run([sys.executable, "-m", "circuitfinder.cli", "discover", "--model", "nobody/no-such-model"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -48,7 +48,7 @@ def test_an_unreachable_hub_is_one_line_naming_the_offline_choices():
 
 
 def test_circuits_models_lists_bundled_models_with_their_edge_counts(capsys, monkeypatch, tmp_path):
-    from discovery.cli import models
+    from circuitfinder.cli import models
 
     monkeypatch.setenv("CIRCUITS_CACHE", str(tmp_path))
     (tmp_path / "gemma3-270m").mkdir()

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from discovery.ablation import make_ablation
-from discovery.attribution import eap, node_scores
-from discovery.graph import EdgeGraph
-from discovery.patching import patched_logits, run_recording_senders
-from tasks.base import logit_difference
+from circuitfinder.engine.ablation import make_ablation
+from circuitfinder.methods.attribution import eap, node_scores
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.engine.patching import patched_logits, run_recording_senders
+from circuitfinder.tasks.base import logit_difference
 from test_attribution import tiny_task
 from tiny_models import skip_post_norm, tiny  # noqa: F401 (fixture)
 

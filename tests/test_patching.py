@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from discovery.adapter import ModelShape
-from discovery.graph import EdgeGraph, expected_edge_count
-from discovery.patching import patched_logits, run_recording_senders
+from circuitfinder.engine.adapter import ModelShape
+from circuitfinder.engine.graph import EdgeGraph, expected_edge_count
+from circuitfinder.engine.patching import patched_logits, run_recording_senders
 from tiny_models import add_to_receiver_hook, assert_exact, random_pair, tiny, tiny_hf_model  # noqa: F401 (fixture)
 
 
@@ -144,7 +144,7 @@ def test_no_hook_remains_after_an_exception(tiny):
 
 def _naive_patched_logits(tiny, graph, clean, corr_senders, removed):
     """The plain formulation: every receiver adds Σ_s removed[s, r] (corrupted_s − current_s) by einsum."""
-    from discovery.patching import record_senders_hooks
+    from circuitfinder.engine.patching import record_senders_hooks
 
     diff = corr_senders.clone()
     hooks = record_senders_hooks(tiny, graph, diff, -1.0)

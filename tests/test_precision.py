@@ -1,10 +1,10 @@
-"""The exact tolerance (discovery.precision): the working dtype is probed, and the float32 islands
+"""The exact tolerance (circuitfinder.engine.precision): the working dtype is probed, and the float32 islands
 it finds are real: a last-bit change moves a float64 Gemma-3 by float32 rounding, not float64's."""
 
 import pytest
 import torch
 
-from discovery.precision import exact_tolerance, tolerance_for
+from circuitfinder.engine.precision import exact_tolerance, tolerance_for
 from tiny_models import random_pair, tiny  # noqa: F401 (fixture)
 
 WORKING = {"tiny-gpt2": torch.float64, "tiny-llama": torch.float32, "tiny-gemma3": torch.float32}

@@ -18,9 +18,9 @@ import dataclasses
 import pytest
 import torch
 
-from discovery.attribution import eap_ig, ig_alphas
-from discovery.graph import EdgeGraph
-from discovery.run import DiscoverConfig
+from circuitfinder.methods.attribution import eap_ig, ig_alphas
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.runs.run import DiscoverConfig
 from test_attribution import tiny_task
 from tiny_models import tiny  # noqa: F401 (fixture)
 
@@ -100,7 +100,7 @@ def test_left_rule_with_bos_equals_the_published_formula(tiny):
     got = torch.tensor([float(scores[graph.edge_index(e)]) for e in names], dtype=torch.float64)
     want = torch.tensor([reference[e] for e in names], dtype=torch.float64)
     assert want.abs().max() > 1e-3  # the scores are not all zero: the comparison can fail
-    rtol = 1e-9 if tiny.working_dtype == torch.float64 else 1e-5  # Llama's float32 islands (discovery.precision)
+    rtol = 1e-9 if tiny.working_dtype == torch.float64 else 1e-5  # Llama's float32 islands (circuitfinder.engine.precision)
     bad = [(e, float(a), float(b)) for e, a, b in zip(names, got, want) if abs(a - b) > rtol * float(want.abs().max())]
     assert not bad, bad[:8]
     # the default midpoint rule gives other scores, so the rule matters

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import tiny_models
-from discovery.acdc import acdc
-from discovery.attribution import eap
-from discovery.circuit import top_edges
-from discovery.graph import EdgeGraph
-from discovery.pool import InProcessPool, RayPool, ScorerSpec
+from circuitfinder.methods.acdc import acdc
+from circuitfinder.methods.attribution import eap
+from circuitfinder.engine.masks import top_edges
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.methods.pool import InProcessPool, RayPool, ScorerSpec
 from test_attribution import tiny_task
 
 ray = pytest.importorskip("ray")

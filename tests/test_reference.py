@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from discovery.adapter import ModelShape
-from discovery.errors import UserError
-from discovery.graph import EdgeGraph
-from graphs.circuit import CircuitRecord
-from graphs.grading import average_ranks, grade, node_scores, precision_recall, roc_auc, top_k
-from graphs.reference import load_reference, node_mask, reference_mask, reference_nodes
-from graphs.references import available
+from circuitfinder.engine.adapter import ModelShape
+from circuitfinder.errors import UserError
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.graphs.circuit import CircuitRecord
+from circuitfinder.graphs.grading import average_ranks, grade, node_scores, precision_recall, roc_auc, top_k
+from circuitfinder.graphs.reference import load_reference, node_mask, reference_mask, reference_nodes
+from circuitfinder.graphs.references import available
 from cli_runner import run_in_process as _run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -227,10 +227,21 @@ def test_an_unknown_reference_names_the_available_ones():
         load_reference("gpt2-docstring")
 
 
-def test_references_are_package_data():
-    text = (ROOT / "pyproject.toml").read_text()  # (tomllib is Python 3.11+; the project supports 3.10)
-    assert 'packages = ["discovery", "tasks", "graphs", "graphs.references"]' in text
-    assert '[tool.setuptools.package-data]\n"graphs.references" = ["*.json"]' in text
+def test_a_wheel_holds_every_module_and_the_references(tmp_path):
+    """A non-editable install gets the whole ``circuitfinder`` namespace: every module of the three
+    folders under its import name, and the reference circuits as package data."""
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("circuitfinder-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    prefix = {"discovery": "circuitfinder", "tasks": "circuitfinder/tasks", "graphs": "circuitfinder/graphs"}
+    want = {f"{prefix[folder]}/{p.relative_to(ROOT / folder).as_posix()}"
+            for folder in prefix for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".json")}
+    assert want - names == set()
     assert {p.stem for p in (ROOT / "graphs" / "references").glob("*.json")} == set(available())
 
 
@@ -291,7 +302,7 @@ def test_a_partial_circuit_and_no_scores():
 def _fake_run(folder: Path, circuit: torch.Tensor, scores: torch.Tensor | None, graph: EdgeGraph = GPT2,
               task: str = "ioi", model: str = "gpt2") -> Path:
     """A run folder as `circuits discover` writes it (the files evaluate reads)."""
-    from discovery.run import scores_table
+    from circuitfinder.runs.run import scores_table
 
     folder.mkdir(parents=True)
     s = graph.shape

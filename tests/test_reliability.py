@@ -2,7 +2,7 @@
 make a result meaningless are errors, a failed write loses nothing, checkpoints survive damage,
 runs are deterministic, and nothing unpickles what a user hands us.
 
-The command line is driven in this process through ``discovery.cli.main`` (the same function the
+The command line is driven in this process through ``circuitfinder.cli.main`` (the same function the
 ``circuits`` script calls), which keeps these tests fast; ``test_run.py`` runs a few of the same
 errors through a real subprocess, and ``test_kill_resume.py`` kills real runs.
 """
@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from discovery.checkpoint import Checkpoint
-from discovery.errors import ModelNotFound, UserError
-from discovery.faithfulness import CircuitEvaluator, MetricError
-from discovery.graph import EdgeGraph
-from discovery.run import DiscoverConfig, discover
-from graphs.circuit import SCHEMA, VERSION, CircuitRecord
-from tasks import build_task
+from circuitfinder.checkpoint import Checkpoint
+from circuitfinder.errors import ModelNotFound, UserError
+from circuitfinder.engine.faithfulness import CircuitEvaluator, MetricError
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.runs.run import DiscoverConfig, discover
+from circuitfinder.graphs.circuit import SCHEMA, VERSION, CircuitRecord
+from circuitfinder.tasks import build_task
 from test_attribution import tiny_task
 from test_run import tiny_ioi_model  # noqa: F401 (fixture)
 from tiny_models import tiny_adapter, tiny_hf_model
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def cli(capsys):
     """Run the command line in this process: ``(exit status, stdout, stderr)``."""
-    from discovery import cli as cli_module
+    from circuitfinder import cli as cli_module
 
     def run(*args: str) -> tuple[int, str, str]:
         previous = signal.getsignal(signal.SIGTERM)
@@ -152,7 +152,7 @@ def test_a_model_folder_of_pickled_weights_is_refused_unopened(cli, tmp_path, wo
 
 
 def test_a_model_folder_without_weights_is_a_model_not_found(tmp_path, word_tokenizer):
-    from discovery.models import load_pretrained
+    from circuitfinder.engine.models import load_pretrained
 
     tiny_hf_model("llama", vocab=len(word_tokenizer)).config.save_pretrained(tmp_path)
     word_tokenizer.save_pretrained(tmp_path)
@@ -247,7 +247,7 @@ def test_a_nan_metric_is_an_error(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 def test_an_interrupted_write_leaves_no_folder_and_an_old_run_intact(tiny_ioi_model, tmp_path, monkeypatch):
-    import discovery.run as run_module
+    import circuitfinder.runs.run as run_module
 
     config = DiscoverConfig(task="ioi", model="tiny-llama", method="eap", n_pairs=8, batch_size=8, edges=20, force=True,
                             curve=False)
@@ -278,7 +278,7 @@ def test_an_interrupted_write_leaves_no_folder_and_an_old_run_intact(tiny_ioi_mo
 # ---------------------------------------------------------------------------------------------
 
 def test_a_checkpoint_write_cut_short_keeps_the_previous_one(tmp_path, monkeypatch):
-    import discovery.checkpoint as checkpoint_module
+    import circuitfinder.checkpoint as checkpoint_module
 
     cp = Checkpoint(tmp_path, {"a": 1})
     cp.save_json("search", {"decided": "0101"})
@@ -311,7 +311,7 @@ def test_a_damaged_checkpoint_is_redone_not_a_crash(tmp_path):
 def test_a_search_checkpoint_that_does_not_fit_is_redone(tiny_ioi_model, tmp_path):
     config = DiscoverConfig(task="ioi", model="tiny-llama", n_pairs=8, batch_size=8, method="acdc", seed_method="eap",
                             edges=20, search_prompts=4, force=True, curve=False)
-    from discovery.run import search_settings
+    from circuitfinder.runs.run import search_settings
 
     reference = discover(config, out=tmp_path / "a" / "run", adapter=tiny_ioi_model)
     Checkpoint(tmp_path / "b", search_settings(config)).save_json("search", {"decided": "7" * 999, "current": []})
@@ -338,18 +338,18 @@ def test_same_inputs_and_seed_give_a_byte_identical_circuit(tiny_ioi_model, tmp_
 def test_an_interrupted_command_exits_130_saying_how_to_resume(cli, monkeypatch):
     """Ctrl-C, or SIGTERM (turned into Ctrl-C), inside a command: status 130, not 0 (typer returns,
     rather than raises, the status of an interrupted command)."""
-    import discovery.run
+    import circuitfinder.runs.run
 
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(discovery.run, "discover", interrupted)
+    monkeypatch.setattr(circuitfinder.runs.run, "discover", interrupted)
     code, out, err = cli("discover", "--tau", "0.1")
     assert code == 130 and "rerun the same command to resume" in err and "Traceback" not in err and out == ""
 
 
 def test_progress_in_a_log_file_is_a_line_per_tenth():
-    from discovery import cli
+    from circuitfinder import cli
 
     with cli.console.capture() as captured:
         advance = cli._progress_lines("scoring", 40)
@@ -360,7 +360,7 @@ def test_progress_in_a_log_file_is_a_line_per_tenth():
 
 
 def test_progress_jumps_print_one_line():
-    from discovery import cli
+    from circuitfinder import cli
 
     with cli.console.capture() as captured:
         advance = cli._progress_lines("deciding", 100)
@@ -373,7 +373,7 @@ def test_only_temporary_folders_of_ended_processes_here_are_removed(tmp_path):
     import socket
     import subprocess
 
-    from discovery.folders import remove_stale_partials
+    from circuitfinder.folders import remove_stale_partials
 
     ended = subprocess.Popen(["true"])
     ended.wait()

@@ -1,4 +1,4 @@
-"""Tests for graphs.render: drawing a small circuit with Graphviz (no model needed)."""
+"""Tests for circuitfinder.graphs.render: drawing a small circuit with Graphviz (no model needed)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import xml.etree.ElementTree as ET
 import networkx as nx
 import pytest
 
-from graphs.circuit import CircuitRecord
-from graphs.render import render_circuit, to_dot
+from circuitfinder.graphs.circuit import CircuitRecord
+from circuitfinder.graphs.render import render_circuit, to_dot
 
 EDGES = [
     {"sender": "input", "receiver": "a0.h0<q>", "score": -0.30},
@@ -122,7 +122,7 @@ def test_node_level_merges_edges_and_labels_counts(graph):
 
 
 def test_draw_record_summary_style_and_paper_pdf(tmp_path):
-    from graphs.render import draw_record
+    from circuitfinder.graphs.render import draw_record
 
     record = CircuitRecord(model="toy", task="ioi", method="eap", n_layers=2, n_heads=2, n_kv_groups=1, edges=EDGES)
     svg, pdf = draw_record(record, tmp_path / "s", formats=("svg", "pdf"), style="summary", max_nodes=2)
@@ -135,7 +135,7 @@ def test_draw_record_summary_style_and_paper_pdf(tmp_path):
 
 
 def test_diff_diagram_has_a_legend_and_status_styles():
-    from graphs.render import DIFF, diff_to_dot
+    from circuitfinder.graphs.render import DIFF, diff_to_dot
 
     g = nx.DiGraph()
     g.add_node("input", kind="input", layer=-1, status="shared")

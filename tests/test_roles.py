@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from graphs import roles
+from circuitfinder.graphs import roles
 from test_attribution import tiny_task
 from tiny_models import tiny  # noqa: F401 (fixture)
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from discovery.adapter import ModelAdapter
-from discovery.errors import OutputExists, UserError
-from discovery.graph import EdgeGraph
-from discovery.run import DiscoverConfig, Reporter, discover
-from graphs.circuit import CircuitRecord
+from circuitfinder.engine.adapter import ModelAdapter
+from circuitfinder.errors import OutputExists, UserError
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.runs.run import DiscoverConfig, Reporter, discover
+from circuitfinder.graphs.circuit import CircuitRecord
 from tiny_models import tiny_hf_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,9 +58,9 @@ def test_discover_writes_a_complete_run_folder(tiny_ioi_model, tmp_path):
 @pytest.mark.parametrize("ablation, method", [("mean", "eap"), ("zero", "eap-ig-activations")])
 def test_discover_uses_the_chosen_ablation_throughout(tiny_ioi_model, tmp_path, ablation, method):
     """The run's baseline m(∅) is the every-edge-ablated metric of that ablation, not the corrupted run."""
-    from discovery.faithfulness import CircuitEvaluator
-    from discovery.graph import EdgeGraph
-    from tasks import build_task
+    from circuitfinder.engine.faithfulness import CircuitEvaluator
+    from circuitfinder.engine.graph import EdgeGraph
+    from circuitfinder.tasks import build_task
 
     config = DiscoverConfig(task="ioi", n_pairs=16, batch_size=8, edges=30, ablation=ablation, method=method, ig_steps=2, force=True)
     summary = discover(config, out=tmp_path / "run", adapter=tiny_ioi_model)
@@ -108,7 +108,7 @@ def test_bad_configurations_are_user_errors(config, message):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "discovery.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "circuitfinder.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -145,8 +145,8 @@ def test_a_run_s_prompts_file_is_a_task_file(tiny_ioi_model, tmp_path):
 
 def test_a_behaviour_the_model_lacks_is_refused_unless_forced(tiny_ioi_model, tmp_path):
     """A random tiny model does not do IOI: the run stops with a clear message, and --force runs it."""
-    from discovery.run import MIN_ACCURACY, check_behaviour
-    from discovery.faithfulness import Baseline
+    from circuitfinder.runs.run import MIN_ACCURACY, check_behaviour
+    from circuitfinder.engine.faithfulness import Baseline
 
     lacking = Baseline(clean=0.1, corrupted=0.2, accuracy=0.5, n_prompts=8)
     with pytest.raises(UserError, match="does not show the behaviour.*--force"):
@@ -158,7 +158,7 @@ def test_a_behaviour_the_model_lacks_is_refused_unless_forced(tiny_ioi_model, tm
 
 
 def test_a_task_file_with_a_bad_row_is_refused_unless_bad_rows_are_skipped(tiny_ioi_model, tmp_path):
-    from tasks.base import TaskError
+    from circuitfinder.tasks.base import TaskError
 
     discover(DiscoverConfig(task="ioi", n_pairs=8, batch_size=8, edges=20, force=True), out=tmp_path / "a", adapter=tiny_ioi_model)
     rows = (tmp_path / "a" / "prompts.jsonl").read_text().splitlines()

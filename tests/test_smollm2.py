@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from discovery.adapter import ModelShape, load_model
-from discovery.faithfulness import CircuitEvaluator
-from discovery.graph import EdgeGraph
-from discovery.patching import patched_logits, run_recording_senders
-from discovery.run import DiscoverConfig, discover
-from tasks import build_task
+from circuitfinder.engine.adapter import ModelShape, load_model
+from circuitfinder.engine.faithfulness import CircuitEvaluator
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.engine.patching import patched_logits, run_recording_senders
+from circuitfinder.runs.run import DiscoverConfig, discover
+from circuitfinder.tasks import build_task
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +64,7 @@ def test_tasks_show_prints_pairs_and_the_baseline():
     import sys
     from pathlib import Path
 
-    result = subprocess.run([sys.executable, "-m", "discovery.cli", "tasks", "show", "ioi", "--pairs", "16", "--examples", "1"],
+    result = subprocess.run([sys.executable, "-m", "circuitfinder.cli", "tasks", "show", "ioi", "--pairs", "16", "--examples", "1"],
                             cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "clean:" in result.stdout and "corrupted:" in result.stdout
@@ -76,7 +76,7 @@ def test_the_gguf_conversion_is_quiet_and_gives_the_cached_weights(smollm2, tmp_
     and writes the same float32 weights as the cache the other tests load."""
     import safetensors.torch
 
-    from discovery.models import cache_root, load_pretrained
+    from circuitfinder.engine.models import cache_root, load_pretrained
 
     default = cache_root() / "smollm2-135m" / "model.safetensors"
     monkeypatch.setenv("CIRCUITS_CACHE", str(tmp_path))
@@ -91,7 +91,7 @@ def test_the_gguf_conversion_is_quiet_and_gives_the_cached_weights(smollm2, tmp_
 
 
 def test_smollm2_passes_the_check_at_load(smollm2):
-    from discovery.checks import check_model
+    from circuitfinder.engine.checks import check_model
 
     assert smollm2.working_dtype == torch.float32
     assert check_model(smollm2) < 0.1  # every exactness comparison well inside the float32 tolerance

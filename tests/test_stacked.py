@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from discovery.graph import EdgeGraph
-from discovery.patching import patched_logits, run_recording_senders, stacked_patched_logits
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.engine.patching import patched_logits, run_recording_senders, stacked_patched_logits
 from tiny_models import assert_exact, random_pair, tiny  # noqa: F401 (fixture)
 
 

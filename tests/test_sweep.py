@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from discovery.errors import UserError
-from discovery.run import DiscoverConfig, Reporter, run_name
-from discovery.sweep import FROM_SUMMARY, sweep
+from circuitfinder.errors import UserError
+from circuitfinder.runs.run import DiscoverConfig, Reporter, run_name
+from circuitfinder.runs.sweep import FROM_SUMMARY, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = DiscoverConfig(n_pairs=8, batch_size=8, edges=20, ig_steps=2, force=True)
@@ -142,7 +142,7 @@ def test_ray_sweep_with_one_worker_gives_the_in_process_table(first, tiny_model_
 def test_cli_sweep_reports_each_run_and_exits_1_when_one_failed(tiny_model_dir, tmp_path):
     out = tmp_path / "s"
     result = subprocess.run(
-        [sys.executable, "-m", "discovery.cli", "sweep", "--tasks", "ioi", "--models", f"{tiny_model_dir},no-such-model",
+        [sys.executable, "-m", "circuitfinder.cli", "sweep", "--tasks", "ioi", "--models", f"{tiny_model_dir},no-such-model",
          "--methods", "eap", "--pairs", "8", "--batch-size", "8", "--edges", "20", "--force", "--no-curve", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 1, result.stderr

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from tasks import build_task
-from tasks.base import TaskError, logit_difference, probability_difference
-from tasks.from_file import load_task_file
-from tasks.ioi import make_ioi
+from circuitfinder.tasks import build_task
+from circuitfinder.tasks.base import TaskError, logit_difference, probability_difference
+from circuitfinder.tasks.from_file import load_task_file
+from circuitfinder.tasks.ioi import make_ioi
 
 CLEAN = "When Kate and John went to the store, John gave a drink to"
 CORRUPTED = "When Kate and John went to the store, Tom gave a drink to"

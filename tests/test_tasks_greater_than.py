@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks import build_task
-from tasks.base import Task, TaskBatch, TaskError, probability_difference
-from tasks.greater_than import CENTURIES, NOUNS, make_greater_than, year_mode
+from circuitfinder.tasks import build_task
+from circuitfinder.tasks.base import Task, TaskBatch, TaskError, probability_difference
+from circuitfinder.tasks.greater_than import CENTURIES, NOUNS, make_greater_than, year_mode
 
 N = 24
 WORDS = ["The", " lasted", " from", " the", " year", " to", " "] + [" " + n for n in NOUNS]
@@ -176,10 +176,10 @@ def test_registered_and_built_by_name(digit_tokenizer):
 
 def test_baseline_and_eap_run_on_a_tiny_model(digit_tokenizer, digit_task):
     """The answer-set metric goes through the evaluator and a backward pass on a random model."""
-    from discovery.adapter import ModelAdapter
-    from discovery.attribution import eap
-    from discovery.faithfulness import CircuitEvaluator
-    from discovery.graph import EdgeGraph
+    from circuitfinder.engine.adapter import ModelAdapter
+    from circuitfinder.methods.attribution import eap
+    from circuitfinder.engine.faithfulness import CircuitEvaluator
+    from circuitfinder.engine.graph import EdgeGraph
     from tiny_models import tiny_hf_model
 
     adapter = ModelAdapter.from_hf(tiny_hf_model("llama", vocab=len(digit_tokenizer)), digit_tokenizer,
@@ -195,7 +195,7 @@ def test_prompts_read_back_as_a_task_file_with_answer_sets(tmp_path, digit_token
     """A run's prompts.jsonl rows (answers as lists) load back as the same task."""
     import json
 
-    from tasks.from_file import load_task_file
+    from circuitfinder.tasks.from_file import load_task_file
 
     path = tmp_path / "gt.jsonl"
     path.write_text("".join(json.dumps({k: t[k] for k in ("clean", "corrupted", "answer", "wrong")} | {"split": s}) + "\n"

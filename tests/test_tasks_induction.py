@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks import build_task
-from tasks.base import TaskBatch, TaskError, answer_logprob
-from tasks.induction import make_induction, safe_tokens
+from circuitfinder.tasks import build_task
+from circuitfinder.tasks.base import TaskBatch, TaskError, answer_logprob
+from circuitfinder.tasks.induction import make_induction, safe_tokens
 
 N, L = 12, 6
 
@@ -92,9 +92,9 @@ def test_answer_logprob_is_the_log_probability_of_the_answer():
 
 
 def test_registered_and_baseline_runs_on_a_tiny_model(word_tokenizer):
-    from discovery.adapter import ModelAdapter
-    from discovery.faithfulness import CircuitEvaluator
-    from discovery.graph import EdgeGraph
+    from circuitfinder.engine.adapter import ModelAdapter
+    from circuitfinder.engine.faithfulness import CircuitEvaluator
+    from circuitfinder.engine.graph import EdgeGraph
     from tiny_models import tiny_hf_model
 
     task = build_task("induction", word_tokenizer, n_pairs=8, seed=0)

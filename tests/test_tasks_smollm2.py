@@ -9,10 +9,10 @@ import json
 
 import pytest
 
-from discovery.faithfulness import CircuitEvaluator
-from discovery.graph import EdgeGraph
-from discovery.models import is_cached
-from tasks import build_task
+from circuitfinder.engine.faithfulness import CircuitEvaluator
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.engine.models import is_cached
+from circuitfinder.tasks import build_task
 
 pytestmark = [
     pytest.mark.slow,
@@ -22,7 +22,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from discovery.adapter import load_model
+    from circuitfinder.engine.adapter import load_model
 
     return load_model("smollm2-135m")
 

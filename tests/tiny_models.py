@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerFast)
 
-from discovery.adapter import ModelAdapter
+from circuitfinder.engine.adapter import ModelAdapter
 
 VOCAB = 40
 
@@ -87,7 +87,7 @@ def random_pair(batch: int = 3, pos: int = 6, seed: int = 0) -> tuple[torch.Tens
 
 def add_to_receiver_hook(adapter: ModelAdapter, graph, receiver: int, delta: torch.Tensor) -> tuple:
     """A hook adding ``delta`` ``[batch, pos, d]`` to one receiver's input (a test reference)."""
-    from discovery.checks import receiver_delta_hook
+    from circuitfinder.engine.checks import receiver_delta_hook
 
     point = next(p for p in graph.receiver_points if p.start <= receiver < p.stop)
     return receiver_delta_hook(adapter, point, receiver, delta)
@@ -108,8 +108,8 @@ def skip_post_norm(adapter: ModelAdapter) -> None:
 
 
 def assert_exact(adapter: ModelAdapter, got: torch.Tensor, want: torch.Tensor) -> None:
-    """``got`` equals ``want`` to the model's exact tolerance (``discovery.precision``)."""
-    from discovery.precision import tolerance_for
+    """``got`` equals ``want`` to the model's exact tolerance (``circuitfinder.engine.precision``)."""
+    from circuitfinder.engine.precision import tolerance_for
 
     tol = tolerance_for(adapter, want)
     diff = (got - want).abs().max().item()

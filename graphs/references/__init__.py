@@ -1,6 +1,6 @@
 """The published circuits as data: one JSON file each (schema ``circuits/reference``).
 
-Read with :func:`graphs.reference.load_reference`; the format and the sources are described in
+Read with :func:`circuitfinder.graphs.reference.load_reference`; the format and the sources are described in
 ``graphs/reference.py``. This module only finds and reads the files (no torch, so that the
 command line can list them quickly).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from importlib import resources
 
-from discovery.errors import UserError
+from circuitfinder.errors import UserError
 
 
 def available() -> list[str]:

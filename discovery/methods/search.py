@@ -1,7 +1,7 @@
 """The iterative phase of a run: ACDC or minimisation on a pool, checkpointed, with a certificate.
 
 Given attribution scores and a start circuit, this builds the scorer pool (in process or on Ray),
-runs :func:`discovery.acdc.acdc` or :func:`discovery.acdc.minimize` with a checkpoint saved after
+runs :func:`circuitfinder.methods.acdc.acdc` or :func:`circuitfinder.methods.acdc.minimize` with a checkpoint saved after
 every chain, and measures each kept edge's necessity: the change in metric and distance when it
 alone is removed from the final circuit (on the same prompts as the search).
 """
@@ -16,15 +16,15 @@ from typing import TYPE_CHECKING
 import pandas as pd
 import torch
 
-from discovery.acdc import SearchResult, SearchState, acdc, candidate_order, minimize, removal_order
-from discovery.adapter import ModelAdapter, load_model
-from discovery.checkpoint import Checkpoint
-from discovery.circuit import Mask, prune
-from discovery.graph import EdgeGraph
-from discovery.pool import InProcessPool, RayPool, ScorerSpec
+from circuitfinder.methods.acdc import SearchResult, SearchState, acdc, candidate_order, minimize, removal_order
+from circuitfinder.engine.adapter import ModelAdapter, load_model
+from circuitfinder.checkpoint import Checkpoint
+from circuitfinder.engine.masks import Mask, prune
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.methods.pool import InProcessPool, RayPool, ScorerSpec
 
 if TYPE_CHECKING:
-    from discovery.run import DiscoverConfig, Reporter
+    from circuitfinder.runs.run import DiscoverConfig, Reporter
 
 MAX_ROWS = 256  # sequences per forward pass in the search, once the batch is repeated per circuit
 

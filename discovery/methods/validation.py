@@ -5,7 +5,7 @@ the quantity EAP and EAP-IG estimate (Hanna et al. 2024 report Pearson r 0.78 fo
 EAP-IG against it on GPT-2 IOI). When one edge alone is patched, its sender is upstream of the
 patch and keeps its clean value, so the patched run is the clean run with
 ``ablated_s − clean_s`` added to r's input (the corrupted run's value under the default
-counterfactual ablation; see :mod:`discovery.ablation`). Many edges share one forward pass: the batch is
+counterfactual ablation; see :mod:`circuitfinder.engine.ablation`). Many edges share one forward pass: the batch is
 repeated once per edge and each copy gets its own edge's difference at its own receiver.
 """
 
@@ -15,11 +15,11 @@ from typing import Callable
 
 import torch
 
-from discovery.ablation import Ablation, make_ablation
-from discovery.adapter import ModelAdapter
-from discovery.graph import EdgeGraph
-from discovery.patching import run_recording_senders
-from tasks.base import Task
+from circuitfinder.engine.ablation import Ablation, make_ablation
+from circuitfinder.engine.adapter import ModelAdapter
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.engine.patching import run_recording_senders
+from circuitfinder.tasks.base import Task
 
 
 def _patch_copies_hooks(adapter: ModelAdapter, graph: EdgeGraph, edges: list[tuple[int, int]], delta: torch.Tensor, batch_size: int) -> list:

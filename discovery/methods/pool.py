@@ -1,7 +1,7 @@
 """Where stacks of circuits are scored: in this process, or on Ray actors holding model replicas.
 
 Both pools cut a stack into the same fixed chunks of ``chunk`` circuits and score each chunk with
-a :class:`~discovery.scorer.CircuitScorer` built from the same :class:`ScorerSpec`, so every
+a :class:`~circuitfinder.engine.scorer.CircuitScorer` built from the same :class:`ScorerSpec`, so every
 circuit is computed in the same company and a search finds the same circuit whatever the number
 of workers. On Ray, each actor loads the model itself (from the local cache for bundled models),
 runs the corrupted and clean prompts once, and then scores chunks; an actor that dies is
@@ -18,10 +18,10 @@ from typing import Callable
 
 import torch
 
-from discovery.adapter import ModelAdapter
-from discovery.graph import EdgeGraph
-from discovery.scorer import CircuitScorer, Scores
-from tasks.base import Metric, TaskBatch
+from circuitfinder.engine.adapter import ModelAdapter
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.engine.scorer import CircuitScorer, Scores
+from circuitfinder.tasks.base import Metric, TaskBatch
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from jaxtyping import Bool, Float
 
-from discovery.graph import EdgeGraph
+from circuitfinder.engine.graph import EdgeGraph
 
 Mask = Bool[torch.Tensor, "senders receivers"]
 

@@ -1,6 +1,6 @@
 """Ablations: the value a removed edge carries instead of its sender's clean output.
 
-Patching (:mod:`discovery.patching`) gives a removed edge s → r the value of sender s in an
+Patching (:mod:`circuitfinder.engine.patching`) gives a removed edge s → r the value of sender s in an
 *ablated* sender buffer ``[senders, batch, pos, d_model]``; attribution scores estimate the
 effect of that same replacement. An ablation is a way to build the buffer for a batch:
 
@@ -22,7 +22,7 @@ effect of that same replacement. An ablation is a way to build the buffer for a 
 Only the counterfactual buffer is the record of a real run of the model: a node that reads
 nothing but ablated values outputs its corrupted-run value exactly. Mean and zero values are
 not what any node computes from ablated inputs, which matters for pruning
-(:func:`discovery.circuit.prune`'s ``ablation_is_run``).
+(:func:`circuitfinder.engine.masks.prune`'s ``ablation_is_run``).
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ from typing import Callable
 import torch
 from jaxtyping import Float
 
-from discovery.adapter import ModelAdapter
-from discovery.graph import EdgeGraph
-from discovery.patching import run_recording_senders
-from tasks.base import Task, TaskBatch
+from circuitfinder.engine.adapter import ModelAdapter
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.engine.patching import run_recording_senders
+from circuitfinder.tasks.base import Task, TaskBatch
 
 Buffer = Float[torch.Tensor, "senders batch pos d_model"]
 

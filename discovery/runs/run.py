@@ -22,20 +22,20 @@ from typing import Callable, Iterator
 import pandas as pd
 import torch
 
-from discovery.ablation import ABLATIONS, make_ablation
-from discovery.adapter import ModelAdapter, load_model
-from discovery.checks import load_checked_model
-from discovery.attribution import IG_RULES, METHODS, node_scores
-from discovery.circuit import edges_above, node_count, prune, top_edges
-from discovery.errors import OutputExists, UserError
-from discovery.folders import atomic_dir, check_out_dir
-from discovery.checkpoint import Checkpoint
-from discovery.faithfulness import CircuitEvaluator, SizeSearch, faithfulness_curve, search_size
-from discovery.graph import EdgeGraph
-from discovery.scorer import DISTANCES
-from discovery.search import decisions_table, run_search
-from graphs.circuit import CircuitRecord
-from tasks import TASKS, Task, build_task, is_task_file
+from circuitfinder.engine.ablation import ABLATIONS, make_ablation
+from circuitfinder.engine.adapter import ModelAdapter, load_model
+from circuitfinder.engine.checks import load_checked_model
+from circuitfinder.methods.attribution import IG_RULES, METHODS, node_scores
+from circuitfinder.engine.masks import edges_above, node_count, prune, top_edges
+from circuitfinder.errors import OutputExists, UserError
+from circuitfinder.folders import atomic_dir, check_out_dir
+from circuitfinder.checkpoint import Checkpoint
+from circuitfinder.engine.faithfulness import CircuitEvaluator, SizeSearch, faithfulness_curve, search_size
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.engine.scorer import DISTANCES
+from circuitfinder.methods.search import decisions_table, run_search
+from circuitfinder.graphs.circuit import CircuitRecord
+from circuitfinder.tasks import TASKS, Task, build_task, is_task_file
 
 
 UNSEEDED = "none"  # --seed-method for ACDC over the whole graph, as Conmy et al. ran it
@@ -66,7 +66,7 @@ class DiscoverConfig:
     curve: bool = True  # also measure held-out faithfulness at the MIB edge fractions
     force: bool = False  # search even when the model does not show the behaviour
     skip_bad_rows: bool = False  # for a task file: drop invalid rows instead of refusing the file
-    check_model: bool = True  # verify at load that the engine is exact on the model (discovery.checks)
+    check_model: bool = True  # verify at load that the engine is exact on the model (circuitfinder.engine.checks)
     n_pairs: int = 128
     batch_size: int = 16
     seed: int = 0
@@ -443,7 +443,7 @@ def _certificate(summary: dict, outcome) -> dict:
 
 def _render(record: CircuitRecord, path: Path, reporter: Reporter) -> None:
     """Draw ``circuit.svg``; without the ``dot`` program, write ``circuit.dot`` and say so."""
-    from graphs.render import draw_record
+    from circuitfinder.graphs.render import draw_record
 
     formats = ("svg",) if shutil.which("dot") else ("dot",)
     if formats == ("dot",):
@@ -473,7 +473,7 @@ def validate_run(run_dir: Path, top: int = 40, random: int = 60, overwrite: bool
     Spearman correlation, overall and by group) and ``validation.png`` (a scatter plot) into the
     run folder. Returns the correlations.
     """
-    from discovery.validation import correlations, exact_edge_effects, pick_edges
+    from circuitfinder.methods.validation import correlations, exact_edge_effects, pick_edges
 
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)

@@ -47,8 +47,8 @@ from typing import Callable, Iterator
 import torch
 from jaxtyping import Float, Int
 
-from discovery.errors import UserError
-from discovery.models import load_pretrained
+from circuitfinder.errors import UserError
+from circuitfinder.engine.models import load_pretrained
 
 Hook = tuple[str, Callable]
 
@@ -95,7 +95,7 @@ class ModelAdapter:
             n_kv_groups=getattr(cfg, "n_key_value_heads", None) or cfg.n_heads,
             d_model=cfg.d_model,
             post_norm=self.post_norm,
-            parallel=type(blocks[0]).__name__ == "ParallelBlockBridge",  # checked by discovery.checks
+            parallel=type(blocks[0]).__name__ == "ParallelBlockBridge",  # checked by circuitfinder.engine.checks
         )
         try:
             bridge.set_use_split_qkv_input(True)
@@ -140,7 +140,7 @@ class ModelAdapter:
 
     @cached_property
     def working_dtype(self) -> torch.dtype:
-        """The lowest precision the forward pass rounds to (``discovery.precision`` says why it matters).
+        """The lowest precision the forward pass rounds to (``circuitfinder.engine.precision`` says why it matters).
 
         The model's dtype, or float32 for a float64 model with a float32 island somewhere. Probed on
         one short prompt whose residual stream entering the first block is nudged by a relative 1e-9
@@ -381,7 +381,7 @@ class ModelAdapter:
         """Logits of some tokens for residual-stream vectors at the logits' input (``RECEIVER_LOGITS``).
 
         Applies the final norm and the unembedding to each of ``n`` vectors per prompt, reading only
-        the columns of that prompt's ``token_ids`` (direct effects of heads: ``graphs.roles``).
+        the columns of that prompt's ``token_ids`` (direct effects of heads: ``circuitfinder.graphs.roles``).
         """
         with torch.no_grad():
             x = self.bridge.ln_final(resid.to(self.device, self.dtype))  # [batch, n, d_model]

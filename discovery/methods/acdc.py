@@ -32,7 +32,7 @@ where nearly all do (unseeded ACDC) they are long. The length only changes the c
 circuit; it depends only on the saved decisions, so a resumed search takes the same chains.
 
 Dead receivers: a receiver whose nodes have no kept outgoing edge cannot affect the logits (the
-argument of :func:`discovery.circuit.prune`; under Gemma's shared post-norm the nodes are the
+argument of :func:`circuitfinder.engine.masks.prune`; under Gemma's shared post-norm the nodes are the
 whole layer's heads, ``EdgeGraph.receiver_feeds``), so its incoming edges go without a pass.
 
 The same engine, with another acceptance rule, prunes a circuit down to a target faithfulness
@@ -46,9 +46,9 @@ from typing import Callable
 
 import torch
 
-from discovery.circuit import Mask, prune
-from discovery.graph import EdgeGraph
-from discovery.scorer import Scores
+from circuitfinder.engine.masks import Mask, prune
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.engine.scorer import Scores
 
 Evaluate = Callable[[torch.Tensor], Scores]  # circuits [k, S, R] -> their scores
 GUESS_BINS = 10

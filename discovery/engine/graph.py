@@ -36,7 +36,7 @@ from functools import cached_property
 import torch
 from jaxtyping import Bool
 
-from discovery.adapter import ModelShape
+from circuitfinder.engine.adapter import ModelShape
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,7 @@ class EdgeGraph:
 
         As :attr:`receiver_node`, except under a shared post-attention norm (``shape.post_norm``,
         Gemma 2/3): there each q/k/v input of a layer changes every head's value of that layer
-        through the norm's common scale (rule in ``discovery.adapter``).
+        through the norm's common scale (rule in ``circuitfinder.engine.adapter``).
         """
         if not self.shape.post_norm:
             return self.receiver_node

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from discovery.adapter import ModelAdapter
-from discovery.graph import EdgeGraph
-from discovery.patching import run_recording_senders, stack_split, stacked_patched_logits
-from tasks.base import Metric, TaskBatch
+from circuitfinder.engine.adapter import ModelAdapter
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.engine.patching import run_recording_senders, stack_split, stacked_patched_logits
+from circuitfinder.tasks.base import Metric, TaskBatch
 
 DISTANCES = ("kl", "task")
 

@@ -5,7 +5,7 @@ file to float32 (tens of seconds), so the result is cached once as safetensors u
 ``$CIRCUITS_CACHE`` (default ``~/.cache/circuits``) and later loads take about a second. Weights
 are only ever read from GGUF or safetensors, never unpickled.
 
-This module returns plain Hugging Face objects; ``discovery.adapter`` wraps them for patching.
+This module returns plain Hugging Face objects; ``circuitfinder.engine.adapter`` wraps them for patching.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from unittest import mock
 
 import torch
 
-from discovery.errors import ModelNotFound
+from circuitfinder.errors import ModelNotFound
 
 
 @dataclass(frozen=True)

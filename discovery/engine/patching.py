@@ -23,8 +23,8 @@ from typing import Callable
 import torch
 from jaxtyping import Float, Int
 
-from discovery.adapter import ModelAdapter
-from discovery.graph import EdgeGraph, ReceiverPoint, SenderPoint
+from circuitfinder.engine.adapter import ModelAdapter
+from circuitfinder.engine.graph import EdgeGraph, ReceiverPoint, SenderPoint
 
 
 def _as_senders(act: torch.Tensor) -> torch.Tensor:

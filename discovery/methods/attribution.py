@@ -15,7 +15,7 @@ Sign and units (pinned by a test): a score is in the metric's units and estimate
 score is negative supports the behaviour (patching it lowers a logit difference). Circuits rank
 edges by ``|score|``.
 
-"Corrupted" is whatever the chosen ablation (:mod:`discovery.ablation`) puts in a removed edge:
+"Corrupted" is whatever the chosen ablation (:mod:`circuitfinder.engine.ablation`) puts in a removed edge:
 the corrupted prompt's sender outputs (counterfactual, the default), their mean over the task's
 prompts, or zero; ``Δ_s = ablated_s − clean_s`` throughout.
 
@@ -40,11 +40,11 @@ from typing import TYPE_CHECKING, Callable, Protocol
 import torch
 from jaxtyping import Float
 
-from discovery.ablation import Ablation, make_ablation
-from discovery.adapter import ModelAdapter
-from discovery.graph import EdgeGraph, ReceiverPoint, SenderPoint
-from discovery.patching import record_senders_hooks, run_recording_senders
-from tasks.base import Task, TaskBatch
+from circuitfinder.engine.ablation import Ablation, make_ablation
+from circuitfinder.engine.adapter import ModelAdapter
+from circuitfinder.engine.graph import EdgeGraph, ReceiverPoint, SenderPoint
+from circuitfinder.engine.patching import record_senders_hooks, run_recording_senders
+from circuitfinder.tasks.base import Task, TaskBatch
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -1,6 +1,6 @@
 """Sweeps: one discovery run per (task, model, method), and one table comparing them.
 
-Each run is :func:`discovery.run.discover`, written to ``OUT/TASK-MODEL-METHOD/`` exactly as
+Each run is :func:`circuitfinder.runs.run.discover`, written to ``OUT/TASK-MODEL-METHOD/`` exactly as
 ``circuits discover --out`` writes it. Runs go one after another in this process (``workers=0``,
 the default: one run already keeps two CPU cores busy, so on a small machine two runs at once
 only share the same cores and double the memory), or as Ray tasks (Moritz et al. 2018), at most
@@ -22,9 +22,9 @@ from typing import Iterator
 
 import pandas as pd
 
-from discovery.errors import UserError
-from discovery.run import DiscoverConfig, Reporter, discover, run_name
-from graphs.tables import to_markdown
+from circuitfinder.errors import UserError
+from circuitfinder.runs.run import DiscoverConfig, Reporter, discover, run_name
+from circuitfinder.graphs.tables import to_markdown
 
 COLUMNS = ("task", "model", "method", "status", "metric", "metric_clean", "metric_corrupted", "accuracy_clean",
            "edges_total", "edges_kept", "edges_pct", "nodes_kept", "faithfulness", "cpr", "cmd", "seconds", "run", "error")

@@ -2,7 +2,7 @@
 
 The faithfulness of a circuit C is (m(C) − m(∅)) / (m(full) − m(∅)), where m is the task metric
 averaged over the prompts, m(C) is measured with every edge outside C ablated (patched from the
-chosen ablation's sender values, :mod:`discovery.ablation`), m(full) is the clean run and m(∅) the
+chosen ablation's sender values, :mod:`circuitfinder.engine.ablation`), m(full) is the clean run and m(∅) the
 run with every edge ablated: under the default counterfactual ablation that is exactly the
 corrupted run. The empty circuit scores exactly 0 and the full circuit exactly 1. This is the
 normalised faithfulness of Hanna et al. 2024 and of the MIB circuit track (Mueller et al. 2025).
@@ -21,12 +21,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from discovery.ablation import Ablation, make_ablation
-from discovery.adapter import ModelAdapter
-from discovery.circuit import Mask, prune, top_edges
-from discovery.graph import EdgeGraph
-from discovery.patching import patched_logits, stacked_patched_logits
-from tasks.base import Task
+from circuitfinder.engine.ablation import Ablation, make_ablation
+from circuitfinder.engine.adapter import ModelAdapter
+from circuitfinder.engine.masks import Mask, prune, top_edges
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.engine.patching import patched_logits, stacked_patched_logits
+from circuitfinder.tasks.base import Task
 
 
 class MetricError(ValueError):
@@ -88,7 +88,7 @@ class CircuitEvaluator:
             )
 
     def prune(self, mask: Mask) -> Mask:
-        """:func:`discovery.circuit.prune` with the rule this evaluator's ablation allows."""
+        """:func:`circuitfinder.engine.masks.prune` with the rule this evaluator's ablation allows."""
         return prune(self.graph, mask, ablation_is_run=self.ablation.is_run)
 
     def circuits_per_pass(self) -> int:

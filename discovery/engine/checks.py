@@ -2,7 +2,7 @@
 
 The tests hold the engine exact on a matrix of architectures (``tests/test_architectures.py``);
 this check protects the models they do not cover. A few forward passes on one random prompt
-pair (8 tokens), every comparison within ``discovery.precision``'s tolerance:
+pair (8 tokens), every comparison within ``circuitfinder.engine.precision``'s tolerance:
 
 1. **Every receiver is wired.** A random vector added at each receiver hook (q, k, v, MLP input
    of the first, middle and last layers; the logits' input) moves the logits. A hook that does
@@ -25,11 +25,11 @@ from typing import Callable
 
 import torch
 
-from discovery.adapter import ModelAdapter, load_model
-from discovery.errors import UserError
-from discovery.graph import EdgeGraph, ReceiverPoint
-from discovery.patching import patched_logits, run_recording_senders
-from discovery.precision import tolerance_for
+from circuitfinder.engine.adapter import ModelAdapter, load_model
+from circuitfinder.errors import UserError
+from circuitfinder.engine.graph import EdgeGraph, ReceiverPoint
+from circuitfinder.engine.patching import patched_logits, run_recording_senders
+from circuitfinder.engine.precision import tolerance_for
 
 
 class ModelRefused(UserError):
@@ -45,7 +45,7 @@ KNOWN_INEXACT = {
 
 
 def load_checked_model(name: str, log: Callable[[str], None] = lambda _msg: None, check: bool = True) -> ModelAdapter:
-    """:func:`discovery.adapter.load_model`, then :func:`check_model` unless ``check`` is False."""
+    """:func:`circuitfinder.engine.adapter.load_model`, then :func:`check_model` unless ``check`` is False."""
     adapter = load_model(name, log)
     if check:
         worst = check_model(adapter)
