@@ -104,7 +104,7 @@ def discover(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
 ) -> None:
     """Find the circuit of a task in a model and check it by exact patching."""
-    from circuitfinder.runs.run import DiscoverConfig, discover as run_discover
+    from circuitfinder.runs.run import DiscoverConfig, default_out_dir, run_config
 
     config = DiscoverConfig(task=task, model=model, method=method, edges=edges, threshold=threshold,
                             target_faithfulness=target_faithfulness, ig_steps=ig_steps, ig_rule=ig_rule, bos=bos,
@@ -114,7 +114,7 @@ def discover(
                             search_prompts=search_prompts, chain=chain, workers=workers, address=address)
     if match_published:
         config = config.matching_published()
-    summary = run_discover(config, out=out, overwrite=overwrite, reporter=ConsoleReporter())
+    summary = run_config(config, out=out or default_out_dir(config), overwrite=overwrite, reporter=ConsoleReporter()).summary
     print(
         f"{summary['task']} on {summary['model']} ({summary['method']}): "
         f"clean {summary['metric_clean']:.3f}, corrupted {summary['metric_corrupted']:.3f}; "
@@ -226,15 +226,14 @@ def render(
 ) -> None:
     """Draw a saved circuit (no model needed); head roles come from roles.csv beside it."""
     from circuitfinder.graphs.circuit import load_circuit
-    from circuitfinder.graphs.render import draw_record
 
-    record = load_circuit(source)
+    circuit = load_circuit(source)
     path = source / "circuit.json" if source.is_dir() else source
-    if not record.edges:
+    if not circuit.n_edges:
         raise UserError(f"{path} holds an empty circuit: nothing to draw")
     try:
-        written = draw_record(record, out or path.with_suffix(""), formats=[f.strip() for f in fmt.split(",")],
-                              style=style, max_edges=max_edges, level=level, max_nodes=max_nodes)
+        written = circuit.draw(out or path.with_suffix(""), formats=[f.strip() for f in fmt.split(",")],
+                               style=style, max_edges=max_edges, level=level, max_nodes=max_nodes)
     except (ValueError, RuntimeError) as exc:
         raise UserError(str(exc)) from None
     for p in written:
@@ -320,7 +319,7 @@ def roles(
 ) -> None:
     """Score every head's role (previous-token, duplicate, induction, mover) on the run's prompts: roles.csv."""
     from circuitfinder.graphs.circuit import load_circuit
-    from circuitfinder.graphs.roles import roles_for_run
+    from circuitfinder.runs.run import roles_for_run
 
     if prompts < 1:
         raise UserError(f"--prompts must be at least 1, got {prompts}")
@@ -395,7 +394,7 @@ def convert(
     else:
         record.save(out)
     extra = f" (all {len(scores):,} edge scores from scores.parquet)" if scores else ""
-    print(f"{len(record.edges):,} circuit edges -> {out}{extra}")
+    print(f"{record.n_edges:,} circuit edges -> {out}{extra}")
 
 
 INTERRUPTED = "interrupted: no results were written (a search's checkpoint is kept: rerun the same command to resume)"

@@ -3,7 +3,7 @@
 Between circuits of **one model shape** (same layers, heads and key/value groups), names match:
 
 * **node Jaccard** |A ∩ B| / |A ∪ B| over the heads and MLPs of the two circuits (the nodes of
-  ``CircuitRecord.to_networkx``; input and logits, in every circuit, are left out);
+  ``Circuit.nodes``; input and logits, in every circuit, are left out);
 * **edge Jaccard** over the circuits' edges (``a0.h3->a5.g1<k>``);
 * **overlap at equal size**: with k the smaller circuit's edge count, the share of the k
   largest-|score| edges of A that are among the k largest of B (1 for one circuit twice);
@@ -32,18 +32,23 @@ import pandas as pd
 
 from circuitfinder.errors import UserError
 from circuitfinder.folders import atomic_dir, check_out_dir
-from circuitfinder.graphs.circuit import CircuitRecord, load_circuit, on_paths, parse_name
+from circuitfinder.graphs.circuit import Circuit, from_networkx, load_circuit, parse_name
 
 
-def same_shape(a: CircuitRecord, b: CircuitRecord) -> bool:
+def same_shape(a: Circuit, b: Circuit) -> bool:
     return (a.n_layers, a.n_heads, a.n_kv_groups) == (b.n_layers, b.n_heads, b.n_kv_groups)
+
+
+def units(circuit: Circuit) -> set[str]:
+    """The circuit's heads and MLPs (its nodes without input and logits)."""
+    return circuit.nodes() - {"input", "logits"}
 
 
 def jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b) if a | b else 1.0
 
 
-def same_model_metrics(a: CircuitRecord, b: CircuitRecord) -> dict:
+def same_model_metrics(a: Circuit, b: Circuit) -> dict:
     """Node and edge Jaccard, overlap at equal size and weighted overlap (see the module docstring)."""
     sa = {n: abs(float(e["score"])) for n, e in zip(a.edge_names(), a.edges)}
     sb = {n: abs(float(e["score"])) for n, e in zip(b.edge_names(), b.edges)}
@@ -57,7 +62,7 @@ def same_model_metrics(a: CircuitRecord, b: CircuitRecord) -> dict:
     union = set(wa) | set(wb)
     low = sum(min(wa.get(n, 0.0), wb.get(n, 0.0)) for n in union)
     high = sum(max(wa.get(n, 0.0), wb.get(n, 0.0)) for n in union)
-    na, nb = a.nodes(), b.nodes()
+    na, nb = units(a), units(b)
     return {
         "node_jaccard": jaccard(na, nb),
         "edge_jaccard": jaccard(set(sa), set(sb)),
@@ -78,12 +83,12 @@ def bin_label(k: int, bins: int) -> str:
     return f"{round(100 * k / bins)}–{round(100 * (k + 1) / bins)}%"
 
 
-def _roles_of(record: CircuitRecord, node: str) -> list[str]:
+def _roles_of(record: Circuit, node: str) -> list[str]:
     role = (record.roles.get(node) or {}).get("role")
     return [r.strip() for r in role.split(",")] if role else []
 
 
-def _by_bin(record: CircuitRecord, bins: int) -> list[dict]:
+def _by_bin(record: Circuit, bins: int) -> list[dict]:
     """Per depth bin: heads, MLPs, |score| sent, role counts."""
     graph = record.to_networkx()
     out = [{"heads": 0, "mlps": 0, "sent": 0.0, "roles": Counter()} for _ in range(bins)]
@@ -103,7 +108,7 @@ def _counts(c: Counter) -> str:
     return ", ".join(f"{r}×{n}" if n > 1 else r for r, n in sorted(c.items(), key=lambda x: (-x[1], x[0])))
 
 
-def depth_table(a: CircuitRecord, b: CircuitRecord, bins: int = 5) -> pd.DataFrame:
+def depth_table(a: Circuit, b: Circuit, bins: int = 5) -> pd.DataFrame:
     """Per bin of relative depth: what each circuit has there, and which roles are shared or missing.
 
     ``*_score_share`` is the share of the circuit's |score| carried by edges whose sender lies
@@ -126,9 +131,9 @@ def depth_table(a: CircuitRecord, b: CircuitRecord, bins: int = 5) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
-def role_table(a: CircuitRecord, b: CircuitRecord) -> pd.DataFrame:
+def role_table(a: Circuit, b: Circuit) -> pd.DataFrame:
     """Per role: the heads of each circuit with it, and their relative depth (layer / n_layers)."""
-    def heads(record: CircuitRecord) -> dict[str, list[str]]:
+    def heads(record: Circuit) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         graph = record.to_networkx()
         for node, d in sorted(graph.nodes(data=True), key=lambda x: (x[1]["layer"], x[1].get("head") or 0)):
@@ -147,12 +152,12 @@ def _status(in_a: bool, in_b: bool) -> str:
     return "shared" if in_a and in_b else ("A" if in_a else "B")
 
 
-def diff_graph(a: CircuitRecord, b: CircuitRecord, max_edges: int = 150) -> nx.DiGraph:
+def diff_graph(a: Circuit, b: Circuit, max_edges: int = 150) -> nx.DiGraph:
     """Union of two circuits of one model shape at node level, each part marked shared, A or B.
 
     Edges are weighted by the larger of their two circuits' |score| (each circuit's scaled by its
     largest). Up to a quarter of ``max_edges`` goes to the heaviest links only in A, as much to
-    those only in B, the rest to the heaviest of all; then the drawing is restricted to
+    those only in B, the rest to the heaviest of all; then the drawing is pruned to
     input → logits paths.
     Statuses refer to the whole circuits, not to the drawn part.
     """
@@ -183,12 +188,16 @@ def diff_graph(a: CircuitRecord, b: CircuitRecord, max_edges: int = 150) -> nx.D
         slots = (ga.edges[u, v].get("slot") if ga.has_edge(u, v) else None) or (gb.edges[u, v].get("slot") if gb.has_edge(u, v) else None)
         out.add_edge(u, v, weight=weights[u, v], status=status[u, v],
                      label=",".join(slots or ""))
-    return on_paths(out)
+    # pruned as one circuit to input → logits paths: the union of the edges of A and B the links stand for
+    part_a = from_networkx(ga.edge_subgraph([e for e in keep if ga.has_edge(*e)]).copy(), like=a)
+    part_b = from_networkx(gb.edge_subgraph([e for e in keep if gb.has_edge(*e)]).copy(), like=b)
+    union = part_a.replace(mask=part_a.mask | part_b.mask).prune().to_networkx()
+    return out.edge_subgraph([e for e in out.edges if union.has_edge(*e)]).copy()
 
 
-def depth_diff_graph(a: CircuitRecord, b: CircuitRecord, bins: int = 5) -> nx.DiGraph:
+def depth_diff_graph(a: Circuit, b: Circuit, bins: int = 5) -> nx.DiGraph:
     """Two circuits merged to units of (depth bin, kind), each unit and link marked shared, A or B."""
-    def unit(record: CircuitRecord, node: str) -> str:
+    def unit(record: Circuit, node: str) -> str:
         p = parse_name(node)
         return node if p.kind in ("input", "logits") else f"{p.kind}@{depth_bin(p.layer, record.n_layers, bins)}"
 
@@ -228,7 +237,7 @@ def _stem(source: Path) -> str:
     return source.name if source.is_dir() else source.parent.name
 
 
-def _name(source: Path, record: CircuitRecord) -> str:
+def _name(source: Path, record: Circuit) -> str:
     return f"{record.task} · {record.model} · {record.method} ({_stem(source)})"
 
 
@@ -257,15 +266,15 @@ def compare(source_a: Path, source_b: Path, out: Path | None = None, overwrite: 
         raise UserError(f"unknown format(s) {', '.join(bad)}; choose from {', '.join(FORMATS)}")
     a, b = load_circuit(source_a), load_circuit(source_b)
     for record, source in ((a, source_a), (b, source_b)):
-        if not record.edges:
+        if not record.n_edges:
             raise UserError(f"{source} holds an empty circuit: nothing to compare")
     names = (_name(source_a, a), _name(source_b, b))
     out = Path(out) if out is not None else Path("outputs") / f"compare-{_stem(source_a)}-vs-{_stem(source_b)}"
     check_out_dir(out, overwrite)
 
     comparable = same_shape(a, b)
-    metrics = {"A": names[0], "B": names[1], "A_edges": len(a.edges), "B_edges": len(b.edges),
-               "A_nodes": len(a.nodes()), "B_nodes": len(b.nodes()), "same_model_shape": comparable,
+    metrics = {"A": names[0], "B": names[1], "A_edges": a.n_edges, "B_edges": b.n_edges,
+               "A_nodes": len(units(a)), "B_nodes": len(units(b)), "same_model_shape": comparable,
                "depth_bins": bins}
     metrics |= same_model_metrics(a, b) if comparable else {
         k: None for k in ("node_jaccard", "edge_jaccard", "overlap_at_equal_size", "equal_size_k", "weighted_overlap")}

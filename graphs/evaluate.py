@@ -14,12 +14,10 @@ import os
 from pathlib import Path
 
 import pandas as pd
-import torch
 
-from circuitfinder.engine.adapter import ModelShape
 from circuitfinder.errors import OutputExists, UserError
-from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.graphs.circuit import load_circuit
+from circuitfinder.graphs.tables import read_scores
 from circuitfinder.graphs.grading import grade
 from circuitfinder.graphs.reference import load_reference, reference_mask
 from circuitfinder.graphs.references import available
@@ -34,22 +32,6 @@ def default_reference(task: str) -> str:
         if load_reference(name).task == task:
             return name
     raise UserError(f"no reference circuit for task {task!r}: choose one with --reference ({', '.join(available())})")
-
-
-def load_scores(path: Path, graph: EdgeGraph) -> torch.Tensor:
-    """Every edge's score from ``scores.parquet`` as a dense ``[senders, receivers]`` tensor."""
-    table = pd.read_parquet(path, columns=["edge", "score"])
-    if len(table) != graph.n_edges or table["edge"].duplicated().any():
-        raise UserError(f"{path} holds {len(table):,} edge scores; this model's graph has {graph.n_edges:,} edges")
-    try:
-        index = [graph.edge_index(e) for e in table["edge"]]
-    except KeyError as exc:
-        raise UserError(f"{path} scores an edge this model does not have ({exc.args[0]})") from None
-    scores = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.float64)
-    scores[[i for i, _ in index], [j for _, j in index]] = torch.tensor(table["score"].to_numpy(dtype="float64"))
-    if not torch.isfinite(scores).all():
-        raise UserError(f"{path} holds scores that are not finite numbers")
-    return scores
 
 
 def evaluate_run(source: Path, reference: str | None = None, overwrite: bool = False) -> dict:
@@ -75,14 +57,11 @@ def evaluate_run(source: Path, reference: str | None = None, overwrite: bool = F
     targets = [folder / f"evaluation-{ref.name}.{x}" for x in ("json", "csv")]
     if any(t.exists() for t in targets) and not overwrite:
         raise OutputExists(f"{targets[0]} already exists: pass --overwrite to redo it")
-    # the edge graph depends only on layers, heads and key/value groups (circuit.json has no d_model)
-    graph = EdgeGraph(ModelShape(record.n_layers, record.n_heads, record.n_kv_groups, d_model=0, parallel=record.parallel))
+    graph = record.graph
     truth = reference_mask(ref, graph)
-    circuit = torch.zeros_like(truth)
-    for name in record.edge_names():
-        circuit[graph.edge_index(name)] = True
+    circuit = record.mask
     scores_path = folder / "scores.parquet"
-    scores = load_scores(scores_path, graph) if scores_path.is_file() else None
+    scores = read_scores(scores_path, graph) if scores_path.is_file() else None
 
     config = {}
     if (folder / "config.json").is_file():

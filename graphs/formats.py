@@ -1,7 +1,7 @@
 """Circuits in other tools' formats: GraphML, and the EAP-IG / MIB graph JSON.
 
 **GraphML** (``networkx.write_graphml``) holds the node-level graph of
-:meth:`CircuitRecord.to_networkx` with GraphML-safe values: attributes that are None are left
+:meth:`Circuit.to_networkx` with GraphML-safe values: attributes that are None are left
 out (and restored as None on reading), and the record's ``metadata`` is a JSON string. Reading a
 file written here and calling :func:`circuitfinder.graphs.circuit.from_networkx` gives the record back exactly.
 
@@ -30,7 +30,9 @@ from pathlib import Path
 
 import networkx as nx
 
-from circuitfinder.graphs.circuit import CircuitFileError, CircuitRecord, check_edge, parse_name
+from circuitfinder.engine.adapter import ModelShape
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.graphs.circuit import Circuit, CircuitFileError, check_edge, parse_name
 
 _NONE_DEFAULTS = ("head", "role", "slot")
 
@@ -84,16 +86,15 @@ def _split(score: float, n: int) -> list[float]:
     return [part] * (n - 1) + [score - acc]
 
 
-def _mib_receivers(receiver: str, heads_per_group: int) -> list[str]:
+def _mib_receivers(receiver: str, graph: EdgeGraph) -> list[str]:
     """EAP-IG's name(s) for one of our receivers: a k/v group becomes one input per query head."""
     p = parse_name(receiver)
     if p.kind != "attn" or p.slot == "q":
         return [receiver]
-    first = p.group * heads_per_group
-    return [f"a{p.layer}.h{h}<{p.slot}>" for h in range(first, first + heads_per_group)]
+    return [f"a{p.layer}.h{h}<{p.slot}>" for h in graph.group_heads(p.group)]
 
 
-def to_mib(record: CircuitRecord, scores: dict[str, float] | None = None, d_model: int | None = None) -> dict:
+def to_mib(record: Circuit, scores: dict[str, float] | None = None, d_model: int | None = None) -> dict:
     """The circuit as an EAP-IG / MIB graph JSON object (see the module docstring).
 
     Args:
@@ -104,13 +105,12 @@ def to_mib(record: CircuitRecord, scores: dict[str, float] | None = None, d_mode
             ``record.metadata["d_model"]`` or the bundled models' table when not given.
     """
     if d_model is None:
-        d_model = record.metadata.get("d_model")
+        d_model = record.metadata.get("d_model") or record.shape.d_model or None
     if d_model is None:
         from circuitfinder.engine.models import BUNDLED
 
         spec = BUNDLED.get(record.model)
         d_model = spec.shape[3] if spec else None
-    hpg = record.heads_per_group
     all_scores = dict(scores or {})
     kept, necessity = set(), {}
     for e in record.edges:
@@ -122,7 +122,7 @@ def to_mib(record: CircuitRecord, scores: dict[str, float] | None = None, d_mode
     edges: dict[str, dict] = {}
     for name in sorted(all_scores):
         sender, _, receiver = name.partition("->")
-        targets = _mib_receivers(receiver, hpg)
+        targets = _mib_receivers(receiver, record.graph)
         parts = _split(float(all_scores[name]), len(targets))
         extra = _split(necessity[name], len(targets)) if name in necessity else [None] * len(targets)
         for target, part, nec in zip(targets, parts, extra):
@@ -143,7 +143,7 @@ def to_mib(record: CircuitRecord, scores: dict[str, float] | None = None, d_mode
 
 
 def from_mib(data: dict, source: str = "graph file", model: str | None = None, task: str | None = None,
-             method: str | None = None) -> CircuitRecord:
+             method: str | None = None) -> Circuit:
     """Read an EAP-IG / MIB graph JSON object: the edges with ``in_graph`` true become the circuit.
 
     Raises:
@@ -166,7 +166,7 @@ def from_mib(data: dict, source: str = "graph file", model: str | None = None, t
         raise CircuitFileError(f"{source}: cfg.n_key_value_heads {G!r} does not divide n_heads {H}")
     if not isinstance(edges, dict):
         raise CircuitFileError(f"{source}: 'edges' must be an object mapping edge names to {{score, in_graph}}")
-    hpg = H // G
+    graph = EdgeGraph(ModelShape(L, H, G, d_model=0))  # the width, when given, is kept in the metadata
     groups: dict[str, list[tuple[float, bool]]] = {}
     for name, info in edges.items():
         sender, arrow, receiver = name.partition("->")
@@ -181,8 +181,8 @@ def from_mib(data: dict, source: str = "graph file", model: str | None = None, t
                 raise CircuitFileError(f"{source}: edge {name!r}: EAP-IG names key/value inputs by head (a{{l}}.h{{h}}<k>)")
             if r.head >= H:
                 raise CircuitFileError(f"{source}: edge {name!r}: head {r.head} but the model has {H} per layer")
-            receiver = f"a{r.layer}.g{r.head // hpg}<{r.slot}>"
-        problem = check_edge(sender, receiver, L, H, G)
+            receiver = f"a{r.layer}.g{graph.group_of(r.head)}<{r.slot}>"
+        problem = check_edge(graph, sender, receiver)
         if problem:
             raise CircuitFileError(f"{source}: edge {name!r}: {problem}")
         score = info.get("score", 0.0)
@@ -208,16 +208,15 @@ def from_mib(data: dict, source: str = "graph file", model: str | None = None, t
         metadata["mib_partial_groups"] = partial
     if "d_model" in cfg and "d_model" not in metadata and not info:
         metadata["d_model"] = cfg["d_model"]
-    return CircuitRecord(model=model or info.get("model", "unknown"), task=task or info.get("task", "unknown"),
-                         method=method or info.get("method", "unknown"), n_layers=L, n_heads=H, n_kv_groups=G,
-                         edges=kept, metadata=metadata)
+    return Circuit.from_edges(graph, kept, model=model or info.get("model", "unknown"), task=task or info.get("task", "unknown"),
+                              method=method or info.get("method", "unknown"), metadata=metadata)
 
 
-def save_mib(record: CircuitRecord, path: Path, scores: dict[str, float] | None = None, d_model: int | None = None) -> None:
+def save_mib(record: Circuit, path: Path, scores: dict[str, float] | None = None, d_model: int | None = None) -> None:
     Path(path).write_text(json.dumps(to_mib(record, scores, d_model)) + "\n")
 
 
-def load_mib(path: Path, **names) -> CircuitRecord:
+def load_mib(path: Path, **names) -> Circuit:
     path = Path(path)
     if not path.is_file():
         raise CircuitFileError(f"no graph file at {path}")

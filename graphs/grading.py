@@ -7,7 +7,8 @@ it recovers a published circuit (``circuitfinder.graphs.reference``), at two lev
 * **nodes**: every head and MLP (``input`` and ``logits`` are in every circuit and left out),
   labelled by the node-level reference; a node's score is the **sum of |score| over the edges
   into and out of it**, the node weight of ``circuitfinder.graphs.circuit.summary_graph`` (a k/v group edge
-  counts for every head of its group, as ``circuitfinder.engine.masks.node_count`` does).
+  counts for every head of its group, whose input it is); the nodes of a circuit are those of
+  ``circuitfinder.engine.masks.circuit_nodes``.
 
 Measures, each level:
 

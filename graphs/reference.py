@@ -46,6 +46,7 @@ from jaxtyping import Bool
 from circuitfinder.engine.adapter import ModelShape
 from circuitfinder.errors import UserError
 from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.engine.masks import circuit_nodes
 from circuitfinder.graphs.circuit import parse_name
 from circuitfinder.graphs.references import read
 
@@ -127,8 +128,7 @@ def _receivers(graph: EdgeGraph, node: str, slots: str) -> list[str]:
     p = parse_name(node)
     if p.kind != "attn":
         return [node]
-    group = p.head // (graph.shape.n_heads // graph.shape.n_kv_groups)
-    return [f"{node}<q>" if s == "q" else f"a{p.layer}.g{group}<{s}>" for s in slots]
+    return [f"{node}<q>" if s == "q" else f"a{p.layer}.g{graph.group_of(p.head)}<{s}>" for s in slots]
 
 
 def reference_mask(reference: Reference, shape: ModelShape | EdgeGraph) -> Bool[torch.Tensor, "senders receivers"]:
@@ -149,16 +149,10 @@ def reference_mask(reference: Reference, shape: ModelShape | EdgeGraph) -> Bool[
 
 
 def node_mask(graph: EdgeGraph, edges: Bool[torch.Tensor, "senders receivers"]) -> Bool[torch.Tensor, " senders"]:
-    """Heads and MLPs at an end of an edge of ``edges``, indexed like senders (``input`` always False).
-
-    A receiver's node is as in ``EdgeGraph.receiver_node`` (a k/v group input touches every head
-    of its group), as ``circuitfinder.engine.masks.node_count`` counts nodes.
-    """
-    touched = edges.any(1).clone()
-    for r in torch.nonzero(edges.any(0)).flatten().tolist():
-        touched[list(graph.receiver_node[r])] = True
-    touched[0] = False
-    return touched
+    """The heads and MLPs of the circuit ``edges``, indexed like senders (``input`` always False):
+    its nodes by the one rule of ``circuitfinder.engine.masks.circuit_nodes``."""
+    names = circuit_nodes(graph, edges)
+    return torch.tensor([n in names and n != "input" for n in graph.sender_names])
 
 
 def reference_nodes(reference: Reference, shape: ModelShape | EdgeGraph) -> set[str]:

@@ -18,7 +18,7 @@ Diagram conventions (shown again in the legend drawn with every diagram):
 * **Levels.** ``level="edge"`` (the default) draws every circuit edge, labelled with its q/k/v
   slots. ``level="node"`` is the summary for large circuits: heads and MLPs are units, one arrow
   per pair of units whose width follows the summed ``|score|`` of the circuit edges it stands
-  for, with their count as the label (``×3``) and the colour of their net sign; ``draw_record``
+  for, with their count as the label (``×3``) and the colour of their net sign; ``Circuit.draw``
   then keeps the heaviest ``max_nodes`` units and ``2 × max_nodes`` links among them
   (``circuitfinder.graphs.circuit.summary_graph``).
 * **Roles.** A head's role label (``circuitfinder.graphs.roles``) is printed under its name in italics.
@@ -133,7 +133,7 @@ def to_dot(graph: nx.DiGraph, style: str = "default", title: str | None = None, 
     """Build the Graphviz diagram of a circuit.
 
     Args:
-        graph: A node-level circuit graph, as made by ``CircuitRecord.to_networkx()``.
+        graph: A node-level circuit graph, as made by ``Circuit.to_networkx()``.
         style: ``"default"`` (colour) or ``"paper"`` (greyscale-friendly: black and grey lines, white nodes).
         title: Caption at the top. ``None`` builds one from the graph's ``task``, ``model``
             and ``method`` attributes when they are present.
@@ -276,7 +276,7 @@ def render_circuit(graph: nx.DiGraph, out_path: Path, formats: tuple[str, ...] |
     """Draw a circuit to one file per format.
 
     Args:
-        graph: A node-level circuit graph, as made by ``CircuitRecord.to_networkx()``.
+        graph: A node-level circuit graph, as made by ``Circuit.to_networkx()``.
         out_path: Where to write; each format replaces the suffix (``out.svg``, ``out.pdf``).
         formats: Any of ``svg``, ``pdf``, ``png`` and ``dot`` (the DOT source text).
         style: ``"default"`` or ``"paper"``; see ``to_dot``.
@@ -298,36 +298,37 @@ def render_circuit(graph: nx.DiGraph, out_path: Path, formats: tuple[str, ...] |
     return write_diagram(to_dot(graph, style=style, title=title, level=level), out_path, formats)
 
 
-def draw_record(record, out_path: Path, formats=("svg",), style: str = "default", max_edges: int = 200,
-                level: str = "edge", max_nodes: int = 30) -> list[Path]:
-    """Draw a saved circuit (a ``CircuitRecord``); large circuits by their strongest parts.
+def circuit_dot(circuit, style: str = "default", level: str = "edge", max_edges: int = 200,
+                max_nodes: int = 30) -> graphviz.Digraph:
+    """The diagram of a circuit (``Circuit.draw`` writes it); large circuits by their strongest parts.
 
     At edge level, circuits of more than ``max_edges`` edges are drawn by their ``max_edges``
     largest-|score| edges; at node level, by their ``max_nodes`` heaviest heads and MLPs
-    (``circuitfinder.graphs.circuit.summary_graph``). Either is restricted to input → logits paths, and the
-    title says so; the record keeps everything. ``style="summary"`` means the default style at
-    node level.
+    (``circuitfinder.graphs.circuit.summary_graph``). Either is pruned to input → logits paths,
+    and the title says so; the circuit keeps everything. ``style="summary"`` means the default
+    style at node level.
 
     Raises:
         ValueError: nothing is left to draw, or an unknown style or level.
     """
-    from circuitfinder.graphs.circuit import on_paths, summary_graph
+    from circuitfinder.graphs.circuit import summary_graph
 
     if style == "summary":
         style, level = "default", "node"
     if level not in LEVELS:
         raise ValueError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}")
-    title = f"{record.task} circuit of {record.model} ({record.method}, {len(record.edges):,} edges)"
+    title = f"{circuit.task} circuit of {circuit.model} ({circuit.method}, {circuit.n_edges:,} edges)"
     if level == "node":
-        full = record.to_networkx()
-        graph = summary_graph(full, max_nodes)
-        units = sum(1 for _, k in full.nodes(data="kind") if k in ("attn", "mlp"))
+        graph = summary_graph(circuit, max_nodes)
+        units = len(circuit.nodes() - {"input", "logits"})
         shown = sum(1 for _, k in graph.nodes(data="kind") if k in ("attn", "mlp"))
         title += (f": node level, {shown} of {units} heads and MLPs" + (" (the heaviest)" if shown < units else "")
                   + f", {graph.number_of_edges()} links")
     else:
-        shown = record if len(record.edges) <= max_edges else record.top(max_edges)
-        graph = on_paths(shown.to_networkx())
-        if shown is not record:
+        shown = circuit if circuit.n_edges <= max_edges else circuit.strongest(max_edges)
+        graph = shown.prune().to_networkx()
+        if shown is not circuit:
             title += f": the {max_edges} strongest, {graph.number_of_edges()} node links on input-to-logits paths"
-    return render_circuit(graph, out_path, formats=formats, style=style, title=title, level=level)
+    if graph.number_of_edges() == 0:
+        raise ValueError("cannot draw: the circuit has no edges (was every edge pruned? check the threshold or top-k)")
+    return to_dot(graph, style=style, title=title, level=level)

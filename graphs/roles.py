@@ -207,37 +207,3 @@ def measure_roles(adapter, task, max_prompts: int = 64, batch_size: int = 16):
         scores = {k: float(means[k][i]) for k in SCORES}
         rows.append({"node": f"a{i // H}.h{i % H}", "layer": i // H, "head": i % H, **scores, "role": label(scores)})
     return pd.DataFrame(rows)
-
-
-def roles_for_run(run_dir, max_prompts: int = 64, overwrite: bool = False, reporter=None, adapter=None):
-    """Measure the roles of a run's model on its task's prompts; write ``roles.csv`` and ``roles.md``.
-
-    Returns:
-        The roles table (every head of the model).
-    """
-    from pathlib import Path
-
-    from circuitfinder.engine.adapter import load_model
-    from circuitfinder.errors import OutputExists
-    from circuitfinder.runs.run import load_run_config
-    from circuitfinder.graphs.tables import to_markdown
-    from circuitfinder.tasks import build_task
-
-    run_dir = Path(run_dir)
-    config = load_run_config(run_dir)
-    target = run_dir / "roles.csv"
-    if target.exists() and not overwrite:
-        raise OutputExists(f"{target} exists: pass --overwrite to measure the roles again")
-    log = reporter.log if reporter is not None else (lambda _m: None)
-    if adapter is None:
-        log(f"loading {config.model}")
-        adapter = load_model(config.model, log)
-    task = build_task(config.task, adapter.tokenizer, n_pairs=config.n_pairs, seed=config.seed,
-                      skip_bad_rows=config.skip_bad_rows)
-    table = measure_roles(adapter, task, max_prompts=max_prompts, batch_size=config.batch_size)
-    table.to_csv(target, index=False)
-    labelled = table[table.role.notna()]
-    (run_dir / "roles.md").write_text(
-        f"# Head roles: {config.task} on {config.model} ({min(max_prompts, len(task))} clean prompts)\n\n"
-        + to_markdown(labelled, floatfmt=".3f") + "\n")
-    return table

@@ -1,6 +1,8 @@
-"""Circuits as tables a person can read: per-layer counts and the top edges with head roles.
+"""Circuits as tables: every edge's score (``scores.parquet``), the nodes' scores (``nodes.csv``),
+and tables a person reads: per-layer counts and the top edges with head roles.
 
-Both are pandas DataFrames; :func:`write_tables` saves each as CSV and Markdown.
+All are pandas DataFrames; :func:`write_tables` saves the readable ones as CSV and Markdown, and
+:func:`read_scores` turns ``scores.parquet`` back into a ``[senders, receivers]`` tensor.
 """
 
 from __future__ import annotations
@@ -9,8 +11,63 @@ import math
 from pathlib import Path
 
 import pandas as pd
+import torch
 
-from circuitfinder.graphs.circuit import CircuitRecord, parse_name
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.errors import UserError
+from circuitfinder.graphs.circuit import Circuit, parse_name
+
+
+def scores_table(circuit: Circuit) -> pd.DataFrame:
+    """One row per edge of the graph: name, sender, receiver, score, rank by |score|, in_circuit."""
+    graph = circuit.graph
+    s, r = torch.nonzero(graph.allowed, as_tuple=True)
+    values = circuit.scores[s, r]
+    rank = torch.empty_like(s)
+    rank[torch.sort(values.abs(), descending=True, stable=True).indices] = torch.arange(1, len(s) + 1)
+    senders = [graph.sender_names[i] for i in s.tolist()]
+    receivers = [graph.receiver_names[i] for i in r.tolist()]
+    return pd.DataFrame({
+        "edge": [f"{a}->{b}" for a, b in zip(senders, receivers)],
+        "sender": senders,
+        "receiver": receivers,
+        "score": values.numpy(),
+        "rank": rank.numpy(),
+        "in_circuit": circuit.mask[s, r].numpy(),
+    })
+
+
+def read_scores(path: Path, graph: EdgeGraph) -> torch.Tensor:
+    """Every edge's score from ``scores.parquet`` as a dense float64 ``[senders, receivers]`` tensor.
+
+    Raises:
+        UserError: the table does not score exactly this graph's edges with finite numbers.
+    """
+    table = pd.read_parquet(path, columns=["edge", "score"])
+    if len(table) != graph.n_edges or table["edge"].duplicated().any():
+        raise UserError(f"{path} holds {len(table):,} edge scores; this model's graph has {graph.n_edges:,} edges")
+    try:
+        index = [graph.edge_index(e) for e in table["edge"]]
+    except KeyError as exc:
+        raise UserError(f"{path} scores an edge this model does not have ({exc.args[0]})") from None
+    scores = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.float64)
+    scores[[i for i, _ in index], [j for _, j in index]] = torch.tensor(table["score"].to_numpy(dtype="float64"))
+    if not torch.isfinite(scores[graph.allowed]).all():
+        raise UserError(f"{path} holds scores that are not finite numbers")
+    return scores
+
+
+def nodes_table(circuit: Circuit) -> pd.DataFrame:
+    """One row per sender node: name, score (the sum of its edge scores), rank by |score|, in_circuit."""
+    from circuitfinder.methods.attribution import node_scores
+
+    values = node_scores(circuit.graph, torch.nan_to_num(circuit.scores))
+    return pd.DataFrame({
+        "node": values.index,
+        "score": values.to_numpy(),
+        "rank": values.abs().rank(ascending=False, method="first").astype(int).to_numpy(),
+        "in_circuit": circuit.mask.any(1).numpy(),
+    })
 
 
 def _fmt(value, floatfmt: str) -> str:
@@ -32,11 +89,11 @@ def to_markdown(frame: pd.DataFrame, floatfmt: str = ".4g") -> str:
     return "\n".join(lines)
 
 
-def _role(record: CircuitRecord, node: str) -> str:
+def _role(record: Circuit, node: str) -> str:
     return (record.roles.get(node) or {}).get("role") or ""
 
 
-def layer_table(record: CircuitRecord) -> pd.DataFrame:
+def layer_table(record: Circuit) -> pd.DataFrame:
     """One row per layer: the circuit's heads (with roles) and MLP there, and its edges in and out.
 
     ``edges_in`` counts circuit edges whose receiver is in the layer (q/k/v inputs and the MLP's),
@@ -60,10 +117,11 @@ def layer_table(record: CircuitRecord) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def top_edges_table(record: CircuitRecord, n: int = 20) -> pd.DataFrame:
+def top_edges_table(record: Circuit, n: int = 20) -> pd.DataFrame:
     """The ``n`` edges of largest |score|, with the roles of the heads they join."""
     rows = []
-    for rank, e in enumerate(record.top(n).edges, 1):
+    ranked = sorted(record.strongest(n).edges, key=lambda e: (-abs(e["score"]), e["sender"], e["receiver"]))
+    for rank, e in enumerate(ranked, 1):
         r = parse_name(e["receiver"])
         receiver_node = f"a{r.layer}.h{r.head}" if r.kind == "attn" and r.head is not None else e["receiver"]
         rows.append({
@@ -76,11 +134,11 @@ def top_edges_table(record: CircuitRecord, n: int = 20) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_tables(record: CircuitRecord, folder: Path, top: int = 20, prefix: str = "") -> list[Path]:
+def write_tables(record: Circuit, folder: Path, top: int = 20, prefix: str = "") -> list[Path]:
     """Write ``layers.csv/.md`` and ``top_edges.csv/.md`` (names after ``prefix``) into ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    title = f"{record.task} circuit of {record.model} ({record.method}, {len(record.edges):,} edges)"
+    title = f"{record.task} circuit of {record.model} ({record.method}, {record.n_edges:,} edges)"
     written = []
     for name, frame, heading in (("layers", layer_table(record), "per layer"),
                                  ("top_edges", top_edges_table(record, top), f"the {top} strongest edges")):

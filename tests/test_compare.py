@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from circuitfinder.errors import OutputExists
-from circuitfinder.graphs.circuit import CircuitRecord
+from circuitfinder.graphs.circuit import Circuit
+from tiny_models import circuit_of
 from circuitfinder.graphs.compare import compare, depth_bin, depth_table, diff_graph, role_table, same_model_metrics
 from circuitfinder.graphs.tables import layer_table, to_markdown, top_edges_table
 from cli_runner import run_in_process as _run
@@ -20,8 +21,8 @@ from cli_runner import run_in_process as _run
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _record(edges, n_layers=4, n_heads=2, roles=None, model="m") -> CircuitRecord:
-    return CircuitRecord(model=model, task="ioi", method="eap", n_layers=n_layers, n_heads=n_heads, n_kv_groups=n_heads,
+def _record(edges, n_layers=4, n_heads=2, roles=None, model="m") -> Circuit:
+    return circuit_of(model=model, task="ioi", method="eap", n_layers=n_layers, n_heads=n_heads, n_kv_groups=n_heads,
                          edges=[{"sender": s, "receiver": r, "score": x} for s, r, x in edges], roles=roles or {})
 
 
@@ -75,7 +76,7 @@ def test_diff_graph_marks_shared_and_missing_parts():
     assert g.nodes["a0.h0"]["role"] == "A: prev-token" and g.nodes["a2.h1"]["role"] == "mover"
 
 
-def _save(record: CircuitRecord, folder: Path) -> Path:
+def _save(record: Circuit, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     record.save(folder / "circuit.json")
     return folder
@@ -148,7 +149,7 @@ def test_cli_tables_convert_and_render(tmp_path, capsys):
     assert {"layers.csv", "layers.md", "top_edges.csv", "top_edges.md"} <= {p.name for p in a.iterdir()}
     assert _run(capsys, "convert", str(a), "--to", "mib", "--out", str(tmp_path / "a.mib.json"), "--d-model", "8")[0] == 0
     assert _run(capsys, "convert", str(tmp_path / "a.mib.json"), "--to", "circuit", "--out", str(tmp_path / "back.json"))[0] == 0
-    assert CircuitRecord.load(tmp_path / "back.json").edges == CircuitRecord.load(a / "circuit.json").edges
+    assert Circuit.load(tmp_path / "back.json").edges == Circuit.load(a / "circuit.json").edges
     assert _run(capsys, "convert", str(a), "--to", "graphml", "--out", str(tmp_path / "a.graphml"))[0] == 0
     ET.parse(tmp_path / "a.graphml")
     assert _run(capsys, "convert", str(tmp_path / "a.graphml"), "--to", "circuit", "--out", str(tmp_path / "g.json"))[0] == 0
@@ -172,7 +173,7 @@ def test_cli_tables_convert_and_render(tmp_path, capsys):
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, args, message):
     a = _save(A, tmp_path / "a")
     (tmp_path / "bad.json").write_text('{"x": 1}')
-    _save(A.with_edges([]), tmp_path / "empty")
+    _save(A.replace(mask=A.mask & False), tmp_path / "empty")
     paths = {"a": str(a), "bad": str(tmp_path / "bad.json"), "empty": str(tmp_path / "empty")}
     code, _, err = _run(capsys, *[x.format(**paths) for x in args])
     assert code == 2

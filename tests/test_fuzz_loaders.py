@@ -2,7 +2,7 @@
 
 Random task files (JSONL and CSV; valid and invalid rows, random Unicode, missing fields, wrong
 types, empty files, raw bytes) go to :func:`circuitfinder.tasks.from_file.load_task_file`, and random
-``circuit.json`` documents to :meth:`circuitfinder.graphs.circuit.CircuitRecord.load`. Every outcome must be a
+``circuit.json`` documents to :meth:`circuitfinder.graphs.circuit.Circuit.load`. Every outcome must be a
 usable result or the loader's documented error (``TaskError``, ``CircuitFileError``), never
 another exception. Pathological inputs that random generation rarely reaches (integers longer
 than Python parses, nesting deeper than the recursion limit, lone surrogates, CSV cells over the
@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from circuitfinder.graphs.circuit import SCHEMA, VERSION, CircuitFileError, CircuitRecord
+from circuitfinder.graphs.circuit import SCHEMA, VERSION, CircuitFileError, Circuit
 from circuitfinder.tasks.base import Task, TaskError
 from circuitfinder.tasks.from_file import FIELDS, load_task_file
 from tiny_models import VOCAB, tiny_tokenizer
@@ -226,11 +226,11 @@ def circuit_document(draw):
 
 def _load_circuit(path: Path):
     try:
-        record = CircuitRecord.load(path)
+        record = Circuit.load(path)
     except CircuitFileError as exc:
         assert str(exc).strip()
         return exc
-    again = CircuitRecord.from_json(record.to_json())  # a loaded record saves and reloads unchanged
+    again = Circuit.from_json(record.to_json())  # a loaded record saves and reloads unchanged
     assert again.to_json() == record.to_json()
     record.to_networkx()
     record.top(2)
@@ -270,4 +270,4 @@ def test_the_valid_document_loads(tmp_path):
     path = tmp_path / "circuit.json"
     path.write_text(json.dumps(VALID))
     record = _load_circuit(path)
-    assert isinstance(record, CircuitRecord) and len(record.edges) == 4
+    assert isinstance(record, Circuit) and len(record.edges) == 4

@@ -9,7 +9,8 @@ import xml.etree.ElementTree as ET
 import networkx as nx
 import pytest
 
-from circuitfinder.graphs.circuit import CircuitFileError, CircuitRecord, attach_roles, from_networkx, on_paths, summary_graph
+from circuitfinder.graphs.circuit import CircuitFileError, Circuit, from_networkx, summary_graph
+from tiny_models import circuit_of
 from circuitfinder.graphs.formats import _split, from_mib, load_graphml, load_mib, save_graphml, save_mib, to_mib
 
 # 3 layers, 4 heads in 2 key/value groups: k/v receivers name groups, so GQA mapping is exercised.
@@ -29,18 +30,17 @@ EDGES = [
 
 
 @pytest.fixture
-def record() -> CircuitRecord:
-    r = CircuitRecord(model="toy", task="ioi", method="eap-ig", n_layers=3, n_heads=4, n_kv_groups=2,
+def record() -> Circuit:
+    r = circuit_of(model="toy", task="ioi", method="eap-ig", n_layers=3, n_heads=4, n_kv_groups=2,
                       edges=[dict(e) for e in EDGES], metadata={"faithfulness": 0.81, "d_model": 16})
-    attach_roles(r, [{"node": "a1.h2", "layer": 1, "head": 2, "role": "mover", "answer_attention": 0.5, "induction": float("nan")},
+    return r.with_roles([{"node": "a1.h2", "layer": 1, "head": 2, "role": "mover", "answer_attention": 0.5, "induction": float("nan")},
                      {"node": "a0.h0", "role": None, "previous_token": 0.2},
-                     {"node": "a2.h3", "role": "induction", "induction": 0.9}])  # a2.h3 is not in the circuit
-    return r
+                         {"node": "a2.h3", "role": "induction", "induction": 0.9}])  # a2.h3 is not in the circuit
 
 
 def test_json_round_trip_is_exact(record, tmp_path):
     record.save(tmp_path / "c.json")
-    back = CircuitRecord.load(tmp_path / "c.json")
+    back = Circuit.load(tmp_path / "c.json")
     assert back.to_json() == record.to_json()
     assert back.roles == {"a1.h2": {"role": "mover", "answer_attention": 0.5}, "a0.h0": {"role": None, "previous_token": 0.2}}
     assert next(e for e in back.edges if e["receiver"] == "a0.g0<k>")["necessity"] == 0.02
@@ -83,7 +83,7 @@ def test_mib_round_trip_is_exact(record, tmp_path):
     assert all(c["in_graph"] for c in copies) and copies[0]["score"] + copies[1]["score"] == -0.7
     assert data["nodes"]["a1.h2"]["in_graph"] and not data["nodes"]["a2.h3"]["in_graph"] and data["nodes"]["logits"]["in_graph"]
     back = load_mib(tmp_path / "g.json")
-    record.roles = {}
+    record = record.replace(roles={})
     assert back.to_json() == record.to_json()
 
 
@@ -93,7 +93,7 @@ def test_mib_with_every_edge_score_keeps_the_circuit_in_graph(record):
     assert sum(e["in_graph"] for e in data["edges"].values()) == len(data["edges"]) - 4  # 3 scores, the k one twice
     assert data["edges"]["a0.h3->a2.h2<k>"] == {"score": 0.0015, "in_graph": False}
     back = from_mib(json.loads(json.dumps(data)))
-    record.roles = {}
+    record = record.replace(roles={})
     assert back.to_json() == record.to_json()
 
 
@@ -128,7 +128,7 @@ def test_mib_import_of_a_foreign_file_and_its_errors():
 
 
 def _payload(**changes) -> str:
-    data = json.loads(CircuitRecord("m", "t", "eap", 2, 2, 1, [{"sender": "input", "receiver": "logits", "score": 1.0}]).to_json())
+    data = json.loads(circuit_of("m", "t", "eap", 2, 2, 1, [{"sender": "input", "receiver": "logits", "score": 1.0}]).to_json())
     data.update(changes)
     return json.dumps(data)
 
@@ -153,27 +153,27 @@ def _payload(**changes) -> str:
 ])
 def test_loading_names_what_is_wrong(changes, message):
     with pytest.raises(CircuitFileError) as info:
-        CircuitRecord.from_json(_payload(**changes), source="c.json")
+        Circuit.from_json(_payload(**changes), source="c.json")
     assert message in str(info.value) and str(info.value).startswith("c.json")
 
 
 def test_not_json_and_mib_files_are_told_apart():
     with pytest.raises(CircuitFileError, match="not valid JSON"):
-        CircuitRecord.from_json("{", source="c.json")
+        Circuit.from_json("{", source="c.json")
     with pytest.raises(CircuitFileError, match="circuits convert"):
-        CircuitRecord.from_json(json.dumps({"cfg": {}, "edges": {}}), source="c.json")
+        Circuit.from_json(json.dumps({"cfg": {}, "edges": {}}), source="c.json")
 
 
 def test_pruning_drops_pieces_off_input_to_logits_paths(record):
-    extra = record.with_edges(record.edges + [{"sender": "a0.h3", "receiver": "m1", "score": -5.0},  # reaches nothing
-                                              {"sender": "a1.h1", "receiver": "logits", "score": -5.0}])  # reads nothing
-    pruned = extra.pruned()
-    assert pruned.to_json() == record.to_json()
-    assert set(on_paths(extra.to_networkx())) == set(record.to_networkx())
+    extra = Circuit.from_edges(record.graph, list(record.edges) + [{"sender": "a0.h3", "receiver": "m1", "score": -5.0},  # reaches nothing
+                                                                   {"sender": "a1.h1", "receiver": "logits", "score": -5.0}],  # reads nothing
+                               model=record.model, task=record.task, method=record.method, metadata=record.metadata, roles=record.roles)
+    assert extra.n_edges == record.n_edges + 2
+    assert extra.prune().to_json() == record.to_json()
 
 
 def test_summary_graph_keeps_the_heaviest_nodes(record):
-    g = summary_graph(record.to_networkx(), max_nodes=3)
+    g = summary_graph(record, max_nodes=3)
     units = [n for n, k in g.nodes(data="kind") if k in ("attn", "mlp")]
     assert len(units) <= 3 and {"input", "logits", "m2"} <= set(g)
     assert nx.has_path(g, "input", "logits")
@@ -181,13 +181,13 @@ def test_summary_graph_keeps_the_heaviest_nodes(record):
 
 def test_a_parallel_circuit_round_trips_and_refuses_a_head_to_same_layer_mlp_edge():
     edges = [{"sender": "a0.h1", "receiver": "m1", "score": 0.5}, {"sender": "m0", "receiver": "logits", "score": -1.0}]
-    record = CircuitRecord("m", "t", "eap", 2, 2, 1, edges, parallel=True)
-    again = CircuitRecord.from_json(record.to_json())
+    record = circuit_of("m", "t", "eap", 2, 2, 1, edges, parallel=True)
+    again = Circuit.from_json(record.to_json())
     assert again.parallel and again.edge_names() == record.edge_names()
-    assert "parallel" not in json.loads(CircuitRecord("m", "t", "eap", 2, 2, 1, edges).to_json())
+    assert "parallel" not in json.loads(circuit_of("m", "t", "eap", 2, 2, 1, edges).to_json())
     bad = json.loads(record.to_json())
     bad["edges"].append({"sender": "a1.h0", "receiver": "m1", "score": 0.1})
     with pytest.raises(CircuitFileError, match="parallel"):
-        CircuitRecord.from_json(json.dumps(bad))
+        Circuit.from_json(json.dumps(bad))
     bad["parallel"] = False
-    assert len(CircuitRecord.from_json(json.dumps(bad)).edges) == 3  # a sequential model has that edge
+    assert len(Circuit.from_json(json.dumps(bad)).edges) == 3  # a sequential model has that edge

@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from circuitfinder.checkpoint import Checkpoint
-from circuitfinder.runs.run import DiscoverConfig, discover, search_settings
+from circuitfinder.runs.run import DiscoverConfig, run_config, search_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SEARCH = dict(task="ioi", method="acdc", edges=40, chain=1, search_prompts=4, n_pairs=8, batch_size=8, force=True, curve=False)
@@ -103,7 +103,7 @@ def reference(runs, tiny_model_dir) -> dict:
     from circuitfinder.engine.adapter import load_model
 
     config = DiscoverConfig(model=str(tiny_model_dir), **SEARCH)
-    summary = discover(config, out=runs / "reference", adapter=load_model(str(tiny_model_dir)))
+    summary = run_config(config, out=runs / "reference", adapter=load_model(str(tiny_model_dir))).summary
     checkpoint = Checkpoint(runs, search_settings(config)).dir
     assert not checkpoint.exists()  # cleared once the results were written
     assert summary["search"]["chains"] >= 12 and summary["edges_kept"] > 0  # room for a signal mid-search

@@ -15,7 +15,8 @@ import torch
 from circuitfinder.engine.adapter import ModelShape
 from circuitfinder.errors import UserError
 from circuitfinder.engine.graph import EdgeGraph
-from circuitfinder.graphs.circuit import CircuitRecord
+from circuitfinder.graphs.circuit import Circuit
+from tiny_models import circuit_of
 from circuitfinder.graphs.grading import average_ranks, grade, node_scores, precision_recall, roc_auc, top_k
 from circuitfinder.graphs.reference import load_reference, node_mask, reference_mask, reference_nodes
 from circuitfinder.graphs.references import available
@@ -234,7 +235,15 @@ def test_a_wheel_holds_every_module_and_the_references(tmp_path):
     import sys
     import zipfile
 
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+    import shutil
+
+    source = tmp_path / "source"  # a copy: setuptools writes build/ into the folder it builds
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for name in ("discovery", "tasks", "graphs"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(source)],
                    check=True, capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("circuitfinder-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -302,15 +311,16 @@ def test_a_partial_circuit_and_no_scores():
 def _fake_run(folder: Path, circuit: torch.Tensor, scores: torch.Tensor | None, graph: EdgeGraph = GPT2,
               task: str = "ioi", model: str = "gpt2") -> Path:
     """A run folder as `circuits discover` writes it (the files evaluate reads)."""
-    from circuitfinder.runs.run import scores_table
+    from circuitfinder.graphs.tables import scores_table
 
     folder.mkdir(parents=True)
     s = graph.shape
-    CircuitRecord(model=model, task=task, method="eap-ig", n_layers=s.n_layers, n_heads=s.n_heads, n_kv_groups=s.n_kv_groups,
-                  edges=[{"sender": graph.sender_names[i], "receiver": graph.receiver_names[j], "score": 1.0}
-                         for i, j in torch.nonzero(circuit).tolist()]).save(folder / "circuit.json")
+    found = circuit_of(model=model, task=task, method="eap-ig", n_layers=s.n_layers, n_heads=s.n_heads, n_kv_groups=s.n_kv_groups,
+                       edges=[{"sender": graph.sender_names[i], "receiver": graph.receiver_names[j], "score": 1.0}
+                              for i, j in torch.nonzero(circuit).tolist()])
+    found.save(folder / "circuit.json")
     if scores is not None:
-        scores_table(graph, scores, circuit).to_parquet(folder / "scores.parquet", index=False)
+        scores_table(found.replace(scores=scores)).to_parquet(folder / "scores.parquet", index=False)
     (folder / "config.json").write_text(json.dumps({"task": task, "model": model, "method": "eap-ig"}))
     return folder
 

@@ -24,8 +24,8 @@ from circuitfinder.checkpoint import Checkpoint
 from circuitfinder.errors import ModelNotFound, UserError
 from circuitfinder.engine.faithfulness import CircuitEvaluator, MetricError
 from circuitfinder.engine.graph import EdgeGraph
-from circuitfinder.runs.run import DiscoverConfig, discover
-from circuitfinder.graphs.circuit import SCHEMA, VERSION, CircuitRecord
+from circuitfinder.runs.run import DiscoverConfig, run_config
+from circuitfinder.graphs.circuit import SCHEMA, VERSION, Circuit
 from circuitfinder.tasks import build_task
 from test_attribution import tiny_task
 from test_run import tiny_ioi_model  # noqa: F401 (fixture)
@@ -254,20 +254,20 @@ def test_an_interrupted_write_leaves_no_folder_and_an_old_run_intact(tiny_ioi_mo
     out = tmp_path / "run"
 
     def interrupted(*_args, **_kwargs):
-        raise KeyboardInterrupt  # Ctrl-C after circuit.json and scores.parquet were written to the temporary folder
+        raise KeyboardInterrupt  # Ctrl-C after circuit.json, scores.parquet and prompts.jsonl were written to the temporary folder
 
     with monkeypatch.context() as patch:
-        patch.setattr(run_module, "write_prompts", interrupted)
+        patch.setattr(run_module, "_render", interrupted)
         with pytest.raises(KeyboardInterrupt):
-            discover(config, out=out, adapter=tiny_ioi_model)
+            run_config(config, out=out, adapter=tiny_ioi_model)
     assert list(tmp_path.iterdir()) == []  # neither the run folder nor its temporary folder
 
-    discover(config, out=out, adapter=tiny_ioi_model)
+    run_config(config, out=out, adapter=tiny_ioi_model)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with monkeypatch.context() as patch:
-        patch.setattr(run_module, "write_prompts", interrupted)
+        patch.setattr(run_module, "_render", interrupted)
         with pytest.raises(KeyboardInterrupt):
-            discover(dataclasses.replace(config, edges=30), out=out, overwrite=True, adapter=tiny_ioi_model)
+            run_config(dataclasses.replace(config, edges=30), out=out, overwrite=True, adapter=tiny_ioi_model)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old run, whole
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
     assert json.loads((out / "summary.json").read_text())["finished"] is True
@@ -313,9 +313,9 @@ def test_a_search_checkpoint_that_does_not_fit_is_redone(tiny_ioi_model, tmp_pat
                             edges=20, search_prompts=4, force=True, curve=False)
     from circuitfinder.runs.run import search_settings
 
-    reference = discover(config, out=tmp_path / "a" / "run", adapter=tiny_ioi_model)
+    reference = run_config(config, out=tmp_path / "a" / "run", adapter=tiny_ioi_model).summary
     Checkpoint(tmp_path / "b", search_settings(config)).save_json("search", {"decided": "7" * 999, "current": []})
-    again = discover(config, out=tmp_path / "b" / "run", adapter=tiny_ioi_model)
+    again = run_config(config, out=tmp_path / "b" / "run", adapter=tiny_ioi_model).summary
     assert again["edges_kept"] == reference["edges_kept"]
     assert (tmp_path / "a" / "run" / "circuit.json").read_bytes() == (tmp_path / "b" / "run" / "circuit.json").read_bytes()
 
@@ -330,9 +330,9 @@ def test_same_inputs_and_seed_give_a_byte_identical_circuit(tiny_ioi_model, tmp_
     config = DiscoverConfig(task="ioi", model="tiny-llama", method=method, n_pairs=4 if method == "acdc" else 8,
                             batch_size=8, force=True, curve=False, **extra)
     for name in ("a", "b"):  # separate parents: the second run cannot resume from the first's checkpoint
-        discover(config, out=tmp_path / name / "run", adapter=tiny_ioi_model)
+        run_config(config, out=tmp_path / name / "run", adapter=tiny_ioi_model)
     a, b = ((tmp_path / n / "run" / "circuit.json").read_bytes() for n in ("a", "b"))
-    assert a == b and CircuitRecord.from_json(a.decode()).edges
+    assert a == b and Circuit.from_json(a.decode()).edges
 
 
 def test_an_interrupted_command_exits_130_saying_how_to_resume(cli, monkeypatch):
@@ -343,7 +343,7 @@ def test_an_interrupted_command_exits_130_saying_how_to_resume(cli, monkeypatch)
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(circuitfinder.runs.run, "discover", interrupted)
+    monkeypatch.setattr(circuitfinder.runs.run, "run_config", interrupted)
     code, out, err = cli("discover", "--tau", "0.1")
     assert code == 130 and "rerun the same command to resume" in err and "Traceback" not in err and out == ""
 

@@ -8,7 +8,8 @@ import xml.etree.ElementTree as ET
 import networkx as nx
 import pytest
 
-from circuitfinder.graphs.circuit import CircuitRecord
+from circuitfinder.graphs.circuit import Circuit
+from tiny_models import circuit_of
 from circuitfinder.graphs.render import render_circuit, to_dot
 
 EDGES = [
@@ -24,7 +25,7 @@ NODES = ["input", "a0.h0", "a0.h1", "m0", "a1.h0", "logits"]
 
 @pytest.fixture
 def graph() -> nx.DiGraph:
-    record = CircuitRecord(model="toy", task="ioi", method="eap", n_layers=2, n_heads=2, n_kv_groups=1, edges=EDGES)
+    record = circuit_of(model="toy", task="ioi", method="eap", n_layers=2, n_heads=2, n_kv_groups=1, edges=EDGES)
     g = record.to_networkx()
     g.nodes["m0"]["role"] = "name mover & co"  # exercises HTML escaping in labels
     return g
@@ -121,16 +122,14 @@ def test_node_level_merges_edges_and_labels_counts(graph):
         to_dot(graph, level="layer")
 
 
-def test_draw_record_summary_style_and_paper_pdf(tmp_path):
-    from circuitfinder.graphs.render import draw_record
-
-    record = CircuitRecord(model="toy", task="ioi", method="eap", n_layers=2, n_heads=2, n_kv_groups=1, edges=EDGES)
-    svg, pdf = draw_record(record, tmp_path / "s", formats=("svg", "pdf"), style="summary", max_nodes=2)
+def test_circuit_draw_summary_style_and_paper_pdf(tmp_path):
+    record = circuit_of(model="toy", task="ioi", method="eap", n_layers=2, n_heads=2, n_kv_groups=1, edges=EDGES)
+    svg, pdf = record.draw(tmp_path / "s", formats=("svg", "pdf"), style="summary", max_nodes=2)
     text = svg.read_text()
     ET.fromstring(text)
     assert "node level, 2 of 4 heads and MLPs (the heaviest)" in text
     assert pdf.read_bytes().startswith(b"%PDF")
-    (paper,) = draw_record(record, tmp_path / "p", formats=("pdf",), style="paper")
+    (paper,) = record.draw(tmp_path / "p", formats=("pdf",), style="paper")
     assert paper.read_bytes().startswith(b"%PDF")
 
 

@@ -13,8 +13,8 @@ import pytest
 from circuitfinder.engine.adapter import ModelAdapter
 from circuitfinder.errors import OutputExists, UserError
 from circuitfinder.engine.graph import EdgeGraph
-from circuitfinder.runs.run import DiscoverConfig, Reporter, discover
-from circuitfinder.graphs.circuit import CircuitRecord
+from circuitfinder.runs.run import DiscoverConfig, Reporter, run_config
+from circuitfinder.graphs.circuit import Circuit
 from tiny_models import tiny_hf_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +29,7 @@ def tiny_ioi_model(word_tokenizer):
 def test_discover_writes_a_complete_run_folder(tiny_ioi_model, tmp_path):
     out = tmp_path / "run"
     config = DiscoverConfig(task="ioi", model="tiny-llama", n_pairs=16, batch_size=8, edges=40, force=True)
-    summary = discover(config, out=out, adapter=tiny_ioi_model)
+    summary = run_config(config, out=out, adapter=tiny_ioi_model).summary
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "summary.json", "scores.parquet", "circuit.json", "circuit.svg", "prompts.jsonl"} <= names
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
@@ -48,7 +48,7 @@ def test_discover_writes_a_complete_run_folder(tiny_ioi_model, tmp_path):
     by_sender = table.groupby("sender")["score"].sum()
     assert nodes.set_index("node")["score"].to_dict() == pytest.approx(by_sender.to_dict(), abs=1e-6)
     assert sorted(nodes["rank"]) == list(range(1, 17))
-    assert CircuitRecord.load(out / "circuit.json").edges and len(CircuitRecord.load(out / "circuit.json").edges) == saved["edges_kept"]
+    assert Circuit.load(out / "circuit.json").edges and len(Circuit.load(out / "circuit.json").edges) == saved["edges_kept"]
     rows = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
     assert len(rows) == 16 and set(rows[0]) == {"clean", "corrupted", "answer", "wrong", "split"}
     ET.parse(out / "circuit.svg")
@@ -63,7 +63,7 @@ def test_discover_uses_the_chosen_ablation_throughout(tiny_ioi_model, tmp_path, 
     from circuitfinder.tasks import build_task
 
     config = DiscoverConfig(task="ioi", n_pairs=16, batch_size=8, edges=30, ablation=ablation, method=method, ig_steps=2, force=True)
-    summary = discover(config, out=tmp_path / "run", adapter=tiny_ioi_model)
+    summary = run_config(config, out=tmp_path / "run", adapter=tiny_ioi_model).summary
     assert summary["ablation"] == ablation
     assert json.loads((tmp_path / "run" / "config.json").read_text())["ablation"] == ablation
     task = build_task("ioi", tiny_ioi_model.tokenizer, n_pairs=16, seed=0)
@@ -78,18 +78,18 @@ def test_discover_uses_the_chosen_ablation_throughout(tiny_ioi_model, tmp_path, 
 def test_discover_refuses_to_overwrite_unless_asked(tiny_ioi_model, tmp_path):
     out = tmp_path / "run"
     config = DiscoverConfig(task="ioi", model="tiny-llama", n_pairs=8, batch_size=8, edges=20, force=True)
-    discover(config, out=out, adapter=tiny_ioi_model)
+    run_config(config, out=out, adapter=tiny_ioi_model)
     before = (out / "summary.json").read_text()
     with pytest.raises(OutputExists, match="--overwrite"):
-        discover(config, out=out, adapter=tiny_ioi_model)
+        run_config(config, out=out, adapter=tiny_ioi_model)
     assert (out / "summary.json").read_text() == before
-    discover(config, out=out, overwrite=True, adapter=tiny_ioi_model)
+    run_config(config, out=out, overwrite=True, adapter=tiny_ioi_model)
 
 
 def test_same_seed_gives_byte_identical_circuit(tiny_ioi_model, tmp_path):
     config = DiscoverConfig(task="ioi", model="tiny-llama", n_pairs=8, batch_size=8, edges=20, force=True)
-    discover(config, out=tmp_path / "a", adapter=tiny_ioi_model)
-    discover(config, out=tmp_path / "b", adapter=tiny_ioi_model)
+    run_config(config, out=tmp_path / "a", adapter=tiny_ioi_model)
+    run_config(config, out=tmp_path / "b", adapter=tiny_ioi_model)
     assert (tmp_path / "a" / "circuit.json").read_bytes() == (tmp_path / "b" / "circuit.json").read_bytes()
 
 
@@ -136,9 +136,9 @@ def test_cli_refuses_an_existing_output_folder(tmp_path):
 
 def test_a_run_s_prompts_file_is_a_task_file(tiny_ioi_model, tmp_path):
     """prompts.jsonl of one run drives another run through --task FILE, with the same split."""
-    first = discover(DiscoverConfig(task="ioi", n_pairs=8, batch_size=8, edges=20, force=True), out=tmp_path / "a", adapter=tiny_ioi_model)
+    first = run_config(DiscoverConfig(task="ioi", n_pairs=8, batch_size=8, edges=20, force=True), out=tmp_path / "a", adapter=tiny_ioi_model).summary
     task_file = str(tmp_path / "a" / "prompts.jsonl")
-    second = discover(DiscoverConfig(task=task_file, n_pairs=8, batch_size=8, edges=20, force=True), out=tmp_path / "b", adapter=tiny_ioi_model)
+    second = run_config(DiscoverConfig(task=task_file, n_pairs=8, batch_size=8, edges=20, force=True), out=tmp_path / "b", adapter=tiny_ioi_model).summary
     assert second["metric_clean"] == pytest.approx(first["metric_clean"], abs=1e-5)
     assert second["faithfulness"] == pytest.approx(first["faithfulness"], abs=1e-5)
 
@@ -160,23 +160,23 @@ def test_a_behaviour_the_model_lacks_is_refused_unless_forced(tiny_ioi_model, tm
 def test_a_task_file_with_a_bad_row_is_refused_unless_bad_rows_are_skipped(tiny_ioi_model, tmp_path):
     from circuitfinder.tasks.base import TaskError
 
-    discover(DiscoverConfig(task="ioi", n_pairs=8, batch_size=8, edges=20, force=True), out=tmp_path / "a", adapter=tiny_ioi_model)
+    run_config(DiscoverConfig(task="ioi", n_pairs=8, batch_size=8, edges=20, force=True), out=tmp_path / "a", adapter=tiny_ioi_model)
     rows = (tmp_path / "a" / "prompts.jsonl").read_text().splitlines()
     bad = json.loads(rows[0]) | {"corrupted": "too short"}
     task_file = tmp_path / "task.jsonl"
     task_file.write_text("\n".join([json.dumps(bad)] + rows[1:]) + "\n")
     config = DiscoverConfig(task=str(task_file), n_pairs=8, batch_size=8, edges=20, force=True)
     with pytest.raises(TaskError, match=r"task.jsonl:1:"):
-        discover(config, out=tmp_path / "b", adapter=tiny_ioi_model)
+        run_config(config, out=tmp_path / "b", adapter=tiny_ioi_model)
     assert not (tmp_path / "b").exists()
-    skipped = discover(DiscoverConfig(**{**config.__dict__, "skip_bad_rows": True}), out=tmp_path / "c", adapter=tiny_ioi_model)
+    skipped = run_config(DiscoverConfig(**{**config.__dict__, "skip_bad_rows": True}), out=tmp_path / "c", adapter=tiny_ioi_model).summary
     assert skipped["prompts_discovery"] + skipped["prompts_heldout"] == 7
 
 
 def test_acdc_run_writes_a_certificate_and_reuses_its_attribution(tiny_ioi_model, tmp_path):
     config = DiscoverConfig(task="ioi", model="tiny-llama", method="acdc", n_pairs=16, batch_size=8, edges=40,
                             force=True, curve=False, search_prompts=4, chain=4)
-    summary = discover(config, out=tmp_path / "a", adapter=tiny_ioi_model)
+    summary = run_config(config, out=tmp_path / "a", adapter=tiny_ioi_model).summary
     search = summary["search"]
     assert search["rule"] == "acdc" and search["distance"] == "kl" and search["candidates"] <= 40
     assert summary["edges_kept"] <= search["candidates"]
@@ -202,7 +202,7 @@ def test_acdc_run_writes_a_certificate_and_reuses_its_attribution(tiny_ioi_model
         def log(self, message):
             self.lines.append(message)
 
-    again = discover(dataclasses.replace(config, tau=0.0), out=tmp_path / "b", adapter=tiny_ioi_model, reporter=Log())
+    again = run_config(dataclasses.replace(config, tau=0.0), out=tmp_path / "b", adapter=tiny_ioi_model, reporter=Log()).summary
     assert again["search"]["tau"] == 0.0
     assert any(line.startswith("reusing eap-ig scores") for line in Log.lines)
 
@@ -210,7 +210,7 @@ def test_acdc_run_writes_a_certificate_and_reuses_its_attribution(tiny_ioi_model
 def test_unseeded_acdc_tries_every_edge_of_the_graph_in_graph_order(tiny_ioi_model, tmp_path):
     config = DiscoverConfig(task="ioi", model="tiny-llama", method="acdc", seed_method="none", n_pairs=8, batch_size=8,
                             force=True, search_prompts=4, chain=4)
-    summary = discover(config, out=tmp_path / "a", adapter=tiny_ioi_model)
+    summary = run_config(config, out=tmp_path / "a", adapter=tiny_ioi_model).summary
     graph = EdgeGraph(tiny_ioi_model.shape)
     assert summary["search"]["candidates"] == graph.n_edges  # nothing removed up front
     assert summary["search"]["seed_top_n_same_size"] is None and summary.get("cpr") is None  # no ranking to compare

@@ -114,3 +114,16 @@ def assert_exact(adapter: ModelAdapter, got: torch.Tensor, want: torch.Tensor) -
     tol = tolerance_for(adapter, want)
     diff = (got - want).abs().max().item()
     assert got.shape == want.shape and diff <= tol, f"differs by {diff:.3g} > {tol:.3g} ({adapter.name}, working {adapter.working_dtype})"
+
+
+def circuit_of(model: str, task: str, method: str, n_layers: int, n_heads: int, n_kv_groups: int, edges: list[dict],
+               metadata: dict | None = None, roles: dict | None = None, parallel: bool = False, post_norm: bool = False):
+    """A ``Circuit`` of the named edges on the edge graph of a model of this shape (for tests of the
+    circuit layer that need no model)."""
+    from circuitfinder.engine.adapter import ModelShape
+    from circuitfinder.engine.graph import EdgeGraph
+    from circuitfinder.graphs.circuit import Circuit
+
+    shape = ModelShape(n_layers, n_heads, n_kv_groups, d_model=0, post_norm=post_norm, parallel=parallel)
+    return Circuit.from_edges(EdgeGraph(shape), edges, model=model, task=task, method=method,
+                              metadata=metadata or {}, roles=roles or {})

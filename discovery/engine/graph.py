@@ -148,6 +148,24 @@ class EdgeGraph:
     def _receiver_index(self) -> dict[str, int]:
         return {n: i for i, n in enumerate(self.receiver_names)}
 
+    @property
+    def heads_per_group(self) -> int:
+        """Query heads that share one key/value group (1 without grouped-query attention)."""
+        return self.shape.n_heads // self.shape.n_kv_groups
+
+    def group_of(self, head: int) -> int:
+        """The key/value group a query head reads."""
+        return head // self.heads_per_group
+
+    def group_heads(self, group: int) -> range:
+        """The query heads that read key/value group ``group``."""
+        return range(group * self.heads_per_group, (group + 1) * self.heads_per_group)
+
+    @cached_property
+    def receiver_kind(self) -> tuple[str, ...]:
+        """For each receiver, its kind: ``q``, ``k``, ``v``, ``mlp`` or ``logits``."""
+        return tuple(p.kind for p in self.receiver_points for _ in range(p.start, p.stop))
+
     @cached_property
     def receiver_node(self) -> tuple[tuple[int, ...], ...]:
         """For each receiver, the sender indices of the node(s) it feeds.
@@ -155,8 +173,7 @@ class EdgeGraph:
         A q input feeds its head; a k or v input of group g feeds every head of that group; an
         MLP input feeds the MLP. The logits feed no sender (empty tuple).
         """
-        H, G = self.shape.n_heads, self.shape.n_kv_groups
-        per_group = H // G
+        H = self.shape.n_heads
         out: list[tuple[int, ...]] = []
         for r in self.receiver_points:
             for j in range(r.stop - r.start):
@@ -167,7 +184,7 @@ class EdgeGraph:
                 if r.kind == "q":
                     out.append((base + j,))
                 elif r.kind in "kv":
-                    out.append(tuple(base + h for h in range(j * per_group, (j + 1) * per_group)))
+                    out.append(tuple(base + h for h in self.group_heads(j)))
                 else:
                     out.append((base + H,))
         return tuple(out)

@@ -27,10 +27,12 @@ from circuitfinder.engine.graph import EdgeGraph
 Mask = Bool[torch.Tensor, "senders receivers"]
 
 
-def top_edges(graph: EdgeGraph, scores: Float[torch.Tensor, "senders receivers"], n: int) -> Mask:
-    """The ``n`` edges of largest ``|score|`` (ties broken by edge index, so the result is stable)."""
-    n = max(0, min(n, graph.n_edges))
-    flat = torch.where(graph.allowed, scores.abs().double(), torch.tensor(-1.0, dtype=torch.float64)).flatten()
+def top_edges(graph: EdgeGraph, scores: Float[torch.Tensor, "senders receivers"], n: int, among: Mask | None = None) -> Mask:
+    """The ``n`` edges of largest ``|score|`` among ``among`` (default: every edge of the graph);
+    ties broken by edge index, so the result is stable."""
+    candidates = graph.allowed if among is None else graph.allowed & among
+    n = max(0, min(n, int(candidates.sum())))
+    flat = torch.where(candidates, scores.abs().double(), torch.tensor(-1.0, dtype=torch.float64)).flatten()
     order = torch.sort(flat, descending=True, stable=True).indices[:n]
     mask = torch.zeros(graph.allowed.numel(), dtype=torch.bool)
     mask[order] = True
@@ -80,10 +82,36 @@ def prune(graph: EdgeGraph, mask: Mask, ablation_is_run: bool = True) -> Mask:
     return mask & reached[:, None] & live[:, None] & receiver_live[None, :]
 
 
+def receiver_targets(graph: EdgeGraph, mask: Mask) -> dict[int, tuple[str, ...]]:
+    """For each receiver with a kept edge, the node(s) its edges lead to: the node of a query or
+    MLP input, the logits, and for a key/value group's input the heads of the group that are
+    otherwise in the circuit (senders of kept edges, or heads whose query input is kept), or the
+    group's first head when none is. A k/v input changes every head of its group, but a head none
+    of whose own edges is kept has its output patched everywhere: it is not part of the circuit."""
+    kept = torch.nonzero(mask.any(0)).flatten().tolist()
+    kinds, node = graph.receiver_kind, graph.receiver_node
+    own = set(torch.nonzero(mask.any(1)).flatten().tolist()) | {node[r][0] for r in kept if kinds[r] == "q"}
+    targets = {}
+    for r in kept:
+        if kinds[r] == "logits":
+            targets[r] = ("logits",)
+        elif kinds[r] in ("k", "v"):
+            heads = [s for s in node[r] if s in own] or [node[r][0]]
+            targets[r] = tuple(graph.sender_names[s] for s in heads)
+        else:
+            targets[r] = (graph.sender_names[node[r][0]],)
+    return targets
+
+
+def circuit_nodes(graph: EdgeGraph, mask: Mask) -> set[str]:
+    """The circuit's nodes (input, heads, MLPs, logits): the senders of its edges and the nodes
+    they lead to (:func:`receiver_targets`). The one definition behind every node count."""
+    names = {graph.sender_names[s] for s in torch.nonzero(mask.any(1)).flatten().tolist()}
+    for heads in receiver_targets(graph, mask).values():
+        names.update(heads)
+    return names
+
+
 def node_count(graph: EdgeGraph, mask: Mask) -> int:
-    """Nodes (input, heads, MLPs, logits) touched by the circuit's edges."""
-    senders = mask.any(1)
-    fed = set()
-    for r in torch.nonzero(mask.any(0)).flatten().tolist():
-        fed.update(graph.receiver_node[r] if graph.receiver_node[r] else ("logits",))
-    return len(set(torch.nonzero(senders).flatten().tolist()) | fed)
+    """How many nodes the circuit has (:func:`circuit_nodes`)."""
+    return len(circuit_nodes(graph, mask))

@@ -25,16 +25,17 @@ import torch
 from circuitfinder.engine.ablation import ABLATIONS, make_ablation
 from circuitfinder.engine.adapter import ModelAdapter, load_model
 from circuitfinder.engine.checks import load_checked_model
-from circuitfinder.methods.attribution import IG_RULES, METHODS, node_scores
+from circuitfinder.methods.attribution import IG_RULES, METHODS
 from circuitfinder.engine.masks import edges_above, node_count, prune, top_edges
 from circuitfinder.errors import OutputExists, UserError
 from circuitfinder.folders import atomic_dir, check_out_dir
 from circuitfinder.checkpoint import Checkpoint
-from circuitfinder.engine.faithfulness import CircuitEvaluator, SizeSearch, faithfulness_curve, search_size
+from circuitfinder.engine.faithfulness import Baseline, CircuitEvaluator, Curve, SizeSearch, faithfulness_curve, search_size
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.scorer import DISTANCES
 from circuitfinder.methods.search import decisions_table, run_search
-from circuitfinder.graphs.circuit import CircuitRecord
+from circuitfinder.graphs.circuit import Circuit
+from circuitfinder.graphs.tables import nodes_table, read_scores, scores_table
 from circuitfinder.tasks import TASKS, Task, build_task, is_task_file
 
 
@@ -71,8 +72,15 @@ class DiscoverConfig:
     batch_size: int = 16
     seed: int = 0
 
-    def validate(self) -> None:
-        if is_task_file(self.task):
+    def validate(self, task_given: bool = False) -> None:
+        """Refuse a configuration that cannot run, naming the argument to fix.
+
+        Args:
+            task_given: the task is passed built, so ``task`` is only its name.
+        """
+        if task_given:
+            pass
+        elif is_task_file(self.task):
             if not Path(self.task).is_file():
                 raise UserError(f"no task file at {self.task}")
         elif self.task not in TASKS:
@@ -109,6 +117,8 @@ class DiscoverConfig:
             raise UserError(f"--ig-rule must be one of {', '.join(IG_RULES)}, got {self.ig_rule!r}")
         if self.bos not in ("auto", "always"):
             raise UserError(f"--bos must be auto or always, got {self.bos!r}")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
 
     def matching_published(self) -> "DiscoverConfig":
         """This configuration with every choice the published EAP-IG code makes (hannamw/EAP-IG):
@@ -116,8 +126,6 @@ class DiscoverConfig:
         ``right`` on activations). Its scores then equal that code's (divided by the prompt count)."""
         rule = "right" if self.method == "eap-ig-activations" else "left"
         return dataclasses.replace(self, bos="always", ig_rule=rule)
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
 
 
 def build_run_task(config: DiscoverConfig, tokenizer) -> Task:
@@ -155,40 +163,10 @@ def default_out_dir(config: DiscoverConfig, root: Path = Path("outputs")) -> Pat
     return root / f"{run_name(config)}-{stamp}"
 
 
-def scores_table(graph: EdgeGraph, scores: torch.Tensor, circuit: torch.Tensor) -> pd.DataFrame:
-    """One row per edge: name, sender, receiver, score, rank by |score|, in_circuit."""
-    s, r = torch.nonzero(graph.allowed, as_tuple=True)
-    values = scores[s, r]
-    rank = torch.empty_like(s)
-    rank[torch.sort(values.abs(), descending=True, stable=True).indices] = torch.arange(1, len(s) + 1)
-    senders = [graph.sender_names[i] for i in s.tolist()]
-    receivers = [graph.receiver_names[i] for i in r.tolist()]
-    return pd.DataFrame({
-        "edge": [f"{a}->{b}" for a, b in zip(senders, receivers)],
-        "sender": senders,
-        "receiver": receivers,
-        "score": values.double().numpy(),
-        "rank": rank.numpy(),
-        "in_circuit": circuit[s, r].numpy(),
-    })
-
-
-def nodes_table(graph: EdgeGraph, scores: torch.Tensor, circuit: torch.Tensor) -> pd.DataFrame:
-    """One row per sender node: name, score (the sum of its edge scores), rank by |score|, in_circuit."""
-    values = node_scores(graph, scores)
-    return pd.DataFrame({
-        "node": values.index,
-        "score": values.to_numpy(),
-        "rank": values.abs().rank(ascending=False, method="first").astype(int).to_numpy(),
-        "in_circuit": circuit.any(1).numpy(),
-    })
-
-
-def write_prompts(path: Path, task) -> None:
-    with open(path, "w") as f:
-        for text, split in zip(task.texts, task.split):
-            row = {k: text[k] for k in ("clean", "corrupted", "answer", "wrong")} | {"split": split}
-            f.write(json.dumps(row) + "\n")
+def prompt_rows(task: Task) -> list[dict]:
+    """Every prompt pair of a task as text, with its split (the rows of ``prompts.jsonl``)."""
+    return [{k: text[k] for k in ("clean", "corrupted", "answer", "wrong")} | {"split": split}
+            for text, split in zip(task.texts, task.split)]
 
 
 MIN_ACCURACY = 0.6  # below this the model does not show the behaviour well enough to have a circuit for it
@@ -232,28 +210,31 @@ def choose_circuit(config: DiscoverConfig, adapter: ModelAdapter, graph: EdgeGra
     return top_edges(graph, scores, search.n_edges), search, discovery.forward_passes
 
 
-def discover(config: DiscoverConfig, out: Path | None = None, overwrite: bool = False,
-             reporter: Reporter = Reporter(), adapter: ModelAdapter | None = None) -> dict:
-    """Run discovery and write the run folder. Returns the summary (as in ``summary.json``).
+def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool = False,
+               reporter: Reporter | None = None, adapter: ModelAdapter | None = None, task: Task | None = None) -> "Run":
+    """Run discovery as ``config`` says; write the run folder when ``out`` is given.
 
     Args:
         config: what to run.
-        out: run folder (default ``outputs/{task}-{model}-{method}-{time}``).
+        out: the run folder to write (nothing is written when None, except an iterative search's
+            checkpoints, kept under ``outputs/.checkpoints`` then).
         overwrite: replace an existing run folder.
-        reporter: receives messages and progress.
-        adapter: an already loaded model (for notebooks and tests); loaded from ``config.model``
-            when None.
+        reporter: receives messages and progress (silent when None).
+        adapter: an already loaded model; loaded (and checked) from ``config.model`` when None.
+        task: an already built task; built from ``config.task`` when None.
     """
-    config.validate()
-    out = Path(out) if out is not None else default_out_dir(config)
-    check_out_dir(out, overwrite)
+    reporter = reporter or Reporter()
+    config.validate(task_given=task is not None)
+    if out is not None:
+        out = Path(out)
+        check_out_dir(out, overwrite)
     started = time.perf_counter()
     torch.manual_seed(config.seed)
 
     if adapter is None:
         reporter.log(f"loading {config.model}")
         adapter = load_checked_model(config.model, reporter.log, check=config.check_model)
-    task = build_run_task(config, adapter.tokenizer)
+    task = task if task is not None else build_run_task(config, adapter.tokenizer)
     for note in task.notes:
         reporter.log(f"task: {note}")
     graph = EdgeGraph(adapter.shape)
@@ -275,8 +256,9 @@ def discover(config: DiscoverConfig, out: Path | None = None, overwrite: bool = 
     check_behaviour(b, config, adapter.name)
 
     iterative = config.method == "acdc" or config.minimize
-    checkpoint = Checkpoint(out.parent, search_settings(config)) if iterative else None
-    seed_store = Checkpoint(out.parent, seed_settings(config)) if iterative else None
+    root = out.parent if out is not None else Path("outputs")
+    checkpoint = Checkpoint(root, search_settings(config)) if iterative else None
+    seed_store = Checkpoint(root, seed_settings(config)) if iterative else None
     seed = seed_store.load_tensors("seed") if seed_store else None
     attribution = config.seed_method if config.method == "acdc" else config.method
     if seed is not None:
@@ -363,34 +345,51 @@ def discover(config: DiscoverConfig, out: Path | None = None, overwrite: bool = 
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "finished": True,
     }
-    record = CircuitRecord(
-        model=config.model, task=config.task, method=config.method, n_layers=adapter.shape.n_layers,
-        n_heads=adapter.shape.n_heads, n_kv_groups=adapter.shape.n_kv_groups, parallel=adapter.shape.parallel,
-        edges=[{"sender": graph.sender_names[s], "receiver": graph.receiver_names[r], "score": float(scores[s, r])}
-               for s, r in torch.nonzero(circuit).tolist()],
-        metadata={"faithfulness": faithfulness, "edges_total": graph.n_edges},
-    )
-    with atomic_dir(out, overwrite) as tmp:
-        (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")
-        scores_table(graph, scores, circuit).to_parquet(tmp / "scores.parquet", index=False)
-        nodes_table(graph, scores, circuit).to_csv(tmp / "nodes.csv", index=False)
-        record.save(tmp / "circuit.json")
-        write_prompts(tmp / "prompts.jsonl", task)
-        _render(record, tmp / "circuit", reporter)
-        if outcome is not None:
-            (tmp / "certificate.json").write_text(json.dumps(_certificate(summary, outcome), indent=1) + "\n")
-            pd.DataFrame(outcome.necessity).to_csv(tmp / "necessity.csv", index=False)
-            decisions_table(graph, outcome, scores).to_csv(tmp / "decisions.csv", index=False)
-        if curve is not None:
-            pd.DataFrame(curve.rows()).to_csv(tmp / "curve.csv", index=False)
-            _plot_curve(curve, f"{config.task} · {config.model} · {config.method}", tmp / "curve.png")
-        summary["seconds"] = round(time.perf_counter() - started, 2)
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    circuit = Circuit(graph, circuit, scores, model=config.model, task=config.task, method=config.method,
+                      metadata={"faithfulness": faithfulness, "edges_total": graph.n_edges})
+    tables = {}
+    if outcome is not None:
+        tables = {"certificate": _certificate(summary, outcome), "necessity": pd.DataFrame(outcome.necessity),
+                  "decisions": decisions_table(graph, outcome, scores)}
+    run = Run(config=config, circuit=circuit, summary=summary, baseline=b, curve=curve,
+              prompts=prompt_rows(task), tables=tables, task=task)
+    summary["seconds"] = round(time.perf_counter() - started, 2)
+    if out is not None:
+        run.save(out, overwrite=overwrite, reporter=reporter)
     if checkpoint:
         checkpoint.clear()
-    reporter.log(f"wrote {out}")
-    summary["out"] = str(out)
-    return summary
+    return run
+
+
+def discover(model: "str | ModelAdapter" = "smollm2-135m", task: "str | Task" = "ioi", method: str = "eap-ig", *,
+             out: Path | None = None, overwrite: bool = False, reporter: Reporter | None = None, **options) -> "Run":
+    """Find the circuit of ``task`` in ``model`` and check it by exact patching on held-out prompts.
+
+    Args:
+        model: a bundled model's name, a Hugging Face id, a local folder, or a model already
+            loaded with :func:`circuitfinder.load_model`.
+        task: a task name (``circuitfinder.tasks.TASKS``), a ``.jsonl``/``.csv`` task file, or a
+            :class:`~circuitfinder.tasks.Task` already built for this model's tokenizer.
+        method: a name of :data:`circuitfinder.methods.attribution.METHODS`, or ``"acdc"``.
+        out: a run folder to write (see :meth:`Run.save`); nothing is written when None.
+        overwrite: replace ``out`` if it holds results.
+        reporter: receives messages and progress (silent when None).
+        **options: any other field of :class:`DiscoverConfig` (``edges``, ``target_faithfulness``,
+            ``ig_steps``, ``n_pairs``, ``seed``, ...).
+
+    Returns:
+        the :class:`Run`: scores, circuit, baseline, faithfulness, curve and the search's log.
+
+    Example::
+
+        run = discover("smollm2-135m", "ioi")
+        run.circuit.top(200).prune().draw()
+    """
+    adapter = None if isinstance(model, str) else model
+    built = None if isinstance(task, str) else task
+    config = DiscoverConfig(model=model if adapter is None else adapter.name,
+                            task=task if built is None else built.name, method=method, **options)
+    return run_config(config, out=out, overwrite=overwrite, reporter=reporter, adapter=adapter, task=built)
 
 
 def search_settings(config: DiscoverConfig) -> dict:
@@ -441,15 +440,130 @@ def _certificate(summary: dict, outcome) -> dict:
     }
 
 
-def _render(record: CircuitRecord, path: Path, reporter: Reporter) -> None:
-    """Draw ``circuit.svg``; without the ``dot`` program, write ``circuit.dot`` and say so."""
-    from circuitfinder.graphs.render import draw_record
+@dataclass(eq=False)
+class Run:
+    """A discovery run: what was asked, every edge's score, the circuit and its exact faithfulness.
 
+    ``discover`` returns one; :meth:`save` writes it as a run folder and :meth:`load` reads one
+    back (without the model: ``task`` is then None and ``prompts`` holds the prompts as text).
+
+    Attributes:
+        config: the run's :class:`DiscoverConfig`.
+        circuit: the :class:`~circuitfinder.graphs.circuit.Circuit`, knowing every edge's score.
+        summary: what ``summary.json`` holds (held-out faithfulness, baselines, sizes, costs).
+        baseline: clean and corrupted metric and clean accuracy on the held-out prompts.
+        curve: held-out faithfulness at the MIB edge fractions, or None.
+        prompts: every prompt pair as text, with its split.
+        tables: the search's log when there was one: ``certificate`` (dict), ``necessity`` and
+            ``decisions`` (DataFrames).
+        task: the task, when the run was made in this process.
+        out: the folder it was saved to or loaded from.
+    """
+
+    config: DiscoverConfig
+    circuit: Circuit
+    summary: dict
+    baseline: Baseline
+    curve: Curve | None = None
+    prompts: list[dict] = dataclasses.field(default_factory=list)
+    tables: dict = dataclasses.field(default_factory=dict)
+    task: Task | None = None
+    out: Path | None = None
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """Every edge's score, ``[senders, receivers]`` (float64; NaN off the graph's edges)."""
+        return self.circuit.scores
+
+    @property
+    def faithfulness(self) -> float:
+        """The circuit's exact faithfulness on the held-out prompts."""
+        return self.summary["faithfulness"]
+
+    def __repr__(self) -> str:
+        where = f", {self.out}" if self.out else ""
+        return (f"Run({self.config.task} · {self.config.model} · {self.config.method}: {self.circuit.n_edges:,} of "
+                f"{self.circuit.graph.n_edges:,} edges, faithfulness {self.faithfulness:.3f} held-out{where})")
+
+    def save(self, out: Path, overwrite: bool = False, reporter: Reporter | None = None) -> Path:
+        """Write the run folder whole or not at all (``circuitfinder.folders.atomic_dir``).
+
+        Files: ``config.json``, ``summary.json``, ``scores.parquet``, ``nodes.csv``,
+        ``circuit.json``, ``circuit.svg``, ``prompts.jsonl``; ``curve.csv``/``curve.png`` with a
+        curve; ``certificate.json``, ``necessity.csv``, ``decisions.csv`` after a search.
+
+        Raises:
+            OutputExists: ``out`` holds results and ``overwrite`` is off.
+        """
+        reporter = reporter or Reporter()
+        out = Path(out)
+        check_out_dir(out, overwrite)
+        with atomic_dir(out, overwrite) as tmp:
+            (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=1) + "\n")
+            scores_table(self.circuit).to_parquet(tmp / "scores.parquet", index=False)
+            nodes_table(self.circuit).to_csv(tmp / "nodes.csv", index=False)
+            self.circuit.save(tmp / "circuit.json")
+            with open(tmp / "prompts.jsonl", "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in self.prompts)
+            _render(self.circuit, tmp / "circuit", reporter)
+            if "certificate" in self.tables:
+                (tmp / "certificate.json").write_text(json.dumps(self.tables["certificate"], indent=1) + "\n")
+            for name in ("necessity", "decisions"):
+                if name in self.tables:
+                    self.tables[name].to_csv(tmp / f"{name}.csv", index=False)
+            if self.curve is not None:
+                pd.DataFrame(self.curve.rows()).to_csv(tmp / "curve.csv", index=False)
+                _plot_curve(self.curve, f"{self.config.task} · {self.config.model} · {self.config.method}", tmp / "curve.png")
+            (tmp / "summary.json").write_text(json.dumps({k: v for k, v in self.summary.items() if k != "out"}, indent=1) + "\n")
+        self.out = out
+        self.summary["out"] = str(out)
+        reporter.log(f"wrote {out}")
+        return out
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "Run":
+        """Read a run folder written by :meth:`save` (or by ``circuits discover``).
+
+        Raises:
+            UserError: not a run folder, or one whose files do not fit together.
+        """
+        from circuitfinder.graphs.circuit import load_circuit
+
+        run_dir = Path(run_dir)
+        config = load_run_config(run_dir)
+        try:
+            summary = json.loads((run_dir / "summary.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{run_dir} has no readable summary.json ({exc})") from None
+        circuit = load_circuit(run_dir)
+        if (run_dir / "scores.parquet").is_file():
+            circuit = circuit.replace(scores=torch.where(circuit.mask, circuit.scores, read_scores(run_dir / "scores.parquet", circuit.graph)))
+        curve = None
+        if (run_dir / "curve.csv").is_file():
+            rows = pd.read_csv(run_dir / "curve.csv")
+            curve = Curve(tuple((float(r.percent), int(r.top_n), int(r.edges_kept), float(r.faithfulness)) for r in rows.itertuples()),
+                          summary.get("cpr"), summary.get("cmd"))
+        prompts = []
+        if (run_dir / "prompts.jsonl").is_file():
+            prompts = [json.loads(line) for line in (run_dir / "prompts.jsonl").read_text().splitlines() if line.strip()]
+        tables = {}
+        if (run_dir / "certificate.json").is_file():
+            tables["certificate"] = json.loads((run_dir / "certificate.json").read_text())
+        for name in ("necessity", "decisions"):
+            if (run_dir / f"{name}.csv").is_file():
+                tables[name] = pd.read_csv(run_dir / f"{name}.csv")
+        baseline = Baseline(summary["metric_clean"], summary["metric_corrupted"], summary.get("accuracy_clean"),
+                            summary.get("prompts_heldout"))
+        return cls(config, circuit, summary | {"out": str(run_dir)}, baseline, curve, prompts, tables, None, run_dir)
+
+
+def _render(circuit: Circuit, path: Path, reporter: Reporter) -> None:
+    """Draw ``circuit.svg``; without the ``dot`` program, write ``circuit.dot`` and say so."""
     formats = ("svg",) if shutil.which("dot") else ("dot",)
     if formats == ("dot",):
         reporter.log("Graphviz's dot program is missing: wrote circuit.dot only (install graphviz for SVG)")
     try:
-        draw_record(record, path, formats=formats)
+        circuit.draw(path, formats=formats)
     except ValueError as exc:
         reporter.log(f"no diagram: {exc}")
 
@@ -487,10 +601,7 @@ def validate_run(run_dir: Path, top: int = 40, random: int = 60, overwrite: bool
         adapter = load_model(config.model, reporter.log)
     task = build_run_task(config, adapter.tokenizer)
     graph = EdgeGraph(adapter.shape)
-    table = pd.read_parquet(run_dir / "scores.parquet")
-    scores = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.float64)
-    index = [graph.edge_index(e) for e in table["edge"]]
-    scores[[i for i, _ in index], [j for _, j in index]] = torch.tensor(table["score"].to_numpy())
+    scores = read_scores(run_dir / "scores.parquet", graph)
     edges, groups = pick_edges(graph, scores, top, random, seed=config.seed)
     with reporter.progress(f"exact effects of {len(edges)} edges", len(edges) * len(list(task.batches("discovery", config.batch_size)))) as advance:
         effects = exact_edge_effects(adapter, graph, task, edges, "discovery", config.batch_size, progress=advance,
@@ -553,3 +664,31 @@ def _scatter(frame: pd.DataFrame, result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)
+
+
+def roles_for_run(run_dir, max_prompts: int = 64, overwrite: bool = False, reporter=None, adapter=None):
+    """Measure the roles of a run's model on its task's prompts; write ``roles.csv`` and ``roles.md``.
+
+    Returns:
+        The roles table (every head of the model).
+    """
+    from circuitfinder.graphs.roles import measure_roles
+    from circuitfinder.graphs.tables import to_markdown
+
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    target = run_dir / "roles.csv"
+    if target.exists() and not overwrite:
+        raise OutputExists(f"{target} exists: pass --overwrite to measure the roles again")
+    log = reporter.log if reporter is not None else (lambda _m: None)
+    if adapter is None:
+        log(f"loading {config.model}")
+        adapter = load_model(config.model, log)
+    task = build_run_task(config, adapter.tokenizer)
+    table = measure_roles(adapter, task, max_prompts=max_prompts, batch_size=config.batch_size)
+    table.to_csv(target, index=False)
+    labelled = table[table.role.notna()]
+    (run_dir / "roles.md").write_text(
+        f"# Head roles: {config.task} on {config.model} ({min(max_prompts, len(task))} clean prompts)\n\n"
+        + to_markdown(labelled, floatfmt=".3f") + "\n")
+    return table

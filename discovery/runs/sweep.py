@@ -1,6 +1,6 @@
 """Sweeps: one discovery run per (task, model, method), and one table comparing them.
 
-Each run is :func:`circuitfinder.runs.run.discover`, written to ``OUT/TASK-MODEL-METHOD/`` exactly as
+Each run is :func:`circuitfinder.runs.run.run_config`, written to ``OUT/TASK-MODEL-METHOD/`` exactly as
 ``circuits discover --out`` writes it. Runs go one after another in this process (``workers=0``,
 the default: one run already keeps two CPU cores busy, so on a small machine two runs at once
 only share the same cores and double the memory), or as Ray tasks (Moritz et al. 2018), at most
@@ -23,7 +23,7 @@ from typing import Iterator
 import pandas as pd
 
 from circuitfinder.errors import UserError
-from circuitfinder.runs.run import DiscoverConfig, Reporter, discover, run_name
+from circuitfinder.runs.run import DiscoverConfig, Reporter, run_config, run_name
 from circuitfinder.graphs.tables import to_markdown
 
 COLUMNS = ("task", "model", "method", "status", "metric", "metric_clean", "metric_corrupted", "accuracy_clean",
@@ -87,7 +87,7 @@ def run_one(config: DiscoverConfig, out: Path, overwrite: bool = False, threads:
 
         torch.set_num_threads(threads)
     try:
-        return discover(config, out=out, overwrite=overwrite)
+        return run_config(config, out=out, overwrite=overwrite).summary
     except Exception as exc:  # a failed run is a row of the table, not the end of the sweep
         return {"error": one_line(exc)}
 
