@@ -6,6 +6,7 @@ shows it).
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 import time
@@ -76,11 +77,11 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 def discover(
     task: str = typer.Option("ioi", "--task", help="Task name (see `circuits tasks list`)."),
     model: str = typer.Option("smollm2-135m", "--model", help="Bundled model name, Hugging Face id or local folder."),
-    method: str = typer.Option("eap-ig", "--method", help="eap-ig (default), eap, or acdc (iterative patching seeded by --seed-method)."),
-    seed_method: str = typer.Option("eap-ig", "--seed-method", help="acdc: attribution that orders and bounds the candidates; none: every edge, in graph order (textbook ACDC)."),
+    method: str = typer.Option("eap-ig", "--method", help="eap-ig (default), eap, eap-ig-activations (attribution); acdc or minimize (patching searches seeded by --seed-method); see `circuits methods`."),
+    seed_method: str = typer.Option("eap-ig", "--seed-method", help="acdc/minimize: attribution that orders and bounds the candidates; none: every edge, in graph order (textbook ACDC)."),
     tau: Optional[float] = typer.Option(None, "--tau", help="acdc: keep a removal when the distance grows by less than this (default: 1% of the empty circuit's distance)."),
     acdc_metric: str = typer.Option("kl", "--acdc-metric", help="acdc: distance from the clean run, kl or task (|metric change|)."),
-    minimize: bool = typer.Option(False, "--minimize", help="eap/eap-ig: then remove edges one by one while the target faithfulness holds."),
+    minimize: bool = typer.Option(False, "--minimize", help="Shorthand for --method minimize --seed-method METHOD: remove edges one by one while the target faithfulness holds."),
     search_prompts: int = typer.Option(16, "--search-prompts", help="acdc/--minimize: discovery prompts each candidate is evaluated on."),
     chain: int = typer.Option(16, "--chain", help="acdc/--minimize: the most candidates evaluated together (speculatively) per chain; each chain's length adapts to how often guesses are right."),
     workers: int = typer.Option(0, "--workers", help="acdc/--minimize: Ray actors with a model replica each (0: in this process)."),
@@ -238,6 +239,16 @@ def render(
         raise UserError(str(exc)) from None
     for p in written:
         print(p)
+
+
+@app.command()
+def methods() -> None:
+    """List the methods: what each does, what it costs, and what it supports."""
+    from circuitfinder.methods.registry import METHODS
+
+    for name, m in METHODS.items():
+        supports = f"ablations: {', '.join(m.ablations)}" + ("" if m.post_norm else "; not on post-norm models")
+        print(f"{name:<20} {m.description}\n{'':<20} cost: {m.cost}; {supports}")
 
 
 @app.command()
@@ -405,6 +416,19 @@ def _terminate(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+FLAGS = {"n_pairs": "--pairs", "check_model": "--skip-model-check"}  # arguments whose flag is not --the-name
+
+
+def as_flags(exc: BaseException) -> str:
+    """A library error's message with the argument it opens with written as this command's flag
+    (``tau must be ≥ 0`` → ``--tau must be ≥ 0``)."""
+    message, argument = str(exc), getattr(exc, "argument", None)
+    if not argument:
+        return message
+    flag = FLAGS.get(argument, "--" + argument.replace("_", "-"))
+    return re.sub(rf"^{re.escape(argument)}\b", flag, message)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user errors into one-line messages with exit status 2."""
     signal.signal(signal.SIGTERM, _terminate)
@@ -413,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
     except _user_errors() as exc:
         if _state["debug"]:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {as_flags(exc)}", file=sys.stderr)
         sys.exit(2)
     except (typer.Exit, SystemExit) as exc:
         sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))

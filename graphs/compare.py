@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import networkx as nx
@@ -241,12 +242,103 @@ def _name(source: Path, record: Circuit) -> str:
     return f"{record.task} · {record.model} · {record.method} ({_stem(source)})"
 
 
+@dataclass(frozen=True, eq=False)
+class Comparison:
+    """Two circuits compared: the metrics, the tables by relative depth and by role, the diff diagram.
+
+    ``metrics`` holds sizes and, for one model shape, node and edge Jaccard, overlap at equal
+    size and weighted overlap (None between shapes); ``diagram`` is a ``graphviz.Digraph``.
+    """
+
+    names: tuple[str, str]
+    metrics: dict
+    depth: pd.DataFrame
+    roles: pd.DataFrame
+    diagram: object
+    notes: str = ""
+
+    def __repr__(self) -> str:
+        m = self.metrics
+        shared = (f"node Jaccard {m['node_jaccard']:.2f}, edge Jaccard {m['edge_jaccard']:.2f}"
+                  if m["same_model_shape"] else "different shapes: compared by relative depth")
+        return f"Comparison(A: {self.names[0]}; B: {self.names[1]}; {m['A_edges']:,} vs {m['B_edges']:,} edges; {shared})"
+
+    def _repr_svg_(self) -> str | None:
+        import shutil
+
+        return self.diagram.pipe(format="svg").decode() if shutil.which("dot") else None
+
+    def save(self, out: Path, overwrite: bool = False, formats: tuple[str, ...] = ("svg", "png")) -> Path:
+        """Write ``comparison.json``, ``metrics.csv``, ``depth.csv``, ``roles.csv``, ``comparison.md``
+        and ``diff.{format}`` into ``out``, whole or not at all."""
+        from circuitfinder.graphs.render import FORMATS, write_diagram
+        from circuitfinder.graphs.tables import to_markdown
+
+        bad = [f for f in formats if f not in FORMATS]
+        if bad:
+            raise UserError(f"unknown format(s) {', '.join(bad)}; choose from {', '.join(FORMATS)}")
+        out = Path(out)
+        check_out_dir(out, overwrite)
+        metrics = self.metrics
+        with atomic_dir(out, overwrite) as tmp:
+            (tmp / "comparison.json").write_text(json.dumps(metrics, indent=1) + "\n")
+            table = pd.DataFrame({"metric": list(metrics), "value": [("" if v is None else v) for v in metrics.values()]})
+            table.to_csv(tmp / "metrics.csv", index=False)
+            self.depth.to_csv(tmp / "depth.csv", index=False)
+            self.roles.to_csv(tmp / "roles.csv", index=False)
+            (tmp / "comparison.md").write_text(
+                f"# Circuit comparison\n\n- A: {self.names[0]}\n- B: {self.names[1]}\n\n## Metrics\n\n{to_markdown(table)}\n\n"
+                f"## By relative depth\n\n{to_markdown(self.depth, floatfmt='.2f')}\n\n## By role\n\n"
+                f"{to_markdown(self.roles) if len(self.roles) else '(no roles)'}{self.notes}\n")
+            write_diagram(self.diagram, tmp / "diff", formats)
+        return out
+
+
+def compare_circuits(a: Circuit, b: Circuit, bins: int = 5, max_edges: int = 150,
+                     names: tuple[str, str] | None = None) -> Comparison:
+    """Compare two circuits in memory (see the module docstring for the measures).
+
+    Args:
+        a, b: the circuits; of one model shape, names match; otherwise nodes align by relative depth.
+        bins: relative-depth bins of the depth table.
+        max_edges: node links drawn in the diff diagram of one model shape.
+        names: how A and B are called (default: task · model · method of each).
+
+    Raises:
+        UserError: an empty circuit, or ``bins``/``max_edges`` below 1.
+    """
+    from circuitfinder.graphs.render import diff_to_dot
+
+    if bins < 1:
+        raise UserError(f"bins must be at least 1, got {bins}")
+    if max_edges < 1:
+        raise UserError(f"max_edges must be at least 1, got {max_edges}")
+    for which, circuit in (("A", a), ("B", b)):
+        if not circuit.n_edges:
+            raise UserError(f"circuit {which} is empty: nothing to compare")
+    names = names or tuple(f"{c.task} · {c.model} · {c.method}" for c in (a, b))
+    comparable = same_shape(a, b)
+    metrics = {"A": names[0], "B": names[1], "A_edges": a.n_edges, "B_edges": b.n_edges,
+               "A_nodes": len(units(a)), "B_nodes": len(units(b)), "same_model_shape": comparable,
+               "depth_bins": bins}
+    metrics |= same_model_metrics(a, b) if comparable else {
+        k: None for k in ("node_jaccard", "edge_jaccard", "overlap_at_equal_size", "equal_size_k", "weighted_overlap")}
+    if comparable:
+        title = f"A: {names[0]}\nB: {names[1]}\nnode links of the union, the {max_edges} strongest; edge label: q/k/v"
+        dot = diff_to_dot(diff_graph(a, b, max_edges), ("A", "B"), title)
+    else:
+        title = (f"A: {names[0]}\nB: {names[1]}\nby relative depth (layer / layers, {bins} bins); "
+                 "node and edge labels: counts in A and B")
+        dot = diff_to_dot(depth_diff_graph(a, b, bins), ("A", "B"), title, tick_label=lambda k: bin_label(k, bins))
+    missing = [x for x, c in (("A", a), ("B", b)) if not c.roles]
+    notes = ("\n\nNo head roles for " + " and ".join(missing) + ": run `circuits roles RUN_DIR` to measure them.") if missing else ""
+    return Comparison(names, metrics, depth_table(a, b, bins), role_table(a, b), dot, notes)
+
+
 def compare(source_a: Path, source_b: Path, out: Path | None = None, overwrite: bool = False, bins: int = 5,
             formats: tuple[str, ...] = ("svg", "png"), max_edges: int = 150) -> dict:
-    """Compare two circuits and write the tables and the diff diagram into ``out``.
-
-    Writes ``comparison.json`` (the metrics), ``metrics.csv``, ``depth.csv``, ``roles.csv``,
-    ``comparison.md`` (all three tables in Markdown) and ``diff.{format}``.
+    """Compare two saved circuits (run folders or ``circuit.json`` files) and write the comparison
+    into ``out`` (:meth:`Comparison.save`).
 
     Returns:
         The metrics, with ``out``.
@@ -254,8 +346,7 @@ def compare(source_a: Path, source_b: Path, out: Path | None = None, overwrite: 
     Raises:
         UserError: a bad input or option; OutputExists: ``out`` exists and ``overwrite`` is off.
     """
-    from circuitfinder.graphs.render import FORMATS, diff_to_dot, write_diagram
-    from circuitfinder.graphs.tables import to_markdown
+    from circuitfinder.graphs.render import FORMATS
 
     if bins < 1:
         raise UserError(f"--bins must be at least 1, got {bins}")
@@ -265,42 +356,11 @@ def compare(source_a: Path, source_b: Path, out: Path | None = None, overwrite: 
     if bad:
         raise UserError(f"unknown format(s) {', '.join(bad)}; choose from {', '.join(FORMATS)}")
     a, b = load_circuit(source_a), load_circuit(source_b)
-    for record, source in ((a, source_a), (b, source_b)):
-        if not record.n_edges:
+    for circuit, source in ((a, source_a), (b, source_b)):
+        if not circuit.n_edges:
             raise UserError(f"{source} holds an empty circuit: nothing to compare")
-    names = (_name(source_a, a), _name(source_b, b))
     out = Path(out) if out is not None else Path("outputs") / f"compare-{_stem(source_a)}-vs-{_stem(source_b)}"
     check_out_dir(out, overwrite)
-
-    comparable = same_shape(a, b)
-    metrics = {"A": names[0], "B": names[1], "A_edges": a.n_edges, "B_edges": b.n_edges,
-               "A_nodes": len(units(a)), "B_nodes": len(units(b)), "same_model_shape": comparable,
-               "depth_bins": bins}
-    metrics |= same_model_metrics(a, b) if comparable else {
-        k: None for k in ("node_jaccard", "edge_jaccard", "overlap_at_equal_size", "equal_size_k", "weighted_overlap")}
-    depth, roles = depth_table(a, b, bins), role_table(a, b)
-    has_roles = bool(a.roles) and bool(b.roles)
-    if comparable:
-        graph = diff_graph(a, b, max_edges)
-        title = f"A: {names[0]}\nB: {names[1]}\nnode links of the union, the {max_edges} strongest; edge label: q/k/v"
-        dot = diff_to_dot(graph, ("A", "B"), title)
-    else:
-        graph = depth_diff_graph(a, b, bins)
-        title = (f"A: {names[0]}\nB: {names[1]}\nby relative depth (layer / layers, {bins} bins); "
-                 "node and edge labels: counts in A and B")
-        dot = diff_to_dot(graph, ("A", "B"), title, tick_label=lambda k: bin_label(k, bins))
-
-    with atomic_dir(out, overwrite) as tmp:
-        (tmp / "comparison.json").write_text(json.dumps(metrics, indent=1) + "\n")
-        table = pd.DataFrame({"metric": list(metrics), "value": [("" if v is None else v) for v in metrics.values()]})
-        table.to_csv(tmp / "metrics.csv", index=False)
-        depth.to_csv(tmp / "depth.csv", index=False)
-        roles.to_csv(tmp / "roles.csv", index=False)
-        note = "" if has_roles else ("\n\nNo head roles for " + " and ".join(
-            x for x, r in (("A", a), ("B", b)) if not r.roles) + ": run `circuits roles RUN_DIR` to measure them.")
-        (tmp / "comparison.md").write_text(
-            f"# Circuit comparison\n\n- A: {names[0]}\n- B: {names[1]}\n\n## Metrics\n\n{to_markdown(table)}\n\n"
-            f"## By relative depth\n\n{to_markdown(depth, floatfmt='.2f')}\n\n## By role\n\n"
-            f"{to_markdown(roles) if len(roles) else '(no roles)'}{note}\n")
-        write_diagram(dot, tmp / "diff", formats)
-    return metrics | {"out": str(out)}
+    comparison = compare_circuits(a, b, bins, max_edges, names=(_name(source_a, a), _name(source_b, b)))
+    comparison.save(out, overwrite, formats)
+    return comparison.metrics | {"out": str(out)}

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from circuitfinder.engine.adapter import load_model  # noqa: E402
-from circuitfinder.methods.attribution import METHODS  # noqa: E402
+from circuitfinder.methods.registry import METHODS  # noqa: E402
 from circuitfinder.engine.faithfulness import CircuitEvaluator, faithfulness_curve  # noqa: E402
 from circuitfinder.engine.graph import EdgeGraph  # noqa: E402
 from circuitfinder.methods.validation import correlations, exact_edge_effects, pick_edges  # noqa: E402

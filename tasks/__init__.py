@@ -36,7 +36,7 @@ def build_task(name: str, tokenizer, n_pairs: int = 128, seed: int = 0, skip_bad
 
     Args:
         name: a key of :data:`TASKS`, or the path of a ``.jsonl``/``.csv`` task file.
-        tokenizer: the model's Hugging Face tokenizer.
+        tokenizer: the model's Hugging Face tokenizer, or the loaded model (its tokenizer is used).
         n_pairs: number of prompt pairs (for a file: at most this many rows).
         seed: seeds generation, sampling and the split.
         skip_bad_rows: for a task file, drop invalid rows (counted in ``Task.notes``) instead of refusing the file.
@@ -44,6 +44,8 @@ def build_task(name: str, tokenizer, n_pairs: int = 128, seed: int = 0, skip_bad
     Raises:
         TaskError: for an unknown name, a missing file, or a task that cannot be built.
     """
+    if hasattr(tokenizer, "shape") and hasattr(tokenizer, "tokenizer"):  # a loaded model (ModelAdapter)
+        tokenizer = tokenizer.tokenizer
     if is_task_file(name):
         if not Path(name).is_file():
             raise TaskError(f"no task file at {name}")

@@ -88,7 +88,7 @@ def answer_logprob(logits: Float[torch.Tensor, "batch vocab"], batch: TaskBatch)
     return logits.log_softmax(-1)[rows, batch.answer]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Task:
     """Clean and corrupted prompts of equal shape, with answers, split and metric.
 
@@ -157,6 +157,12 @@ class Task:
 
     def __len__(self) -> int:
         return self.clean.shape[0]
+
+    def __repr__(self) -> str:
+        n_disc = sum(s == "discovery" for s in self.split)
+        example = f", e.g. {self.texts[0]['clean']!r} → {self.texts[0]['answer']!r}" if self.texts else ""
+        return (f"Task({self.name}: {len(self)} prompt pairs ({n_disc} discovery, {len(self) - n_disc} held-out) "
+                f"of {self.clean.shape[1]} tokens, metric {self.metric_name}{example})")
 
     def with_bos(self, bos_id: int) -> "Task":
         """The same pairs with ``bos_id`` prepended to every prompt, unless every prompt starts with it.

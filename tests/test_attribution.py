@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from circuitfinder.methods.attribution import METHODS, eap
+from circuitfinder.methods.attribution import eap
+from circuitfinder.methods.registry import METHODS
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.patching import patched_logits, run_recording_senders
 from circuitfinder.tasks.base import Task, logit_difference

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from circuitfinder.engine.ablation import make_ablation
-from circuitfinder.methods.attribution import METHODS, eap_ig, eap_ig_activations, ig_alphas, node_scores
+from circuitfinder.methods.attribution import eap_ig, eap_ig_activations, ig_alphas, node_scores
+from circuitfinder.methods.registry import METHODS
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.patching import patched_logits
 from circuitfinder.tasks.base import logit_difference

@@ -33,7 +33,8 @@ from pathlib import Path
 import pytest
 
 from circuitfinder.checkpoint import Checkpoint
-from circuitfinder.runs.run import DiscoverConfig, run_config, search_settings
+from circuitfinder.methods.registry import search_key
+from circuitfinder.runs.run import DiscoverConfig, run_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SEARCH = dict(task="ioi", method="acdc", edges=40, chain=1, search_prompts=4, n_pairs=8, batch_size=8, force=True, curve=False)
@@ -104,7 +105,7 @@ def reference(runs, tiny_model_dir) -> dict:
 
     config = DiscoverConfig(model=str(tiny_model_dir), **SEARCH)
     summary = run_config(config, out=runs / "reference", adapter=load_model(str(tiny_model_dir))).summary
-    checkpoint = Checkpoint(runs, search_settings(config)).dir
+    checkpoint = Checkpoint(runs, search_key(config)).dir
     assert not checkpoint.exists()  # cleared once the results were written
     assert summary["search"]["chains"] >= 12 and summary["edges_kept"] > 0  # room for a signal mid-search
     return {"circuit": (runs / "reference" / "circuit.json").read_bytes(), "candidates": summary["search"]["candidates"],

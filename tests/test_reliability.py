@@ -78,8 +78,8 @@ def _circuit_doc(**changes) -> str:
     (["discover", "--target-faithfulness", "1.5"], "--target-faithfulness must be in (0, 1]"),
     (["discover", "--edges", "0"], "--edges must be at least 1"),
     (["discover", "--threshold", "-1"], "--threshold must be a number ≥ 0"),
-    (["discover", "--workers", "-1"], "--workers ≥ 0"),
-    (["discover", "--chain", "0"], "--chain must be ≥ 1"),
+    (["discover", "--workers", "-1"], "--workers must be ≥ 0"),
+    (["discover", "--chain", "0"], "--chain must be at least 1"),
     (["discover", "--pairs", "2"], "--pairs must be at least 4"),
     (["discover", "--method", "acdc", "--acdc-metric", "l2"], "--acdc-metric must be one of"),
     (["discover", "--edges", "many"], "Error: Invalid value for '--edges'"),
@@ -115,7 +115,7 @@ def test_render_refuses_a_circuit_file_it_cannot_trust(cli, tmp_path, text, mess
 
 
 def test_debug_shows_the_traceback(cli):
-    with pytest.raises(UserError, match="--tau"):
+    with pytest.raises(UserError, match="tau must be a number"):
         cli("--debug", "discover", "--tau", "-1")
 
 
@@ -311,10 +311,10 @@ def test_a_damaged_checkpoint_is_redone_not_a_crash(tmp_path):
 def test_a_search_checkpoint_that_does_not_fit_is_redone(tiny_ioi_model, tmp_path):
     config = DiscoverConfig(task="ioi", model="tiny-llama", n_pairs=8, batch_size=8, method="acdc", seed_method="eap",
                             edges=20, search_prompts=4, force=True, curve=False)
-    from circuitfinder.runs.run import search_settings
+    from circuitfinder.methods.registry import search_key
 
     reference = run_config(config, out=tmp_path / "a" / "run", adapter=tiny_ioi_model).summary
-    Checkpoint(tmp_path / "b", search_settings(config)).save_json("search", {"decided": "7" * 999, "current": []})
+    Checkpoint(tmp_path / "b", search_key(config)).save_json("search", {"decided": "7" * 999, "current": []})
     again = run_config(config, out=tmp_path / "b" / "run", adapter=tiny_ioi_model).summary
     assert again["edges_kept"] == reference["edges_kept"]
     assert (tmp_path / "a" / "run" / "circuit.json").read_bytes() == (tmp_path / "b" / "run" / "circuit.json").read_bytes()

@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 import networkx as nx
 import pytest
 
-from circuitfinder.graphs.circuit import Circuit
+
 from tiny_models import circuit_of
 from circuitfinder.graphs.render import render_circuit, to_dot
 

@@ -99,7 +99,7 @@ def test_same_seed_gives_byte_identical_circuit(tiny_ioi_model, tmp_path):
     (DiscoverConfig(ablation="nope"), "unknown ablation"),
     (DiscoverConfig(edges=10, threshold=0.1), "not both"),
     (DiscoverConfig(edges=0), "at least 1"),
-    (DiscoverConfig(target_faithfulness=1.5), "target-faithfulness"),
+    (DiscoverConfig(target_faithfulness=1.5), "target_faithfulness must be in"),
     (DiscoverConfig(threshold=float("nan")), "threshold"),
 ])
 def test_bad_configurations_are_user_errors(config, message):
@@ -215,5 +215,5 @@ def test_unseeded_acdc_tries_every_edge_of_the_graph_in_graph_order(tiny_ioi_mod
     assert summary["search"]["candidates"] == graph.n_edges  # nothing removed up front
     assert summary["search"]["seed_top_n_same_size"] is None and summary.get("cpr") is None  # no ranking to compare
     assert 0 < summary["edges_kept"] < graph.n_edges
-    with pytest.raises(UserError, match="for --method acdc only"):
+    with pytest.raises(UserError, match="is for the seeded methods"):
         DiscoverConfig(method="eap", seed_method="none").validate()

@@ -138,6 +138,12 @@ class ModelAdapter:
     def dtype(self) -> torch.dtype:
         return next(self.bridge.parameters()).dtype
 
+    def __repr__(self) -> str:
+        s = self.shape
+        return (f"ModelAdapter({self.name}: {self.architecture}, {s.n_layers} layers, {s.n_heads} heads, "
+                f"{s.n_kv_groups} key/value groups, d_model {s.d_model}" + (", parallel blocks" if s.parallel else "")
+                + (", post-attention norm" if s.post_norm else "") + ")")
+
     @cached_property
     def working_dtype(self) -> torch.dtype:
         """The lowest precision the forward pass rounds to (``circuitfinder.engine.precision`` says why it matters).

@@ -23,7 +23,7 @@ EAP-IG (below) averages the gradient along a path from the ablated to the clean 
 inputs (the embedding interpolated) or on the activations (each sender hook point interpolated in
 turn). EAP is the one-point case at the clean end. Methods share one signature
 ``(adapter, graph, task, batch_size, progress, steps, ablation) -> scores [senders, receivers]``
-and are registered by name in :data:`METHODS`.
+and are registered by name in :data:`circuitfinder.methods.registry.METHODS`.
 
 Node scores (:func:`node_scores`) are the sums of edge scores over each sender's outgoing edges:
 a sender reaches the metric only through the residual stream, i.e. through the receivers it
@@ -34,7 +34,6 @@ gradients form (Marks et al. 2024, arXiv 2403.19647). A test checks the equality
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
@@ -264,23 +263,3 @@ def node_scores(graph: EdgeGraph, scores: Scores) -> "pd.Series":
 
     values = (scores * graph.allowed.to(scores.device)).sum(1)
     return pd.Series(values.double().cpu().numpy(), index=list(graph.sender_names), name="score")
-
-
-@dataclass(frozen=True)
-class Method:
-    """A registered attribution method: its function, its cost, and a line for the help text."""
-
-    score: AttributionMethod
-    # (steps, graph) -> forward passes per batch under counterfactual ablation, the corrupted and
-    # clean no-grad passes included (every other pass also has a backward)
-    forwards_per_batch: Callable[[int, EdgeGraph], int]
-    description: str
-
-
-METHODS: dict[str, Method] = {
-    "eap": Method(eap, lambda steps, graph: 2, "EAP (Syed et al. 2023): gradient at the clean run"),
-    "eap-ig": Method(eap_ig, lambda steps, graph: 2 + steps,
-                     "EAP-IG on inputs (Hanna et al. 2024): gradient averaged over --ig-steps"),
-    "eap-ig-activations": Method(eap_ig_activations, lambda steps, graph: 2 + len(graph.sender_points) * steps,
-                                 "EAP-IG on activations (MIB): each layer's output interpolated in turn, --ig-steps each"),
-}

@@ -16,15 +16,15 @@ from typing import TYPE_CHECKING
 import pandas as pd
 import torch
 
-from circuitfinder.methods.acdc import SearchResult, SearchState, acdc, candidate_order, minimize, removal_order
-from circuitfinder.engine.adapter import ModelAdapter, load_model
 from circuitfinder.checkpoint import Checkpoint
-from circuitfinder.engine.masks import Mask, prune
+from circuitfinder.engine.adapter import load_model
 from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.engine.masks import Mask, prune
+from circuitfinder.methods.acdc import SearchResult, SearchState, acdc, candidate_order, minimize, removal_order
 from circuitfinder.methods.pool import InProcessPool, RayPool, ScorerSpec
 
 if TYPE_CHECKING:
-    from circuitfinder.runs.run import DiscoverConfig, Reporter
+    from circuitfinder.methods.registry import Problem
 
 MAX_ROWS = 256  # sequences per forward pass in the search, once the batch is repeated per circuit
 
@@ -41,18 +41,24 @@ class SearchOutcome:
     sittings: int  # 1, or more when the search was resumed from its checkpoint
 
 
-def _pool(config: "DiscoverConfig", adapter: ModelAdapter, spec: ScorerSpec, chunk: int):
-    if config.workers == 0:
+def _pool(settings, adapter, spec: ScorerSpec, chunk: int):
+    if settings.workers == 0:
         return InProcessPool(spec.build(adapter), chunk)
-    return RayPool(spec, config.workers, chunk, config.address)
+    return RayPool(spec, settings.workers, chunk, settings.address)
 
 
-def run_search(config: "DiscoverConfig", adapter: ModelAdapter, graph: EdgeGraph, task, scores: torch.Tensor,
-               start: Mask, checkpoint: Checkpoint, reporter: "Reporter") -> SearchOutcome:
-    """ACDC (``config.method == "acdc"``) or minimisation to ``config.target_faithfulness``."""
+CRITERIA = ("acdc", "minimize")
+
+
+def run_search(problem: "Problem", criterion: str, scores: torch.Tensor, start: Mask, checkpoint: Checkpoint) -> SearchOutcome:
+    """ACDC (``criterion="acdc"``: τ on ``settings.acdc_metric``) or minimisation to
+    ``settings.target_faithfulness`` (``"minimize"``), from the circuit ``start``."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown search criterion {criterion!r}: use one of {', '.join(CRITERIA)}")
+    config, adapter, graph, task, reporter = problem.settings, problem.adapter, problem.graph, problem.task, problem.reporter
     started = time.perf_counter()
     batches = tuple(b.to("cpu") for b in task.batches("discovery", config.batch_size, limit=config.search_prompts))
-    distance = config.acdc_metric if config.method == "acdc" else "task"
+    distance = config.acdc_metric if criterion == "acdc" else "task"
     spec = ScorerSpec(partial(load_model, config.model), batches, task.metric, distance, MAX_ROWS)
     chunk = max(1, MAX_ROWS // max(b.size for b in batches))
     n_prompts = sum(b.size for b in batches)
@@ -64,7 +70,7 @@ def run_search(config: "DiscoverConfig", adapter: ModelAdapter, graph: EdgeGraph
         ends = pool(torch.stack([graph.allowed & False, graph.allowed.clone()]))
         empty, full = (float(ends.metric[0]), float(ends.distance[0])), (float(ends.metric[1]), float(ends.distance[1]))
         start = prune(graph, start)
-        if config.method == "acdc":
+        if criterion == "acdc":
             tau = config.tau if config.tau is not None else 0.01 * empty[1]
             rule = {"rule": "acdc", "distance": distance, "tau": tau, "distance_empty": empty[1]}
             candidates = candidate_order(graph, start, scores)
@@ -103,7 +109,7 @@ def run_search(config: "DiscoverConfig", adapter: ModelAdapter, graph: EdgeGraph
                                  f"metric {st.current[0]:.3f}, distance {st.current[1]:.4f}, "
                                  f"{st.rows:,} circuits evaluated ({st.wasted_rows:,} on wrong guesses)")
 
-            if config.method == "acdc":
+            if criterion == "acdc":
                 result = acdc(graph, pool, scores, start, tau, config.chain, state, on_chain)
             else:
                 result = minimize(graph, pool, scores, start, floor, config.chain, state, on_chain)

@@ -25,21 +25,21 @@ import torch
 from circuitfinder.engine.ablation import ABLATIONS, make_ablation
 from circuitfinder.engine.adapter import ModelAdapter, load_model
 from circuitfinder.engine.checks import load_checked_model
-from circuitfinder.methods.attribution import IG_RULES, METHODS
-from circuitfinder.engine.masks import edges_above, node_count, prune, top_edges
+from circuitfinder.methods.attribution import IG_RULES
+from circuitfinder.methods.registry import METHODS, UNSEEDED, Problem, check_method, search_key
+from circuitfinder.engine.masks import node_count, prune, top_edges
 from circuitfinder.errors import OutputExists, UserError
 from circuitfinder.folders import atomic_dir, check_out_dir
 from circuitfinder.checkpoint import Checkpoint
-from circuitfinder.engine.faithfulness import Baseline, CircuitEvaluator, Curve, SizeSearch, faithfulness_curve, search_size
+from circuitfinder.engine.faithfulness import Baseline, CircuitEvaluator, Curve, faithfulness_curve
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.scorer import DISTANCES
-from circuitfinder.methods.search import decisions_table, run_search
+from circuitfinder.methods.search import decisions_table
 from circuitfinder.graphs.circuit import Circuit
 from circuitfinder.graphs.tables import nodes_table, read_scores, scores_table
 from circuitfinder.tasks import TASKS, Task, build_task, is_task_file
 
 
-UNSEEDED = "none"  # --seed-method for ACDC over the whole graph, as Conmy et al. ran it
 
 
 @dataclass(frozen=True)
@@ -72,53 +72,49 @@ class DiscoverConfig:
     batch_size: int = 16
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.minimize and METHODS.get(self.method, METHODS["minimize"]).score is not None:
+            # minimize=True with an attribution method (the older spelling): minimisation seeded by it
+            object.__setattr__(self, "seed_method", self.method)
+            object.__setattr__(self, "method", "minimize")
+        object.__setattr__(self, "minimize", False)
+
     def validate(self, task_given: bool = False) -> None:
         """Refuse a configuration that cannot run, naming the argument to fix.
 
         Args:
             task_given: the task is passed built, so ``task`` is only its name.
+
+        Raises:
+            UserError: with ``argument`` set to the field to fix.
         """
-        if task_given:
-            pass
-        elif is_task_file(self.task):
-            if not Path(self.task).is_file():
-                raise UserError(f"no task file at {self.task}")
-        elif self.task not in TASKS:
-            raise UserError(f"unknown task {self.task!r}: use one of {', '.join(sorted(TASKS))}, or a .jsonl or .csv task file")
-        if self.method not in METHODS and self.method != "acdc":
-            raise UserError(f"unknown method {self.method!r}: use one of {', '.join(sorted(METHODS) + ['acdc'])}")
-        if self.seed_method not in METHODS and self.seed_method != UNSEEDED:
-            raise UserError(f"unknown --seed-method {self.seed_method!r}: use one of {', '.join(sorted(METHODS) + [UNSEEDED])}")
-        if self.seed_method == UNSEEDED and self.method != "acdc":
-            raise UserError(f"--seed-method {UNSEEDED} is for --method acdc only")
-        if self.tau is not None and not self.tau >= 0:
-            raise UserError(f"--tau must be a number ≥ 0, got {self.tau}")
-        if self.acdc_metric not in DISTANCES:
-            raise UserError(f"--acdc-metric must be one of {', '.join(DISTANCES)}, got {self.acdc_metric!r}")
-        if self.search_prompts < 1 or self.chain < 1 or self.workers < 0:
-            raise UserError("--search-prompts and --chain must be ≥ 1 and --workers ≥ 0")
-        if self.ablation not in ABLATIONS:
-            raise UserError(f"unknown ablation {self.ablation!r}: use one of {', '.join(ABLATIONS)}")
-        if (self.method == "acdc" or self.minimize) and self.ablation != "counterfactual":
-            raise UserError("ACDC and --minimize patch from the corrupted run only: use --ablation counterfactual")
-        if self.edges is not None and self.threshold is not None:
-            raise UserError("give --edges or --threshold, not both")
-        if self.edges is not None and self.edges < 1:
-            raise UserError(f"--edges must be at least 1, got {self.edges}")
-        if self.threshold is not None and not self.threshold >= 0:
-            raise UserError(f"--threshold must be a number ≥ 0, got {self.threshold}")
-        if not 0 < self.target_faithfulness <= 1:
-            raise UserError(f"--target-faithfulness must be in (0, 1], got {self.target_faithfulness}")
-        if self.n_pairs < 4:
-            raise UserError(f"--pairs must be at least 4, got {self.n_pairs}")
-        if self.ig_steps < 1:
-            raise UserError(f"--ig-steps must be at least 1, got {self.ig_steps}")
-        if self.ig_rule not in IG_RULES:
-            raise UserError(f"--ig-rule must be one of {', '.join(IG_RULES)}, got {self.ig_rule!r}")
-        if self.bos not in ("auto", "always"):
-            raise UserError(f"--bos must be auto or always, got {self.bos!r}")
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
+        def need(ok: bool, argument: str, message: str) -> None:
+            if not ok:
+                raise UserError(message, argument)
+
+        if not task_given and is_task_file(self.task):
+            need(Path(self.task).is_file(), "task", f"no task file at {self.task}")
+        elif not task_given:
+            need(self.task in TASKS, "task", f"unknown task {self.task!r}: use one of {', '.join(sorted(TASKS))}, or a .jsonl or .csv task file")
+        need(self.ablation in ABLATIONS, "ablation", f"unknown ablation {self.ablation!r}: use one of {', '.join(ABLATIONS)}")
+        check_method(self.method, self.seed_method, self.ablation)
+        need(self.seed_method != UNSEEDED or METHODS[self.method].seeded, "seed_method",
+             f"seed_method {UNSEEDED!r} is for the seeded methods ({', '.join(n for n, m in METHODS.items() if m.seeded)})")
+        need(self.tau is None or self.tau >= 0, "tau", f"tau must be a number ≥ 0, got {self.tau}")
+        need(self.acdc_metric in DISTANCES, "acdc_metric", f"acdc_metric must be one of {', '.join(DISTANCES)}, got {self.acdc_metric!r}")
+        need(self.search_prompts >= 1, "search_prompts", f"search_prompts must be at least 1, got {self.search_prompts}")
+        need(self.chain >= 1, "chain", f"chain must be at least 1, got {self.chain}")
+        need(self.workers >= 0, "workers", f"workers must be ≥ 0, got {self.workers}")
+        need(self.edges is None or self.threshold is None, "edges", "give edges or threshold, not both")
+        need(self.edges is None or self.edges >= 1, "edges", f"edges must be at least 1, got {self.edges}")
+        need(self.threshold is None or self.threshold >= 0, "threshold", f"threshold must be a number ≥ 0, got {self.threshold}")
+        need(0 < self.target_faithfulness <= 1, "target_faithfulness",
+             f"target_faithfulness must be in (0, 1], got {self.target_faithfulness}")
+        need(self.n_pairs >= 4, "n_pairs", f"n_pairs must be at least 4, got {self.n_pairs}")
+        need(self.ig_steps >= 1, "ig_steps", f"ig_steps must be at least 1, got {self.ig_steps}")
+        need(self.ig_rule in IG_RULES, "ig_rule", f"ig_rule must be one of {', '.join(IG_RULES)}, got {self.ig_rule!r}")
+        need(self.bos in ("auto", "always"), "bos", f"bos must be auto or always, got {self.bos!r}")
+        need(self.batch_size >= 1, "batch_size", f"batch_size must be at least 1, got {self.batch_size}")
 
     def matching_published(self) -> "DiscoverConfig":
         """This configuration with every choice the published EAP-IG code makes (hannamw/EAP-IG):
@@ -133,7 +129,7 @@ def build_run_task(config: DiscoverConfig, tokenizer) -> Task:
     task = build_task(config.task, tokenizer, n_pairs=config.n_pairs, seed=config.seed, skip_bad_rows=config.skip_bad_rows)
     if config.bos == "always":
         if tokenizer.bos_token_id is None:
-            raise UserError(f"--bos always: the tokenizer of {config.model} has no BOS token")
+            raise UserError(f"bos 'always': the tokenizer of {config.model} has no BOS token", "bos")
         task = task.with_bos(tokenizer.bos_token_id)
     return task
 
@@ -188,28 +184,6 @@ def check_behaviour(baseline, config: DiscoverConfig, model: str) -> None:
         )
 
 
-def choose_circuit(config: DiscoverConfig, adapter: ModelAdapter, graph: EdgeGraph, task, scores: torch.Tensor,
-                   reporter: Reporter, ablation=None) -> tuple[torch.Tensor, SizeSearch | None, int]:
-    """The edges to keep (before pruning): top-N, above a threshold, or found by the size search.
-
-    Returns:
-        ``(mask, size search or None, forward passes the search used)``.
-    """
-    if config.edges is not None:
-        return top_edges(graph, scores, config.edges), None, 0
-    if config.threshold is not None:
-        return edges_above(graph, scores, config.threshold), None, 0
-    discovery = CircuitEvaluator(adapter, graph, task, "discovery", config.batch_size, ablation or config.ablation)
-    with reporter.progress(f"size search (target faithfulness {config.target_faithfulness})", 0) as advance:
-        def step(n, kept, f):
-            reporter.log(f"  top {n:>6,} edges → {kept:>6,} after pruning: faithfulness {f:.3f} (discovery)")
-            advance(1)
-        search = search_size(discovery, scores, config.target_faithfulness, progress=step)
-    if not search.reached:
-        reporter.log(f"no circuit reached faithfulness {config.target_faithfulness}; keeping the best size found")
-    return top_edges(graph, scores, search.n_edges), search, discovery.forward_passes
-
-
 def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool = False,
                reporter: Reporter | None = None, adapter: ModelAdapter | None = None, task: Task | None = None) -> "Run":
     """Run discovery as ``config`` says; write the run folder when ``out`` is given.
@@ -238,10 +212,9 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
     for note in task.notes:
         reporter.log(f"task: {note}")
     graph = EdgeGraph(adapter.shape)
-    if adapter.shape.post_norm and (config.ablation != "counterfactual" or config.method == "eap-ig-activations"):
+    if adapter.shape.post_norm and config.ablation != "counterfactual":
         raise UserError(f"{adapter.name} normalises its heads' sum (a shared post-attention norm): mean/zero "
-                        "ablation and eap-ig-activations are not defined for it yet; use the counterfactual "
-                        "ablation with eap, eap-ig or acdc")
+                        "ablation is not defined for it yet; use the counterfactual ablation")
     n_disc, n_held = len(task.indices("discovery")), len(task.indices("heldout"))
     reporter.log(
         f"{adapter.name}: {adapter.shape.n_layers} layers, {adapter.shape.n_heads} heads, "
@@ -255,52 +228,23 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
     reporter.log(f"baseline (held-out): clean {b.clean:.3f}, corrupted {b.corrupted:.3f}, clean accuracy {b.accuracy:.0%}")
     check_behaviour(b, config, adapter.name)
 
-    iterative = config.method == "acdc" or config.minimize
-    root = out.parent if out is not None else Path("outputs")
-    checkpoint = Checkpoint(root, search_settings(config)) if iterative else None
-    seed_store = Checkpoint(root, seed_settings(config)) if iterative else None
-    seed = seed_store.load_tensors("seed") if seed_store else None
-    attribution = config.seed_method if config.method == "acdc" else config.method
-    if seed is not None:
-        reporter.log(f"reusing {attribution} scores and start circuit saved in {seed_store.dir}")
-        scores, chosen = seed["scores"], seed["chosen"].bool()
-        search = seed_store.load_json("size_search")
-        search = SizeSearch(**search) if search else None
-        attribution_passes = 0
-    elif attribution == UNSEEDED:  # textbook ACDC: every edge a candidate, senders in graph order
-        reporter.log("unseeded: every edge of the graph is a candidate, tried in the graph's order")
-        scores, chosen, search, attribution_passes = torch.zeros(graph.allowed.shape), graph.allowed.clone(), None, 0
-    else:
-        method = METHODS[attribution]
-        with reporter.progress(f"{attribution} scores", n_disc) as advance:
-            scores = method.score(adapter, graph, task, config.batch_size, progress=advance, steps=config.ig_steps,
-                                  ablation=ablation, ig_rule=config.ig_rule)
-        attribution_passes = method.forwards_per_batch(config.ig_steps, graph) * len(list(task.batches("discovery", config.batch_size)))
-        chosen, search, search_passes = choose_circuit(config, adapter, graph, task, scores, reporter, ablation)
-        attribution_passes += search_passes
-        if seed_store:
-            if search is not None:
-                seed_store.save_json("size_search", dataclasses.asdict(search))
-            seed_store.save_tensors("seed", {"scores": scores, "chosen": chosen.to(torch.uint8)})
-
-    outcome = None
-    if iterative:
-        try:
-            outcome = run_search(config, adapter, graph, task, scores, chosen, checkpoint, reporter)
-        except KeyboardInterrupt:
-            reporter.log(f"interrupted: progress is saved in {checkpoint.dir}; rerun the same command to resume")
-            raise
-        circuit = outcome.circuit
-        attribution_passes += outcome.forward_passes
+    method = METHODS[config.method]
+    for name in (config.method, config.seed_method if method.seeded and config.seed_method != UNSEEDED else None):
+        refusal = name and METHODS[name].refusal(name, config.ablation, adapter.shape.post_norm)
+        if refusal:
+            raise UserError(f"{adapter.name}: {refusal}")
+    problem = Problem(adapter, graph, task, config, ablation, reporter, out.parent if out is not None else Path("outputs"))
+    found = method.find(problem)
+    scores, chosen, circuit, search, outcome = found.scores, found.selected, found.circuit, found.size_search, found.search
+    attribution_passes = found.forward_passes
+    if outcome is not None:
         st = outcome.result.state
         reporter.log(
-            f"{'ACDC' if config.method == 'acdc' else 'minimising'}: {outcome.result.candidates:,} candidates, "
+            f"{config.method}: {outcome.result.candidates:,} candidates, "
             f"{outcome.result.evaluated:,} evaluated by patching ({st.rows:,} circuits in {st.chains:,} chains, "
             f"{st.wasted_rows:,} on wrong guesses), {outcome.forward_passes:,} forward passes, {outcome.seconds:.0f} s"
             + (f" over {outcome.sittings} sittings" if outcome.sittings > 1 else "")
         )
-    else:
-        circuit = prune(graph, chosen, ablation.is_run)
     faithfulness = heldout.faithfulness(circuit)
     edges_kept, nodes_kept = int(circuit.sum()), node_count(graph, circuit)
     reporter.log(
@@ -309,7 +253,7 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
     )
 
     curve = None
-    if config.curve and attribution != UNSEEDED:  # the curve ranks edges by score
+    if config.curve and found.ranked:  # the curve ranks edges by score
         with reporter.progress("faithfulness curve (held-out)", 10) as advance:
             curve = faithfulness_curve(heldout, scores, progress=advance)
         reporter.log("curve (held-out): " + ", ".join(f"{p:g}% {f:.2f}" for p, _, _, f in curve.points)
@@ -356,8 +300,8 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
     summary["seconds"] = round(time.perf_counter() - started, 2)
     if out is not None:
         run.save(out, overwrite=overwrite, reporter=reporter)
-    if checkpoint:
-        checkpoint.clear()
+    if method.seeded:  # the search is saved in the run folder (or returned): its checkpoint goes
+        Checkpoint(problem.checkpoints, search_key(config)).clear()
     return run
 
 
@@ -390,23 +334,6 @@ def discover(model: "str | ModelAdapter" = "smollm2-135m", task: "str | Task" = 
     config = DiscoverConfig(model=model if adapter is None else adapter.name,
                             task=task if built is None else built.name, method=method, **options)
     return run_config(config, out=out, overwrite=overwrite, reporter=reporter, adapter=adapter, task=built)
-
-
-def search_settings(config: DiscoverConfig) -> dict:
-    """The settings that decide an iterative search's result (the key of its checkpoint)."""
-    ignored = {"curve", "workers", "address"}
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in ignored}
-
-
-SEARCH_ONLY = ("tau", "acdc_metric", "minimize", "search_prompts", "chain", "method")
-
-
-def seed_settings(config: DiscoverConfig) -> dict:
-    """The settings that decide the attribution scores and the start circuit of a search: kept
-    (in ``.checkpoints``) after the run, so a search with another τ or prompt count reuses them."""
-    settings = {k: v for k, v in search_settings(config).items() if k not in SEARCH_ONLY + ("seed_method",)}
-    settings["attribution"] = config.seed_method if config.method == "acdc" else config.method
-    return settings
 
 
 def _search_summary(outcome, graph: EdgeGraph, heldout: CircuitEvaluator, scores: torch.Tensor) -> dict:
@@ -625,13 +552,16 @@ def validate_run(run_dir: Path, top: int = 40, random: int = 60, overwrite: bool
     return result
 
 
+def _figure(width: float, height: float):
+    """A figure drawn without pyplot: no backend is switched, so a notebook's inline plots keep working."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=150)
+    return fig, fig.subplots()
+
+
 def _plot_curve(curve, title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=150)
+    fig, ax = _figure(5, 3.5)
     xs = [p for p, *_ in curve.points]
     ax.plot(xs, [f for *_, f in curve.points], marker="o")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
@@ -641,16 +571,10 @@ def _plot_curve(curve, title: str, path: Path) -> None:
     ax.set_title(f"{title}: CPR {curve.cpr:.3f}, CMD {curve.cmd:.3f}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, format="png")
-    plt.close(fig)
 
 
 def _scatter(frame: pd.DataFrame, result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=150)
+    fig, ax = _figure(5, 5)
     for group, marker in (("random", "o"), ("top", "^")):
         part = frame[frame.group == group]
         ax.scatter(part.exact_effect, part.score, s=14, marker=marker, alpha=0.7, label=f"{group} ({len(part)})")
@@ -663,7 +587,6 @@ def _scatter(frame: pd.DataFrame, result: dict, path: Path) -> None:
     ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, format="png")
-    plt.close(fig)
 
 
 def roles_for_run(run_dir, max_prompts: int = 64, overwrite: bool = False, reporter=None, adapter=None):

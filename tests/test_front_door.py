@@ -1,0 +1,158 @@
+"""The library's front door (issue 17): one Circuit object, runs as objects, one method registry."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import networkx as nx
+import pytest
+import torch
+
+import circuitfinder as cf
+from circuitfinder.engine.adapter import ModelAdapter, ModelShape
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.engine.masks import circuit_nodes, prune
+from circuitfinder.graphs.circuit import Circuit, CircuitFileError, from_networkx
+from circuitfinder.methods.registry import METHODS
+from circuitfinder.runs.run import DiscoverConfig
+from tiny_models import tiny_hf_model
+
+GRAPH = EdgeGraph(ModelShape(3, 4, 2, d_model=8))  # 4 heads in 2 key/value groups
+
+
+def _scores(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(GRAPH.n_senders, GRAPH.n_receivers, generator=g, dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def tiny_ioi_model(word_tokenizer):
+    model = tiny_hf_model("llama", seed=0, dtype=torch.float32, vocab=len(word_tokenizer))
+    return ModelAdapter.from_hf(model, word_tokenizer, name="tiny-llama", hf_id="llama")
+
+
+# ---------------------------------------------------------------------------------------------
+# Circuit
+# ---------------------------------------------------------------------------------------------
+
+def test_top_above_and_strongest_select_by_absolute_score():
+    scores = _scores()
+    everything = Circuit.from_scores(GRAPH, scores, model="m", task="t", method="x")
+    assert everything.n_edges == 0 and not everything.scores.isnan()[GRAPH.allowed].any()
+    top = everything.top(25)
+    flat = scores.abs()[GRAPH.allowed]
+    assert top.n_edges == 25 and scores.abs()[top.mask].min() >= flat.sort(descending=True).values[24]
+    threshold = float(flat.sort(descending=True).values[9])
+    assert torch.equal(everything.above(threshold).mask, GRAPH.allowed & (scores.abs() >= threshold))
+    strongest = top.strongest(5)  # the circuit's own 5 strongest are the graph's 5 strongest
+    assert torch.equal(strongest.mask, everything.top(5).mask)
+    assert top.strongest(100).n_edges == 25  # never more than the circuit has
+
+
+def test_prune_is_the_mask_rule_and_nodes_follow_one_rule():
+    top = Circuit.from_scores(GRAPH, _scores(1)).top(60)
+    assert torch.equal(top.prune().mask, prune(GRAPH, top.mask))
+    assert top.nodes() == circuit_nodes(GRAPH, top.mask)
+
+
+def test_a_key_value_edge_leads_only_to_the_heads_of_its_group_in_the_circuit():
+    # a1.g0 feeds heads a1.h0 and a1.h1; only a1.h1 is otherwise in the circuit (it sends to the logits)
+    edges = [{"sender": "input", "receiver": "a1.g0<k>", "score": 1.0}, {"sender": "a1.h1", "receiver": "logits", "score": 2.0}]
+    circuit = Circuit.from_edges(GRAPH, edges)
+    assert circuit.nodes() == {"input", "a1.h1", "logits"}
+    assert set(circuit.to_networkx().edges) == {("input", "a1.h1"), ("a1.h1", "logits")}
+    alone = Circuit.from_edges(GRAPH, edges[:1])  # no head of the group in the circuit: its first head stands for it
+    assert alone.nodes() == {"input", "a1.h0"}
+
+
+def test_json_and_networkx_round_trips_are_exact(tmp_path):
+    circuit = Circuit.from_scores(GRAPH, _scores(2), model="m", task="t", method="eap").top(40).prune()
+    circuit = circuit.replace(metadata={"faithfulness": 0.5})
+    circuit.save(tmp_path / "c.json")
+    back = Circuit.load(tmp_path / "c.json")
+    assert torch.equal(back.mask, circuit.mask) and back.to_json() == circuit.to_json()
+    assert json.loads(circuit.to_json())["d_model"] == 8 and back.shape == GRAPH.shape
+    assert torch.equal(torch.where(back.mask, back.scores, 0), torch.where(circuit.mask, circuit.scores, 0))
+    assert back.scores[~back.mask & GRAPH.allowed].isnan().all()  # a file knows only its own edges' scores
+    rebuilt = from_networkx(circuit.to_networkx(), like=circuit)
+    assert torch.equal(rebuilt.mask, circuit.mask) and rebuilt.to_json() == circuit.to_json()
+
+
+def test_a_circuit_refuses_what_is_not_an_edge_and_a_mask_of_the_wrong_shape():
+    with pytest.raises(CircuitFileError, match="is not computed before"):
+        Circuit.from_edges(GRAPH, [{"sender": "a2.h0", "receiver": "a1.h0<q>", "score": 1.0}])
+    with pytest.raises(ValueError, match=r"mask must have shape \(16, 28\)"):
+        Circuit(GRAPH, torch.zeros(3, 3, dtype=torch.bool))
+
+
+def test_repr_is_one_short_line_and_a_notebook_gets_svg():
+    circuit = Circuit.from_scores(GRAPH, _scores(3), model="tiny", task="ioi", method="eap").top(30).prune()
+    text = repr(circuit.replace(metadata={"faithfulness": 0.812}))
+    assert text.startswith("Circuit(ioi · tiny · eap: ") and "faithfulness 0.812" in text and len(text) < 120
+    svg = circuit._repr_svg_()
+    assert svg is None or svg.lstrip().startswith(("<?xml", "<svg"))
+    assert isinstance(circuit.draw(), object) and circuit.to_networkx().number_of_edges() > 0
+    assert nx.is_directed_acyclic_graph(circuit.to_networkx())
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs as objects
+# ---------------------------------------------------------------------------------------------
+
+def test_discover_returns_a_run_writes_nothing_and_saves_and_loads_whole(tiny_ioi_model, tmp_path, monkeypatch):
+    import matplotlib
+
+    monkeypatch.chdir(tmp_path)
+    backend = matplotlib.get_backend()
+    run = cf.discover(tiny_ioi_model, "ioi", method="eap", n_pairs=8, batch_size=8, edges=30, force=True)
+    assert list(tmp_path.iterdir()) == []  # nothing written without out=
+    assert matplotlib.get_backend() == backend  # a notebook's inline plots keep working
+    assert isinstance(run, cf.Run) and run.faithfulness == run.summary["faithfulness"] == run.circuit.metadata["faithfulness"]
+    assert repr(run).startswith("Run(ioi · tiny-llama · eap: ") and run.config.method == "eap"
+    assert torch.equal(run.circuit.mask, prune(run.circuit.graph, run.circuit.top(30).mask))
+    assert not run.scores.isnan()[run.circuit.graph.allowed].any()
+    # the reported faithfulness is the evaluator's on the held-out prompts, for the circuit returned
+    evaluator = cf.CircuitEvaluator(tiny_ioi_model, run.circuit.graph, run.task, "heldout", 8)
+    assert math.isclose(evaluator.faithfulness(run.circuit.mask), run.faithfulness, rel_tol=1e-12)
+
+    run.save(tmp_path / "run")
+    back = cf.Run.load(tmp_path / "run")
+    assert torch.equal(back.circuit.mask, run.circuit.mask)
+    assert torch.equal(back.scores[run.circuit.graph.allowed], run.scores[run.circuit.graph.allowed])
+    assert back.summary == run.summary and back.config == run.config and back.curve == run.curve
+    assert back.prompts == run.prompts and back.task is None and back.out == tmp_path / "run"
+    with pytest.raises(cf.UserError, match="already holds results"):
+        run.save(tmp_path / "run")
+
+
+def test_discover_takes_a_built_task(tiny_ioi_model):
+    task = cf.build_task("ioi", tiny_ioi_model, n_pairs=8, seed=1)  # the loaded model stands for its tokenizer
+    assert repr(task).startswith("Task(ioi: 8 prompt pairs (") and len(repr(task)) < 300
+    run = cf.discover(tiny_ioi_model, task, method="eap", batch_size=8, edges=20, force=True, curve=False)
+    assert run.task is task and run.prompts[0]["clean"] == task.texts[0]["clean"]
+
+
+# ---------------------------------------------------------------------------------------------
+# One registry
+# ---------------------------------------------------------------------------------------------
+
+def test_every_method_is_one_registry_entry_that_declares_support_and_cost():
+    assert set(METHODS) == {"eap", "eap-ig", "eap-ig-activations", "acdc", "minimize"}
+    for name, method in METHODS.items():
+        assert method.description and method.cost and method.ablations
+        assert (method.score is None) == method.seeded  # attribution scores; a search is seeded by one
+    assert METHODS["acdc"].refusal("acdc", "mean", post_norm=False).endswith("use ablation 'counterfactual'")
+    assert "post-attention norm" in METHODS["eap-ig-activations"].refusal("eap-ig-activations", "counterfactual", post_norm=True)
+    assert METHODS["eap-ig"].refusal("eap-ig", "zero", post_norm=True) is None
+
+
+def test_minimize_is_a_method_and_the_old_flag_means_it():
+    old = DiscoverConfig(method="eap", minimize=True)
+    assert (old.method, old.seed_method, old.minimize) == ("minimize", "eap", False)
+    assert DiscoverConfig(method="acdc", minimize=True).method == "acdc"  # a search stays itself
+    with pytest.raises(cf.UserError, match="unknown method 'nope'") as info:
+        DiscoverConfig(method="nope").validate()
+    assert info.value.argument == "method"
+    with pytest.raises(cf.UserError, match="patches from the counterfactual run only"):
+        DiscoverConfig(method="minimize", ablation="zero").validate()
