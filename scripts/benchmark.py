@@ -100,28 +100,27 @@ def pool_rates(adapter, graph, task, model: str) -> dict:
 
     import ray
 
-    from circuitfinder.methods.pool import InProcessPool, RayPool, ScorerSpec
-    from circuitfinder.engine.scorer import CircuitScorer
+    from circuitfinder.engine.faithfulness import CircuitEvaluator
+    from circuitfinder.methods.pool import EvaluatorSpec, InProcessPool, RayPool
     from circuitfinder.methods.search import MAX_ROWS
 
     prompts = 32
-    batches = tuple(task.batches("discovery", prompts, limit=prompts))
     g = torch.Generator().manual_seed(0)
     base = prune(graph, top_edges(graph, torch.rand(graph.allowed.shape, generator=g), 3000))
     circuits = acdc_chains(graph, base)
     n = len(circuits)
     out = {"prompts": prompts, "circuits": n, "edges_per_circuit": int(base.sum()) - 1,
            "chains": "up to 8 circuits each, one edge removed from the same receiver in layers 27, 15, 3"}
-    one = CircuitScorer(adapter, graph, list(batches), task.metric, "kl", max_rows=prompts)
-    stacked = CircuitScorer(adapter, graph, list(batches), task.metric, "kl", max_rows=MAX_ROWS)
-    t_one = best_of(lambda: one.score(circuits), 0)
-    t_stacked = best_of(lambda: stacked.score(circuits), 0)
+    one = CircuitEvaluator(adapter, graph, task, "discovery", prompts, limit=prompts, distance="kl", max_rows=prompts)
+    stacked = CircuitEvaluator(adapter, graph, task, "discovery", prompts, limit=prompts, distance="kl", max_rows=MAX_ROWS)
+    t_one = best_of(lambda: one.evaluate(circuits), 0)
+    t_stacked = best_of(lambda: stacked.evaluate(circuits), 0)
     out |= {"one_per_pass_per_second": round(n / t_one, 3), "stacked_per_second": round(n / t_stacked, 3),
             "stacked_speedup": round(t_one / t_stacked, 2)}
     chunk = 4  # half a chain: two workers share each chain
     pool = InProcessPool(stacked, chunk)
     out["in_process_chunk4_per_second"] = round(n / best_of(lambda: pool(circuits), 0), 3)
-    spec = ScorerSpec(partial(load_model, model), batches, task.metric, "kl", MAX_ROWS)
+    spec = EvaluatorSpec(partial(load_model, model), task, prompts, prompts, "kl", MAX_ROWS)
     for workers in (1, 2):
         start = time.perf_counter()
         ray_pool = RayPool(spec, workers, chunk)

@@ -33,7 +33,6 @@ def main() -> None:
     from circuitfinder.engine.masks import prune, top_edges
     from circuitfinder.engine.faithfulness import CircuitEvaluator
     from circuitfinder.engine.graph import EdgeGraph
-    from circuitfinder.engine.scorer import CircuitScorer
     from circuitfinder.tasks import build_task
 
     parser = argparse.ArgumentParser()
@@ -51,9 +50,8 @@ def main() -> None:
     scores = eap_ig(model, graph, task)
     start = prune(graph, top_edges(graph, scores, args.start_edges))
     t_scores = time.perf_counter() - t0
-    batches = list(task.batches("discovery", 16, limit=args.search_prompts))
-    scorer = CircuitScorer(model, graph, batches, task.metric, distance="task", max_rows=32)
-    ends = scorer.score(torch.stack([graph.allowed & False, graph.allowed.clone()]))
+    scorer = CircuitEvaluator(model, graph, task, "discovery", 16, limit=args.search_prompts, max_rows=32)
+    ends = scorer.evaluate(torch.stack([graph.allowed & False, graph.allowed.clone()]))
     empty, full = float(ends.metric[0]), float(ends.metric[1])
     floor = empty + args.target * (full - empty)
 
@@ -64,7 +62,7 @@ def main() -> None:
     def metric(mask: torch.Tensor) -> float:
         nonlocal evaluations
         evaluations += 1
-        return float(scorer.score(mask[None]).metric[0])
+        return float(scorer.evaluate(mask[None]).metric[0])
 
     def try_remove(edges: list[tuple[int, int]]) -> None:
         nonlocal current

@@ -16,7 +16,7 @@ from circuitfinder.engine.masks import prune, top_edges
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.patching import patched_logits, run_recording_senders
 from circuitfinder.methods.pool import InProcessPool, _pack, _unpack
-from circuitfinder.engine.scorer import CircuitScorer
+from circuitfinder.engine.faithfulness import CircuitEvaluator
 from circuitfinder.tasks.base import logit_difference
 from test_attribution import tiny_task
 from tiny_models import tiny  # noqa: F401 (fixture)
@@ -25,8 +25,7 @@ from tiny_models import tiny  # noqa: F401 (fixture)
 def setup(adapter, distance="kl"):
     task = tiny_task()
     graph = EdgeGraph(adapter.shape)
-    batches = list(task.batches("discovery", batch_size=4))
-    scorer = CircuitScorer(adapter, graph, batches, task.metric, distance, max_rows=8)
+    scorer = CircuitEvaluator(adapter, graph, task, "discovery", 4, distance=distance, max_rows=8)
     scores = eap(adapter, graph, task, batch_size=4)
     return task, graph, scorer, scores
 
@@ -84,10 +83,10 @@ def test_scorer_matches_plain_patching(tiny):
     task, graph, scorer, scores = setup(tiny)
     g = torch.Generator().manual_seed(1)
     circuits = (torch.rand((5, graph.n_senders, graph.n_receivers), generator=g) < 0.7) & graph.allowed
-    got = scorer.score(circuits).distance
+    got = scorer.evaluate(circuits).distance
     want = [reference_distance(tiny, graph, task, c) for c in circuits]
     assert torch.allclose(got, torch.tensor(want, dtype=torch.float64), atol=1e-10)
-    full = scorer.score(graph.allowed.unsqueeze(0))
+    full = scorer.evaluate(graph.allowed.unsqueeze(0))
     assert abs(float(full.distance[0])) < 1e-10 and abs(float(full.metric[0]) - scorer.clean_metric) < 1e-10
 
 
@@ -95,7 +94,7 @@ def test_scorer_matches_plain_patching(tiny):
 def test_speculative_acdc_equals_one_at_a_time(tiny, chain):
     """Whatever the chain length (how many guesses share a pass), the circuit is textbook ACDC's."""
     task, graph, scorer, scores = setup(tiny)
-    empty = float(scorer.score((graph.allowed & False).unsqueeze(0)).distance[0])
+    empty = float(scorer.evaluate((graph.allowed & False).unsqueeze(0)).distance[0])
     want = reference_acdc(tiny, 0.01)
     result = acdc(graph, InProcessPool(scorer, chunk=4), scores, start_circuit(graph, scores), 0.01 * empty, chain=chain)
     assert torch.equal(result.circuit, want)
@@ -118,7 +117,7 @@ def test_tau_zero_keeps_the_behaviour_and_huge_tau_removes_everything(tiny):
 def test_interrupted_search_resumes_to_the_same_circuit(tiny):
     task, graph, scorer, scores = setup(tiny)
     pool = InProcessPool(scorer, chunk=4)
-    empty = float(scorer.score((graph.allowed & False).unsqueeze(0)).distance[0])
+    empty = float(scorer.evaluate((graph.allowed & False).unsqueeze(0)).distance[0])
     tau = 0.01 * empty
     whole = acdc(graph, pool, scores, start_circuit(graph, scores), tau, chain=4)
     saved = {}
@@ -151,12 +150,12 @@ def reference_metric(adapter, graph, task, circuit) -> float:
 
 def test_minimize_is_greedy_removal_above_the_floor(tiny):
     task, graph, scorer, scores = setup(tiny, distance="task")
-    empty = float(scorer.score((graph.allowed & False).unsqueeze(0)).metric[0])
+    empty = float(scorer.evaluate((graph.allowed & False).unsqueeze(0)).metric[0])
     if scorer.clean_metric < empty:  # a random model: orient the task so that clean scores higher
         swapped = dataclasses.replace(task, answer=task.wrong, wrong=task.answer)
-        scorer = CircuitScorer(tiny, graph, list(swapped.batches("discovery", 4)), task.metric, "task", max_rows=8)
+        scorer = CircuitEvaluator(tiny, graph, swapped, "discovery", 4, distance="task", max_rows=8)
         empty, task = -empty, swapped
-    started = float(scorer.score(prune(graph, start_circuit(graph, scores)).unsqueeze(0)).metric[0])
+    started = float(scorer.evaluate(prune(graph, start_circuit(graph, scores)).unsqueeze(0)).metric[0])
     floor = empty + 0.5 * (started - empty)  # half of what the start circuit recovers
     result = minimize(graph, InProcessPool(scorer, chunk=4), scores, start_circuit(graph, scores), floor, chain=8)
     # reference: weakest |score| first, one pass per candidate, keep a removal while metric ≥ floor
@@ -177,7 +176,7 @@ def test_pack_round_trips():
 
 def test_task_distance_is_the_metric_gap(tiny):
     task, graph, scorer, _ = setup(tiny, distance="task")
-    empty = scorer.score((graph.allowed & False).unsqueeze(0))
+    empty = scorer.evaluate((graph.allowed & False).unsqueeze(0))
     (batch,) = task.batches("discovery", batch_size=len(task))
     corrupted, logits = run_recording_senders(tiny, graph, batch.corrupted, batch.last)
     m_corrupted = float(logit_difference(logits, batch).mean())

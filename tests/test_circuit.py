@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from circuitfinder.methods.attribution import eap
+from circuitfinder.engine.patching import stack_split
 from circuitfinder.engine.masks import edges_above, node_count, prune, top_edges
 from circuitfinder.engine.faithfulness import CircuitEvaluator, MetricError, search_size
 from circuitfinder.engine.graph import EdgeGraph
@@ -118,9 +119,11 @@ def test_circuits_evaluated_together_equal_circuits_evaluated_one_at_a_time(tiny
     g = torch.Generator().manual_seed(4)
     circuits = [graph.allowed & (torch.rand(graph.allowed.shape, generator=g) < f) for f in (0.05, 0.3, 0.5, 0.8, 0.97)]
     alone = [evaluator.metric(c) for c in circuits]
-    for per_pass in (2, 5):
-        evaluator.memory_budget = per_pass * (evaluator.memory_budget // evaluator.circuits_per_pass()) + 1
-        assert evaluator.circuits_per_pass() == per_pass
+    removed, senders = (~torch.stack(circuits)).to(tiny.dtype), evaluator._ablated[0]
+    per_circuit = (graph.n_senders - stack_split(graph, removed)[1]) * senders[0].numel() * senders.element_size()
+    for per_pass, rows, budget in ((2, 6, 1 << 30), (5, 256, 1 << 30), (3, 256, 3 * per_circuit + 1)):
+        evaluator.max_rows, evaluator.memory_budget = rows, budget  # rows cap, then the memory rule
+        assert evaluator.circuits_per_pass(removed, senders, 3) == per_pass
         passes = evaluator.forward_passes
         together = evaluator.metrics(circuits)
         assert evaluator.forward_passes - passes == len(circuits) * len(evaluator.batches)

@@ -13,7 +13,7 @@ from circuitfinder.methods.acdc import acdc
 from circuitfinder.methods.attribution import eap
 from circuitfinder.engine.masks import top_edges
 from circuitfinder.engine.graph import EdgeGraph
-from circuitfinder.methods.pool import InProcessPool, RayPool, ScorerSpec
+from circuitfinder.methods.pool import EvaluatorSpec, InProcessPool, RayPool
 from test_attribution import tiny_task
 
 ray = pytest.importorskip("ray")
@@ -40,7 +40,7 @@ def _search(pool, adapter, on_chain=None):
 def test_workers_find_the_same_circuit_as_one_process(local_ray):
     adapter = tiny_models.load_tiny_gpt2()
     task = tiny_task()
-    spec = ScorerSpec(tiny_models.load_tiny_gpt2, tuple(task.batches("discovery", 4)), task.metric, "kl", 8)
+    spec = EvaluatorSpec(tiny_models.load_tiny_gpt2, task, 4, distance="kl", max_rows=8)
     want = _search(InProcessPool(spec.build(adapter), chunk=2), adapter)
     for workers in (1, 2):
         pool = RayPool(spec, workers, chunk=2)
@@ -56,7 +56,7 @@ def test_workers_find_the_same_circuit_as_one_process(local_ray):
 def test_a_worker_killed_mid_search_is_replaced_and_nothing_changes(local_ray):
     adapter = tiny_models.load_tiny_gpt2()
     task = tiny_task()
-    spec = ScorerSpec(tiny_models.load_tiny_gpt2, tuple(task.batches("discovery", 4)), task.metric, "kl", 8)
+    spec = EvaluatorSpec(tiny_models.load_tiny_gpt2, task, 4, distance="kl", max_rows=8)
     want = _search(InProcessPool(spec.build(adapter), chunk=2), adapter)
     pool = RayPool(spec, 2, chunk=2)
     killed = []

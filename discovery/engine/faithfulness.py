@@ -1,4 +1,4 @@
-"""Exact faithfulness of circuits, by patching, on one split of a task's prompts.
+"""The one circuit evaluator: exact metric, faithfulness and distance from the clean run, by patching.
 
 The faithfulness of a circuit C is (m(C) − m(∅)) / (m(full) − m(∅)), where m is the task metric
 averaged over the prompts, m(C) is measured with every edge outside C ablated (patched from the
@@ -7,10 +7,19 @@ run with every edge ablated: under the default counterfactual ablation that is e
 corrupted run. The empty circuit scores exactly 0 and the full circuit exactly 1. This is the
 normalised faithfulness of Hanna et al. 2024 and of the MIB circuit track (Mueller et al. 2025).
 
+Searches (ACDC, minimisation) ask the same evaluator thousands of times how far a circuit is
+from the clean run, on their prompts (``limit``): ``distance`` is ``task``, |m̄(C) − m̄(clean)|,
+or ``kl``, KL(clean ‖ C) of the next-token distribution at the read position (ACDC's default,
+Conmy et al. 2023).
+
 :class:`CircuitEvaluator` builds the ablated sender values of each batch once, and then costs
-one forward pass per batch for each circuit evaluated. Several circuits share a pass: the batch
-is repeated once per circuit and each copy is patched with its own circuit (``patched_logits``
-with a mask per copy), as many copies per pass as a memory budget allows.
+one forward pass per batch for each circuit evaluated. Several circuits share a pass
+(``stacked_patched_logits``): the layers before the first receiver where they differ run once,
+and the batch is repeated per circuit from there on. One memory rule decides how many: at most
+``max_rows`` sequences per pass, and the circuits' own copies of the sender buffer (from the
+layer where they part) within ``memory_budget``. A circuit's numbers depend only on the circuits
+that share its pass, so a caller that evaluates the same stacks gets bit-identical numbers
+wherever it runs.
 """
 
 from __future__ import annotations
@@ -20,12 +29,13 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from circuitfinder.engine.ablation import Ablation, make_ablation
 from circuitfinder.engine.adapter import ModelAdapter
 from circuitfinder.engine.masks import Mask, prune, top_edges
 from circuitfinder.engine.graph import EdgeGraph
-from circuitfinder.engine.patching import patched_logits, stacked_patched_logits
+from circuitfinder.engine.patching import patched_logits, stack_split, stacked_patched_logits
 from circuitfinder.tasks.base import Task
 
 
@@ -47,25 +57,42 @@ class Baseline:
     n_prompts: int
 
 
+DISTANCES = ("kl", "task")
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Per circuit of a stack: the mean task metric and the distance from the clean run."""
+
+    metric: torch.Tensor  # [k]
+    distance: torch.Tensor  # [k]
+
+
 class CircuitEvaluator:
-    """Exact metric and faithfulness of circuits on one split of a task, under one ablation.
+    """Exact metric, faithfulness and distance of circuits on one split of a task, under one ablation.
 
     Args:
+        split: ``"discovery"`` or ``"heldout"`` prompts.
         ablation: ``"counterfactual"``, ``"mean"`` or ``"zero"`` (or a built :class:`Ablation`).
-        memory_budget: bytes that the patched copies of one batch may take in a forward pass
-            evaluating several circuits (bounds how many circuits share a pass).
+        memory_budget: bytes the circuits' own copies of the sender buffer may take in one pass.
+        limit: use only the split's first ``limit`` prompts (a search's prompts).
+        distance: ``"task"`` or ``"kl"``, the distance :meth:`evaluate` reports.
+        max_rows: sequences per forward pass once the batch is repeated per circuit.
     """
 
     def __init__(self, adapter: ModelAdapter, graph: EdgeGraph, task: Task, split: str = "heldout", batch_size: int = 16,
-                 ablation: str | Ablation = "counterfactual", memory_budget: int = 1 << 30):
+                 ablation: str | Ablation = "counterfactual", memory_budget: int = 1 << 30, limit: int | None = None,
+                 distance: str = "task", max_rows: int = 256):
+        if distance not in DISTANCES:
+            raise ValueError(f"unknown distance {distance!r}: use one of {', '.join(DISTANCES)}")
         self.adapter, self.graph, self.task = adapter, graph, task
-        self.memory_budget = memory_budget
-        self.batches = [b.to(adapter.device) for b in task.batches(split, batch_size)]
+        self.memory_budget, self.distance, self.max_rows = memory_budget, distance, max_rows
+        self.batches = [b.to(adapter.device) for b in task.batches(split, batch_size, limit=limit)]
         if not self.batches:
             raise MetricError(f"task {task.name!r} has no {split} prompts")
         self.n = sum(b.size for b in self.batches)
         self.ablation = make_ablation(ablation, adapter, graph, task, batch_size)
-        self._ablated = []
+        self._ablated, self._clean_logprobs = [], []
         clean_sum = correct = 0.0
         with torch.no_grad():
             for batch in self.batches:
@@ -74,12 +101,14 @@ class CircuitEvaluator:
                 clean_sum += float(task.metric(clean_logits, batch).sum())
                 rows = torch.arange(batch.size, device=clean_logits.device)
                 correct += float((clean_logits[rows, batch.answer] > clean_logits[rows, batch.wrong]).sum())
+                if distance == "kl":
+                    self._clean_logprobs.append(F.log_softmax(clean_logits.double(), -1))
         self.forward_passes = len(self.batches) * (1 + self.ablation.is_run)
-        empty = float(self._metric_sums([torch.zeros_like(graph.allowed)])[0]) / self.n
-        self.baseline = Baseline(clean_sum / self.n, empty, correct / self.n, self.n)
-        for label, value in (("clean", self.baseline.clean), ("ablated", self.baseline.corrupted)):
-            if not math.isfinite(value):
-                raise MetricError(f"the {label} metric is {value} on the {split} prompts; check the task's answers")
+        self.clean_metric = clean_sum / self.n
+        if not math.isfinite(self.clean_metric):
+            raise MetricError(f"the clean metric is {self.clean_metric} on the {split} prompts; check the task's answers")
+        empty = float(self.evaluate(torch.zeros_like(graph.allowed)[None]).metric[0])  # raises when not finite
+        self.baseline = Baseline(self.clean_metric, empty, correct / self.n, self.n)
         if abs(self.baseline.clean - self.baseline.corrupted) < 1e-6:
             raise MetricError(
                 f"the clean metric equals the metric with every edge ablated ({self.ablation.kind}; "
@@ -91,30 +120,48 @@ class CircuitEvaluator:
         """:func:`circuitfinder.engine.masks.prune` with the rule this evaluator's ablation allows."""
         return prune(self.graph, mask, ablation_is_run=self.ablation.is_run)
 
-    def circuits_per_pass(self) -> int:
-        """How many circuits one forward pass evaluates within the memory budget."""
-        b, p = max(x.clean.shape[0] for x in self.batches), max(x.clean.shape[1] for x in self.batches)
-        S, R, d = self.graph.n_senders, self.graph.n_receivers, self.graph.shape.d_model
-        itemsize = torch.finfo(self.adapter.dtype).bits // 8
-        per_circuit = itemsize * (b * S * p * d + S * R)  # its senders' diff and its mask
-        return max(1, self.memory_budget // per_circuit)
+    def circuits_per_pass(self, removed: torch.Tensor, senders: torch.Tensor, batch_size: int) -> int:
+        """The memory rule: how many of the stacked circuits ``removed`` share one forward pass.
 
-    def _metric_sums(self, circuits: Sequence[Mask]) -> torch.Tensor:
-        """Metric summed over the prompts for each circuit, all circuits in one pass per batch."""
-        k = len(circuits)
-        removed = torch.stack([~c for c in circuits]).to(self.adapter.dtype)  # [k, s, r]
-        sums = torch.zeros(k, dtype=torch.float64)
-        for batch, ablated in zip(self.batches, self._ablated):
-            if k == 1:
-                logits = patched_logits(self.adapter, self.graph, batch.clean, ablated, removed[0], batch.last)
-                values = self.task.metric(logits, batch)[None]  # [1, b]
-            else:
-                copies = batch.repeat(k)  # copy j is rows j·b … (j+1)·b − 1
-                logits = stacked_patched_logits(self.adapter, self.graph, batch.clean, ablated, removed, batch.last)
-                values = self.task.metric(logits, copies).view(k, batch.size)
-            sums += values.sum(1).double().cpu()
-        self.forward_passes += k * len(self.batches)
-        return sums
+        At most ``max_rows // batch_size`` (at least one), and no more than fit their own copies
+        of the sender buffer, from the first layer where they differ, in ``memory_budget``."""
+        take = max(1, min(removed.shape[0], self.max_rows // batch_size))
+        split = stack_split(self.graph, removed[:take])
+        if split is None:
+            return take
+        per_circuit = (self.graph.n_senders - split[1]) * senders[0].numel() * senders.element_size()
+        return max(1, min(take, self.memory_budget // max(per_circuit, 1)))
+
+    @torch.no_grad()
+    def evaluate(self, circuits: torch.Tensor) -> Scores:
+        """Mean metric and distance of each circuit (bool ``[k, senders, receivers]``, True = kept),
+        every one patched (the full and the empty circuit too)."""
+        k = circuits.shape[0]
+        metric_sum = torch.zeros(k, dtype=torch.float64)
+        kl_sum = torch.zeros(k, dtype=torch.float64)
+        removed = (~circuits.bool()).to(self.adapter.dtype)  # [k, s, r]
+        for index, (batch, senders) in enumerate(zip(self.batches, self._ablated)):
+            start = 0
+            while start < k:
+                g = self.circuits_per_pass(removed[start:], senders, batch.size)
+                if g == 1:
+                    logits = patched_logits(self.adapter, self.graph, batch.clean, senders, removed[start], batch.last)
+                else:
+                    logits = stacked_patched_logits(self.adapter, self.graph, batch.clean, senders, removed[start : start + g], batch.last)
+                logits = logits.double()  # the metric and the sums in float64
+                self.forward_passes += g  # one per circuit and batch, as if each had its own pass
+                metric_sum[start : start + g] += self.task.metric(logits, batch.repeat(g)).view(g, batch.size).sum(1).cpu()
+                if self.distance == "kl":
+                    clean_lp = self._clean_logprobs[index].repeat(g, 1)
+                    kl = (clean_lp.exp() * (clean_lp - F.log_softmax(logits, -1))).sum(-1)
+                    kl_sum[start : start + g] += kl.view(g, batch.size).sum(1).cpu()
+                start += g
+        metric = metric_sum / self.n
+        bad = [v for v in metric.tolist() if not math.isfinite(v)]
+        if bad:
+            raise MetricError(f"a circuit's metric is {bad[0]} on these prompts (NaN or infinite logits); check the task's answers")
+        distance = kl_sum / self.n if self.distance == "kl" else (metric - self.clean_metric).abs()
+        return Scores(metric, distance)
 
     @torch.no_grad()
     def metrics(self, circuits: Sequence[Mask], progress: Callable[[int], None] | None = None) -> list[float]:
@@ -136,15 +183,14 @@ class CircuitEvaluator:
                 todo.append(i)
         if progress and len(todo) < len(circuits):
             progress(len(circuits) - len(todo))
-        per_pass = self.circuits_per_pass()
-        for start in range(0, len(todo), per_pass):
-            chunk = todo[start : start + per_pass]
-            for i, total in zip(chunk, self._metric_sums([circuits[i] for i in chunk]).tolist()):
-                values[i] = total / self.n
-                if not math.isfinite(values[i]):
-                    raise MetricError(f"the metric of a circuit is {values[i]}")
+        chunk = max(1, self.max_rows // max(b.size for b in self.batches))  # progress is reported per chunk
+        for start in range(0, len(todo), chunk):
+            part = todo[start : start + chunk]
+            means = self.evaluate(torch.stack([circuits[i] & allowed for i in part])).metric
+            for i, mean in zip(part, means.tolist()):
+                values[i] = mean
             if progress:
-                progress(len(chunk))
+                progress(len(part))
         return values
 
     def metric(self, circuit: Mask) -> float:

@@ -48,7 +48,7 @@ import torch
 
 from circuitfinder.engine.masks import Mask, prune
 from circuitfinder.engine.graph import EdgeGraph
-from circuitfinder.engine.scorer import Scores
+from circuitfinder.engine.faithfulness import Scores
 
 Evaluate = Callable[[torch.Tensor], Scores]  # circuits [k, S, R] -> their scores
 GUESS_BINS = 10

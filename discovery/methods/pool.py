@@ -1,7 +1,7 @@
 """Where stacks of circuits are scored: in this process, or on Ray actors holding model replicas.
 
 Both pools cut a stack into the same fixed chunks of ``chunk`` circuits and score each chunk with
-a :class:`~circuitfinder.engine.scorer.CircuitScorer` built from the same :class:`ScorerSpec`, so every
+a :class:`~circuitfinder.engine.faithfulness.CircuitEvaluator` built from the same :class:`EvaluatorSpec`, so every
 circuit is computed in the same company and a search finds the same circuit whatever the number
 of workers. On Ray, each actor loads the model itself (from the local cache for bundled models),
 runs the corrupted and clean prompts once, and then scores chunks; an actor that dies is
@@ -20,23 +20,26 @@ import torch
 
 from circuitfinder.engine.adapter import ModelAdapter
 from circuitfinder.engine.graph import EdgeGraph
-from circuitfinder.engine.scorer import CircuitScorer, Scores
-from circuitfinder.tasks.base import Metric, TaskBatch
+from circuitfinder.engine.faithfulness import CircuitEvaluator, Scores
+from circuitfinder.tasks.base import Task
 
 
 @dataclass(frozen=True)
-class ScorerSpec:
-    """What a worker needs to build its scorer: a model loader and the prompts (all picklable)."""
+class EvaluatorSpec:
+    """What a worker needs to build its evaluator: a model loader and the prompts (all picklable):
+    the first ``limit`` discovery prompts of ``task``, in batches of ``batch_size``."""
 
     load: Callable[[], ModelAdapter]
-    batches: tuple[TaskBatch, ...]
-    metric: Metric
+    task: Task
+    batch_size: int
+    limit: int | None = None
     distance: str = "kl"
     max_rows: int = 32
 
-    def build(self, adapter: ModelAdapter | None = None) -> CircuitScorer:
+    def build(self, adapter: ModelAdapter | None = None) -> CircuitEvaluator:
         adapter = adapter if adapter is not None else self.load()
-        return CircuitScorer(adapter, EdgeGraph(adapter.shape), list(self.batches), self.metric, self.distance, self.max_rows)
+        return CircuitEvaluator(adapter, EdgeGraph(adapter.shape), self.task, "discovery", self.batch_size,
+                                limit=self.limit, distance=self.distance, max_rows=self.max_rows)
 
 
 def _concat(parts: list[Scores]) -> Scores:
@@ -48,7 +51,7 @@ class InProcessPool:
 
     workers = 0
 
-    def __init__(self, scorer: CircuitScorer, chunk: int):
+    def __init__(self, scorer: CircuitEvaluator, chunk: int):
         self.scorer, self.chunk = scorer, chunk
 
     @property
@@ -56,14 +59,14 @@ class InProcessPool:
         return self.scorer.forward_passes
 
     def __call__(self, circuits: torch.Tensor) -> Scores:
-        return _concat([self.scorer.score(circuits[i : i + self.chunk]) for i in range(0, len(circuits), self.chunk)])
+        return _concat([self.scorer.evaluate(circuits[i : i + self.chunk]) for i in range(0, len(circuits), self.chunk)])
 
     def close(self) -> None:
         pass
 
 
 class _Actor:
-    def __init__(self, spec: ScorerSpec, threads: int):
+    def __init__(self, spec: EvaluatorSpec, threads: int):
         torch.set_num_threads(threads)
         self.scorer = spec.build()
 
@@ -73,7 +76,7 @@ class _Actor:
     def score(self, packed: torch.Tensor, shape: tuple[int, ...]) -> tuple[Scores, int]:
         before = self.scorer.forward_passes
         circuits = _unpack(packed, shape)
-        return self.scorer.score(circuits), self.scorer.forward_passes - before
+        return self.scorer.evaluate(circuits), self.scorer.forward_passes - before
 
 
 def _pack(circuits: torch.Tensor) -> torch.Tensor:
@@ -102,7 +105,7 @@ class RayPool:
         threads: torch threads per actor.
     """
 
-    def __init__(self, spec: ScorerSpec, workers: int, chunk: int, address: str | None = None, threads: int = 1):
+    def __init__(self, spec: EvaluatorSpec, workers: int, chunk: int, address: str | None = None, threads: int = 1):
         import ray
 
         self.chunk, self.workers = chunk, workers

@@ -21,7 +21,7 @@ from circuitfinder.engine.adapter import load_model
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.masks import Mask, prune
 from circuitfinder.methods.acdc import SearchResult, SearchState, acdc, candidate_order, minimize, removal_order
-from circuitfinder.methods.pool import InProcessPool, RayPool, ScorerSpec
+from circuitfinder.methods.pool import EvaluatorSpec, InProcessPool, RayPool
 
 if TYPE_CHECKING:
     from circuitfinder.methods.registry import Problem
@@ -41,7 +41,7 @@ class SearchOutcome:
     sittings: int  # 1, or more when the search was resumed from its checkpoint
 
 
-def _pool(settings, adapter, spec: ScorerSpec, chunk: int):
+def _pool(settings, adapter, spec: EvaluatorSpec, chunk: int):
     if settings.workers == 0:
         return InProcessPool(spec.build(adapter), chunk)
     return RayPool(spec, settings.workers, chunk, settings.address)
@@ -59,7 +59,7 @@ def run_search(problem: "Problem", criterion: str, scores: torch.Tensor, start: 
     started = time.perf_counter()
     batches = tuple(b.to("cpu") for b in task.batches("discovery", config.batch_size, limit=config.search_prompts))
     distance = config.acdc_metric if criterion == "acdc" else "task"
-    spec = ScorerSpec(partial(load_model, config.model), batches, task.metric, distance, MAX_ROWS)
+    spec = EvaluatorSpec(partial(load_model, config.model), task, config.batch_size, config.search_prompts, distance, MAX_ROWS)
     chunk = max(1, MAX_ROWS // max(b.size for b in batches))
     n_prompts = sum(b.size for b in batches)
     if config.workers:

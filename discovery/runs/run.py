@@ -33,7 +33,7 @@ from circuitfinder.folders import atomic_dir, check_out_dir
 from circuitfinder.checkpoint import Checkpoint
 from circuitfinder.engine.faithfulness import Baseline, CircuitEvaluator, Curve, faithfulness_curve
 from circuitfinder.engine.graph import EdgeGraph
-from circuitfinder.engine.scorer import DISTANCES
+from circuitfinder.engine.faithfulness import DISTANCES
 from circuitfinder.methods.search import decisions_table
 from circuitfinder.graphs.circuit import Circuit
 from circuitfinder.graphs.tables import nodes_table, read_scores, scores_table
