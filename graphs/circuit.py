@@ -204,8 +204,15 @@ class Circuit:
                 necessity[s, r] = float(e["necessity"])
         return cls(graph, mask, scores, necessity=necessity if not necessity.isnan().all() else None, **about)
 
+    MEASURED = ("faithfulness",)  # metadata that describe this edge set, not the model or the scores
+
     def replace(self, **changes) -> "Circuit":
-        """A copy with some fields changed (``mask``, ``roles``, ``metadata``, ...)."""
+        """A copy with some fields changed (``mask``, ``roles``, ``metadata``, ...). A copy with
+        other edges leaves out what was measured on these (necessity, faithfulness)."""
+        mask = changes.get("mask")
+        if mask is not None and not torch.equal(torch.as_tensor(mask).bool() & self.graph.allowed, self.mask):
+            changes.setdefault("necessity", None)
+            changes.setdefault("metadata", {k: v for k, v in self.metadata.items() if k not in self.MEASURED})
         return dataclasses.replace(self, **changes)
 
     # ---- what it holds ------------------------------------------------------------------------
