@@ -289,7 +289,8 @@ class Circuit:
     def prune(self, ablation_is_run: bool = True) -> "Circuit":
         """Only edges on input → logits paths of kept edges: the same metric, exactly
         (``circuitfinder.engine.masks.prune``; ``ablation_is_run=False`` under mean or zero ablation)."""
-        return self.replace(mask=prune(self.graph, self.mask, ablation_is_run))
+        # the metric is unchanged, so what was measured on the circuit still holds
+        return self.replace(mask=prune(self.graph, self.mask, ablation_is_run), metadata=self.metadata, necessity=self.necessity)
 
     def with_roles(self, table) -> "Circuit":
         """A copy with the role labels and scores of its heads (from ``measure_roles``'s DataFrame,
@@ -483,6 +484,7 @@ def from_networkx(graph: nx.DiGraph, like: Circuit | None = None) -> Circuit:
             graph's attributes.
     """
     g = graph.graph
+    about = {} if like is not None else {"metadata": dict(g.get("metadata") or {})}  # the graph's own, then
     if like is None:
         shape = ModelShape(int(g["n_layers"]), int(g["n_heads"]), int(g["n_kv_groups"]), d_model=int(g.get("d_model") or 0),
                            post_norm=bool(g.get("post_norm", False)), parallel=bool(g.get("parallel", False)))
@@ -511,7 +513,7 @@ def from_networkx(graph: nx.DiGraph, like: Circuit | None = None) -> Circuit:
     rebuilt = Circuit.from_edges(like.graph, list(edges.values()))
     known = ~like.scores.isnan() & ~rebuilt.mask
     return like.replace(mask=rebuilt.mask, scores=torch.where(known, like.scores, rebuilt.scores),
-                        necessity=rebuilt.necessity, roles=roles)
+                        necessity=rebuilt.necessity, roles=roles, **about)
 
 
 def load_circuit(source: Path) -> Circuit:

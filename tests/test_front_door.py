@@ -75,6 +75,7 @@ def test_json_and_networkx_round_trips_are_exact(tmp_path):
     assert json.loads(circuit.to_json())["d_model"] == 8 and back.shape == GRAPH.shape
     assert torch.equal(torch.where(back.mask, back.scores, 0), torch.where(circuit.mask, circuit.scores, 0))
     assert back.scores[~back.mask & GRAPH.allowed].isnan().all()  # a file knows only its own edges' scores
+    assert "faithfulness" not in circuit.top(10).metadata and circuit.prune().metadata == {"faithfulness": 0.5}
     rebuilt = from_networkx(circuit.to_networkx(), like=circuit)
     assert torch.equal(rebuilt.mask, circuit.mask) and rebuilt.to_json() == circuit.to_json()
 

@@ -17,9 +17,7 @@ NOTEBOOK = ROOT / "tutorial.ipynb"
 def _text(cell) -> str:
     parts = []
     for out in cell.get("outputs", []):
-        if out.get("output_type") == "stream":
-            parts.append(out["text"])
-        elif "data" in out:
+        if "data" in out:  # results, not streams (a library's warnings on stderr)
             parts.append(out["data"].get("text/plain", ""))
     return "".join(parts)
 
