@@ -416,17 +416,20 @@ def _terminate(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-FLAGS = {"n_pairs": "--pairs", "check_model": "--skip-model-check"}  # arguments whose flag is not --the-name
+FLAGS = {"n_pairs": "--pairs"}  # arguments whose flag is not --the-name
+
+
+def _flag(match: re.Match) -> str:
+    name, _, value = match.group(1).partition("=")
+    flag = FLAGS.get(name, "--" + name.replace("_", "-"))
+    return flag if value in ("", "True") else f"{flag} {value.strip(chr(39) + chr(34))}"
 
 
 def as_flags(exc: BaseException) -> str:
-    """A library error's message with the argument it opens with written as this command's flag
-    (``tau must be ≥ 0`` → ``--tau must be ≥ 0``)."""
-    message, argument = str(exc), getattr(exc, "argument", None)
-    if not argument:
-        return message
-    flag = FLAGS.get(argument, "--" + argument.replace("_", "-"))
-    return re.sub(rf"^{re.escape(argument)}\b", flag, message)
+    """A library error's message with each argument it names (`` `tau` ``, `` `overwrite=True` ``,
+    `` `ablation='counterfactual'` ``) written as this command's flag (``--tau``, ``--overwrite``,
+    ``--ablation counterfactual``)."""
+    return re.sub(r"`([a-z][a-z0-9_]*(?:=[^`\s]*)?)`", _flag, str(exc))
 
 
 def main(argv: list[str] | None = None) -> None:

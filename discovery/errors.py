@@ -5,8 +5,9 @@ class UserError(Exception):
     """Bad input from the user (model, task, file, option). Printed without a traceback.
 
     Args:
-        message: what is wrong and what to fix, in one line; it names the library's argument
-            (``tau``, ``n_pairs``), which the command line shows as its flag (``--tau``, ``--pairs``).
+        message: what is wrong and what to fix, in one line. Arguments are named in backticks as
+            the library spells them (`` `tau` ``, `` `overwrite=True` ``); the command line shows
+            each as its flag (``--tau``, ``--overwrite``: ``circuitfinder.cli.as_flags``).
         argument: that argument's name, when one is to blame.
     """
 

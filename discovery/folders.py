@@ -23,7 +23,7 @@ from circuitfinder.errors import OutputExists
 def check_out_dir(out: Path, overwrite: bool) -> None:
     """Refuse an ``out`` that is a file or a non-empty folder unless ``overwrite``."""
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise OutputExists(f"{out} already holds results: choose another --out, or pass --overwrite")
+        raise OutputExists(f"{out} already holds results: choose another `out`, or pass `overwrite=True`")
 
 
 def make_readable(folder: Path) -> None:

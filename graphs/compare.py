@@ -310,9 +310,9 @@ def compare_circuits(a: Circuit, b: Circuit, bins: int = 5, max_edges: int = 150
     from circuitfinder.graphs.render import diff_to_dot
 
     if bins < 1:
-        raise UserError(f"bins must be at least 1, got {bins}")
+        raise UserError(f"`bins` must be at least 1, got {bins}", "bins")
     if max_edges < 1:
-        raise UserError(f"max_edges must be at least 1, got {max_edges}")
+        raise UserError(f"`max_edges` must be at least 1, got {max_edges}", "max_edges")
     for which, circuit in (("A", a), ("B", b)):
         if not circuit.n_edges:
             raise UserError(f"circuit {which} is empty: nothing to compare")
@@ -349,9 +349,9 @@ def compare(source_a: Path, source_b: Path, out: Path | None = None, overwrite: 
     from circuitfinder.graphs.render import FORMATS
 
     if bins < 1:
-        raise UserError(f"--bins must be at least 1, got {bins}")
+        raise UserError(f"`bins` must be at least 1, got {bins}", "bins")
     if max_edges < 1:
-        raise UserError(f"--max-edges must be at least 1, got {max_edges}")
+        raise UserError(f"`max_edges` must be at least 1, got {max_edges}", "max_edges")
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise UserError(f"unknown format(s) {', '.join(bad)}; choose from {', '.join(FORMATS)}")

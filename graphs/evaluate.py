@@ -31,7 +31,7 @@ def default_reference(task: str) -> str:
     for name in available():
         if load_reference(name).task == task:
             return name
-    raise UserError(f"no reference circuit for task {task!r}: choose one with --reference ({', '.join(available())})")
+    raise UserError(f"no reference circuit for task {task!r}: choose one with `reference` ({', '.join(available())})")
 
 
 def evaluate_run(source: Path, reference: str | None = None, overwrite: bool = False) -> dict:
@@ -56,7 +56,7 @@ def evaluate_run(source: Path, reference: str | None = None, overwrite: bool = F
     ref = ref or load_reference(default_reference(record.task))
     targets = [folder / f"evaluation-{ref.name}.{x}" for x in ("json", "csv")]
     if any(t.exists() for t in targets) and not overwrite:
-        raise OutputExists(f"{targets[0]} already exists: pass --overwrite to redo it")
+        raise OutputExists(f"{targets[0]} already exists: pass `overwrite=True` to redo it")
     graph = record.graph
     truth = reference_mask(ref, graph)
     circuit = record.mask

@@ -143,7 +143,7 @@ def test_every_method_is_one_registry_entry_that_declares_support_and_cost():
     for name, method in METHODS.items():
         assert method.description and method.cost and method.ablations
         assert (method.score is None) == method.seeded  # attribution scores; a search is seeded by one
-    assert METHODS["acdc"].refusal("acdc", "mean", post_norm=False).endswith("use ablation 'counterfactual'")
+    assert METHODS["acdc"].refusal("acdc", "mean", post_norm=False).endswith("use `ablation='counterfactual'`")
     assert "post-attention norm" in METHODS["eap-ig-activations"].refusal("eap-ig-activations", "counterfactual", post_norm=True)
     assert METHODS["eap-ig"].refusal("eap-ig", "zero", post_norm=True) is None
 
@@ -157,3 +157,14 @@ def test_minimize_is_a_method_and_the_old_flag_means_it():
     assert info.value.argument == "method"
     with pytest.raises(cf.UserError, match="patches from the counterfactual run only"):
         DiscoverConfig(method="minimize", ablation="zero").validate()
+
+
+def test_library_errors_name_arguments_and_the_command_line_shows_flags():
+    from circuitfinder.cli import as_flags
+
+    with pytest.raises(cf.UserError) as info:
+        DiscoverConfig(n_pairs=2).validate()
+    assert str(info.value) == "`n_pairs` must be at least 4, got 2" and info.value.argument == "n_pairs"
+    assert as_flags(info.value) == "--pairs must be at least 4, got 2"
+    message = cf.UserError("`tau` must be ≥ 0; pass `overwrite=True`; use `ablation='counterfactual'`; see `circuits convert`")
+    assert as_flags(message) == "--tau must be ≥ 0; pass --overwrite; use --ablation counterfactual; see `circuits convert`"

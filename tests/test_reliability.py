@@ -115,7 +115,7 @@ def test_render_refuses_a_circuit_file_it_cannot_trust(cli, tmp_path, text, mess
 
 
 def test_debug_shows_the_traceback(cli):
-    with pytest.raises(UserError, match="tau must be a number"):
+    with pytest.raises(UserError, match="`tau` must be a number"):
         cli("--debug", "discover", "--tau", "-1")
 
 

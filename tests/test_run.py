@@ -80,7 +80,7 @@ def test_discover_refuses_to_overwrite_unless_asked(tiny_ioi_model, tmp_path):
     config = DiscoverConfig(task="ioi", model="tiny-llama", n_pairs=8, batch_size=8, edges=20, force=True)
     run_config(config, out=out, adapter=tiny_ioi_model)
     before = (out / "summary.json").read_text()
-    with pytest.raises(OutputExists, match="--overwrite"):
+    with pytest.raises(OutputExists, match="overwrite=True"):
         run_config(config, out=out, adapter=tiny_ioi_model)
     assert (out / "summary.json").read_text() == before
     run_config(config, out=out, overwrite=True, adapter=tiny_ioi_model)
@@ -99,7 +99,7 @@ def test_same_seed_gives_byte_identical_circuit(tiny_ioi_model, tmp_path):
     (DiscoverConfig(ablation="nope"), "unknown ablation"),
     (DiscoverConfig(edges=10, threshold=0.1), "not both"),
     (DiscoverConfig(edges=0), "at least 1"),
-    (DiscoverConfig(target_faithfulness=1.5), "target_faithfulness must be in"),
+    (DiscoverConfig(target_faithfulness=1.5), "`target_faithfulness` must be in"),
     (DiscoverConfig(threshold=float("nan")), "threshold"),
 ])
 def test_bad_configurations_are_user_errors(config, message):
@@ -149,7 +149,7 @@ def test_a_behaviour_the_model_lacks_is_refused_unless_forced(tiny_ioi_model, tm
     from circuitfinder.engine.faithfulness import Baseline
 
     lacking = Baseline(clean=0.1, corrupted=0.2, accuracy=0.5, n_prompts=8)
-    with pytest.raises(UserError, match="does not show the behaviour.*--force"):
+    with pytest.raises(UserError, match="does not show the behaviour.*force=True"):
         check_behaviour(lacking, DiscoverConfig(), "m")
     check_behaviour(lacking, DiscoverConfig(force=True), "m")
     check_behaviour(Baseline(clean=2.0, corrupted=0.0, accuracy=MIN_ACCURACY, n_prompts=8), DiscoverConfig(), "m")

@@ -116,7 +116,7 @@ def test_a_finished_run_with_other_settings_is_not_reused(tmp_path):
     ({"tasks": ["ioi", "nope"]}, "unknown task 'nope'"),
     ({"methods": ["eap", "eap"]}, "twice"),
     ({"models": []}, "at least one"),
-    ({"workers": -1}, "--workers"),
+    ({"workers": -1}, "`workers` must be ≥ 0"),
 ])
 def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, kwargs, message):
     args = {"tasks": ["ioi"], "models": ["m"], "methods": ["eap"]} | kwargs

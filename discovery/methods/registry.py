@@ -107,7 +107,7 @@ class Method:
         """Why this method cannot run with ``ablation`` on a model with/without a shared post-norm, or None."""
         if ablation not in self.ablations:
             return (f"method {name!r} patches from the {' or '.join(self.ablations)} run only, not the {ablation} ablation: "
-                    f"use ablation {self.ablations[0]!r}")
+                    f"use `ablation={self.ablations[0]!r}`")
         if post_norm and not self.post_norm:
             return f"method {name!r} is not defined yet for models whose heads share a post-attention norm"
         return None
@@ -237,7 +237,7 @@ def check_method(name: str, seed_method: str, ablation: str) -> None:
         raise UserError(f"unknown method {name!r}: use one of {', '.join(METHODS)}", "method")
     method = METHODS[name]
     if method.seeded and seed_method not in ATTRIBUTION + (UNSEEDED,):
-        raise UserError(f"unknown seed_method {seed_method!r}: use one of {', '.join(ATTRIBUTION + (UNSEEDED,))}", "seed_method")
+        raise UserError(f"unknown `seed_method` {seed_method!r}: use one of {', '.join(ATTRIBUTION + (UNSEEDED,))}", "seed_method")
     problem = method.refusal(name, ablation, post_norm=False)
     if problem:
         raise UserError(problem, "ablation")

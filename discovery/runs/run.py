@@ -95,26 +95,30 @@ class DiscoverConfig:
         if not task_given and is_task_file(self.task):
             need(Path(self.task).is_file(), "task", f"no task file at {self.task}")
         elif not task_given:
-            need(self.task in TASKS, "task", f"unknown task {self.task!r}: use one of {', '.join(sorted(TASKS))}, or a .jsonl or .csv task file")
+            need(self.task in TASKS, "task",
+                 f"unknown task {self.task!r}: use one of {', '.join(sorted(TASKS))}, or a .jsonl or .csv task file")
         need(self.ablation in ABLATIONS, "ablation", f"unknown ablation {self.ablation!r}: use one of {', '.join(ABLATIONS)}")
         check_method(self.method, self.seed_method, self.ablation)
+        seeded = ", ".join(n for n, m in METHODS.items() if m.seeded)
         need(self.seed_method != UNSEEDED or METHODS[self.method].seeded, "seed_method",
-             f"seed_method {UNSEEDED!r} is for the seeded methods ({', '.join(n for n, m in METHODS.items() if m.seeded)})")
-        need(self.tau is None or self.tau >= 0, "tau", f"tau must be a number ≥ 0, got {self.tau}")
-        need(self.acdc_metric in DISTANCES, "acdc_metric", f"acdc_metric must be one of {', '.join(DISTANCES)}, got {self.acdc_metric!r}")
-        need(self.search_prompts >= 1, "search_prompts", f"search_prompts must be at least 1, got {self.search_prompts}")
-        need(self.chain >= 1, "chain", f"chain must be at least 1, got {self.chain}")
-        need(self.workers >= 0, "workers", f"workers must be ≥ 0, got {self.workers}")
-        need(self.edges is None or self.threshold is None, "edges", "give edges or threshold, not both")
-        need(self.edges is None or self.edges >= 1, "edges", f"edges must be at least 1, got {self.edges}")
-        need(self.threshold is None or self.threshold >= 0, "threshold", f"threshold must be a number ≥ 0, got {self.threshold}")
+             f"`seed_method` {UNSEEDED!r} is for the seeded methods ({seeded})")
+        need(self.tau is None or self.tau >= 0, "tau", f"`tau` must be a number ≥ 0, got {self.tau}")
+        need(self.acdc_metric in DISTANCES, "acdc_metric",
+             f"`acdc_metric` must be one of {', '.join(DISTANCES)}, got {self.acdc_metric!r}")
+        need(self.search_prompts >= 1, "search_prompts", f"`search_prompts` must be at least 1, got {self.search_prompts}")
+        need(self.chain >= 1, "chain", f"`chain` must be at least 1, got {self.chain}")
+        need(self.workers >= 0, "workers", f"`workers` must be ≥ 0, got {self.workers}")
+        need(self.edges is None or self.threshold is None, "edges", "give `edges` or `threshold`, not both")
+        need(self.edges is None or self.edges >= 1, "edges", f"`edges` must be at least 1, got {self.edges}")
+        need(self.threshold is None or self.threshold >= 0, "threshold",
+             f"`threshold` must be a number ≥ 0, got {self.threshold}")
         need(0 < self.target_faithfulness <= 1, "target_faithfulness",
-             f"target_faithfulness must be in (0, 1], got {self.target_faithfulness}")
-        need(self.n_pairs >= 4, "n_pairs", f"n_pairs must be at least 4, got {self.n_pairs}")
-        need(self.ig_steps >= 1, "ig_steps", f"ig_steps must be at least 1, got {self.ig_steps}")
-        need(self.ig_rule in IG_RULES, "ig_rule", f"ig_rule must be one of {', '.join(IG_RULES)}, got {self.ig_rule!r}")
-        need(self.bos in ("auto", "always"), "bos", f"bos must be auto or always, got {self.bos!r}")
-        need(self.batch_size >= 1, "batch_size", f"batch_size must be at least 1, got {self.batch_size}")
+             f"`target_faithfulness` must be in (0, 1], got {self.target_faithfulness}")
+        need(self.n_pairs >= 4, "n_pairs", f"`n_pairs` must be at least 4, got {self.n_pairs}")
+        need(self.ig_steps >= 1, "ig_steps", f"`ig_steps` must be at least 1, got {self.ig_steps}")
+        need(self.ig_rule in IG_RULES, "ig_rule", f"`ig_rule` must be one of {', '.join(IG_RULES)}, got {self.ig_rule!r}")
+        need(self.bos in ("auto", "always"), "bos", f"`bos` must be auto or always, got {self.bos!r}")
+        need(self.batch_size >= 1, "batch_size", f"`batch_size` must be at least 1, got {self.batch_size}")
 
     def matching_published(self) -> "DiscoverConfig":
         """This configuration with every choice the published EAP-IG code makes (hannamw/EAP-IG):
@@ -129,7 +133,7 @@ def build_run_task(config: DiscoverConfig, tokenizer) -> Task:
     task = build_task(config.task, tokenizer, n_pairs=config.n_pairs, seed=config.seed, skip_bad_rows=config.skip_bad_rows)
     if config.bos == "always":
         if tokenizer.bos_token_id is None:
-            raise UserError(f"bos 'always': the tokenizer of {config.model} has no BOS token", "bos")
+            raise UserError(f"`bos='always'`: the tokenizer of {config.model} has no BOS token", "bos")
         task = task.with_bos(tokenizer.bos_token_id)
     return task
 
@@ -180,7 +184,7 @@ def check_behaviour(baseline, config: DiscoverConfig, model: str) -> None:
         raise UserError(
             f"{model} does not show the behaviour of task {config.task!r} (held-out: clean metric "
             f"{baseline.clean:.3g}, corrupted {baseline.corrupted:.3g}, accuracy {baseline.accuracy:.0%}; "
-            f"needs clean > corrupted and accuracy ≥ {MIN_ACCURACY:.0%}); pass --force to search anyway"
+            f"needs clean > corrupted and accuracy ≥ {MIN_ACCURACY:.0%}); pass `force=True` to search anyway"
         )
 
 
@@ -520,9 +524,9 @@ def validate_run(run_dir: Path, top: int = 40, random: int = 60, overwrite: bool
     config = load_run_config(run_dir)
     targets = [run_dir / n for n in ("validation.csv", "validation.json", "validation.png")]
     if any(t.exists() for t in targets) and not overwrite:
-        raise OutputExists(f"{run_dir} already holds a validation: pass --overwrite to redo it")
+        raise OutputExists(f"{run_dir} already holds a validation: pass `overwrite=True` to redo it")
     if top < 0 or random < 0 or top + random < 3:
-        raise UserError("--top and --random must be ≥ 0 and give at least 3 edges together")
+        raise UserError("`top` and `random` must be ≥ 0 and give at least 3 edges together", "top")
     if adapter is None:
         reporter.log(f"loading {config.model}")
         adapter = load_model(config.model, reporter.log)
@@ -602,7 +606,7 @@ def roles_for_run(run_dir, max_prompts: int = 64, overwrite: bool = False, repor
     config = load_run_config(run_dir)
     target = run_dir / "roles.csv"
     if target.exists() and not overwrite:
-        raise OutputExists(f"{target} exists: pass --overwrite to measure the roles again")
+        raise OutputExists(f"{target} exists: pass `overwrite=True` to measure the roles again")
     log = reporter.log if reporter is not None else (lambda _m: None)
     if adapter is None:
         log(f"loading {config.model}")

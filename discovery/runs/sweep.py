@@ -36,11 +36,11 @@ NOT_SETTINGS = ("workers", "address")  # where a run executes, not what it compu
 
 def plan(base: DiscoverConfig, tasks: list[str], models: list[str], methods: list[str]) -> list[DiscoverConfig]:
     """The runs of a sweep, task by task, then model, then method; each checked before any runs."""
-    for option, names in (("--tasks", tasks), ("--models", models), ("--methods", methods)):
+    for option, names in (("tasks", tasks), ("models", models), ("methods", methods)):
         if not names:
-            raise UserError(f"{option} needs at least one name")
+            raise UserError(f"`{option}` needs at least one name", option)
         if len(set(names)) < len(names):
-            raise UserError(f"{option} names something twice: {', '.join(names)}")
+            raise UserError(f"`{option}` names something twice: {', '.join(names)}", option)
     configs = [dataclasses.replace(base, task=t, model=m, method=k) for t in tasks for m in models for k in methods]
     names = [run_name(c) for c in configs]
     if len(set(names)) < len(names):
@@ -71,7 +71,7 @@ def finished_summary(run_dir: Path, config: DiscoverConfig) -> dict | None:
     if want != have:
         differ = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
         raise UserError(f"{run_dir} holds a finished run with other settings ({', '.join(differ)}): "
-                        "use another --out, or pass --overwrite")
+                        "use another `out`, or pass `overwrite=True`")
     return summary
 
 
@@ -190,7 +190,7 @@ def sweep(tasks: list[str], models: list[str], methods: list[str] = ("eap-ig",),
         The table also written to ``out/sweep.csv`` and ``out/sweep.md``, in plan order.
     """
     if workers < 0 or cpus < 1:
-        raise UserError(f"--workers must be ≥ 0 and --cpus-per-run ≥ 1, got {workers} and {cpus}")
+        raise UserError(f"`workers` must be ≥ 0 and `cpus_per_run` ≥ 1, got {workers} and {cpus}", "workers")
     configs = plan(base, list(tasks), list(models), list(methods))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
