@@ -14,9 +14,11 @@ import os
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from circuitfinder.errors import OutputExists, UserError
-from circuitfinder.graphs.circuit import load_circuit
+from circuitfinder.methods.registry import METHODS
+from circuitfinder.graphs.circuit import Circuit, load_circuit
 from circuitfinder.graphs.tables import read_scores
 from circuitfinder.graphs.grading import grade
 from circuitfinder.graphs.reference import load_reference, reference_mask
@@ -34,56 +36,73 @@ def default_reference(task: str) -> str:
     raise UserError(f"no reference circuit for task {task!r}: choose one with `reference` ({', '.join(available())})")
 
 
-def evaluate_run(source: Path, reference: str | None = None, overwrite: bool = False) -> dict:
-    """Grade the circuit (and scores) of a run folder or ``circuit.json`` against a reference.
+def evaluate_circuit(circuit: Circuit, reference: str | None = None, scored_by: str | None = None) -> dict:
+    """Grade a circuit, and its scores when it knows every edge's, against a reference circuit.
 
     Args:
-        source: a run folder written by ``circuits discover``, or a ``circuit.json`` file.
-        reference: a name from :func:`circuitfinder.graphs.references.available`; default: the one for the run's task.
-        overwrite: replace an existing evaluation against the same reference.
+        circuit: the circuit (a run's ``run.circuit`` knows every score; one read from
+            ``circuit.json`` only its own edges').
+        reference: a name from :func:`circuitfinder.graphs.references.available`; default: the one
+            for the circuit's task.
+        scored_by: the method whose scores rank the edges (default: the circuit's method).
 
     Returns:
-        The evaluation as written to ``evaluation-{reference}.json`` (with ``out``: its path).
+        edge- and node-level precision, recall, F1, and with every score ROC-AUC and top-k
+        measures (``circuitfinder.graphs.grading``), with the reference's published figures.
+
+    Raises:
+        UserError: unknown reference, or a model of another shape.
+    """
+    ref = load_reference(reference or default_reference(circuit.task))
+    graph = circuit.graph
+    known = not circuit.scores[graph.allowed].isnan().any()
+    notes = []
+    if not known:
+        notes.append("no scores.parquet: the circuit is graded, ROC-AUC and top-k need every edge's score")
+    if circuit.task != ref.task:
+        notes.append(f"the run's task is {circuit.task!r}, the reference's {ref.task!r}")
+    if ref.model not in circuit.model.lower():
+        notes.append(f"the run's model is {circuit.model!r}; the reference is for {ref.model} (same shape)")
+    return {
+        "reference": ref.name, "reference_title": ref.title, "citation": ref.citation,
+        "model": circuit.model, "task": circuit.task, "method": circuit.method,
+        "scores": f"scores.parquet ({scored_by or circuit.method})" if known else None,
+        **grade(graph, reference_mask(ref, graph), circuit.mask, torch.nan_to_num(circuit.scores) if known else None),
+        "published": ref.published, "notes": notes,
+    }
+
+
+def evaluate_run(source: Path, reference: str | None = None, overwrite: bool = False) -> dict:
+    """Grade the circuit (and scores) of a run folder or ``circuit.json`` against a reference
+    (:func:`evaluate_circuit`), and write ``evaluation-{reference}.json`` and ``.csv`` beside it.
+
+    Returns:
+        The evaluation as written (with ``out``: its path).
 
     Raises:
         UserError: unknown reference, a model of another shape, unreadable scores;
         OutputExists: the evaluation exists and ``overwrite`` is off.
     """
     source = Path(source)
-    ref = load_reference(reference) if reference else None
-    record = load_circuit(source)
+    circuit = load_circuit(source)
     folder = source if source.is_dir() else source.parent
-    ref = ref or load_reference(default_reference(record.task))
-    targets = [folder / f"evaluation-{ref.name}.{x}" for x in ("json", "csv")]
+    name = load_reference(reference or default_reference(circuit.task)).name
+    targets = [folder / f"evaluation-{name}.{x}" for x in ("json", "csv")]
     if any(t.exists() for t in targets) and not overwrite:
         raise OutputExists(f"{targets[0]} already exists: pass `overwrite=True` to redo it")
-    graph = record.graph
-    truth = reference_mask(ref, graph)
-    circuit = record.mask
-    scores_path = folder / "scores.parquet"
-    scores = read_scores(scores_path, graph) if scores_path.is_file() else None
-
+    if (folder / "scores.parquet").is_file():
+        scores = read_scores(folder / "scores.parquet", circuit.graph)
+        circuit = circuit.replace(scores=torch.where(circuit.mask, circuit.scores, scores))
     config = {}
     if (folder / "config.json").is_file():
         try:
             config = json.loads((folder / "config.json").read_text())
         except ValueError:
             config = {}
-    scored_by = config.get("seed_method") if record.method == "acdc" else record.method
-    notes = []
-    if scores is None:
-        notes.append("no scores.parquet: the circuit is graded, ROC-AUC and top-k need every edge's score")
-    if record.task != ref.task:
-        notes.append(f"the run's task is {record.task!r}, the reference's {ref.task!r}")
-    if ref.model not in record.model.lower():
-        notes.append(f"the run's model is {record.model!r}; the reference is for {ref.model} (same shape)")
-    result = {
-        "reference": ref.name, "reference_title": ref.title, "citation": ref.citation,
-        "run": str(folder), "model": record.model, "task": record.task, "method": record.method,
-        "scores": None if scores is None else f"scores.parquet ({scored_by or record.method})",
-        **grade(graph, truth, circuit, scores),
-        "published": ref.published, "notes": notes,
-    }
+    method = METHODS.get(circuit.method)
+    scored_by = config.get("seed_method") if method is not None and method.seeded else circuit.method
+    evaluation = evaluate_circuit(circuit, name, scored_by)
+    result = {k: evaluation[k] for k in ("reference", "reference_title", "citation")} | {"run": str(folder)} | evaluation
     rows = [{"level": level} | {k: result[level].get(k) for k in ("total",) + COLUMNS} for level in ("edges", "nodes")]
     tmp = [t.with_name(f".{t.name}.tmp") for t in targets]
     tmp[0].write_text(json.dumps(result, indent=1) + "\n")

@@ -168,3 +168,12 @@ def test_library_errors_name_arguments_and_the_command_line_shows_flags():
     assert as_flags(info.value) == "--pairs must be at least 4, got 2"
     message = cf.UserError("`tau` must be ≥ 0; pass `overwrite=True`; use `ablation='counterfactual'`; see `circuits convert`")
     assert as_flags(message) == "--tau must be ≥ 0; pass --overwrite; use --ablation counterfactual; see `circuits convert`"
+
+
+def test_a_run_measures_roles_and_is_graded_in_memory(tiny_ioi_model):
+    run = cf.discover(tiny_ioi_model, "ioi", method="eap", n_pairs=8, batch_size=8, edges=30, force=True, curve=False)
+    table = run.roles(tiny_ioi_model, max_prompts=8)
+    assert len(table) == tiny_ioi_model.shape.n_layers * tiny_ioi_model.shape.n_heads
+    assert set(run.circuit.roles) <= set(run.circuit.heads()) and run.circuit.roles
+    with pytest.raises(cf.UserError, match="reference gpt2-ioi is for gpt2"):
+        run.evaluate("gpt2-ioi")  # a reference is for one model shape

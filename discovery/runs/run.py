@@ -411,6 +411,24 @@ class Run:
         """The circuit's exact faithfulness on the held-out prompts."""
         return self.summary["faithfulness"]
 
+    def evaluate(self, reference: str | None = None) -> dict:
+        """Grade the circuit and its scores against a published circuit (default: the task's;
+        ``circuitfinder.graphs.evaluate.evaluate_circuit``): precision, recall, ROC-AUC."""
+        from circuitfinder.graphs.evaluate import evaluate_circuit
+
+        seeded = METHODS[self.config.method].seeded
+        return evaluate_circuit(self.circuit, reference, self.config.seed_method if seeded else self.config.method)
+
+    def roles(self, model: ModelAdapter, max_prompts: int = 64) -> pd.DataFrame:
+        """Measure every head's role on the run's prompts (``circuitfinder.graphs.roles``); the
+        circuit takes the roles of its heads. Returns the table of every head."""
+        from circuitfinder.graphs.roles import measure_roles
+
+        task = self.task if self.task is not None else build_run_task(self.config, model.tokenizer)
+        table = measure_roles(model, task, max_prompts=max_prompts, batch_size=self.config.batch_size)
+        self.circuit = self.circuit.with_roles(table)
+        return table
+
     def __repr__(self) -> str:
         where = f", {self.out}" if self.out else ""
         return (f"Run({self.config.task} · {self.config.model} · {self.config.method}: {self.circuit.n_edges:,} of "
