@@ -92,6 +92,7 @@ def discover(
     match_published: bool = typer.Option(False, "--match-published", help="Every choice the published EAP-IG code makes (--bos always and its --ig-rule): its scores, divided by the prompt count."),
     ablation: str = typer.Option("counterfactual", "--ablation", help="What a removed edge carries: counterfactual (the corrupted prompt), mean (over the task's prompts) or zero."),
     curve: bool = typer.Option(True, "--curve/--no-curve", help="Measure faithfulness at the MIB edge fractions (CPR, CMD)."),
+    roles: bool = typer.Option(True, "--roles/--no-roles", help="Measure every head's role on the run's prompts (seconds): roles.csv, and the circuit's heads by role."),
     force: bool = typer.Option(False, "--force", help="Search even if the model does not show the behaviour."),
     skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Task files: drop invalid rows instead of refusing the file."),
     skip_model_check: bool = typer.Option(False, "--skip-model-check", help="Do not verify at load that patching is exact on the model."),
@@ -109,7 +110,7 @@ def discover(
 
     config = DiscoverConfig(task=task, model=model, method=method, edges=edges, threshold=threshold,
                             target_faithfulness=target_faithfulness, ig_steps=ig_steps, ig_rule=ig_rule, bos=bos,
-                            ablation=ablation, curve=curve, force=force,
+                            ablation=ablation, curve=curve, roles=roles, force=force,
                             skip_bad_rows=skip_bad_rows, check_model=not skip_model_check, n_pairs=pairs, batch_size=batch_size, seed=seed,
                             seed_method=seed_method, tau=tau, acdc_metric=acdc_metric, minimize=minimize,
                             search_prompts=search_prompts, chain=chain, workers=workers, address=address)

@@ -177,3 +177,19 @@ def test_a_run_measures_roles_and_is_graded_in_memory(tiny_ioi_model):
     assert set(run.circuit.roles) <= set(run.circuit.heads()) and run.circuit.roles
     with pytest.raises(cf.UserError, match="reference gpt2-ioi is for gpt2"):
         run.evaluate("gpt2-ioi")  # a reference is for one model shape
+
+
+def test_a_run_lists_its_circuits_heads_by_role_and_saves_the_roles(tiny_ioi_model, tmp_path):
+    run = cf.discover(tiny_ioi_model, "ioi", method="eap", n_pairs=8, batch_size=8, edges=40, force=True, curve=False,
+                      out=tmp_path / "run")
+    roles = run.tables["roles"]
+    assert len(roles) == tiny_ioi_model.shape.n_layers * tiny_ioi_model.shape.n_heads
+    want = {}
+    for head in run.circuit.heads():
+        for label in filter(None, (roles.set_index("node").role.get(head) or "").split(", ")):
+            want.setdefault(label, []).append(head)
+    assert run.summary["heads_by_role"] == dict(sorted(want.items()))
+    assert (tmp_path / "run" / "roles.csv").is_file()
+    assert json.loads((tmp_path / "run" / "circuit.json").read_text())["roles"].keys() <= set(run.circuit.heads())
+    assert cf.discover(tiny_ioi_model, "ioi", method="eap", n_pairs=8, batch_size=8, edges=40, force=True, curve=False,
+                       roles=False).summary.get("heads_by_role") is None

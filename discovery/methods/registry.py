@@ -154,7 +154,7 @@ def _attribution(problem: Problem, name: str) -> Found:
 
 
 SEARCH_ONLY = ("tau", "acdc_metric", "minimize", "search_prompts", "chain", "method")
-IGNORED = ("curve", "workers", "address")  # settings that do not change a search's result
+IGNORED = ("curve", "roles", "workers", "address")  # settings that do not change a search's result
 
 
 def search_key(settings) -> dict:

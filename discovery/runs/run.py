@@ -65,6 +65,7 @@ class DiscoverConfig:
     workers: int = 0  # Ray actors for ACDC / --minimize (0: in this process)
     address: str | None = None  # an existing Ray cluster to join
     curve: bool = True  # also measure held-out faithfulness at the MIB edge fractions
+    roles: bool = True  # measure every head's role on the run's prompts (seconds); the circuit's heads by role
     force: bool = False  # search even when the model does not show the behaviour
     skip_bad_rows: bool = False  # for a task file: drop invalid rows instead of refusing the file
     check_model: bool = True  # verify at load that the engine is exact on the model (circuitfinder.engine.checks)
@@ -296,6 +297,14 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
     circuit = Circuit(graph, circuit, scores, model=config.model, task=config.task, method=config.method,
                       metadata={"faithfulness": faithfulness, "edges_total": graph.n_edges})
     tables = {}
+    if config.roles:
+        from circuitfinder.graphs.roles import measure_roles
+
+        with reporter.progress("head roles (clean prompts)", 0):
+            tables["roles"] = measure_roles(adapter, task, max_prompts=64, batch_size=config.batch_size)
+        circuit = circuit.with_roles(tables["roles"])
+        summary["heads_by_role"] = heads_by_role(circuit)
+        reporter.log("heads by role: " + ("; ".join(f"{r} {', '.join(h)}" for r, h in summary["heads_by_role"].items()) or "none labelled"))
     if outcome is not None:
         tables = {"certificate": _certificate(summary, outcome), "necessity": pd.DataFrame(outcome.necessity),
                   "decisions": decisions_table(graph, outcome, scores)}
@@ -457,7 +466,7 @@ class Run:
             _render(self.circuit, tmp / "circuit", reporter)
             if "certificate" in self.tables:
                 (tmp / "certificate.json").write_text(json.dumps(self.tables["certificate"], indent=1) + "\n")
-            for name in ("necessity", "decisions"):
+            for name in ("necessity", "decisions", "roles"):
                 if name in self.tables:
                     self.tables[name].to_csv(tmp / f"{name}.csv", index=False)
             if self.curve is not None:
@@ -498,12 +507,23 @@ class Run:
         tables = {}
         if (run_dir / "certificate.json").is_file():
             tables["certificate"] = json.loads((run_dir / "certificate.json").read_text())
-        for name in ("necessity", "decisions"):
+        for name in ("necessity", "decisions", "roles"):
             if (run_dir / f"{name}.csv").is_file():
                 tables[name] = pd.read_csv(run_dir / f"{name}.csv")
         baseline = Baseline(summary["metric_clean"], summary["metric_corrupted"], summary.get("accuracy_clean"),
                             summary.get("prompts_heldout"))
         return cls(config, circuit, summary | {"out": str(run_dir)}, baseline, curve, prompts, tables, None, run_dir)
+
+
+def heads_by_role(circuit: Circuit) -> dict[str, list[str]]:
+    """The circuit's heads grouped by role label (a head with two labels is listed under each),
+    in layer order; heads with no role are left out."""
+    out: dict[str, list[str]] = {}
+    for head in circuit.heads():
+        role = (circuit.roles.get(head) or {}).get("role")
+        for label in (role.split(", ") if role else ()):
+            out.setdefault(label, []).append(head)
+    return dict(sorted(out.items()))
 
 
 def _render(circuit: Circuit, path: Path, reporter: Reporter) -> None:
@@ -512,7 +532,7 @@ def _render(circuit: Circuit, path: Path, reporter: Reporter) -> None:
     if formats == ("dot",):
         reporter.log("Graphviz's dot program is missing: wrote circuit.dot only (install graphviz for SVG)")
     try:
-        circuit.draw(path, formats=formats)
+        circuit.draw(path, formats=formats, max_edges=300)  # a minimal circuit (≤ 300 edges) whole
     except ValueError as exc:
         reporter.log(f"no diagram: {exc}")
 
