@@ -32,7 +32,7 @@ def check(notebook) -> None:
     assert not [o for c in code for o in c.get("outputs", []) if o.get("output_type") == "error"]
     texts = [_text(c) for c in code]
     assert texts[0].startswith("ModelAdapter(smollm2-135m: LlamaForCausalLM, 30 layers, 9 heads, 3 key/value groups")
-    assert re.match(r"Task\(ioi: 64 prompt pairs \(32 discovery, 32 held-out\)", texts[1])
+    assert re.match(r"Task\(ioi: 32 prompt pairs \(16 discovery, 16 held-out\)", texts[1])
     run = re.match(r"Run\(ioi · smollm2-135m · eap-ig: ([\d,]+) of 70,651 edges, faithfulness (-?[\d.]+) held-out\)", texts[2])
     assert run and 0 < int(run.group(1).replace(",", "")) < 10_000 and 0.5 < float(run.group(2)) <= 1.2
     assert "image/svg+xml" in _kinds(code[3])  # the circuit draws itself
