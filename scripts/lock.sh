@@ -39,7 +39,7 @@ say "fast tests against these releases"
 
 if [ "$WRITE" -eq 1 ]; then
     "$PY" -m pip freeze --exclude-editable --disable-pip-version-check \
-        | grep -vE '^(circuits|torch)( |=|@)|^-e |^#' >"$TMP/frozen.txt"
+        | grep -vE '^(circuitfinder|circuits|torch)( |=|@)|^-e |^#' >"$TMP/frozen.txt"
     # setuptools builds the editable install of this project (installed with --no-build-isolation).
     "$PY" -m pip list --format=freeze --disable-pip-version-check | grep -i '^setuptools==' >>"$TMP/frozen.txt"
     pip_install uv   # after the freeze: the lock's tool is not part of the environment
