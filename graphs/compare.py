@@ -346,17 +346,8 @@ def compare(source_a: Path, source_b: Path, out: Path | None = None, overwrite: 
     Raises:
         UserError: a bad input or option; OutputExists: ``out`` exists and ``overwrite`` is off.
     """
-    from circuitfinder.graphs.render import FORMATS
-
-    if bins < 1:
-        raise UserError(f"`bins` must be at least 1, got {bins}", "bins")
-    if max_edges < 1:
-        raise UserError(f"`max_edges` must be at least 1, got {max_edges}", "max_edges")
-    bad = [f for f in formats if f not in FORMATS]
-    if bad:
-        raise UserError(f"unknown format(s) {', '.join(bad)}; choose from {', '.join(FORMATS)}")
     a, b = load_circuit(source_a), load_circuit(source_b)
-    for circuit, source in ((a, source_a), (b, source_b)):
+    for circuit, source in ((a, source_a), (b, source_b)):  # named by file (compare_circuits checks the options)
         if not circuit.n_edges:
             raise UserError(f"{source} holds an empty circuit: nothing to compare")
     out = Path(out) if out is not None else Path("outputs") / f"compare-{_stem(source_a)}-vs-{_stem(source_b)}"

@@ -193,3 +193,11 @@ def test_a_run_lists_its_circuits_heads_by_role_and_saves_the_roles(tiny_ioi_mod
     assert json.loads((tmp_path / "run" / "circuit.json").read_text())["roles"].keys() <= set(run.circuit.heads())
     assert cf.discover(tiny_ioi_model, "ioi", method="eap", n_pairs=8, batch_size=8, edges=40, force=True, curve=False,
                        roles=False).summary.get("heads_by_role") is None
+
+
+def test_loading_what_is_not_a_run_folder_is_one_clear_error(tmp_path):
+    with pytest.raises(cf.UserError, match="is not a run folder"):
+        cf.Run.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"task": "ioi"}))
+    with pytest.raises(cf.UserError, match="no readable summary.json"):
+        cf.Run.load(tmp_path)

@@ -179,6 +179,7 @@ def test_acdc_run_writes_a_certificate_and_reuses_its_attribution(tiny_ioi_model
     summary = run_config(config, out=tmp_path / "a", adapter=tiny_ioi_model).summary
     search = summary["search"]
     assert search["rule"] == "acdc" and search["distance"] == "task" and search["candidates"] <= 40
+    assert (tmp_path / "a" / "roles.csv").is_file()  # a search's run keeps its roles table beside its log
     assert summary["edges_kept"] <= search["candidates"]
     certificate = json.loads((tmp_path / "a" / "certificate.json").read_text())
     assert certificate["edges"] == summary["edges_kept"] == len(certificate["necessity"])

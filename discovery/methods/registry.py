@@ -20,7 +20,8 @@ import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -38,14 +39,15 @@ from circuitfinder.tasks.base import Task
 UNSEEDED = "none"  # seed_method of ACDC over the whole graph, as Conmy et al. ran it
 
 
-class _Silent:
+class Reporter:
+    """Where a run and its method report: one-line messages and counted progress. Silent by default."""
+
     def log(self, message: str) -> None:
         pass
 
-    def progress(self, description: str, total: int):
-        from contextlib import nullcontext
-
-        return nullcontext(lambda _n=1: None)
+    @contextmanager
+    def progress(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
+        yield lambda _n=1: None
 
 
 @dataclass
@@ -62,7 +64,7 @@ class Problem:
     task: Task
     settings: Any
     ablation: Ablation
-    reporter: Any = dataclasses.field(default_factory=_Silent)
+    reporter: Reporter = dataclasses.field(default_factory=Reporter)
     checkpoints: Path = Path("outputs")
 
 
@@ -77,6 +79,7 @@ class Found:
     size_search: SizeSearch | None = None
     search: SearchOutcome | None = None
     ranked: bool = True  # the scores rank the edges (a faithfulness curve over them means something)
+    checkpoint: Checkpoint | None = None  # a search's, for the run to clear once its results are saved
 
 
 @dataclass(frozen=True)
@@ -199,7 +202,7 @@ def _search(problem: Problem, criterion: str) -> Found:
     except KeyboardInterrupt:
         problem.reporter.log(f"interrupted: progress is saved in {checkpoint.dir}; rerun the same command to resume")
         raise
-    return Found(scores, chosen, outcome.circuit, passes + outcome.forward_passes, size_search, outcome, ranked)
+    return Found(scores, chosen, outcome.circuit, passes + outcome.forward_passes, size_search, outcome, ranked, checkpoint)
 
 
 _IG = "--ig-steps m"

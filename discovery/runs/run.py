@@ -13,11 +13,9 @@ import os
 import re
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pandas as pd
 import torch
@@ -26,11 +24,10 @@ from circuitfinder.engine.ablation import ABLATIONS, make_ablation
 from circuitfinder.engine.adapter import ModelAdapter, load_model
 from circuitfinder.engine.checks import load_checked_model
 from circuitfinder.methods.attribution import IG_RULES
-from circuitfinder.methods.registry import METHODS, UNSEEDED, Problem, check_method, search_key
+from circuitfinder.methods.registry import METHODS, UNSEEDED, Problem, Reporter, check_method
 from circuitfinder.engine.masks import node_count, prune, top_edges
 from circuitfinder.errors import OutputExists, UserError
 from circuitfinder.folders import atomic_dir, check_out_dir
-from circuitfinder.checkpoint import Checkpoint
 from circuitfinder.engine.faithfulness import Baseline, CircuitEvaluator, Curve, faithfulness_curve
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.faithfulness import DISTANCES
@@ -137,17 +134,6 @@ def build_run_task(config: DiscoverConfig, tokenizer) -> Task:
             raise UserError(f"`bos='always'`: the tokenizer of {config.model} has no BOS token", "bos")
         task = task.with_bos(tokenizer.bos_token_id)
     return task
-
-
-class Reporter:
-    """Where a run reports: one-line messages and counted progress. Silent by default."""
-
-    def log(self, message: str) -> None:
-        pass
-
-    @contextmanager
-    def progress(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
-        yield lambda _n=1: None
 
 
 def run_name(config: DiscoverConfig) -> str:
@@ -297,24 +283,20 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
     circuit = Circuit(graph, circuit, scores, model=config.model, task=config.task, method=config.method,
                       metadata={"faithfulness": faithfulness, "edges_total": graph.n_edges})
     tables = {}
-    if config.roles:
-        from circuitfinder.graphs.roles import measure_roles
-
-        with reporter.progress("head roles (clean prompts)", 0):
-            tables["roles"] = measure_roles(adapter, task, max_prompts=64, batch_size=config.batch_size)
-        circuit = circuit.with_roles(tables["roles"])
-        summary["heads_by_role"] = heads_by_role(circuit)
-        reporter.log("heads by role: " + ("; ".join(f"{r} {', '.join(h)}" for r, h in summary["heads_by_role"].items()) or "none labelled"))
     if outcome is not None:
         tables = {"certificate": _certificate(summary, outcome), "necessity": pd.DataFrame(outcome.necessity),
                   "decisions": decisions_table(graph, outcome, scores)}
     run = Run(config=config, circuit=circuit, summary=summary, baseline=b, curve=curve,
               prompts=prompt_rows(task), tables=tables, task=task)
+    if config.roles:
+        with reporter.progress("head roles (clean prompts)", 0):
+            run.roles(adapter)
+        reporter.log("heads by role: " + ("; ".join(f"{r} {', '.join(h)}" for r, h in summary["heads_by_role"].items()) or "none labelled"))
     summary["seconds"] = round(time.perf_counter() - started, 2)
     if out is not None:
         run.save(out, overwrite=overwrite, reporter=reporter)
-    if method.seeded:  # the search is saved in the run folder (or returned): its checkpoint goes
-        Checkpoint(problem.checkpoints, search_key(config)).clear()
+    if found.checkpoint is not None:  # the search is saved in the run folder (or returned): its checkpoint goes
+        found.checkpoint.clear()
     return run
 
 
@@ -327,7 +309,7 @@ def discover(model: "str | ModelAdapter" = "smollm2-135m", task: "str | Task" = 
             loaded with :func:`circuitfinder.load_model`.
         task: a task name (``circuitfinder.tasks.TASKS``), a ``.jsonl``/``.csv`` task file, or a
             :class:`~circuitfinder.tasks.Task` already built for this model's tokenizer.
-        method: a name of :data:`circuitfinder.methods.attribution.METHODS`, or ``"acdc"``.
+        method: a name of :data:`circuitfinder.methods.registry.METHODS` (``circuits methods`` lists them).
         out: a run folder to write (see :meth:`Run.save`); nothing is written when None.
         overwrite: replace ``out`` if it holds results.
         reporter: receives messages and progress (silent when None).
@@ -429,13 +411,16 @@ class Run:
         return evaluate_circuit(self.circuit, reference, self.config.seed_method if seeded else self.config.method)
 
     def roles(self, model: ModelAdapter, max_prompts: int = 64) -> pd.DataFrame:
-        """Measure every head's role on the run's prompts (``circuitfinder.graphs.roles``); the
-        circuit takes the roles of its heads. Returns the table of every head."""
+        """Measure every head's role on the run's prompts (``circuitfinder.graphs.roles``): the
+        circuit takes the roles of its heads, ``tables["roles"]`` the table of every head (returned),
+        and ``summary["heads_by_role"]`` the circuit's heads by role."""
         from circuitfinder.graphs.roles import measure_roles
 
         task = self.task if self.task is not None else build_run_task(self.config, model.tokenizer)
         table = measure_roles(model, task, max_prompts=max_prompts, batch_size=self.config.batch_size)
         self.circuit = self.circuit.with_roles(table)
+        self.tables["roles"] = table
+        self.summary["heads_by_role"] = heads_by_role(self.circuit)
         return table
 
     def __repr__(self) -> str:
