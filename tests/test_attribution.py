@@ -160,3 +160,41 @@ def test_correlations_are_pearson_and_rank_pearson():
     assert correlations(x, x**3)["spearman"] == pytest.approx(1.0)
     assert correlations(x, x**3)["pearson"] < 0.99
     assert correlations(x, -x)["pearson"] == pytest.approx(-1.0)
+
+
+def _derivative_at(adapter, graph, task, base: torch.Tensor, s: int, r: int, eps: float) -> float:
+    """d/dα of the exactly patched mean metric with edge (s, r)'s weight moved by α from ``base``."""
+    up, down = base.clone(), base.clone()
+    up[s, r] += eps
+    down[s, r] -= eps
+    return (mean_metric(adapter, graph, task, up) - mean_metric(adapter, graph, task, down)) / (2 * eps)
+
+
+@pytest.mark.parametrize("edge", ["input->a0.h1<q>", "a0.h2->a2.h3<q>", "input->a1.g0<v>", "a0.h0->a1.g1<k>",
+                                  "a1.h3->m1", "m0->m2", "a2.h1->logits", "input->logits", "a0.h3->logits"])
+def test_attribution_at_a_circuit_is_the_derivative_of_exact_patching(tiny, edge):
+    """At a circuit with most edges removed, the score of a kept or a removed edge equals the
+    derivative of exact patching in that edge's weight; the circuit's metric is exact patching's."""
+    from circuitfinder.methods.attribution import attribute_circuit
+
+    task = tiny_task()
+    graph = EdgeGraph(tiny.shape)
+    removed = (torch.rand(graph.allowed.shape, generator=torch.Generator().manual_seed(3)) < 0.3).double()
+    removed = removed * graph.allowed
+    s, r = graph.edge_index(edge)
+    for weight in (0.0, 1.0):  # the edge kept, then removed, in the same circuit
+        removed[s, r] = weight
+        scores, metric = attribute_circuit(tiny, graph, task, removed, batch_size=3)
+        assert metric == pytest.approx(mean_metric(tiny, graph, task, removed), rel=1e-9, abs=1e-9)
+        derivative = _derivative_at(tiny, graph, task, removed, s, r, eps=1e-2)
+        assert abs(derivative) > 1e-4  # the edge matters here, so the test can fail
+        assert scores[s, r].item() == pytest.approx(derivative, rel=1e-2, abs=1e-6)
+
+
+def test_attribution_at_the_full_circuit_is_eap(tiny):
+    from circuitfinder.methods.attribution import attribute_circuit
+
+    task = tiny_task()
+    graph = EdgeGraph(tiny.shape)
+    at_full, _ = attribute_circuit(tiny, graph, task, torch.zeros(graph.allowed.shape), batch_size=3)
+    torch.testing.assert_close(at_full, eap(tiny, graph, task, batch_size=3), rtol=1e-9, atol=1e-12)

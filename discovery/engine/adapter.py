@@ -227,12 +227,11 @@ class ModelAdapter:
 
         return [(self.sender_hook(kind, layer), keep), (f"blocks.{layer}.ln1_post.hook_out", share)]
 
-    @torch.no_grad()
     def head_shares(self, layer: int, result: Float[torch.Tensor, "batch pos heads d_model"],
                     out: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos heads d_model"]:
         """Each head's share ``g ⊙ result_h / rms(Σ_h result_h)`` of the post-norm output ``out``.
 
-        Computed in at least float32; the difference between ``out`` and the shares' sum is the
+        Computed in at least float32, in the autograd graph (callers that record detach); the difference between ``out`` and the shares' sum is the
         norm's own rounding, added to the heads in equal parts so that the shares sum to ``out``.
         """
         norm = self.bridge.blocks[layer].ln1_post

@@ -42,14 +42,18 @@ def sender_buffer(graph: EdgeGraph, batch: int, pos: int, dtype=None, device=Non
 
 
 def record_senders_hooks(adapter: ModelAdapter, graph: EdgeGraph, buffer: torch.Tensor, sign: float,
-                         total: torch.Tensor | None = None) -> list:
+                         total: torch.Tensor | None = None, live: list | None = None) -> list:
     """Hooks that add ``sign ×`` each sender's output (detached) into ``buffer`` ``[s, b, p, d]``.
 
     With ``total`` ``[b, p, d]``, each hook then adds the senders' updated buffer entries to it.
+    With ``live``, each hook also appends the output itself, still in the autograd graph
+    (``[b, p, heads, d]`` or ``[b, p, d]``, one entry per sender point in graph order).
     """
 
     def make(point: SenderPoint):
         def record(values):
+            if live is not None:
+                live.append(values)
             entries = buffer[point.start : point.stop]
             entries += sign * _as_senders(values.detach())
             if total is not None:
@@ -117,8 +121,37 @@ def _blockwise(plans: list, delta: Callable[[tuple, slice], torch.Tensor]) -> Ca
     return hook
 
 
+class _RemovedSendersGradient(torch.autograd.Function):
+    """Zero in the forward pass; in the backward, ``−Σ_r removed[s, r] · ∂m/∂(input of r)`` into
+    each sender's output ``s``.
+
+    A patched receiver reads ``x + Σ_s removed[s, r] · (corrupted_s − current_s)`` with
+    ``current_s`` taken, detached, from the buffer, so autograd alone would differentiate as if
+    every removed edge still carried its sender's value. This term supplies the missing
+    ``−removed · current`` derivative without keeping any sender's values for the backward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, weights, per_head, like, *senders):  # weights [n_senders, r], senders in graph order
+        ctx.save_for_backward(weights)
+        ctx.per_head, ctx.shapes = per_head, [s.shape for s in senders]
+        return torch.zeros_like(like)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weights,) = ctx.saved_tensors
+        g = grad if ctx.per_head else grad.unsqueeze(2)  # [b, p, r, d]
+        grads, start = [], 0
+        for shape in ctx.shapes:
+            n = shape[2] if len(shape) == 4 else 1
+            into = -torch.einsum("sr,bprd->bpsd", weights[start : start + n].to(g.dtype), g)
+            grads.append(into if len(shape) == 4 else into.squeeze(2))
+            start += n
+        return (None, None, None, *grads)
+
+
 def patch_receivers_hooks(adapter: ModelAdapter, graph: EdgeGraph, diff: torch.Tensor, total: torch.Tensor,
-                          removed: torch.Tensor) -> list:
+                          removed: torch.Tensor, live: list | None = None) -> list:
     """Hooks that add the removed edges' ``corrupted − current`` terms to each receiver's input.
 
     The sum over a receiver's removed edges is computed from whichever side is smaller: the
@@ -133,6 +166,9 @@ def patch_receivers_hooks(adapter: ModelAdapter, graph: EdgeGraph, diff: torch.T
         total: ``[batch, pos, d_model]``, the sum of ``diff`` over the senders fired so far.
         removed: ``[senders, receivers]`` or ``[k, senders, receivers]`` patch weights (a circuit
             per block of ``batch / k`` consecutive prompts).
+        live: the senders' outputs in the autograd graph, as :func:`record_senders_hooks` appends
+            them; with it (one circuit only), the patched run is differentiable exactly, in the
+            model's activations and hence in the patch weights (see ``attribute_circuit_batch``).
     """
 
     def delta(point: ReceiverPoint, plan, rows_slice: slice) -> torch.Tensor:
@@ -149,8 +185,24 @@ def patch_receivers_hooks(adapter: ModelAdapter, graph: EdgeGraph, diff: torch.T
         plans = [_plan(wj, diff.device) for wj in (w if w.dim() == 3 else [w])]
         if all(plan is None for plan in plans):  # every edge into this point kept: no hook
             continue
-        hooks.append((adapter.receiver_hook(point.kind, point.layer), _blockwise(plans, partial(delta, point))))
+        hook = _blockwise(plans, partial(delta, point))
+        if live is not None:
+            points_before = sum(1 for p in graph.sender_points if p.stop <= point.n_senders)
+            hook = _LiveSlice(hook, w, point.per_head, live, points_before)
+        hooks.append((adapter.receiver_hook(point.kind, point.layer), hook))
     return hooks
+
+
+class _LiveSlice:
+    """A receiver hook made differentiable: its patch, plus :class:`_RemovedSendersGradient` over
+    the first ``points`` live sender outputs (those fired before this receiver)."""
+
+    def __init__(self, hook: Callable, weights: torch.Tensor, per_head: bool, live: list, points: int):
+        self.hook, self.weights, self.per_head, self.live, self.points = hook, weights, per_head, live, points
+
+    def __call__(self, x, hook=None):
+        senders = self.live[: self.points]
+        return self.hook(x) + _RemovedSendersGradient.apply(self.weights, self.per_head, x, *senders)
 
 
 def patched_logits(
