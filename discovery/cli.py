@@ -40,7 +40,7 @@ class ConsoleReporter:
     """Prints run messages and progress bars to stderr."""
 
     def log(self, message: str) -> None:
-        console.print(message)
+        console.print(as_flags(message), markup=False)
 
     @contextmanager
     def progress(self, description: str, total: int):
@@ -121,7 +121,8 @@ def discover(
         f"{summary['task']} on {summary['model']} ({summary['method']}): "
         f"clean {summary['metric_clean']:.3f}, corrupted {summary['metric_corrupted']:.3f}; "
         f"{summary['edges_kept']:,}/{summary['edges_total']:,} edges, {summary['nodes_kept']} nodes; "
-        f"faithfulness {summary['faithfulness']:.3f} (held-out) -> {summary['out']}"
+        f"faithfulness {summary['faithfulness']:.3f} (held-out"
+        + ("" if summary["meets_target"] else f"; BELOW the target {summary['target_faithfulness']}") + f") -> {summary['out']}"
     )
 
 
@@ -426,7 +427,7 @@ def _flag(match: re.Match) -> str:
     return flag if value in ("", "True") else f"{flag} {value.strip(chr(39) + chr(34))}"
 
 
-def as_flags(exc: BaseException) -> str:
+def as_flags(exc: BaseException | str) -> str:
     """A library error's message with each argument it names (`` `tau` ``, `` `overwrite=True` ``,
     `` `ablation='counterfactual'` ``) written as this command's flag (``--tau``, ``--overwrite``,
     ``--ablation counterfactual``)."""

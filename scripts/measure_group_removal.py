@@ -41,6 +41,10 @@ def main() -> None:
     parser.add_argument("--search-prompts", type=int, default=16)
     parser.add_argument("--start-edges", type=int, default=2112)
     parser.add_argument("--minutes", type=float, default=8.0)
+    parser.add_argument("--rule", choices=("floor", "tau"), default="floor",
+                        help="floor: keep the target faithfulness; tau: ACDC's rule on groups, a removal stands "
+                             "when |m − m(full)| grows by less than τ = --tau × |m(full) − m(∅)|")
+    parser.add_argument("--tau", type=float, default=0.01)
     args = parser.parse_args()
     torch.set_num_threads(2)
     t0 = time.perf_counter()
@@ -56,6 +60,8 @@ def main() -> None:
     floor = empty + args.target * (full - empty)
 
     current = start.clone()
+    current_metric = float(scorer.evaluate(current[None]).metric[0])
+    tau = args.tau * abs(full - empty)
     evaluations = 0
     deadline = time.perf_counter() + 60 * args.minutes
 
@@ -65,14 +71,17 @@ def main() -> None:
         return float(scorer.evaluate(mask[None]).metric[0])
 
     def try_remove(edges: list[tuple[int, int]]) -> None:
-        nonlocal current
+        nonlocal current, current_metric
+        edges = [e for e in edges if current[e]]
         if not edges or time.perf_counter() > deadline:
             return
         trial = current.clone()
         for s, r in edges:
             trial[s, r] = False
-        if metric(trial) >= floor:
-            current = trial
+        m = metric(trial)
+        stands = m >= floor if args.rule == "floor" else abs(m - full) - abs(current_metric - full) < tau
+        if stands:
+            current, current_metric = prune(graph, trial), m
         elif len(edges) > 1:
             half = len(edges) // 2
             try_remove(edges[:half])
@@ -96,7 +105,9 @@ def main() -> None:
     result = {
         "model": "smollm2-135m", "task": "ioi", "method": "group-wise removal with bisection (prototype)",
         "start_edges": int(start.sum()), "start_faithfulness_heldout": float(heldout.faithfulness(start)),
-        "group": args.group, "target_on_search_prompts": args.target, "search_prompts": args.search_prompts,
+        "group": args.group, "rule": args.rule, "tau_fraction": args.tau if args.rule == "tau" else None,
+        "target_on_search_prompts": args.target if args.rule == "floor" else None,
+        "faithfulness_search_prompts": (current_metric - empty) / (full - empty), "search_prompts": args.search_prompts,
         "candidates_tried": tried, "candidates": len(candidates), "evaluations": evaluations,
         "edges_kept": int(final.sum()), "faithfulness_heldout": float(heldout.faithfulness(final)),
         "seconds_scores": round(t_scores, 1), "seconds_search": round(search_seconds, 1),

@@ -197,3 +197,108 @@ def test_chain_length_grows_with_right_guesses_and_with_the_shared_layers():
     assert [chain_length(state(n, 32 - n), 10, 30, 64) for n in (8, 16, 24, 32)] == sorted(
         chain_length(state(n, 32 - n), 10, 30, 64) for n in (8, 16, 24, 32))
     assert chain_length(SearchState(torch.zeros(1, 1, dtype=torch.bool), (0.0, 0.0)), 10, 30, 16) > 1  # prior: 3 in 4 right
+
+
+def reference_groups(graph, circuit, edges, measure, tau) -> tuple[torch.Tensor, int]:
+    """Group-wise ACDC written plainly: groups of the next ``size`` edges in order (the largest power
+    of two up to ln 2 / p, p the share kept among the last decided with a prior), each removal
+    standing when the distance grows by less than tau, a group that fails split in halves down to
+    single edges; a receiver feeding no kept node loses its edges unmeasured. Returns the pruned
+    circuit and the number of passes."""
+    import math
+
+    from circuitfinder.methods.acdc import GROUP_MAX, GROUP_PRIOR, GROUP_WINDOW
+
+    current, passes, decided, position = measure(circuit), 1, [], 0
+
+    def dead(r):
+        fed = graph.receiver_feeds[r]
+        return fed and not circuit[list(fed)].any()
+
+    seen = {}
+
+    def test(group, verdicts):
+        nonlocal circuit, current, passes
+        live = []
+        for i in group:
+            s, r = edges[i]
+            if dead(r):
+                circuit[s, r] = False
+                verdicts[i] = 2
+            else:
+                live.append(i)
+        if not live:
+            return
+        trial = circuit.clone()
+        for i in live:
+            trial[edges[i][0], edges[i][1]] = False
+        key = trial.numpy().tobytes()
+        if key not in seen:  # the same circuit measured before in this group: no pass
+            seen[key] = measure(trial)
+            passes += 1
+        value = seen[key]
+        if value - current < tau:
+            circuit, current = trial, value
+            verdicts.update({i: 1 for i in live})
+        elif len(live) == 1:
+            verdicts[live[0]] = 0
+        else:
+            test(live[: len(live) // 2], verdicts)
+            test(live[len(live) // 2 :], verdicts)
+
+    while position < len(edges):
+        recent = [d for d in decided[-4 * GROUP_WINDOW:] if d != 2][-GROUP_WINDOW:]
+        p = (recent.count(0) + 1) / (len(recent) + GROUP_PRIOR)
+        size = 1
+        while size * 2 <= min(GROUP_MAX, math.log(2) / p):
+            size *= 2
+        group, verdicts, seen = list(range(position, min(len(edges), position + size))), {}, {}
+        test(group, verdicts)
+        decided += [verdicts[i] for i in group]
+        position += len(group)
+    return prune(graph, circuit), passes
+
+
+@pytest.mark.parametrize("tau_fraction", [0.003, 0.03])
+def test_group_acdc_equals_a_plain_reference(tiny, tau_fraction):
+    """Group-wise ACDC (through the pool, stacked evaluator) decides exactly as the plain recursion
+    with one unstacked pass per test; it removes groups, keeps some edges, and costs fewer passes
+    than candidates."""
+    from circuitfinder.methods.acdc import acdc_groups, removal_order
+
+    task, graph, scorer, scores = setup(tiny)
+    tau = tau_fraction * reference_distance(tiny, graph, task, graph.allowed & False)
+    result = acdc_groups(graph, InProcessPool(scorer, chunk=4), scores, start_circuit(graph, scores), tau)
+    circuit = prune(graph, start_circuit(graph, scores))
+    want, passes = reference_groups(graph, circuit.clone(), removal_order(graph, circuit, scores),
+                                    lambda c: reference_distance(tiny, graph, task, c), tau)
+    assert torch.equal(result.circuit, want)
+    assert result.state.rows == passes
+    assert 0 < int(want.sum()) < int(circuit.sum())  # some edges go, some stay
+    assert reference_distance(tiny, graph, task, want) - reference_distance(tiny, graph, task, circuit) < tau * result.state.rows
+
+
+def test_interrupted_group_acdc_resumes_to_the_same_circuit(tiny):
+    from circuitfinder.methods.acdc import acdc_groups, removal_order
+
+    task, graph, scorer, scores = setup(tiny)
+    pool = InProcessPool(scorer, chunk=4)
+    tau = 0.01 * float(scorer.evaluate((graph.allowed & False).unsqueeze(0)).distance[0])
+    whole = acdc_groups(graph, pool, scores, start_circuit(graph, scores), tau)
+    saved = {}
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(state):
+        saved["json"] = json.dumps(state.to_json())
+        if state.chains == 2:  # the start's pass, then one group
+            raise Stop
+
+    with pytest.raises(Stop):
+        acdc_groups(graph, pool, scores, start_circuit(graph, scores), tau, on_chain=interrupt)
+    start = prune(graph, start_circuit(graph, scores))
+    state = SearchState.from_json(json.loads(saved["json"]), start, removal_order(graph, start, scores))
+    assert 0 < state.position < whole.candidates
+    resumed = acdc_groups(graph, pool, scores, start_circuit(graph, scores), tau, state=state)
+    assert torch.equal(resumed.circuit, whole.circuit) and resumed.state.decided == whole.state.decided

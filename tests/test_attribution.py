@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from circuitfinder.engine.faithfulness import CircuitEvaluator
 from circuitfinder.methods.attribution import eap
 from circuitfinder.methods.registry import METHODS
 from circuitfinder.engine.graph import EdgeGraph
@@ -184,7 +185,7 @@ def test_attribution_at_a_circuit_is_the_derivative_of_exact_patching(tiny, edge
     s, r = graph.edge_index(edge)
     for weight in (0.0, 1.0):  # the edge kept, then removed, in the same circuit
         removed[s, r] = weight
-        scores, metric = attribute_circuit(tiny, graph, task, removed, batch_size=3)
+        scores, metric = attribute_circuit(CircuitEvaluator(tiny, graph, task, "discovery", 3), removed)
         assert metric == pytest.approx(mean_metric(tiny, graph, task, removed), rel=1e-9, abs=1e-9)
         derivative = _derivative_at(tiny, graph, task, removed, s, r, eps=1e-2)
         assert abs(derivative) > 1e-4  # the edge matters here, so the test can fail
@@ -196,5 +197,5 @@ def test_attribution_at_the_full_circuit_is_eap(tiny):
 
     task = tiny_task()
     graph = EdgeGraph(tiny.shape)
-    at_full, _ = attribute_circuit(tiny, graph, task, torch.zeros(graph.allowed.shape), batch_size=3)
+    at_full, _ = attribute_circuit(CircuitEvaluator(tiny, graph, task, "discovery", 3), torch.zeros(graph.allowed.shape))
     torch.testing.assert_close(at_full, eap(tiny, graph, task, batch_size=3), rtol=1e-9, atol=1e-12)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ from circuitfinder.engine.adapter import ModelAdapter
 from circuitfinder.engine.masks import Mask, prune, top_edges
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.patching import patched_logits, stack_split, stacked_patched_logits
-from circuitfinder.tasks.base import Task
+from circuitfinder.tasks.base import Task, TaskBatch
 
 
 class MetricError(ValueError):
@@ -57,7 +57,7 @@ class Baseline:
     n_prompts: int
 
 
-DISTANCES = ("kl", "task")
+DISTANCES = ("kl", "task", "prompt")
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,10 @@ class CircuitEvaluator:
         ablation: ``"counterfactual"``, ``"mean"`` or ``"zero"`` (or a built :class:`Ablation`).
         memory_budget: bytes the circuits' own copies of the sender buffer may take in one pass.
         limit: use only the split's first ``limit`` prompts (a search's prompts).
-        distance: ``"task"`` or ``"kl"``, the distance :meth:`evaluate` reports.
+        distance: what :meth:`evaluate` reports as the distance from the clean run: ``"task"``,
+            ``|mean metric − clean mean|``; ``"prompt"``, the mean over prompts of
+            ``|metric_i − clean_i|`` (changes on different prompts cannot cancel); ``"kl"``, the
+            mean KL(clean ‖ circuit) of the next-token distributions.
         max_rows: sequences per forward pass once the batch is repeated per circuit.
     """
 
@@ -92,13 +95,15 @@ class CircuitEvaluator:
             raise MetricError(f"task {task.name!r} has no {split} prompts")
         self.n = sum(b.size for b in self.batches)
         self.ablation = make_ablation(ablation, adapter, graph, task, batch_size)
-        self._ablated, self._clean_logprobs = [], []
+        self._ablated, self._clean_logprobs, self._clean_metrics = [], [], []
         clean_sum = correct = 0.0
         with torch.no_grad():
             for batch in self.batches:
                 self._ablated.append(self.ablation.senders(batch))
                 clean_logits = adapter.logits(batch.clean, batch.last)
-                clean_sum += float(task.metric(clean_logits, batch).sum())
+                clean_values = task.metric(clean_logits, batch).double().cpu()
+                self._clean_metrics.append(clean_values)
+                clean_sum += float(clean_values.sum())
                 rows = torch.arange(batch.size, device=clean_logits.device)
                 correct += float((clean_logits[rows, batch.answer] > clean_logits[rows, batch.wrong]).sum())
                 if distance == "kl":
@@ -115,6 +120,10 @@ class CircuitEvaluator:
                 f"{self.baseline.clean:.4g}) on the {split} prompts: the ablation does not change the "
                 "behaviour, so faithfulness is undefined"
             )
+
+    def ablated_batches(self) -> Iterator[tuple[TaskBatch, torch.Tensor]]:
+        """Each batch of prompts with its ablated senders' buffer ``[senders, batch, pos, d]``."""
+        return zip(self.batches, self._ablated)
 
     def prune(self, mask: Mask) -> Mask:
         """:func:`circuitfinder.engine.masks.prune` with the rule this evaluator's ablation allows."""
@@ -138,7 +147,7 @@ class CircuitEvaluator:
         every one patched (the full and the empty circuit too)."""
         k = circuits.shape[0]
         metric_sum = torch.zeros(k, dtype=torch.float64)
-        kl_sum = torch.zeros(k, dtype=torch.float64)
+        kl_sum = torch.zeros(k, dtype=torch.float64)  # or, for "prompt", the sum of |m_i(C) − m_i(clean)|
         removed = (~circuits.bool()).to(self.adapter.dtype)  # [k, s, r]
         for index, (batch, senders) in enumerate(zip(self.batches, self._ablated)):
             start = 0
@@ -150,7 +159,10 @@ class CircuitEvaluator:
                     logits = stacked_patched_logits(self.adapter, self.graph, batch.clean, senders, removed[start : start + g], batch.last)
                 logits = logits.double()  # the metric and the sums in float64
                 self.forward_passes += g  # one per circuit and batch, as if each had its own pass
-                metric_sum[start : start + g] += self.task.metric(logits, batch.repeat(g)).view(g, batch.size).sum(1).cpu()
+                values = self.task.metric(logits, batch.repeat(g)).view(g, batch.size).cpu()
+                metric_sum[start : start + g] += values.sum(1)
+                if self.distance == "prompt":
+                    kl_sum[start : start + g] += (values - self._clean_metrics[index]).abs().sum(1)
                 if self.distance == "kl":
                     clean_lp = self._clean_logprobs[index].repeat(g, 1)
                     kl = (clean_lp.exp() * (clean_lp - F.log_softmax(logits, -1))).sum(-1)
@@ -160,7 +172,7 @@ class CircuitEvaluator:
         bad = [v for v in metric.tolist() if not math.isfinite(v)]
         if bad:
             raise MetricError(f"a circuit's metric is {bad[0]} on these prompts (NaN or infinite logits); check the task's answers")
-        distance = kl_sum / self.n if self.distance == "kl" else (metric - self.clean_metric).abs()
+        distance = (metric - self.clean_metric).abs() if self.distance == "task" else kl_sum / self.n
         return Scores(metric, distance)
 
     @torch.no_grad()

@@ -37,12 +37,26 @@ whole layer's heads, ``EdgeGraph.receiver_feeds``), so its incoming edges go wit
 
 The same engine, with another acceptance rule, prunes a circuit down to a target faithfulness
 (:func:`minimize`).
+
+Group tests (:func:`acdc_groups`). Most of a seed's weak edges can go, so testing them one at a
+time spends a pass per edge to learn little. ACDC's rule applied to a group of edges — the
+group's removal stands when the distance grows by less than τ — removes a whole run of weak
+edges in one pass; a group whose removal does not stand is split in halves, tried in turn, down
+to single edges, which are kept (binary splitting, as in adaptive group testing: Hwang 1972,
+"A method for detecting all defective members in a population by group testing"). Candidates
+are taken weakest |score| first over the whole seed. The group size follows the share p of
+edges kept among the last ``GROUP_WINDOW`` decided, the largest power of two up to ``ln 2 / p``
+(Hwang's rule), so groups are long among the weak edges and single near the strong ones. Every
+accepted removal, single or grouped, grows the distance by less than τ, as in ACDC; grouping
+makes the rule stricter (a group's edges share one τ), never looser.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable
+
+import math
 
 import torch
 
@@ -54,6 +68,9 @@ Evaluate = Callable[[torch.Tensor], Scores]  # circuits [k, S, R] -> their score
 GUESS_BINS = 10
 GUESS_WINDOW = 32
 OVERHEAD = 1.0  # a pass's fixed cost, in layer-passes
+GROUP_WINDOW = 128  # decided candidates whose share kept sets the next group's size
+GROUP_PRIOR = 64  # the share kept starts at 1 in this many
+GROUP_MAX = 64
 
 
 def candidate_order(graph: EdgeGraph, start: Mask, scores: torch.Tensor) -> list[tuple[int, int]]:
@@ -213,6 +230,79 @@ def iterative_removal(
     return state
 
 
+def group_size(state: SearchState, largest: int = GROUP_MAX) -> int:
+    """The next group's size: the largest power of two up to ``ln 2 / p`` (at most ``largest``), p
+    the share kept among the last ``GROUP_WINDOW`` candidates decided by a pass (with a prior)."""
+    recent = [d for d in state.decided[-4 * GROUP_WINDOW:] if d != 2][-GROUP_WINDOW:]
+    p = (recent.count(0) + 1) / (len(recent) + GROUP_PRIOR)
+    return max(1, min(largest, 2 ** int(math.floor(math.log2(max(1.0, math.log(2) / p))))))
+
+
+def group_removal(
+    graph: EdgeGraph,
+    candidates: list[tuple[int, int]],
+    state: SearchState,
+    evaluate: Evaluate,
+    accept: Callable[[tuple[float, float], tuple[float, float]], bool],
+    on_chain: Callable[[SearchState], None] | None = None,
+    largest: int = GROUP_MAX,
+) -> SearchState:
+    """Decide every candidate from ``state.position`` on by group tests (module docstring).
+
+    Each group is recorded as one chain: its candidates' decisions in order, each with the trial
+    that decided it (the group's, a half's, or its own). ``rows`` counts passes; ``wasted_rows``
+    the tests of several edges whose removal did not stand (they only split the group). When a
+    failed group's first half stands, the second half's trial is the whole group's circuit (up to
+    edges of dead receivers, which change nothing): its verdict comes without a pass.
+    """
+    while state.position < len(candidates):
+        block = range(state.position, min(len(candidates), state.position + group_size(state, largest)))
+        decided: dict[int, tuple[int, list | None]] = {}
+        known: dict[bytes, tuple[float, float]] = {}  # this group's trials: (metric, distance)
+
+        def test(indices: list[int]) -> None:
+            live = []
+            for i in indices:
+                s, r = candidates[i]
+                if _dead(graph, state.circuit, r):
+                    state.circuit[s, r] = False
+                    decided[i] = (2, None)
+                else:
+                    live.append(i)
+            if not live:
+                return
+            trial = state.circuit.clone()
+            for i in live:
+                trial[candidates[i]] = False
+            key = trial.numpy().tobytes()
+            if key not in known:  # after a failed group's first half stands, the second half's trial is the group's
+                scored = evaluate(trial.unsqueeze(0))
+                known[key] = (float(scored.metric[0]), float(scored.distance[0]))
+                state.rows += 1
+            new = known[key]
+            record = [*new, *state.current]
+            if accept(new, state.current):
+                state.circuit, state.current = trial, new
+                decided.update((i, (1, record)) for i in live)
+            elif len(live) == 1:
+                decided[live[0]] = (0, record)
+            else:
+                state.wasted_rows += 1
+                test(live[: len(live) // 2])
+                test(live[len(live) // 2 :])
+
+        test(list(block))
+        for i in block:
+            decision, record = decided[i]
+            state.decided.append(decision)
+            state.guessed.append(2)
+            state.trials.append(record)
+        state.chains += 1
+        if on_chain:
+            on_chain(state)
+    return state
+
+
 @dataclass(frozen=True)
 class SearchResult:
     circuit: Mask  # pruned
@@ -237,14 +327,18 @@ def removal_order(graph: EdgeGraph, start: Mask, scores: torch.Tensor) -> list[t
 
 
 def _search(graph: EdgeGraph, evaluate: Evaluate, scores: torch.Tensor, start: Mask, order, accept, chain: int,
-            state: SearchState | None, on_chain) -> SearchResult:
-    """Prune ``start``, order its edges, score it once (unless resuming) and decide every edge."""
+            state: SearchState | None, on_chain, grouped: bool = False) -> SearchResult:
+    """Prune ``start``, order its edges, score it once (unless resuming) and decide every edge,
+    one at a time in speculative chains or (``grouped``) by group tests."""
     start = prune(graph, start)
     candidates = order(graph, start, scores)
     if state is None:
         first = evaluate(start.unsqueeze(0))
         state = SearchState(start.clone(), (float(first.metric[0]), float(first.distance[0])), rows=1, chains=1)
-    state = iterative_removal(graph, candidates, state, evaluate, accept, _guesser(candidates, scores, state), chain, on_chain)
+    if grouped:
+        state = group_removal(graph, candidates, state, evaluate, accept, on_chain)
+    else:
+        state = iterative_removal(graph, candidates, state, evaluate, accept, _guesser(candidates, scores, state), chain, on_chain)
     return SearchResult(prune(graph, state.circuit), state, candidates)
 
 
@@ -257,6 +351,14 @@ def acdc(graph: EdgeGraph, evaluate: Evaluate, scores: torch.Tensor, start: Mask
     """
     return _search(graph, evaluate, scores, start, candidate_order, lambda new, cur: new[1] - cur[1] < tau,
                    chain, state, on_chain)
+
+
+def acdc_groups(graph: EdgeGraph, evaluate: Evaluate, scores: torch.Tensor, start: Mask, tau: float,
+                state: SearchState | None = None, on_chain: Callable[[SearchState], None] | None = None) -> SearchResult:
+    """ACDC's rule on groups of edges, weakest |score| first, bisected when a group's removal does
+    not stand (see the module docstring)."""
+    return _search(graph, evaluate, scores, start, removal_order, lambda new, cur: new[1] - cur[1] < tau,
+                   0, state, on_chain, grouped=True)
 
 
 def minimize(graph: EdgeGraph, evaluate: Evaluate, scores: torch.Tensor, start: Mask, floor: float, chain: int = 8,

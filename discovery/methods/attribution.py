@@ -48,6 +48,8 @@ from circuitfinder.tasks.base import Task, TaskBatch
 if TYPE_CHECKING:
     import pandas as pd
 
+    from circuitfinder.engine.faithfulness import CircuitEvaluator
+
 Scores = Float[torch.Tensor, "senders receivers"]
 
 
@@ -153,18 +155,15 @@ def attribute_circuit_batch(adapter: ModelAdapter, graph: EdgeGraph, task: Task,
     return metric.detach()
 
 
-def attribute_circuit(adapter: ModelAdapter, graph: EdgeGraph, task: Task, removed: torch.Tensor, batch_size: int = 16,
-                      ablation: str | Ablation = "counterfactual", split: str = "discovery",
-                      limit: int | None = None) -> tuple[Scores, float]:
-    """Attribution at the circuit ``removed`` (:func:`attribute_circuit_batch`) averaged over the
-    prompts of ``split`` (the first ``limit``), and the circuit's mean metric on them."""
-    ablation = make_ablation(ablation, adapter, graph, task, batch_size)
+def attribute_circuit(evaluator: "CircuitEvaluator", removed: torch.Tensor) -> tuple[Scores, float]:
+    """Attribution at the circuit ``removed`` (:func:`attribute_circuit_batch`), averaged over the
+    evaluator's prompts with its ablation, and the circuit's mean metric on them (exact)."""
+    adapter, graph = evaluator.adapter, evaluator.graph
     scores = torch.zeros(graph.n_senders, graph.n_receivers, dtype=adapter.dtype, device=adapter.device)
-    batches = [b.to(adapter.device) for b in task.batches(split, batch_size, limit=limit)]
-    n, metric = sum(b.size for b in batches), 0.0
-    for batch in batches:
-        values = attribute_circuit_batch(adapter, graph, task, batch, removed, scores, 1.0 / n, ablated=ablation.senders(batch))
-        metric += float(values.double().sum()) / n
+    metric = 0.0
+    for batch, ablated in evaluator.ablated_batches():
+        values = attribute_circuit_batch(adapter, graph, evaluator.task, batch, removed, scores, 1.0 / evaluator.n, ablated)
+        metric += float(values.double().sum()) / evaluator.n
     return (scores * graph.allowed.to(scores.device)).cpu(), metric
 
 

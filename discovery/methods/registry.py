@@ -7,7 +7,9 @@
 * **Patching searches** start from an attribution's selection (``settings.seed_method``) and
   decide edges by exact patching on the discovery prompts (``circuitfinder.methods.search``): ACDC
   (Conmy et al. 2023) keeps a removal when the distance from the clean run grows by less than τ;
-  minimisation removes edges while the circuit keeps the target faithfulness.
+  ACDC on groups applies that rule to groups of weak edges, bisected when a group's removal does
+  not stand (the default: fewer passes); minimisation removes edges while the circuit keeps the
+  target faithfulness.
 
 Each entry says what it supports (ablations, models whose heads share a post-attention norm) and
 what it costs, so a run refuses an unsupported combination in one line without branching on a
@@ -222,6 +224,11 @@ METHODS: dict[str, Method] = {
                    "ACDC (Conmy et al. 2023), seeded by --seed-method: keep a removal when the distance grows by less than τ",
                    "the seed's, then one patched forward per candidate edge (several stacked per pass)",
                    ablations=("counterfactual",), seeded=True),
+    "acdc-groups": Method(partial(_search, criterion="acdc-groups"),
+                          "ACDC on groups of edges, seeded by --seed-method: weak edges removed many at a time "
+                          "while the distance grows by less than τ, groups bisected when it does not (the default)",
+                          "the seed's, then one patched forward per group tried (groups long among weak edges)",
+                          ablations=("counterfactual",), seeded=True),
     "minimize": Method(partial(_search, criterion="minimize"),
                        "Minimisation, seeded by --seed-method: remove edges while the target faithfulness holds",
                        "the seed's, then one patched forward per candidate edge (several stacked per pass)",

@@ -20,7 +20,7 @@ from circuitfinder.checkpoint import Checkpoint
 from circuitfinder.engine.adapter import load_model
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.masks import Mask, prune
-from circuitfinder.methods.acdc import SearchResult, SearchState, acdc, candidate_order, minimize, removal_order
+from circuitfinder.methods.acdc import GROUP_MAX, SearchResult, SearchState, acdc, acdc_groups, candidate_order, minimize, removal_order
 from circuitfinder.methods.pool import EvaluatorSpec, InProcessPool, RayPool
 
 if TYPE_CHECKING:
@@ -47,18 +47,19 @@ def _pool(settings, adapter, spec: EvaluatorSpec, chunk: int):
     return RayPool(spec, settings.workers, chunk, settings.address)
 
 
-CRITERIA = ("acdc", "minimize")
+CRITERIA = ("acdc", "acdc-groups", "minimize")
 
 
 def run_search(problem: "Problem", criterion: str, scores: torch.Tensor, start: Mask, checkpoint: Checkpoint) -> SearchOutcome:
-    """ACDC (``criterion="acdc"``: τ on ``settings.acdc_metric``) or minimisation to
-    ``settings.target_faithfulness`` (``"minimize"``), from the circuit ``start``."""
+    """ACDC (``criterion="acdc"``: τ on ``settings.acdc_metric``; ``"acdc-groups"``: the same rule
+    on groups of edges) or minimisation to ``settings.target_faithfulness`` (``"minimize"``), from
+    the circuit ``start``."""
     if criterion not in CRITERIA:
         raise ValueError(f"unknown search criterion {criterion!r}: use one of {', '.join(CRITERIA)}")
     config, adapter, graph, task, reporter = problem.settings, problem.adapter, problem.graph, problem.task, problem.reporter
     started = time.perf_counter()
     batches = tuple(b.to("cpu") for b in task.batches("discovery", config.batch_size, limit=config.search_prompts))
-    distance = config.acdc_metric if criterion == "acdc" else "task"
+    distance = "task" if criterion == "minimize" else config.acdc_metric
     spec = EvaluatorSpec(partial(load_model, config.model), task, config.batch_size, config.search_prompts, distance, MAX_ROWS)
     chunk = max(1, MAX_ROWS // max(b.size for b in batches))
     n_prompts = sum(b.size for b in batches)
@@ -70,11 +71,12 @@ def run_search(problem: "Problem", criterion: str, scores: torch.Tensor, start: 
         ends = pool(torch.stack([graph.allowed & False, graph.allowed.clone()]))
         empty, full = (float(ends.metric[0]), float(ends.distance[0])), (float(ends.metric[1]), float(ends.distance[1]))
         start = prune(graph, start)
-        if criterion == "acdc":
+        if criterion != "minimize":
             tau = config.tau if config.tau is not None else 0.01 * empty[1]
-            rule = {"rule": "acdc", "distance": distance, "tau": tau, "distance_empty": empty[1]}
-            candidates = candidate_order(graph, start, scores)
-            label = f"ACDC (τ = {tau:.3g}, {distance})"
+            rule = {"rule": criterion, "distance": distance, "tau": tau, "distance_empty": empty[1]}
+            grouped = criterion == "acdc-groups"
+            candidates = (removal_order if grouped else candidate_order)(graph, start, scores)
+            label = f"ACDC{' on groups of edges' if grouped else ''} (τ = {tau:.3g}, {distance})"
         else:
             floor = empty[0] + config.target_faithfulness * (full[0] - empty[0])
             rule = {"rule": "minimize", "target_faithfulness": config.target_faithfulness, "metric_floor": floor}
@@ -91,7 +93,8 @@ def run_search(problem: "Problem", criterion: str, scores: torch.Tensor, start: 
         sittings = earlier.get("sittings", 1) + 1 if state is not None else 1
         if state is not None:
             reporter.log(f"resuming from checkpoint {checkpoint.dir}: {state.position:,} of {len(candidates):,} candidates decided")
-        reporter.log(f"{label}: {len(candidates):,} candidate edges, {n_prompts} prompts, up to {config.chain} per chain")
+        per = f"groups of up to {GROUP_MAX}" if criterion == "acdc-groups" else f"up to {config.chain} per chain"
+        reporter.log(f"{label}: {len(candidates):,} candidate edges, {n_prompts} prompts, {per}")
         with reporter.progress(label, len(candidates)) as advance:
             done = [state.position if state else 0]
             if done[0]:
@@ -111,6 +114,8 @@ def run_search(problem: "Problem", criterion: str, scores: torch.Tensor, start: 
 
             if criterion == "acdc":
                 result = acdc(graph, pool, scores, start, tau, config.chain, state, on_chain)
+            elif criterion == "acdc-groups":
+                result = acdc_groups(graph, pool, scores, start, tau, state, on_chain)
             else:
                 result = minimize(graph, pool, scores, start, floor, config.chain, state, on_chain)
         circuit = result.circuit

@@ -242,6 +242,9 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
         f"circuit: {edges_kept:,} of {graph.n_edges:,} edges ({edges_kept / graph.n_edges:.2%}), {nodes_kept} nodes; "
         f"faithfulness {faithfulness:.3f} (held-out, exact)"
     )
+    meets_target = faithfulness >= config.target_faithfulness
+    if not meets_target:
+        reporter.log(below_target(faithfulness, config))
 
     curve = None
     if config.curve and found.ranked:  # the curve ranks edges by score
@@ -267,7 +270,8 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
         "accuracy_clean": b.accuracy,
         "prompts_discovery": n_disc,
         "prompts_heldout": n_held,
-        "target_faithfulness": None if search is None else config.target_faithfulness,
+        "target_faithfulness": config.target_faithfulness,
+        "meets_target": meets_target,
         "size_search": None if search is None else [
             {"top_n": n, "edges_kept": k, "faithfulness_discovery": f} for n, k, f in search.points
         ],
@@ -298,6 +302,14 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
     if found.checkpoint is not None:  # the search is saved in the run folder (or returned): its checkpoint goes
         found.checkpoint.clear()
     return run
+
+
+def below_target(faithfulness: float, config: DiscoverConfig) -> str:
+    """What a run says when its circuit misses the target on the held-out prompts, and what to try."""
+    chosen = "chosen on" if config.edges is None and config.threshold is None else "fixed for"
+    return (f"below target: the circuit keeps {faithfulness:.3f} of the behaviour on held-out prompts, under the target "
+            f"{config.target_faithfulness} (its edges were {chosen} the discovery prompts). Try more prompt pairs "
+            "(`n_pairs`), a larger circuit (`edges`, `threshold`, or a higher `target_faithfulness`), or a smaller `tau`")
 
 
 def discover(model: "str | ModelAdapter" = "smollm2-135m", task: "str | Task" = "ioi", method: str = "eap-ig", *,
