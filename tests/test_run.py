@@ -53,6 +53,30 @@ def test_discover_writes_a_complete_run_folder(tiny_ioi_model, tmp_path):
     assert len(rows) == 16 and set(rows[0]) == {"clean", "corrupted", "answer", "wrong", "split"}
     ET.parse(out / "circuit.svg")
     assert summary["faithfulness"] == pytest.approx(saved["faithfulness"])
+    assert saved["target_faithfulness"] == 0.8 and saved["meets_target"] == (saved["faithfulness"] >= 0.8)
+
+
+def test_group_acdc_run_logs_each_decision_and_says_when_it_misses_the_target(tiny_ioi_model, tmp_path):
+    class Log(Reporter):
+        lines: list = []
+
+        def log(self, message):
+            self.lines.append(message)
+
+    config = DiscoverConfig(task="ioi", model="tiny-llama", method="acdc-groups", n_pairs=16, batch_size=8, edges=60,
+                            force=True, curve=False, search_prompts=4, target_faithfulness=1.0)
+    summary = run_config(config, out=tmp_path / "a", adapter=tiny_ioi_model, reporter=Log()).summary
+    search = summary["search"]
+    assert search["rule"] == "acdc-groups" and search["candidates"] <= 60
+    decisions = pd.read_csv(tmp_path / "a" / "decisions.csv")  # one row per candidate, with the trial that decided it
+    tried = decisions[decisions.decision != "dead receiver"]
+    assert ((tried.distance_removed - tried.distance_before < search["tau"]) == (tried.decision == "removed")).all()
+    removed = tried[tried.decision == "removed"]
+    assert removed.duplicated(["distance_removed", "distance_before"]).any()  # some edges went in one group
+    assert json.loads((tmp_path / "a" / "certificate.json").read_text())["edges"] == summary["edges_kept"]
+    assert summary["meets_target"] is (summary["faithfulness"] >= 1.0)
+    if not summary["meets_target"]:
+        assert any(line.startswith("below target:") and "`n_pairs`" in line for line in Log.lines)
 
 
 @pytest.mark.parametrize("ablation, method", [("mean", "eap"), ("zero", "eap-ig-activations")])
