@@ -77,10 +77,10 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 def discover(
     task: str = typer.Option("ioi", "--task", help="Task name (see `circuits tasks list`)."),
     model: str = typer.Option("smollm2-135m", "--model", help="Bundled model name, Hugging Face id or local folder."),
-    method: str = typer.Option("eap-ig", "--method", help="eap-ig (default), eap, eap-ig-activations (attribution); acdc or minimize (patching searches seeded by --seed-method); see `circuits methods`."),
+    method: str = typer.Option("eap-ig", "--method", help="eap-ig (default), eap, eap-ig-activations (attribution); acdc, acdc-groups or minimize (patching searches seeded by --seed-method); see `circuits methods`."),
     seed_method: str = typer.Option("eap-ig", "--seed-method", help="acdc/minimize: attribution that orders and bounds the candidates; none: every edge, in graph order (textbook ACDC)."),
     tau: Optional[float] = typer.Option(None, "--tau", help="acdc: keep a removal when the distance grows by less than this (default: 1% of the empty circuit's distance)."),
-    acdc_metric: str = typer.Option("task", "--acdc-metric", help="acdc: distance from the clean run: task (|metric change|, the default: a faithful circuit) or kl (ACDC's own; at its default τ it keeps a quarter to a third of the behaviour)."),
+    acdc_metric: str = typer.Option("task", "--acdc-metric", help="acdc, acdc-groups: distance from the clean run: task (|change of the mean metric|, the default: a faithful circuit), prompt (mean per-prompt |change|, which cannot cancel across prompts) or kl (ACDC's own; at its default τ it keeps a quarter to a third of the behaviour)."),
     minimize: bool = typer.Option(False, "--minimize", help="Shorthand for --method minimize --seed-method METHOD: remove edges one by one while the target faithfulness holds."),
     search_prompts: int = typer.Option(16, "--search-prompts", help="acdc/--minimize: discovery prompts each candidate is evaluated on."),
     chain: int = typer.Option(16, "--chain", help="acdc/--minimize: the most candidates evaluated together (speculatively) per chain; each chain's length adapts to how often guesses are right."),

@@ -302,3 +302,22 @@ def test_interrupted_group_acdc_resumes_to_the_same_circuit(tiny):
     assert 0 < state.position < whole.candidates
     resumed = acdc_groups(graph, pool, scores, start_circuit(graph, scores), tau, state=state)
     assert torch.equal(resumed.circuit, whole.circuit) and resumed.state.decided == whole.state.decided
+
+
+def test_prompt_distance_is_the_mean_per_prompt_change(tiny):
+    """distance="prompt": mean over prompts of |m_i(circuit) − m_i(clean)|, by plain patching;
+    never below the task distance |mean change| (changes cannot cancel)."""
+    task, graph, _, _ = setup(tiny)
+    evaluator = CircuitEvaluator(tiny, graph, task, "discovery", 4, distance="prompt", max_rows=8)
+    circuits = (torch.rand((3, graph.n_senders, graph.n_receivers), generator=torch.Generator().manual_seed(2)) < 0.6) & graph.allowed
+    got = evaluator.evaluate(circuits)
+    (batch,) = task.batches("discovery", batch_size=len(task))
+    reference_distance(tiny, graph, task, circuits[0])  # fills the cached corrupted run
+    corrupted, _ = _RUNS[tiny.name]
+    rows = torch.arange(batch.size)
+    clean = logit_difference(tiny.logits(batch.clean)[rows, batch.last].double(), batch)
+    for j, circuit in enumerate(circuits):
+        patched = logit_difference(patched_logits(tiny, graph, batch.clean, corrupted, (~circuit).double())[rows, batch.last].double(), batch)
+        assert float(got.distance[j]) == pytest.approx(float((patched - clean).abs().mean()), rel=1e-9)
+        assert float(got.distance[j]) >= abs(float(got.metric[j]) - evaluator.clean_metric) - 1e-12
+    assert float(got.distance.min()) > 0  # the circuits change the metric, so the test can fail

@@ -55,7 +55,7 @@ class DiscoverConfig:
     ablation: str = "counterfactual"  # what a removed edge carries: counterfactual, mean or zero
     seed_method: str = "eap-ig"  # for --method acdc: the attribution that orders and bounds the search ("none": all edges)
     tau: float | None = None  # ACDC threshold on the distance; None: 1 % of the empty circuit's distance
-    acdc_metric: str = "task"  # ACDC's distance from the clean run: "task" (|metric change|) or "kl" (Conmy et al.'s)
+    acdc_metric: str = "task"  # ACDC's distance from the clean run: "task" (|mean metric change|), "prompt" (mean per-prompt |change|) or "kl" (Conmy et al.'s)
     minimize: bool = False  # prune the chosen circuit edge by edge while it keeps the target faithfulness
     search_prompts: int = 16  # discovery prompts that ACDC / --minimize evaluate on (faithfulness is then held-out)
     chain: int = 16  # the most candidates evaluated per speculative chain (each chain's length adapts)
