@@ -139,7 +139,7 @@ def test_discover_takes_a_built_task(tiny_ioi_model):
 # ---------------------------------------------------------------------------------------------
 
 def test_every_method_is_one_registry_entry_that_declares_support_and_cost():
-    assert set(METHODS) == {"eap", "eap-ig", "eap-ig-activations", "acdc", "minimize"}
+    assert set(METHODS) == {"eap", "eap-ig", "eap-ig-activations", "acdc", "acdc-groups", "minimize"}
     for name, method in METHODS.items():
         assert method.description and method.cost and method.ablations
         assert (method.score is None) == method.seeded  # attribution scores; a search is seeded by one
