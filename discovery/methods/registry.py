@@ -8,7 +8,7 @@
   decide edges by exact patching on the discovery prompts (``circuitfinder.methods.search``): ACDC
   (Conmy et al. 2023) keeps a removal when the distance from the clean run grows by less than τ;
   ACDC on groups applies that rule to groups of weak edges, bisected when a group's removal does
-  not stand (the default: fewer passes); minimisation removes edges while the circuit keeps the
+  not stand (fewer passes); minimisation removes edges while the circuit keeps the
   target faithfulness.
 
 Each entry says what it supports (ablations, models whose heads share a post-attention norm) and
@@ -226,7 +226,7 @@ METHODS: dict[str, Method] = {
                    ablations=("counterfactual",), seeded=True),
     "acdc-groups": Method(partial(_search, criterion="acdc-groups"),
                           "ACDC on groups of edges, seeded by --seed-method: weak edges removed many at a time "
-                          "while the distance grows by less than τ, groups bisected when it does not (the default)",
+                          "while the distance grows by less than τ, groups bisected when it does not",
                           "the seed's, then one patched forward per group tried (groups long among weak edges)",
                           ablations=("counterfactual",), seeded=True),
     "minimize": Method(partial(_search, criterion="minimize"),
