@@ -125,6 +125,8 @@ def test_same_seed_gives_byte_identical_circuit(tiny_ioi_model, tmp_path):
     (DiscoverConfig(edges=0), "at least 1"),
     (DiscoverConfig(target_faithfulness=1.5), "`target_faithfulness` must be in"),
     (DiscoverConfig(threshold=float("nan")), "threshold"),
+    (DiscoverConfig(method="acdc-groups", acdc_metric="prompts"), "`acdc_metric` must be one of kl, task, prompt"),
+    (DiscoverConfig(method="acdc-groups", ablation="mean"), "patches from the counterfactual run only"),
 ])
 def test_bad_configurations_are_user_errors(config, message):
     with pytest.raises(UserError, match=message):

@@ -147,7 +147,7 @@ class CircuitEvaluator:
         every one patched (the full and the empty circuit too)."""
         k = circuits.shape[0]
         metric_sum = torch.zeros(k, dtype=torch.float64)
-        kl_sum = torch.zeros(k, dtype=torch.float64)  # or, for "prompt", the sum of |m_i(C) − m_i(clean)|
+        distance_sum = torch.zeros(k, dtype=torch.float64)  # Σ KL, or for "prompt" Σ |m_i(C) − m_i(clean)|
         removed = (~circuits.bool()).to(self.adapter.dtype)  # [k, s, r]
         for index, (batch, senders) in enumerate(zip(self.batches, self._ablated)):
             start = 0
@@ -162,17 +162,17 @@ class CircuitEvaluator:
                 values = self.task.metric(logits, batch.repeat(g)).view(g, batch.size).cpu()
                 metric_sum[start : start + g] += values.sum(1)
                 if self.distance == "prompt":
-                    kl_sum[start : start + g] += (values - self._clean_metrics[index]).abs().sum(1)
+                    distance_sum[start : start + g] += (values - self._clean_metrics[index]).abs().sum(1)
                 if self.distance == "kl":
                     clean_lp = self._clean_logprobs[index].repeat(g, 1)
                     kl = (clean_lp.exp() * (clean_lp - F.log_softmax(logits, -1))).sum(-1)
-                    kl_sum[start : start + g] += kl.view(g, batch.size).sum(1).cpu()
+                    distance_sum[start : start + g] += kl.view(g, batch.size).sum(1).cpu()
                 start += g
         metric = metric_sum / self.n
         bad = [v for v in metric.tolist() if not math.isfinite(v)]
         if bad:
             raise MetricError(f"a circuit's metric is {bad[0]} on these prompts (NaN or infinite logits); check the task's answers")
-        distance = (metric - self.clean_metric).abs() if self.distance == "task" else kl_sum / self.n
+        distance = (metric - self.clean_metric).abs() if self.distance == "task" else distance_sum / self.n
         return Scores(metric, distance)
 
     @torch.no_grad()

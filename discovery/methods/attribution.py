@@ -130,7 +130,7 @@ def attribute_batch(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch: 
 
 
 def attribute_circuit_batch(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch: TaskBatch, removed: torch.Tensor,
-                            scores: torch.Tensor, weight: float, ablated: torch.Tensor | None = None) -> torch.Tensor:
+                            scores: torch.Tensor, weight: float, ablated: torch.Tensor) -> torch.Tensor:
     """Add one batch's attribution *at a circuit* into ``scores`` (times ``weight``); return the
     batch's metric values in that circuit ``[batch]``.
 
@@ -141,8 +141,6 @@ def attribute_circuit_batch(adapter: ModelAdapter, graph: EdgeGraph, task: Task,
     kept edge it estimates the change in metric when that edge alone is removed; for a removed
     one, minus the change when it alone is restored. One patched forward and one backward.
     """
-    if ablated is None:
-        ablated = run_recording_senders(adapter, graph, batch.corrupted, batch.last)[0]
     removed = removed.to(adapter.device, adapter.dtype) * graph.allowed.to(adapter.device)
     diff = ablated.to(adapter.device, adapter.dtype).clone()  # becomes ablated − current
     total, live = torch.zeros_like(diff[0]), []
