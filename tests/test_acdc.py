@@ -264,13 +264,13 @@ def test_group_acdc_equals_a_plain_reference(tiny, tau_fraction):
     """Group-wise ACDC (through the pool, stacked evaluator) decides exactly as the plain recursion
     with one unstacked pass per test; it removes groups, keeps some edges, and costs fewer passes
     than candidates."""
-    from circuitfinder.methods.acdc import acdc_groups, removal_order
+    from circuitfinder.methods.acdc import acdc_groups
 
     task, graph, scorer, scores = setup(tiny)
     tau = tau_fraction * reference_distance(tiny, graph, task, graph.allowed & False)
     result = acdc_groups(graph, InProcessPool(scorer, chunk=4), scores, start_circuit(graph, scores), tau)
     circuit = prune(graph, start_circuit(graph, scores))
-    want, passes = reference_groups(graph, circuit.clone(), removal_order(graph, circuit, scores),
+    want, passes = reference_groups(graph, circuit.clone(), candidate_order(graph, circuit, scores),
                                     lambda c: reference_distance(tiny, graph, task, c), tau)
     assert torch.equal(result.circuit, want)
     assert result.state.rows == passes
@@ -279,7 +279,7 @@ def test_group_acdc_equals_a_plain_reference(tiny, tau_fraction):
 
 
 def test_interrupted_group_acdc_resumes_to_the_same_circuit(tiny):
-    from circuitfinder.methods.acdc import acdc_groups, removal_order
+    from circuitfinder.methods.acdc import acdc_groups
 
     task, graph, scorer, scores = setup(tiny)
     pool = InProcessPool(scorer, chunk=4)
@@ -298,10 +298,24 @@ def test_interrupted_group_acdc_resumes_to_the_same_circuit(tiny):
     with pytest.raises(Stop):
         acdc_groups(graph, pool, scores, start_circuit(graph, scores), tau, on_chain=interrupt)
     start = prune(graph, start_circuit(graph, scores))
-    state = SearchState.from_json(json.loads(saved["json"]), start, removal_order(graph, start, scores))
+    state = SearchState.from_json(json.loads(saved["json"]), start, candidate_order(graph, start, scores))
     assert 0 < state.position < whole.candidates
     resumed = acdc_groups(graph, pool, scores, start_circuit(graph, scores), tau, state=state)
     assert torch.equal(resumed.circuit, whole.circuit) and resumed.state.decided == whole.state.decided
+
+
+def test_reusing_earlier_passes_changes_no_number_and_skips_blocks(tiny):
+    """An evaluator that keeps recent passes (``reuse``) gives a group search the same numbers, bit
+    for bit, as one that runs every block of every pass, and runs fewer blocks."""
+    from circuitfinder.methods.acdc import acdc_groups
+
+    task, graph, scorer, scores = setup(tiny)
+    reusing = CircuitEvaluator(tiny, graph, task, "discovery", 4, distance="kl", max_rows=8, reuse=2)
+    tau = 0.01 * float(scorer.evaluate((graph.allowed & False).unsqueeze(0)).distance[0])
+    plain = acdc_groups(graph, InProcessPool(scorer, chunk=4), scores, start_circuit(graph, scores), tau)
+    fast = acdc_groups(graph, InProcessPool(reusing, chunk=4), scores, start_circuit(graph, scores), tau)
+    assert fast.state.trials == plain.state.trials and torch.equal(fast.circuit, plain.circuit)
+    assert reusing.reuse == 2 and 0 < reusing.blocks_run < scorer.blocks_run
 
 
 def test_prompt_distance_is_the_mean_per_prompt_change(tiny):

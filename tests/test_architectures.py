@@ -233,6 +233,41 @@ def test_stacked_circuits_equal_one_copy_per_circuit(name, tokenizer):
     assert (stacked.view(3, -1)[1:] - stacked.view(3, -1)[0]).abs().max() > 1e-4  # the circuits differ
 
 
+@pytest.mark.parametrize("name", EXACT)
+def test_a_pass_resumed_from_an_earlier_ones_blocks_is_the_same_bit_for_bit(name, tokenizer):
+    """A circuit that agrees with an earlier pass's on every receiver before layer l skips blocks
+    0 … l−1 (their outputs, sender entries and running total come from that pass's record) and
+    gives the logits of a full pass exactly; a chain of resumed passes too."""
+    adapter = adapter_for(name, tokenizer)
+    graph = EdgeGraph(adapter.shape)
+    clean, corrupted = random_pair(batch=2, pos=5)
+    corr, _ = run_recording_senders(adapter, graph, corrupted)
+    g = torch.Generator().manual_seed(5)
+    first = (torch.rand(graph.allowed.shape, generator=g) < 0.3).double()
+    first[:, graph.receiver_points[-1].start] = 0  # every sender reaches the logits: each change below shows
+    ran = []
+    handles = [block.original_component.register_forward_hook(lambda *_a, l=l: ran.append(l))
+               for l, block in enumerate(adapter.bridge.blocks)]
+    try:
+        logits, record = patched_logits(adapter, graph, clean, corr, first, record=True)
+        assert torch.equal(logits, patched_logits(adapter, graph, clean, corr, first))
+        previous = first
+        for kind, layer in [("mlp", 2), ("q", 1), ("k", 2), ("logits", 3)]:  # the logits last: it cuts every path
+            point = next(p for p in graph.receiver_points if p.kind == kind and p.layer == layer)
+            trial = previous.clone()
+            trial[: point.n_senders, point.start] = 1 - trial[: point.n_senders, point.start]
+            ran.clear()
+            resumed, record = patched_logits(adapter, graph, clean, corr, trial, resume=record, record=True)
+            assert sorted(set(ran)) == list(range(layer, adapter.shape.n_layers)), kind  # blocks before it skipped
+            full = patched_logits(adapter, graph, clean, corr, trial)
+            assert torch.equal(resumed, full), (kind, layer)
+            assert (full - patched_logits(adapter, graph, clean, corr, previous)).abs().max() > 1e-6, kind  # it changed
+            previous = trial
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def test_hooks_the_adapter_supplies_are_removed_after_an_exception(tokenizer):
     adapter = adapter_for("phi", tokenizer)  # its MLP receivers are the adapter's own hooks
     assert adapter.own_mlp_input == "shared-norm"

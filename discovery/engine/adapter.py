@@ -280,12 +280,56 @@ class ModelAdapter:
 
         handles = [self.bridge.blocks[l].attn.register_forward_pre_hook(match, with_kwargs=True)
                    for l in range(layer, self.shape.n_layers)]
-        name = self.RECEIVER_LOGITS if layer == self.shape.n_layers else f"blocks.{layer}.hook_resid_pre"
         try:
-            yield (name, repeat)
+            yield (self.layer_entry(layer), repeat)
         finally:
             for handle in handles:
                 handle.remove()
+
+    def layer_entry(self, layer: int) -> str:
+        """The hook point of the residual stream entering block ``layer`` (``n_layers``: the final norm)."""
+        return self.RECEIVER_LOGITS if layer == self.shape.n_layers else f"blocks.{layer}.hook_resid_pre"
+
+    @contextmanager
+    def blocks_recorded(self, outputs: list) -> Iterator[None]:
+        """Store what each block returns in a forward pass in ``outputs[layer]`` (for :meth:`blocks_replayed`)."""
+        outputs[:] = [None] * self.shape.n_layers
+
+        def keep(layer):
+            return lambda _module, _args, out: outputs.__setitem__(layer, out)
+
+        handles = [block.register_forward_hook(keep(l)) for l, block in enumerate(self.bridge.blocks)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextmanager
+    def blocks_replayed(self, outputs: list, below: int) -> Iterator[None]:
+        """Blocks before ``below`` compute nothing and return ``outputs[layer]``, what they returned
+        in an earlier pass (:meth:`blocks_recorded`); the embedding and later blocks run as usual.
+
+        Exact when the earlier pass's first ``below`` blocks saw the same inputs and hooks: they
+        would compute the same values again. Their hook points do not fire.
+        """
+        blocks = list(self.bridge.blocks)[:below]
+
+        def replay(out, last: bool):
+            if not last:  # ignored by the next block, which replays too
+                return lambda *_args, **_kwargs: out
+            fresh = lambda: out.clone() if torch.is_tensor(out) else tuple(  # noqa: E731 - block L may write into its input
+                v.clone() if torch.is_tensor(v) else v for v in out)
+            return lambda *_args, **_kwargs: fresh()
+
+        # on the instance itself: a bridge component passes attribute assignments on to the wrapped module
+        for l, block in enumerate(blocks):
+            object.__setattr__(block, "forward", replay(outputs[l], l == below - 1))
+        try:
+            yield
+        finally:
+            for block in blocks:
+                object.__delattr__(block, "forward")
 
     @contextmanager
     def hooks(self, fwd_hooks: list[Hook]) -> Iterator["ModelAdapter"]:

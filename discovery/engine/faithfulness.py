@@ -35,7 +35,7 @@ from circuitfinder.engine.ablation import Ablation, make_ablation
 from circuitfinder.engine.adapter import ModelAdapter
 from circuitfinder.engine.masks import Mask, prune, top_edges
 from circuitfinder.engine.graph import EdgeGraph
-from circuitfinder.engine.patching import patched_logits, stack_split, stacked_patched_logits
+from circuitfinder.engine.patching import PassRecord, patched_logits, stack_split, stacked_patched_logits
 from circuitfinder.tasks.base import Task, TaskBatch
 
 
@@ -81,11 +81,16 @@ class CircuitEvaluator:
             ``|metric_i − clean_i|`` (changes on different prompts cannot cancel); ``"kl"``, the
             mean KL(clean ‖ circuit) of the next-token distributions.
         max_rows: sequences per forward pass once the batch is repeated per circuit.
+        reuse: how many recent passes per batch to keep (:class:`~circuitfinder.engine.patching.PassRecord`,
+            within ``memory_budget``): a circuit evaluated alone then runs only the blocks from the
+            first receiver where it differs from the closest of them. The numbers are the same, bit
+            for bit; an iterative search, whose trials differ from the current circuit in a few
+            late receivers, skips most of each pass.
     """
 
     def __init__(self, adapter: ModelAdapter, graph: EdgeGraph, task: Task, split: str = "heldout", batch_size: int = 16,
                  ablation: str | Ablation = "counterfactual", memory_budget: int = 1 << 30, limit: int | None = None,
-                 distance: str = "task", max_rows: int = 256):
+                 distance: str = "task", max_rows: int = 256, reuse: int = 0):
         if distance not in DISTANCES:
             raise ValueError(f"unknown distance {distance!r}: use one of {', '.join(DISTANCES)}")
         self.adapter, self.graph, self.task = adapter, graph, task
@@ -109,6 +114,10 @@ class CircuitEvaluator:
                 if distance == "kl":
                     self._clean_logprobs.append(F.log_softmax(clean_logits.double(), -1))
         self.forward_passes = len(self.batches) * (1 + self.ablation.is_run)
+        record_bytes = sum(a.numel() * a.element_size() for a in self._ablated)
+        self.reuse = min(reuse, self.memory_budget // max(record_bytes, 1))
+        self._records: list[list[PassRecord]] = [[] for _ in self.batches]  # most recently used last
+        self.blocks_run = 0  # blocks computed by passes of one circuit (the rest were reused)
         self.clean_metric = clean_sum / self.n
         if not math.isfinite(self.clean_metric):
             raise MetricError(f"the clean metric is {self.clean_metric} on the {split} prompts; check the task's answers")
@@ -154,7 +163,7 @@ class CircuitEvaluator:
             while start < k:
                 g = self.circuits_per_pass(removed[start:], senders, batch.size)
                 if g == 1:
-                    logits = patched_logits(self.adapter, self.graph, batch.clean, senders, removed[start], batch.last)
+                    logits = self._alone(index, removed[start])
                 else:
                     logits = stacked_patched_logits(self.adapter, self.graph, batch.clean, senders, removed[start : start + g], batch.last)
                 logits = logits.double()  # the metric and the sums in float64
@@ -174,6 +183,25 @@ class CircuitEvaluator:
             raise MetricError(f"a circuit's metric is {bad[0]} on these prompts (NaN or infinite logits); check the task's answers")
         distance = (metric - self.clean_metric).abs() if self.distance == "task" else distance_sum / self.n
         return Scores(metric, distance)
+
+    def _alone(self, index: int, removed: torch.Tensor) -> torch.Tensor:
+        """Logits of one circuit on batch ``index``, from the closest kept pass when ``reuse``."""
+        batch, senders = self.batches[index], self._ablated[index]
+        if not self.reuse:
+            self.blocks_run += self.graph.shape.n_layers
+            return patched_logits(self.adapter, self.graph, batch.clean, senders, removed, batch.last)
+        removed = removed.to(self.adapter.device) * self.graph.allowed.to(self.adapter.device)
+        records = self._records[index]
+        base = max(records, key=lambda r: r.shared_layers(self.graph, removed), default=None)
+        logits, record = patched_logits(self.adapter, self.graph, batch.clean, senders, removed, batch.last,
+                                        resume=base, record=True)
+        self.blocks_run += self.graph.shape.n_layers - (base.shared_layers(self.graph, removed) if base else 0)
+        if base is not None:
+            records.remove(base)
+            records.append(base)
+        records.append(record)
+        del records[: -self.reuse]
+        return logits
 
     @torch.no_grad()
     def metrics(self, circuits: Sequence[Mask], progress: Callable[[int], None] | None = None) -> list[float]:

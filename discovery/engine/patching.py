@@ -17,6 +17,8 @@ circuits share one forward pass: repeat the prompts k times (``TaskBatch.repeat`
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
@@ -205,6 +207,31 @@ class _LiveSlice:
         return self.hook(x) + _RemovedSendersGradient.apply(self.weights, self.per_head, x, *senders)
 
 
+@dataclass(eq=False)  # records are told apart by identity
+class PassRecord:
+    """What one patched pass leaves so that a later pass can skip the blocks it shares with it.
+
+    Two circuits whose patch weights agree on every receiver before block ``l`` give blocks
+    ``0 … l−1`` the same inputs, hence the same values: a pass of the second can take those
+    blocks' outputs, the ``corrupted − current`` entries of their senders and the running total
+    from the first pass's record, and compute only blocks ``l`` on (:func:`patched_logits`
+    ``resume``). An iterative search (ACDC, group tests) tries circuits that differ from the
+    current one only in a few receivers, mostly late ones, so most of each pass is skipped.
+    Memory: the ``[senders, batch, pos, d_model]`` buffer plus two residual streams per block.
+    """
+
+    removed: torch.Tensor  # [senders, receivers] patch weights of the pass (edges only)
+    diff: torch.Tensor  # [senders, batch, pos, d_model]: corrupted − current at the end of the pass
+    totals: list  # totals[l], l ≥ 1: Σ diff over the senders computed before block l (l = n_layers: all)
+    outputs: list  # what each block returned
+
+    def shared_layers(self, graph: EdgeGraph, removed: torch.Tensor) -> int:
+        """How many leading blocks a pass with patch weights ``removed`` shares with this one:
+        the layer of the first receiver whose weights differ (``n_layers`` when none does)."""
+        split = stack_split(graph, torch.stack([self.removed, removed.to(self.removed.device)]))
+        return graph.shape.n_layers if split is None else split[0]
+
+
 def patched_logits(
     adapter: ModelAdapter,
     graph: EdgeGraph,
@@ -212,7 +239,9 @@ def patched_logits(
     corrupted_senders: Float[torch.Tensor, "senders batch pos d_model"],
     removed: torch.Tensor,
     positions: Int[torch.Tensor, " batch"] | None = None,
-) -> Float[torch.Tensor, "batch pos vocab"]:
+    resume: PassRecord | None = None,
+    record: bool = False,
+):
     """Logits of the clean prompts with the ``removed`` edges patched from the corrupted run.
 
     Args:
@@ -222,16 +251,39 @@ def patched_logits(
             receivers]``: one circuit per block of ``batch / k`` consecutive prompts (k = batch:
             one per prompt). Entries that are not edges are ignored.
         positions: when given, only the logits at these positions, ``[batch, vocab]``.
+        resume: the record of an earlier pass on the same prompts (one circuit): the blocks it
+            shares with this one are not run again (:class:`PassRecord`); the logits are the same,
+            bit for bit.
+        record: also return this pass's :class:`PassRecord` (one circuit), as ``(logits, record)``.
     """
     if removed.dim() == 3 and clean.shape[0] % removed.shape[0]:
         raise ValueError(f"{removed.shape[0]} circuits do not divide a batch of {clean.shape[0]} prompts")
     removed = removed.to(adapter.device) * graph.allowed.to(adapter.device)
+    start = 0 if resume is None else resume.shared_layers(graph, removed)
     diff = corrupted_senders.clone()  # becomes corrupted − current as senders fire
-    total = torch.zeros_like(diff[0])  # [b, p, d]: Σ over fired senders of corrupted − current
+    if start:
+        shared = next((p.start for p in graph.sender_points if p.layer >= start), graph.n_senders)
+        diff[:shared] = resume.diff[:shared]
+        total = resume.totals[start].clone()
+    else:
+        total = torch.zeros_like(diff[0])  # [b, p, d]: Σ over fired senders of corrupted − current
     hooks = record_senders_hooks(adapter, graph, diff, -1.0, total) + patch_receivers_hooks(adapter, graph, diff, total, removed)
-    with torch.no_grad(), adapter.hooks(hooks):
-        return adapter.logits(clean, positions)
+    totals, outputs = ([None] + (resume.totals[1:start] if start else [])), []
+    if record:
+        def snapshot(x, hook=None):
+            totals.append(total.clone())
+            return x
 
+        hooks += [(adapter.layer_entry(layer), snapshot) for layer in range(max(start, 1), graph.shape.n_layers + 1)]
+    with ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(adapter.hooks(hooks))
+        if start:
+            stack.enter_context(adapter.blocks_replayed(resume.outputs, start))
+        if record:
+            stack.enter_context(adapter.blocks_recorded(outputs))
+        logits = adapter.logits(clean, positions)
+    return (logits, PassRecord(removed, diff, totals, outputs)) if record else logits
 
 
 def stack_split(graph: EdgeGraph, removed: torch.Tensor) -> tuple[int, int] | None:

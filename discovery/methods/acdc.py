@@ -44,7 +44,9 @@ group's removal stands when the distance grows by less than τ — removes a who
 edges in one pass; a group whose removal does not stand is split in halves, tried in turn, down
 to single edges, which are kept (binary splitting, as in adaptive group testing: Hwang 1972,
 "A method for detecting all defective members in a population by group testing"). Candidates
-are taken weakest |score| first over the whole seed. The group size follows the share p of
+come in ACDC's order (receivers from the logits back, each one's edges weakest first), so a
+trial differs from the current circuit only in late layers, and a pass can reuse the blocks it
+shares with an earlier one (``CircuitEvaluator``'s ``reuse``). The group size follows the share p of
 edges kept among the last ``GROUP_WINDOW`` decided, the largest power of two up to ``ln 2 / p``
 (Hwang's rule), so groups are long among the weak edges and single near the strong ones. Every
 accepted removal, single or grouped, grows the distance by less than τ, as in ACDC; grouping
@@ -355,9 +357,9 @@ def acdc(graph: EdgeGraph, evaluate: Evaluate, scores: torch.Tensor, start: Mask
 
 def acdc_groups(graph: EdgeGraph, evaluate: Evaluate, scores: torch.Tensor, start: Mask, tau: float,
                 state: SearchState | None = None, on_chain: Callable[[SearchState], None] | None = None) -> SearchResult:
-    """ACDC's rule on groups of edges, weakest |score| first, bisected when a group's removal does
+    """ACDC's rule on groups of edges in ACDC's order, bisected when a group's removal does
     not stand (see the module docstring)."""
-    return _search(graph, evaluate, scores, start, removal_order, lambda new, cur: new[1] - cur[1] < tau,
+    return _search(graph, evaluate, scores, start, candidate_order, lambda new, cur: new[1] - cur[1] < tau,
                    0, state, on_chain, grouped=True)
 
 

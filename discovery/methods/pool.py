@@ -35,11 +35,12 @@ class EvaluatorSpec:
     limit: int | None = None
     distance: str = "kl"
     max_rows: int = 32
+    reuse: int = 0  # passes kept per batch for circuits evaluated alone (CircuitEvaluator ``reuse``)
 
     def build(self, adapter: ModelAdapter | None = None) -> CircuitEvaluator:
         adapter = adapter if adapter is not None else self.load()
         return CircuitEvaluator(adapter, EdgeGraph(adapter.shape), self.task, "discovery", self.batch_size,
-                                limit=self.limit, distance=self.distance, max_rows=self.max_rows)
+                                limit=self.limit, distance=self.distance, max_rows=self.max_rows, reuse=self.reuse)
 
 
 def _concat(parts: list[Scores]) -> Scores:

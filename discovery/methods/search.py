@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from circuitfinder.methods.registry import Problem
 
 MAX_ROWS = 256  # sequences per forward pass in the search, once the batch is repeated per circuit
+REUSE = 2  # passes kept per batch: a trial runs only the blocks from where it differs from one of them
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,8 @@ def run_search(problem: "Problem", criterion: str, scores: torch.Tensor, start: 
     started = time.perf_counter()
     batches = tuple(b.to("cpu") for b in task.batches("discovery", config.batch_size, limit=config.search_prompts))
     distance = "task" if criterion == "minimize" else config.acdc_metric
-    spec = EvaluatorSpec(partial(load_model, config.model), task, config.batch_size, config.search_prompts, distance, MAX_ROWS)
+    spec = EvaluatorSpec(partial(load_model, config.model), task, config.batch_size, config.search_prompts, distance, MAX_ROWS,
+                         REUSE)
     chunk = max(1, MAX_ROWS // max(b.size for b in batches))
     n_prompts = sum(b.size for b in batches)
     if config.workers:
@@ -75,7 +77,7 @@ def run_search(problem: "Problem", criterion: str, scores: torch.Tensor, start: 
             tau = config.tau if config.tau is not None else 0.01 * empty[1]
             rule = {"rule": criterion, "distance": distance, "tau": tau, "distance_empty": empty[1]}
             grouped = criterion == "acdc-groups"
-            candidates = (removal_order if grouped else candidate_order)(graph, start, scores)
+            candidates = candidate_order(graph, start, scores)
             label = f"ACDC{' on groups of edges' if grouped else ''} (τ = {tau:.3g}, {distance})"
         else:
             floor = empty[0] + config.target_faithfulness * (full[0] - empty[0])
