@@ -77,12 +77,13 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 def discover(
     task: str = typer.Option("ioi", "--task", help="Task name (see `circuits tasks list`)."),
     model: str = typer.Option("smollm2-135m", "--model", help="Bundled model name, Hugging Face id or local folder."),
-    method: str = typer.Option("eap-ig", "--method", help="eap-ig (default), eap, eap-ig-activations (attribution); acdc, acdc-groups or minimize (patching searches seeded by --seed-method); see `circuits methods`."),
+    method: str = typer.Option("acdc-groups", "--method", help="acdc-groups (default: the minimal faithful circuit, ACDC's rule on groups of edges), acdc or minimize (patching searches seeded by --seed-method); eap-ig (attribution's top-N alone: the quick look), eap, eap-ig-activations; see `circuits methods`."),
     seed_method: str = typer.Option("eap-ig", "--seed-method", help="acdc/minimize: attribution that orders and bounds the candidates; none: every edge, in graph order (textbook ACDC)."),
     tau: Optional[float] = typer.Option(None, "--tau", help="acdc: keep a removal when the distance grows by less than this (default: 1% of the empty circuit's distance)."),
     acdc_metric: str = typer.Option("task", "--acdc-metric", help="acdc, acdc-groups: distance from the clean run: task (|change of the mean metric|, the default: a faithful circuit), prompt (mean per-prompt |change|, which cannot cancel across prompts) or kl (ACDC's own; at its default τ it keeps a quarter to a third of the behaviour)."),
+    floor: bool = typer.Option(True, "--floor/--no-floor", help="acdc, acdc-groups: a removal also needs the circuit to keep --target-faithfulness on the search prompts (ACDC's rule alone bounds each removal's growth, not their sum); --no-floor: Conmy et al.'s rule alone."),
     minimize: bool = typer.Option(False, "--minimize", help="Shorthand for --method minimize --seed-method METHOD: remove edges one by one while the target faithfulness holds."),
-    search_prompts: int = typer.Option(16, "--search-prompts", help="acdc/--minimize: discovery prompts each candidate is evaluated on."),
+    search_prompts: int = typer.Option(32, "--search-prompts", help="acdc, acdc-groups, minimize: discovery prompts each candidate is evaluated on (16 overfit on IOI: the circuit fell short on held-out prompts)."),
     chain: int = typer.Option(16, "--chain", help="acdc/--minimize: the most candidates evaluated together (speculatively) per chain; each chain's length adapts to how often guesses are right."),
     workers: int = typer.Option(0, "--workers", help="acdc/--minimize: Ray actors with a model replica each (0: in this process)."),
     address: Optional[str] = typer.Option(None, "--address", help="Join an existing Ray cluster at this address (with --workers)."),
@@ -112,7 +113,7 @@ def discover(
                             target_faithfulness=target_faithfulness, ig_steps=ig_steps, ig_rule=ig_rule, bos=bos,
                             ablation=ablation, curve=curve, roles=roles, force=force,
                             skip_bad_rows=skip_bad_rows, check_model=not skip_model_check, n_pairs=pairs, batch_size=batch_size, seed=seed,
-                            seed_method=seed_method, tau=tau, acdc_metric=acdc_metric, minimize=minimize,
+                            seed_method=seed_method, tau=tau, acdc_metric=acdc_metric, floor=floor, minimize=minimize,
                             search_prompts=search_prompts, chain=chain, workers=workers, address=address)
     if match_published:
         config = config.matching_published()

@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from circuitfinder.methods.acdc import SearchState, acdc, candidate_order, minimize
+from circuitfinder.methods.acdc import SearchState, acdc, candidate_order, group_order, minimize
 from circuitfinder.methods.attribution import eap
 from circuitfinder.engine.masks import prune, top_edges
 from circuitfinder.engine.graph import EdgeGraph
@@ -148,13 +149,20 @@ def reference_metric(adapter, graph, task, circuit) -> float:
     return float(logit_difference(logits, batch).mean())
 
 
-def test_minimize_is_greedy_removal_above_the_floor(tiny):
-    task, graph, scorer, scores = setup(tiny, distance="task")
+def oriented_setup(adapter):
+    """``setup`` with the task distance, the task oriented so that the clean run scores above the
+    corrupted one (a random model may prefer either answer); also the empty circuit's metric."""
+    task, graph, scorer, scores = setup(adapter, distance="task")
     empty = float(scorer.evaluate((graph.allowed & False).unsqueeze(0)).metric[0])
-    if scorer.clean_metric < empty:  # a random model: orient the task so that clean scores higher
-        swapped = dataclasses.replace(task, answer=task.wrong, wrong=task.answer)
-        scorer = CircuitEvaluator(tiny, graph, swapped, "discovery", 4, distance="task", max_rows=8)
-        empty, task = -empty, swapped
+    if scorer.clean_metric < empty:
+        task = dataclasses.replace(task, answer=task.wrong, wrong=task.answer)
+        scorer = CircuitEvaluator(adapter, graph, task, "discovery", 4, distance="task", max_rows=8)
+        empty = -empty
+    return task, graph, scorer, scores, empty
+
+
+def test_minimize_is_greedy_removal_above_the_floor(tiny):
+    task, graph, scorer, scores, empty = oriented_setup(tiny)
     started = float(scorer.evaluate(prune(graph, start_circuit(graph, scores)).unsqueeze(0)).metric[0])
     floor = empty + 0.5 * (started - empty)  # half of what the start circuit recovers
     result = minimize(graph, InProcessPool(scorer, chunk=4), scores, start_circuit(graph, scores), floor, chain=8)
@@ -199,10 +207,10 @@ def test_chain_length_grows_with_right_guesses_and_with_the_shared_layers():
     assert chain_length(SearchState(torch.zeros(1, 1, dtype=torch.bool), (0.0, 0.0)), 10, 30, 16) > 1  # prior: 3 in 4 right
 
 
-def reference_groups(graph, circuit, edges, measure, tau) -> tuple[torch.Tensor, int]:
+def reference_groups(graph, circuit, edges, measure, keeps_removal) -> tuple[torch.Tensor, int]:
     """Group-wise ACDC written plainly: groups of the next ``size`` edges in order (the largest power
     of two up to ln 2 / p, p the share kept among the last decided with a prior), each removal
-    standing when the distance grows by less than tau, a group that fails split in halves down to
+    standing when ``keeps_removal(measure(trial), current)``, a group that fails split in halves down to
     single edges; a receiver feeding no kept node loses its edges unmeasured. Returns the pruned
     circuit and the number of passes."""
     import math
@@ -237,7 +245,7 @@ def reference_groups(graph, circuit, edges, measure, tau) -> tuple[torch.Tensor,
             seen[key] = measure(trial)
             passes += 1
         value = seen[key]
-        if value - current < tau:
+        if keeps_removal(value, current):
             circuit, current = trial, value
             verdicts.update({i: 1 for i in live})
         elif len(live) == 1:
@@ -270,12 +278,41 @@ def test_group_acdc_equals_a_plain_reference(tiny, tau_fraction):
     tau = tau_fraction * reference_distance(tiny, graph, task, graph.allowed & False)
     result = acdc_groups(graph, InProcessPool(scorer, chunk=4), scores, start_circuit(graph, scores), tau)
     circuit = prune(graph, start_circuit(graph, scores))
-    want, passes = reference_groups(graph, circuit.clone(), candidate_order(graph, circuit, scores),
-                                    lambda c: reference_distance(tiny, graph, task, c), tau)
+    want, passes = reference_groups(graph, circuit.clone(), group_order(graph, circuit, scores),
+                                    lambda c: reference_distance(tiny, graph, task, c), lambda new, cur: new - cur < tau)
     assert torch.equal(result.circuit, want)
     assert result.state.rows == passes
     assert 0 < int(want.sum()) < int(circuit.sum())  # some edges go, some stay
     assert reference_distance(tiny, graph, task, want) - reference_distance(tiny, graph, task, circuit) < tau * result.state.rows
+
+
+@pytest.mark.parametrize("tau_fraction", [None, 0.03])
+def test_a_floor_stops_the_removals_adding_up_and_equals_a_plain_reference(tiny, tau_fraction):
+    """With a floor, a group removal stands only if the distance grows by less than τ and the
+    metric stays ≥ the floor: the search equals the plain recursion under that rule and ends at or
+    above the floor. With no bound on τ, the same search without the floor ends below it (so the
+    floor is what holds it); with a small τ both rules are in play."""
+    from circuitfinder.methods.acdc import acdc_groups
+
+    task, graph, scorer, scores, empty = oriented_setup(tiny)
+    start = prune(graph, start_circuit(graph, scores))
+    started = reference_metric(tiny, graph, task, start)
+    floor = empty + 0.8 * (started - empty)
+    tau = math.inf if tau_fraction is None else tau_fraction * (scorer.clean_metric - empty)
+    pool = InProcessPool(scorer, chunk=4)
+    if tau_fraction is None:
+        assert reference_metric(tiny, graph, task, acdc_groups(graph, pool, scores, start, tau).circuit) < floor
+    result = acdc_groups(graph, pool, scores, start, tau, floor=floor)
+
+    def measure(c):
+        m = reference_metric(tiny, graph, task, c)
+        return m, abs(m - scorer.clean_metric)
+
+    want, passes = reference_groups(graph, start.clone(), group_order(graph, start, scores), measure,
+                                    lambda new, cur: new[1] - cur[1] < tau and new[0] >= floor)
+    assert torch.equal(result.circuit, want) and result.state.rows == passes
+    assert reference_metric(tiny, graph, task, result.circuit) >= floor
+    assert int(result.circuit.sum()) < int(start.sum())  # the floor still lets edges go
 
 
 def test_interrupted_group_acdc_resumes_to_the_same_circuit(tiny):
@@ -298,7 +335,7 @@ def test_interrupted_group_acdc_resumes_to_the_same_circuit(tiny):
     with pytest.raises(Stop):
         acdc_groups(graph, pool, scores, start_circuit(graph, scores), tau, on_chain=interrupt)
     start = prune(graph, start_circuit(graph, scores))
-    state = SearchState.from_json(json.loads(saved["json"]), start, candidate_order(graph, start, scores))
+    state = SearchState.from_json(json.loads(saved["json"]), start, group_order(graph, start, scores))
     assert 0 < state.position < whole.candidates
     resumed = acdc_groups(graph, pool, scores, start_circuit(graph, scores), tau, state=state)
     assert torch.equal(resumed.circuit, whole.circuit) and resumed.state.decided == whole.state.decided
@@ -335,3 +372,18 @@ def test_prompt_distance_is_the_mean_per_prompt_change(tiny):
         assert float(got.distance[j]) == pytest.approx(float((patched - clean).abs().mean()), rel=1e-9)
         assert float(got.distance[j]) >= abs(float(got.metric[j]) - evaluator.clean_metric) - 1e-12
     assert float(got.distance.min()) > 0  # the circuits change the metric, so the test can fail
+
+
+def test_group_order_is_weakest_first_in_runs_each_sorted_by_layer_latest_first(tiny):
+    from circuitfinder.methods.acdc import removal_order
+
+    _, graph, _, scores = setup(tiny)
+    start = prune(graph, start_circuit(graph, scores))
+    weakest = removal_order(graph, start, scores)
+    assert group_order(graph, start, scores, chunk=1) == weakest
+    order = group_order(graph, start, scores, chunk=8)
+    layer = [r // graph.receivers_per_layer for _, r in order]
+    for i in range(0, len(order), 8):
+        assert sorted(order[i : i + 8]) == sorted(weakest[i : i + 8])  # the same run of weakest edges
+        assert layer[i : i + 8] == sorted(layer[i : i + 8], reverse=True)  # latest receivers first
+    assert order != weakest

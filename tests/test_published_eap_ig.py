@@ -126,7 +126,7 @@ def test_match_published_on_the_command_line(tiny_model_dir, tmp_path, capsys):
     from cli_runner import run_in_process
 
     out = tmp_path / "run"
-    code, _, err = run_in_process(capsys, "discover", "--task", "ioi", "--model", str(tiny_model_dir), "--match-published",
+    code, _, err = run_in_process(capsys, "discover", "--task", "ioi", "--model", str(tiny_model_dir), "--method", "eap-ig", "--match-published",
                                   "--pairs", "8", "--batch-size", "8", "--edges", "20", "--no-curve", "--force", "--out", str(out))
     assert code == 0, err
     config = json.loads((out / "config.json").read_text())

@@ -28,7 +28,7 @@ def tiny_ioi_model(word_tokenizer):
 
 def test_discover_writes_a_complete_run_folder(tiny_ioi_model, tmp_path):
     out = tmp_path / "run"
-    config = DiscoverConfig(task="ioi", model="tiny-llama", n_pairs=16, batch_size=8, edges=40, force=True)
+    config = DiscoverConfig(task="ioi", model="tiny-llama", method="eap-ig", n_pairs=16, batch_size=8, edges=40, force=True)
     summary = run_config(config, out=out, adapter=tiny_ioi_model).summary
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "summary.json", "scores.parquet", "circuit.json", "circuit.svg", "prompts.jsonl"} <= names
@@ -101,7 +101,7 @@ def test_discover_uses_the_chosen_ablation_throughout(tiny_ioi_model, tmp_path, 
 
 def test_discover_refuses_to_overwrite_unless_asked(tiny_ioi_model, tmp_path):
     out = tmp_path / "run"
-    config = DiscoverConfig(task="ioi", model="tiny-llama", n_pairs=8, batch_size=8, edges=20, force=True)
+    config = DiscoverConfig(task="ioi", model="tiny-llama", method="eap-ig", n_pairs=8, batch_size=8, edges=20, force=True)
     run_config(config, out=out, adapter=tiny_ioi_model)
     before = (out / "summary.json").read_text()
     with pytest.raises(OutputExists, match="overwrite=True"):
@@ -111,7 +111,7 @@ def test_discover_refuses_to_overwrite_unless_asked(tiny_ioi_model, tmp_path):
 
 
 def test_same_seed_gives_byte_identical_circuit(tiny_ioi_model, tmp_path):
-    config = DiscoverConfig(task="ioi", model="tiny-llama", n_pairs=8, batch_size=8, edges=20, force=True)
+    config = DiscoverConfig(task="ioi", model="tiny-llama", method="eap-ig", n_pairs=8, batch_size=8, edges=20, force=True)
     run_config(config, out=tmp_path / "a", adapter=tiny_ioi_model)
     run_config(config, out=tmp_path / "b", adapter=tiny_ioi_model)
     assert (tmp_path / "a" / "circuit.json").read_bytes() == (tmp_path / "b" / "circuit.json").read_bytes()
@@ -162,9 +162,9 @@ def test_cli_refuses_an_existing_output_folder(tmp_path):
 
 def test_a_run_s_prompts_file_is_a_task_file(tiny_ioi_model, tmp_path):
     """prompts.jsonl of one run drives another run through --task FILE, with the same split."""
-    first = run_config(DiscoverConfig(task="ioi", n_pairs=8, batch_size=8, edges=20, force=True), out=tmp_path / "a", adapter=tiny_ioi_model).summary
+    first = run_config(DiscoverConfig(task="ioi", method="eap-ig", n_pairs=8, batch_size=8, edges=20, force=True), out=tmp_path / "a", adapter=tiny_ioi_model).summary
     task_file = str(tmp_path / "a" / "prompts.jsonl")
-    second = run_config(DiscoverConfig(task=task_file, n_pairs=8, batch_size=8, edges=20, force=True), out=tmp_path / "b", adapter=tiny_ioi_model).summary
+    second = run_config(DiscoverConfig(task=task_file, method="eap-ig", n_pairs=8, batch_size=8, edges=20, force=True), out=tmp_path / "b", adapter=tiny_ioi_model).summary
     assert second["metric_clean"] == pytest.approx(first["metric_clean"], abs=1e-5)
     assert second["faithfulness"] == pytest.approx(first["faithfulness"], abs=1e-5)
 
@@ -186,12 +186,12 @@ def test_a_behaviour_the_model_lacks_is_refused_unless_forced(tiny_ioi_model, tm
 def test_a_task_file_with_a_bad_row_is_refused_unless_bad_rows_are_skipped(tiny_ioi_model, tmp_path):
     from circuitfinder.tasks.base import TaskError
 
-    run_config(DiscoverConfig(task="ioi", n_pairs=8, batch_size=8, edges=20, force=True), out=tmp_path / "a", adapter=tiny_ioi_model)
+    run_config(DiscoverConfig(task="ioi", method="eap-ig", n_pairs=8, batch_size=8, edges=20, force=True), out=tmp_path / "a", adapter=tiny_ioi_model)
     rows = (tmp_path / "a" / "prompts.jsonl").read_text().splitlines()
     bad = json.loads(rows[0]) | {"corrupted": "too short"}
     task_file = tmp_path / "task.jsonl"
     task_file.write_text("\n".join([json.dumps(bad)] + rows[1:]) + "\n")
-    config = DiscoverConfig(task=str(task_file), n_pairs=8, batch_size=8, edges=20, force=True)
+    config = DiscoverConfig(task=str(task_file), method="eap-ig", n_pairs=8, batch_size=8, edges=20, force=True)
     with pytest.raises(TaskError, match=r"task.jsonl:1:"):
         run_config(config, out=tmp_path / "b", adapter=tiny_ioi_model)
     assert not (tmp_path / "b").exists()

@@ -52,7 +52,7 @@ def test_full_and_empty_circuits_reproduce_clean_and_corrupted_runs(smollm2, ioi
 
 
 def test_short_discovery_run_on_smollm2(smollm2, tmp_path):
-    config = DiscoverConfig(task="ioi", model="smollm2-135m", n_pairs=32, edges=2000)
+    config = DiscoverConfig(task="ioi", model="smollm2-135m", method="eap-ig", n_pairs=32, edges=2000)
     summary = run_config(config, out=tmp_path / "run", adapter=smollm2).summary
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["edges_total"] == 70_651 and 0 < saved["edges_kept"] <= 2000

@@ -158,7 +158,7 @@ def _attribution(problem: Problem, name: str) -> Found:
     return Found(scores, selected, circuit, passes + search_passes, size_search)
 
 
-SEARCH_ONLY = ("tau", "acdc_metric", "minimize", "search_prompts", "chain", "method")
+SEARCH_ONLY = ("tau", "acdc_metric", "floor", "minimize", "search_prompts", "chain", "method")
 IGNORED = ("curve", "roles", "workers", "address")  # settings that do not change a search's result
 
 

@@ -20,7 +20,7 @@ from circuitfinder.checkpoint import Checkpoint
 from circuitfinder.engine.adapter import load_model
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.masks import Mask, prune
-from circuitfinder.methods.acdc import GROUP_MAX, SearchResult, SearchState, acdc, acdc_groups, candidate_order, minimize, removal_order
+from circuitfinder.methods.acdc import GROUP_MAX, SearchResult, SearchState, acdc, acdc_groups, candidate_order, group_order, minimize, removal_order
 from circuitfinder.methods.pool import EvaluatorSpec, InProcessPool, RayPool
 
 if TYPE_CHECKING:
@@ -52,8 +52,9 @@ CRITERIA = ("acdc", "acdc-groups", "minimize")
 
 
 def run_search(problem: "Problem", criterion: str, scores: torch.Tensor, start: Mask, checkpoint: Checkpoint) -> SearchOutcome:
-    """ACDC (``criterion="acdc"``: τ on ``settings.acdc_metric``; ``"acdc-groups"``: the same rule
-    on groups of edges) or minimisation to ``settings.target_faithfulness`` (``"minimize"``), from
+    """ACDC (``criterion="acdc"``: τ on ``settings.acdc_metric``, and with ``settings.floor`` the
+    target faithfulness kept on the search prompts; ``"acdc-groups"``: the same rule on groups of
+    edges) or minimisation to ``settings.target_faithfulness`` (``"minimize"``), from
     the circuit ``start``."""
     if criterion not in CRITERIA:
         raise ValueError(f"unknown search criterion {criterion!r}: use one of {', '.join(CRITERIA)}")
@@ -73,14 +74,19 @@ def run_search(problem: "Problem", criterion: str, scores: torch.Tensor, start: 
         ends = pool(torch.stack([graph.allowed & False, graph.allowed.clone()]))
         empty, full = (float(ends.metric[0]), float(ends.distance[0])), (float(ends.metric[1]), float(ends.distance[1]))
         start = prune(graph, start)
+        floor = empty[0] + config.target_faithfulness * (full[0] - empty[0])
         if criterion != "minimize":
             tau = config.tau if config.tau is not None else 0.01 * empty[1]
             rule = {"rule": criterion, "distance": distance, "tau": tau, "distance_empty": empty[1]}
+            if config.floor:
+                rule |= {"target_faithfulness": config.target_faithfulness, "metric_floor": floor}
+            else:
+                floor = None
             grouped = criterion == "acdc-groups"
-            candidates = candidate_order(graph, start, scores)
-            label = f"ACDC{' on groups of edges' if grouped else ''} (τ = {tau:.3g}, {distance})"
+            candidates = (group_order if grouped else candidate_order)(graph, start, scores)
+            label = (f"ACDC{' on groups of edges' if grouped else ''} (τ = {tau:.3g}, {distance}"
+                     + (f", faithfulness ≥ {config.target_faithfulness}" if config.floor else "") + ")")
         else:
-            floor = empty[0] + config.target_faithfulness * (full[0] - empty[0])
             rule = {"rule": "minimize", "target_faithfulness": config.target_faithfulness, "metric_floor": floor}
             candidates = removal_order(graph, start, scores)
             label = f"minimising (faithfulness ≥ {config.target_faithfulness} on {n_prompts} prompts)"
@@ -115,23 +121,25 @@ def run_search(problem: "Problem", criterion: str, scores: torch.Tensor, start: 
                                  f"{st.rows:,} circuits evaluated ({st.wasted_rows:,} on wrong guesses)")
 
             if criterion == "acdc":
-                result = acdc(graph, pool, scores, start, tau, config.chain, state, on_chain)
+                result = acdc(graph, pool, scores, start, tau, config.chain, state, on_chain, floor)
             elif criterion == "acdc-groups":
-                result = acdc_groups(graph, pool, scores, start, tau, state, on_chain)
+                result = acdc_groups(graph, pool, scores, start, tau, state, on_chain, floor)
             else:
                 result = minimize(graph, pool, scores, start, floor, config.chain, state, on_chain)
         circuit = result.circuit
-        # latest receivers first: a pass's circuits then differ only from a late layer on, and share the rest
+        # latest receivers first: a trial differs from the circuit only from its receiver's layer on,
+        # so in process (one trial a pass) it reuses the circuit's pass up to there; Ray stacks them
         kept = sorted(torch.nonzero(circuit).tolist(), key=lambda e: (-e[1], e[0]))
+        per_pass = 64 if config.workers else 1
         with reporter.progress(f"necessity of {len(kept)} kept edges", len(kept)) as advance:
             base = pool(circuit.unsqueeze(0))
             necessity = []
-            for i in range(0, len(kept), 64):
-                trials = circuit.unsqueeze(0).repeat(len(kept[i : i + 64]), 1, 1)
-                for j, (s, r) in enumerate(kept[i : i + 64]):
+            for i in range(0, len(kept), per_pass):
+                trials = circuit.unsqueeze(0).repeat(len(kept[i : i + per_pass]), 1, 1)
+                for j, (s, r) in enumerate(kept[i : i + per_pass]):
                     trials[j, s, r] = False
                 scored = pool(trials)
-                for j, (s, r) in enumerate(kept[i : i + 64]):
+                for j, (s, r) in enumerate(kept[i : i + per_pass]):
                     necessity.append({"edge": graph.edge_name(s, r), "score": float(scores[s, r]),
                                       "metric_drop": float(base.metric[0] - scored.metric[j]),
                                       "distance_rise": float(scored.distance[j] - base.distance[0])})

@@ -45,7 +45,7 @@ class DiscoverConfig:
 
     task: str = "ioi"
     model: str = "smollm2-135m"
-    method: str = "eap-ig"
+    method: str = "acdc-groups"  # the minimal faithful circuit; "eap-ig": attribution's top-N alone (the quick look)
     edges: int | None = None  # keep the top-N edges by |score| …
     threshold: float | None = None  # … or every edge with |score| ≥ threshold …
     target_faithfulness: float = 0.8  # … or else the smallest top-N found to reach this (discovery split)
@@ -56,8 +56,9 @@ class DiscoverConfig:
     seed_method: str = "eap-ig"  # for --method acdc: the attribution that orders and bounds the search ("none": all edges)
     tau: float | None = None  # ACDC threshold on the distance; None: 1 % of the empty circuit's distance
     acdc_metric: str = "task"  # ACDC's distance from the clean run: "task" (|mean metric change|), "prompt" (mean per-prompt |change|) or "kl" (Conmy et al.'s)
+    floor: bool = True  # acdc, acdc-groups: a removal also keeps target_faithfulness on the search prompts
     minimize: bool = False  # prune the chosen circuit edge by edge while it keeps the target faithfulness
-    search_prompts: int = 16  # discovery prompts that ACDC / --minimize evaluate on (faithfulness is then held-out)
+    search_prompts: int = 32  # discovery prompts that ACDC / --minimize evaluate on (faithfulness is then held-out)
     chain: int = 16  # the most candidates evaluated per speculative chain (each chain's length adapts)
     workers: int = 0  # Ray actors for ACDC / --minimize (0: in this process)
     address: str | None = None  # an existing Ray cluster to join
@@ -312,7 +313,7 @@ def below_target(faithfulness: float, config: DiscoverConfig) -> str:
             "(`n_pairs`), a larger circuit (`edges`, `threshold`, or a higher `target_faithfulness`), or a smaller `tau`")
 
 
-def discover(model: "str | ModelAdapter" = "smollm2-135m", task: "str | Task" = "ioi", method: str = "eap-ig", *,
+def discover(model: "str | ModelAdapter" = "smollm2-135m", task: "str | Task" = "ioi", method: str = DiscoverConfig.method, *,
              out: Path | None = None, overwrite: bool = False, reporter: Reporter | None = None, **options) -> "Run":
     """Find the circuit of ``task`` in ``model`` and check it by exact patching on held-out prompts.
 
