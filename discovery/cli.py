@@ -248,10 +248,12 @@ def render(
 def methods() -> None:
     """List the methods: what each does, what it costs, and what it supports."""
     from circuitfinder.methods.registry import METHODS
+    from circuitfinder.runs.run import DiscoverConfig
 
     for name, m in METHODS.items():
         supports = f"ablations: {', '.join(m.ablations)}" + ("" if m.post_norm else "; not on post-norm models")
-        print(f"{name:<20} {m.description}\n{'':<20} cost: {m.cost}; {supports}")
+        default = " (default)" if name == DiscoverConfig.method else ""
+        print(f"{name + default:<20} {m.description}\n{'':<20} cost: {m.cost}; {supports}")
 
 
 @app.command()

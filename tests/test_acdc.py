@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from circuitfinder.methods.acdc import SearchState, acdc, candidate_order, group_order, minimize
+from circuitfinder.methods.acdc import SearchState, acdc, candidate_order, minimize, removal_order
 from circuitfinder.methods.attribution import eap
 from circuitfinder.engine.masks import prune, top_edges
 from circuitfinder.engine.graph import EdgeGraph
@@ -278,7 +278,7 @@ def test_group_acdc_equals_a_plain_reference(tiny, tau_fraction):
     tau = tau_fraction * reference_distance(tiny, graph, task, graph.allowed & False)
     result = acdc_groups(graph, InProcessPool(scorer, chunk=4), scores, start_circuit(graph, scores), tau)
     circuit = prune(graph, start_circuit(graph, scores))
-    want, passes = reference_groups(graph, circuit.clone(), group_order(graph, circuit, scores),
+    want, passes = reference_groups(graph, circuit.clone(), removal_order(graph, circuit, scores),
                                     lambda c: reference_distance(tiny, graph, task, c), lambda new, cur: new - cur < tau)
     assert torch.equal(result.circuit, want)
     assert result.state.rows == passes
@@ -308,7 +308,7 @@ def test_a_floor_stops_the_removals_adding_up_and_equals_a_plain_reference(tiny,
         m = reference_metric(tiny, graph, task, c)
         return m, abs(m - scorer.clean_metric)
 
-    want, passes = reference_groups(graph, start.clone(), group_order(graph, start, scores), measure,
+    want, passes = reference_groups(graph, start.clone(), removal_order(graph, start, scores), measure,
                                     lambda new, cur: new[1] - cur[1] < tau and new[0] >= floor)
     assert torch.equal(result.circuit, want) and result.state.rows == passes
     assert reference_metric(tiny, graph, task, result.circuit) >= floor
@@ -335,7 +335,7 @@ def test_interrupted_group_acdc_resumes_to_the_same_circuit(tiny):
     with pytest.raises(Stop):
         acdc_groups(graph, pool, scores, start_circuit(graph, scores), tau, on_chain=interrupt)
     start = prune(graph, start_circuit(graph, scores))
-    state = SearchState.from_json(json.loads(saved["json"]), start, group_order(graph, start, scores))
+    state = SearchState.from_json(json.loads(saved["json"]), start, removal_order(graph, start, scores))
     assert 0 < state.position < whole.candidates
     resumed = acdc_groups(graph, pool, scores, start_circuit(graph, scores), tau, state=state)
     assert torch.equal(resumed.circuit, whole.circuit) and resumed.state.decided == whole.state.decided
@@ -373,17 +373,3 @@ def test_prompt_distance_is_the_mean_per_prompt_change(tiny):
         assert float(got.distance[j]) >= abs(float(got.metric[j]) - evaluator.clean_metric) - 1e-12
     assert float(got.distance.min()) > 0  # the circuits change the metric, so the test can fail
 
-
-def test_group_order_is_weakest_first_in_runs_each_sorted_by_layer_latest_first(tiny):
-    from circuitfinder.methods.acdc import removal_order
-
-    _, graph, _, scores = setup(tiny)
-    start = prune(graph, start_circuit(graph, scores))
-    weakest = removal_order(graph, start, scores)
-    assert group_order(graph, start, scores, chunk=1) == weakest
-    order = group_order(graph, start, scores, chunk=8)
-    layer = [r // graph.receivers_per_layer for _, r in order]
-    for i in range(0, len(order), 8):
-        assert sorted(order[i : i + 8]) == sorted(weakest[i : i + 8])  # the same run of weakest edges
-        assert layer[i : i + 8] == sorted(layer[i : i + 8], reverse=True)  # latest receivers first
-    assert order != weakest

@@ -44,11 +44,10 @@ group's removal stands when the distance grows by less than τ — removes a who
 edges in one pass; a group whose removal does not stand is split in halves, tried in turn, down
 to single edges, which are kept (binary splitting, as in adaptive group testing: Hwang 1972,
 "A method for detecting all defective members in a population by group testing"). Candidates
-are taken weakest |score| first over the whole seed, in runs of ``GROUP_CHUNK`` each sorted by
-receiver layer, latest first (:func:`group_order`), so that a group's trial reuses most of the
-current circuit's pass. (ACDC's own order, receiver by receiver, mixes strong and weak edges in
-every group: on SmolLM2 IOI it tried more circuits and kept more edges, at lower held-out
-faithfulness.) The group size follows the share p of
+are taken weakest |score| first over the whole seed. (ACDC's own order, receiver by receiver,
+mixes strong and weak edges in every group: on SmolLM2 IOI it tried more circuits and kept more
+edges, at lower held-out faithfulness; runs of weak edges sorted by layer, so that trials reuse
+more of the current circuit's pass, also tried more circuits.) The group size follows the share p of
 edges kept among the last ``GROUP_WINDOW`` decided, the largest power of two up to ``ln 2 / p``
 (Hwang's rule), so groups are long among the weak edges and single near the strong ones. Every
 accepted removal, single or grouped, grows the distance by less than τ, as in ACDC; grouping
@@ -75,7 +74,6 @@ OVERHEAD = 1.0  # a pass's fixed cost, in layer-passes
 GROUP_WINDOW = 128  # decided candidates whose share kept sets the next group's size
 GROUP_PRIOR = 64  # the share kept starts at 1 in this many
 GROUP_MAX = 64
-GROUP_CHUNK = 256  # group_order: runs of this many weakest-first edges, each sorted by layer
 
 
 def candidate_order(graph: EdgeGraph, start: Mask, scores: torch.Tensor) -> list[tuple[int, int]]:
@@ -331,16 +329,6 @@ def removal_order(graph: EdgeGraph, start: Mask, scores: torch.Tensor) -> list[t
     return [tuple(map(int, e)) for e in edges[torch.sort(key, stable=True).indices]]
 
 
-def group_order(graph: EdgeGraph, start: Mask, scores: torch.Tensor, chunk: int = GROUP_CHUNK) -> list[tuple[int, int]]:
-    """The group search's order: :func:`removal_order` (weakest |score| first) cut into runs of
-    ``chunk`` edges, each run sorted by receiver layer, latest first (stable). A group then holds
-    weak edges into nearby layers, so its trial differs from the current circuit only from a late
-    layer on and reuses the current circuit's pass up to there (``CircuitEvaluator``'s ``reuse``)."""
-    order = removal_order(graph, start, scores)
-    layer = lambda edge: edge[1] // graph.receivers_per_layer  # noqa: E731 (the logits: n_layers)
-    return [e for i in range(0, len(order), chunk) for e in sorted(order[i : i + chunk], key=layer, reverse=True)]
-
-
 def _search(graph: EdgeGraph, evaluate: Evaluate, scores: torch.Tensor, start: Mask, order, accept, chain: int,
             state: SearchState | None, on_chain, grouped: bool = False) -> SearchResult:
     """Prune ``start``, order its edges, score it once (unless resuming) and decide every edge,
@@ -379,9 +367,9 @@ def acdc(graph: EdgeGraph, evaluate: Evaluate, scores: torch.Tensor, start: Mask
 def acdc_groups(graph: EdgeGraph, evaluate: Evaluate, scores: torch.Tensor, start: Mask, tau: float,
                 state: SearchState | None = None, on_chain: Callable[[SearchState], None] | None = None,
                 floor: float | None = None) -> SearchResult:
-    """ACDC's rule (:func:`acdc_rule`) on groups of edges in :func:`group_order` (weak edges
-    first), bisected when a group's removal does not stand (see the module docstring)."""
-    return _search(graph, evaluate, scores, start, group_order, acdc_rule(tau, floor), 0, state, on_chain, grouped=True)
+    """ACDC's rule (:func:`acdc_rule`) on groups of edges, weakest |score| first over the whole
+    seed, bisected when a group's removal does not stand (see the module docstring)."""
+    return _search(graph, evaluate, scores, start, removal_order, acdc_rule(tau, floor), 0, state, on_chain, grouped=True)
 
 
 def minimize(graph: EdgeGraph, evaluate: Evaluate, scores: torch.Tensor, start: Mask, floor: float, chain: int = 8,

@@ -221,12 +221,14 @@ METHODS: dict[str, Method] = {
                                  post_norm=False, score=eap_ig_activations,
                                  forwards_per_batch=lambda steps, graph: 2 + len(graph.sender_points) * steps),
     "acdc": Method(partial(_search, criterion="acdc"),
-                   "ACDC (Conmy et al. 2023), seeded by --seed-method: keep a removal when the distance grows by less than τ",
+                   "ACDC (Conmy et al. 2023), seeded by --seed-method: keep a removal when the distance grows by less than τ "
+                   "(and, with --floor, the default, the circuit keeps the target faithfulness)",
                    "the seed's, then one patched forward per candidate edge (several stacked per pass)",
                    ablations=("counterfactual",), seeded=True),
     "acdc-groups": Method(partial(_search, criterion="acdc-groups"),
                           "ACDC on groups of edges, seeded by --seed-method: weak edges removed many at a time "
-                          "while the distance grows by less than τ, groups bisected when it does not",
+                          "while the distance grows by less than τ and the circuit keeps the target (--floor), groups "
+                          "bisected when a removal does not stand: the minimal faithful circuit",
                           "the seed's, then one patched forward per group tried (groups long among weak edges)",
                           ablations=("counterfactual",), seeded=True),
     "minimize": Method(partial(_search, criterion="minimize"),

@@ -20,7 +20,7 @@ from circuitfinder.checkpoint import Checkpoint
 from circuitfinder.engine.adapter import load_model
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.masks import Mask, prune
-from circuitfinder.methods.acdc import GROUP_MAX, SearchResult, SearchState, acdc, acdc_groups, candidate_order, group_order, minimize, removal_order
+from circuitfinder.methods.acdc import GROUP_MAX, SearchResult, SearchState, acdc, acdc_groups, candidate_order, minimize, removal_order
 from circuitfinder.methods.pool import EvaluatorSpec, InProcessPool, RayPool
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ def run_search(problem: "Problem", criterion: str, scores: torch.Tensor, start: 
             else:
                 floor = None
             grouped = criterion == "acdc-groups"
-            candidates = (group_order if grouped else candidate_order)(graph, start, scores)
+            candidates = (removal_order if grouped else candidate_order)(graph, start, scores)
             label = (f"ACDC{' on groups of edges' if grouped else ''} (τ = {tau:.3g}, {distance}"
                      + (f", faithfulness ≥ {config.target_faithfulness}" if config.floor else "") + ")")
         else:
@@ -127,10 +127,9 @@ def run_search(problem: "Problem", criterion: str, scores: torch.Tensor, start: 
             else:
                 result = minimize(graph, pool, scores, start, floor, config.chain, state, on_chain)
         circuit = result.circuit
-        # latest receivers first: a trial differs from the circuit only from its receiver's layer on,
-        # so in process (one trial a pass) it reuses the circuit's pass up to there; Ray stacks them
+        # latest receivers first: a pass's circuits then differ only from a late layer on, and share the rest
         kept = sorted(torch.nonzero(circuit).tolist(), key=lambda e: (-e[1], e[0]))
-        per_pass = 64 if config.workers else 1
+        per_pass = 64
         with reporter.progress(f"necessity of {len(kept)} kept edges", len(kept)) as advance:
             base = pool(circuit.unsqueeze(0))
             necessity = []

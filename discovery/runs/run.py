@@ -33,6 +33,7 @@ from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.faithfulness import DISTANCES
 from circuitfinder.methods.search import decisions_table
 from circuitfinder.graphs.circuit import Circuit
+from circuitfinder.graphs.explorer import write_explorer
 from circuitfinder.graphs.tables import nodes_table, read_scores, scores_table
 from circuitfinder.tasks import TASKS, Task, build_task, is_task_file
 
@@ -445,7 +446,7 @@ class Run:
         """Write the run folder whole or not at all (``circuitfinder.folders.atomic_dir``).
 
         Files: ``config.json``, ``summary.json``, ``scores.parquet``, ``nodes.csv``,
-        ``circuit.json``, ``circuit.svg``, ``prompts.jsonl``; ``curve.csv``/``curve.png`` with a
+        ``circuit.json``, ``circuit.svg``, ``circuit.html`` (the explorer), ``prompts.jsonl``; ``curve.csv``/``curve.png`` with a
         curve; ``certificate.json``, ``necessity.csv``, ``decisions.csv`` after a search.
 
         Raises:
@@ -471,6 +472,7 @@ class Run:
                 pd.DataFrame(self.curve.rows()).to_csv(tmp / "curve.csv", index=False)
                 _plot_curve(self.curve, f"{self.config.task} · {self.config.model} · {self.config.method}", tmp / "curve.png")
             (tmp / "summary.json").write_text(json.dumps({k: v for k, v in self.summary.items() if k != "out"}, indent=1) + "\n")
+            write_explorer(tmp)  # circuit.html, from the files above
         self.out = out
         self.summary["out"] = str(out)
         reporter.log(f"wrote {out}")
