@@ -6,6 +6,7 @@ shows it).
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import sys
@@ -325,6 +326,19 @@ def compare(
               f"{m['overlap_at_equal_size']:.3f} (k={m['equal_size_k']}), weighted overlap {m['weighted_overlap']:.3f} -> {m['out']}")
     else:
         print(f"different model shapes: compared by relative depth ({bins} bins) and role -> {m['out']}")
+
+
+@app.command()
+def view(run_dir: Path = typer.Argument(..., help="A run folder (its circuit.html) or a compare folder (its compare.html).")) -> None:
+    """Open a run's explorer page in the browser (or print its path where there is none)."""
+    import webbrowser
+
+    page = next((run_dir / n for n in ("circuit.html", "compare.html") if (run_dir / n).is_file()), None)
+    if page is None:
+        raise UserError(f"{run_dir} has no circuit.html or compare.html: pass a run or compare folder")
+    graphical = sys.platform in ("darwin", "win32") or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    if not (graphical and webbrowser.open(page.resolve().as_uri())):  # a terminal browser would block: print it
+        print(page)
 
 
 @app.command()

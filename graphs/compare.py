@@ -268,9 +268,12 @@ class Comparison:
 
         return self.diagram.pipe(format="svg").decode() if shutil.which("dot") else None
 
-    def save(self, out: Path, overwrite: bool = False, formats: tuple[str, ...] = ("svg", "png")) -> Path:
+    def save(self, out: Path, overwrite: bool = False, formats: tuple[str, ...] = ("svg", "png"),
+             circuits: tuple[Circuit, Circuit] | None = None) -> Path:
         """Write ``comparison.json``, ``metrics.csv``, ``depth.csv``, ``roles.csv``, ``comparison.md``
-        and ``diff.{format}`` into ``out``, whole or not at all."""
+        and ``diff.{format}`` into ``out``, whole or not at all; given the two ``circuits``, also
+        ``compare.html`` (both on one layout in the browser, the table beside them)."""
+        from circuitfinder.graphs.explorer import write_compare_page
         from circuitfinder.graphs.render import FORMATS, write_diagram
         from circuitfinder.graphs.tables import to_markdown
 
@@ -286,11 +289,13 @@ class Comparison:
             table.to_csv(tmp / "metrics.csv", index=False)
             self.depth.to_csv(tmp / "depth.csv", index=False)
             self.roles.to_csv(tmp / "roles.csv", index=False)
-            (tmp / "comparison.md").write_text(
-                f"# Circuit comparison\n\n- A: {self.names[0]}\n- B: {self.names[1]}\n\n## Metrics\n\n{to_markdown(table)}\n\n"
-                f"## By relative depth\n\n{to_markdown(self.depth, floatfmt='.2f')}\n\n## By role\n\n"
-                f"{to_markdown(self.roles) if len(self.roles) else '(no roles)'}{self.notes}\n")
+            markdown = (f"# Circuit comparison\n\n- A: {self.names[0]}\n- B: {self.names[1]}\n\n## Metrics\n\n{to_markdown(table)}\n\n"
+                        f"## By relative depth\n\n{to_markdown(self.depth, floatfmt='.2f')}\n\n## By role\n\n"
+                        f"{to_markdown(self.roles) if len(self.roles) else '(no roles)'}{self.notes}\n")
+            (tmp / "comparison.md").write_text(markdown)
             write_diagram(self.diagram, tmp / "diff", formats)
+            if circuits is not None:
+                write_compare_page(*circuits, tmp / "compare.html", markdown)
         return out
 
 
@@ -353,5 +358,5 @@ def compare(source_a: Path, source_b: Path, out: Path | None = None, overwrite: 
     out = Path(out) if out is not None else Path("outputs") / f"compare-{_stem(source_a)}-vs-{_stem(source_b)}"
     check_out_dir(out, overwrite)
     comparison = compare_circuits(a, b, bins, max_edges, names=(_name(source_a, a), _name(source_b, b)))
-    comparison.save(out, overwrite, formats)
+    comparison.save(out, overwrite, formats, circuits=(a, b))
     return comparison.metrics | {"out": str(out)}

@@ -86,7 +86,9 @@ def test_compare_writes_tables_and_diagram(tmp_path):
     a, b = _save(A, tmp_path / "a"), _save(B, tmp_path / "b")
     m = compare(a, b, out=tmp_path / "out", formats=("svg", "pdf"))
     names = {p.name for p in (tmp_path / "out").iterdir()}
-    assert names == {"comparison.json", "metrics.csv", "depth.csv", "roles.csv", "comparison.md", "diff.svg", "diff.pdf"}
+    assert names == {"comparison.json", "metrics.csv", "depth.csv", "roles.csv", "comparison.md", "diff.svg", "diff.pdf",
+                     "compare.html"}
+    assert "Circuit comparison" in (tmp_path / "out" / "compare.html").read_text()  # the table beside the drawing
     assert json.loads((tmp_path / "out" / "comparison.json").read_text())["edge_jaccard"] == m["edge_jaccard"] == 3 / 7
     ET.parse(tmp_path / "out" / "diff.svg")
     assert (tmp_path / "out" / "diff.pdf").read_bytes().startswith(b"%PDF")
@@ -141,6 +143,10 @@ def test_cli_compare_end_to_end(tmp_path):
     assert "edge Jaccard 0.429" in result.stdout and (tmp_path / "cmp" / "depth.csv").is_file()
     result = _cli("compare", str(a), str(b), "--out", str(tmp_path / "cmp"))
     assert result.returncode == 2 and "already holds results" in result.stderr and "Traceback" not in result.stderr
+    env_without_display = _cli("view", str(tmp_path / "cmp"))  # tests run with no display: the page's path
+    assert env_without_display.returncode == 0 and env_without_display.stdout.strip().endswith("compare.html")
+    result = _cli("view", str(a))
+    assert result.returncode == 2 and "has no circuit.html or compare.html" in result.stderr
 
 
 def test_cli_tables_convert_and_render(tmp_path, capsys):
