@@ -192,10 +192,10 @@ class CircuitEvaluator:
             return patched_logits(self.adapter, self.graph, batch.clean, senders, removed, batch.last)
         removed = removed.to(self.adapter.device) * self.graph.allowed.to(self.adapter.device)
         records = self._records[index]
-        base = max(records, key=lambda r: r.shared_layers(self.graph, removed), default=None)
+        shared, base = max(((r.shared_layers(self.graph, removed), r) for r in records), key=lambda x: x[0], default=(0, None))
         logits, record = patched_logits(self.adapter, self.graph, batch.clean, senders, removed, batch.last,
                                         resume=base, record=True)
-        self.blocks_run += self.graph.shape.n_layers - (base.shared_layers(self.graph, removed) if base else 0)
+        self.blocks_run += self.graph.shape.n_layers - shared
         if base is not None:
             records.remove(base)
             records.append(base)

@@ -129,16 +129,15 @@ def run_search(problem: "Problem", criterion: str, scores: torch.Tensor, start: 
         circuit = result.circuit
         # latest receivers first: a pass's circuits then differ only from a late layer on, and share the rest
         kept = sorted(torch.nonzero(circuit).tolist(), key=lambda e: (-e[1], e[0]))
-        per_pass = 64
         with reporter.progress(f"necessity of {len(kept)} kept edges", len(kept)) as advance:
             base = pool(circuit.unsqueeze(0))
             necessity = []
-            for i in range(0, len(kept), per_pass):
-                trials = circuit.unsqueeze(0).repeat(len(kept[i : i + per_pass]), 1, 1)
-                for j, (s, r) in enumerate(kept[i : i + per_pass]):
+            for i in range(0, len(kept), 64):
+                trials = circuit.unsqueeze(0).repeat(len(kept[i : i + 64]), 1, 1)
+                for j, (s, r) in enumerate(kept[i : i + 64]):
                     trials[j, s, r] = False
                 scored = pool(trials)
-                for j, (s, r) in enumerate(kept[i : i + per_pass]):
+                for j, (s, r) in enumerate(kept[i : i + 64]):
                     necessity.append({"edge": graph.edge_name(s, r), "score": float(scores[s, r]),
                                       "metric_drop": float(base.metric[0] - scored.metric[j]),
                                       "distance_rise": float(scored.distance[j] - base.distance[0])})
