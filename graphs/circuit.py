@@ -263,7 +263,8 @@ class Circuit:
 
     def heads(self) -> list[str]:
         """Its attention heads, in layer order."""
-        return [n for n in self.graph.sender_names if n in self.nodes() and n.startswith("a")]
+        nodes = self.nodes()
+        return [n for n in self.graph.sender_names if n in nodes and n.startswith("a")]
 
     def __repr__(self) -> str:
         nodes = self.nodes()

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: one torch thread per worker, not two each on two cores
+    import torch
+
+    torch.set_num_threads(1)
 
 # The project is imported as installed (scripts/setup.sh installs it editable): the package is
 # ``circuitfinder``, whose folders discovery/, tasks/ and graphs/ are not importable by those names.
