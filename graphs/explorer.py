@@ -310,7 +310,8 @@ def write_explorer(run_dir: Path, out_path: Path | None = None, attention: dict 
         run_dir: a run folder holding ``circuit.json``; ``scores.parquet``, ``summary.json``,
             ``curve.csv``, ``roles.csv``, ``necessity.csv`` and ``validation.csv`` are used when present.
         out_path: where to write the page.
-        attention: head name → attention patterns of a few prompts (shape in the module docstring).
+        attention: head name → attention patterns of a few prompts (shape in the module
+            docstring); default: the run folder's ``attention.json`` when it has one.
 
     Returns:
         The path written.
@@ -319,6 +320,8 @@ def write_explorer(run_dir: Path, out_path: Path | None = None, attention: dict 
         CircuitFileError: no valid ``circuit.json`` in ``run_dir``; ValueError: bad ``attention``.
     """
     run_dir = Path(run_dir)
+    if attention is None and (run_dir / "attention.json").is_file():
+        attention = _read_json(run_dir / "attention.json")
     data, rest = explorer_data(run_dir, attention)
     return _write(out_path or run_dir / "circuit.html", _page(data, rest))
 

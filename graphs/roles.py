@@ -207,3 +207,27 @@ def measure_roles(adapter, task, max_prompts: int = 64, batch_size: int = 16):
         scores = {k: float(means[k][i]) for k in SCORES}
         rows.append({"node": f"a{i // H}.h{i % H}", "layer": i // H, "head": i % H, **scores, "role": label(scores)})
     return pd.DataFrame(rows)
+
+
+def attention_patterns(adapter, task, heads: list[str], n_prompts: int = 3) -> dict:
+    """The attention patterns of ``heads`` on the first ``n_prompts`` clean prompts of ``task``,
+    in the form the explorer embeds (``circuitfinder.graphs.explorer``): per head its tokens (one
+    list per prompt, unpadded) and ``[query][key]`` weights."""
+    from circuitfinder.graphs.circuit import parse_name
+
+    wanted = [(name, parse_name(name)) for name in heads]
+    layers = sorted({p.layer for _, p in wanted})
+    if not wanted or n_prompts < 1:
+        return {}
+    batch = next(task.batches(None, n_prompts))
+    tokens, lengths = batch.clean, batch.last + 1
+    with torch.no_grad():
+        cache = adapter.cache(tokens, [f"blocks.{l}.attn.hook_pattern" for l in layers])
+    words = [[adapter.tokenizer.decode([int(t)]) for t in row[: int(n)]] for row, n in zip(tokens, lengths)]
+    out = {}
+    for name, p in wanted:
+        pattern = cache[f"blocks.{p.layer}.attn.hook_pattern"][:, p.head].float().cpu()  # [batch, q, k]
+        out[name] = {"tokens": words,
+                     "patterns": [pattern[b, : int(n), : int(n)].tolist() for b, n in enumerate(lengths)],
+                     "labels": [f"clean prompt {b}" for b in range(len(words))]}
+    return out

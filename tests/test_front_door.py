@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import networkx as nx
 import pytest
@@ -191,6 +192,13 @@ def test_a_run_lists_its_circuits_heads_by_role_and_saves_the_roles(tiny_ioi_mod
     assert run.summary["heads_by_role"] == dict(sorted(want.items()))
     assert (tmp_path / "run" / "roles.csv").is_file()
     assert json.loads((tmp_path / "run" / "circuit.json").read_text())["roles"].keys() <= set(run.circuit.heads())
+    # the explorer shows the attention of every head of the circuit, saved beside it and read back
+    attention = json.loads((tmp_path / "run" / "attention.json").read_text())
+    assert sorted(attention) == sorted(run.circuit.heads()) and attention
+    assert cf.Run.load(tmp_path / "run").tables["attention"] == attention
+    page = (tmp_path / "run" / "circuit.html").read_text()
+    embedded = json.loads(re.search(r'<script type="application/json" id="cf-data">(.*?)</script>', page, re.S).group(1))
+    assert sorted(embedded["attention"]) == sorted(attention)
     assert cf.discover(tiny_ioi_model, "ioi", method="eap", n_pairs=8, batch_size=8, edges=40, force=True, curve=False,
                        roles=False).summary.get("heads_by_role") is None
 

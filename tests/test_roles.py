@@ -108,3 +108,27 @@ def test_measure_roles_on_a_tiny_model(tiny):
     ratio = (table.direct_effect / table.direct_effect_share).dropna()
     assert ratio.round(9).nunique() == 1 and ratio.iloc[0] > 0
     assert tiny.hook_count() == 0
+
+
+def test_attention_patterns_are_the_models_own(tiny):
+    """The explorer's patterns equal Hugging Face's own attention weights (``output_attentions``),
+    unpadded, for the heads asked and no others."""
+    from tiny_models import tiny_hf_model
+
+    task = tiny_task()
+    heads = ["a0.h1", "a2.h3"]
+    got = roles.attention_patterns(tiny, task, heads, n_prompts=2)
+    assert sorted(got) == heads
+    hf = tiny_hf_model(tiny.name.removeprefix("tiny-"))
+    hf.config._attn_implementation = "eager"
+    batch = next(task.batches(None, 2))
+    with torch.no_grad():
+        reference = hf(batch.clean, output_attentions=True).attentions  # per layer [batch, heads, q, k]
+    for name, layer, head in (("a0.h1", 0, 1), ("a2.h3", 2, 3)):
+        entry = got[name]
+        assert len(entry["patterns"]) == len(entry["tokens"]) == 2
+        for b, n in enumerate((batch.last + 1).tolist()):
+            assert len(entry["tokens"][b]) == n
+            want = reference[layer][b, head, :n, :n]
+            assert torch.allclose(torch.tensor(entry["patterns"][b], dtype=torch.float64), want, atol=1e-6)
+    assert tiny.hook_count() == 0

@@ -391,7 +391,8 @@ class Run:
         curve: held-out faithfulness at the MIB edge fractions, or None.
         prompts: every prompt pair as text, with its split.
         tables: the search's log when there was one: ``certificate`` (dict), ``necessity`` and
-            ``decisions`` (DataFrames).
+            ``decisions`` (DataFrames); after :meth:`roles`, ``roles`` (DataFrame) and
+            ``attention`` (the circuit's heads' attention patterns on three clean prompts, a dict).
         task: the task, when the run was made in this process.
         out: the folder it was saved to or loaded from.
     """
@@ -428,12 +429,13 @@ class Run:
         """Measure every head's role on the run's prompts (``circuitfinder.graphs.roles``): the
         circuit takes the roles of its heads, ``tables["roles"]`` the table of every head (returned),
         and ``summary["heads_by_role"]`` the circuit's heads by role."""
-        from circuitfinder.graphs.roles import measure_roles
+        from circuitfinder.graphs.roles import attention_patterns, measure_roles
 
         task = self.task if self.task is not None else build_run_task(self.config, model.tokenizer)
         table = measure_roles(model, task, max_prompts=max_prompts, batch_size=self.config.batch_size)
         self.circuit = self.circuit.with_roles(table)
         self.tables["roles"] = table
+        self.tables["attention"] = attention_patterns(model, task, self.circuit.heads())
         self.summary["heads_by_role"] = heads_by_role(self.circuit)
         return table
 
@@ -447,7 +449,8 @@ class Run:
 
         Files: ``config.json``, ``summary.json``, ``scores.parquet``, ``nodes.csv``,
         ``circuit.json``, ``circuit.svg``, ``circuit.html`` (the explorer), ``prompts.jsonl``; ``curve.csv``/``curve.png`` with a
-        curve; ``certificate.json``, ``necessity.csv``, ``decisions.csv`` after a search.
+        curve; ``certificate.json``, ``necessity.csv``, ``decisions.csv`` after a search; ``roles.csv`` and
+        ``attention.json`` after :meth:`roles`.
 
         Raises:
             OutputExists: ``out`` holds results and ``overwrite`` is off.
@@ -463,8 +466,9 @@ class Run:
             with open(tmp / "prompts.jsonl", "w") as f:
                 f.writelines(json.dumps(row) + "\n" for row in self.prompts)
             _render(self.circuit, tmp / "circuit", reporter)
-            if "certificate" in self.tables:
-                (tmp / "certificate.json").write_text(json.dumps(self.tables["certificate"], indent=1) + "\n")
+            for name in ("certificate", "attention"):
+                if name in self.tables:
+                    (tmp / f"{name}.json").write_text(json.dumps(self.tables[name], indent=1 if name == "certificate" else None) + "\n")
             for name in ("necessity", "decisions", "roles"):
                 if name in self.tables:
                     self.tables[name].to_csv(tmp / f"{name}.csv", index=False)
@@ -505,8 +509,9 @@ class Run:
         if (run_dir / "prompts.jsonl").is_file():
             prompts = [json.loads(line) for line in (run_dir / "prompts.jsonl").read_text().splitlines() if line.strip()]
         tables = {}
-        if (run_dir / "certificate.json").is_file():
-            tables["certificate"] = json.loads((run_dir / "certificate.json").read_text())
+        for name in ("certificate", "attention"):
+            if (run_dir / f"{name}.json").is_file():
+                tables[name] = json.loads((run_dir / f"{name}.json").read_text())
         for name in ("necessity", "decisions", "roles"):
             if (run_dir / f"{name}.csv").is_file():
                 tables[name] = pd.read_csv(run_dir / f"{name}.csv")
@@ -632,12 +637,14 @@ def _scatter(frame: pd.DataFrame, result: dict, path: Path) -> None:
 
 
 def roles_for_run(run_dir, max_prompts: int = 64, overwrite: bool = False, reporter=None, adapter=None):
-    """Measure the roles of a run's model on its task's prompts; write ``roles.csv`` and ``roles.md``.
+    """Measure the roles of a run's model on its task's prompts; write ``roles.csv``, ``roles.md``
+    and ``attention.json`` (the circuit's heads on three clean prompts), and redraw ``circuit.html``.
 
     Returns:
         The roles table (every head of the model).
     """
-    from circuitfinder.graphs.roles import measure_roles
+    from circuitfinder.graphs.circuit import load_circuit
+    from circuitfinder.graphs.roles import attention_patterns, measure_roles
     from circuitfinder.graphs.tables import to_markdown
 
     run_dir = Path(run_dir)
@@ -656,4 +663,7 @@ def roles_for_run(run_dir, max_prompts: int = 64, overwrite: bool = False, repor
     (run_dir / "roles.md").write_text(
         f"# Head roles: {config.task} on {config.model} ({min(max_prompts, len(task))} clean prompts)\n\n"
         + to_markdown(labelled, floatfmt=".3f") + "\n")
+    attention = attention_patterns(adapter, task, load_circuit(run_dir).heads())
+    (run_dir / "attention.json").write_text(json.dumps(attention) + "\n")
+    write_explorer(run_dir)
     return table
