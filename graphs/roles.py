@@ -212,7 +212,7 @@ def measure_roles(adapter, task, max_prompts: int = 64, batch_size: int = 16):
 def attention_patterns(adapter, task, heads: list[str], n_prompts: int = 3) -> dict:
     """The attention patterns of ``heads`` on the first ``n_prompts`` clean prompts of ``task``,
     in the form the explorer embeds (``circuitfinder.graphs.explorer``): per head its tokens (one
-    list per prompt, unpadded) and ``[query][key]`` weights."""
+    list per prompt, unpadded) and ``[query][key]`` weights to 4 decimals."""
     from circuitfinder.graphs.circuit import parse_name
 
     wanted = [(name, parse_name(name)) for name in heads]
@@ -228,6 +228,7 @@ def attention_patterns(adapter, task, heads: list[str], n_prompts: int = 3) -> d
     for name, p in wanted:
         pattern = cache[f"blocks.{p.layer}.attn.hook_pattern"][:, p.head].float().cpu()  # [batch, q, k]
         out[name] = {"tokens": words,
-                     "patterns": [pattern[b, : int(n), : int(n)].tolist() for b, n in enumerate(lengths)],
+                     "patterns": [[[round(w, 4) for w in row] for row in pattern[b, : int(n), : int(n)].tolist()]
+                                  for b, n in enumerate(lengths)],  # 4 decimals: the page shows 3
                      "labels": [f"clean prompt {b}" for b in range(len(words))]}
     return out

@@ -130,5 +130,5 @@ def test_attention_patterns_are_the_models_own(tiny):
         for b, n in enumerate((batch.last + 1).tolist()):
             assert len(entry["tokens"][b]) == n
             want = reference[layer][b, head, :n, :n]
-            assert torch.allclose(torch.tensor(entry["patterns"][b], dtype=torch.float64), want, atol=1e-6)
+            assert torch.allclose(torch.tensor(entry["patterns"][b], dtype=torch.float64), want, atol=5.1e-5)  # 4 decimals
     assert tiny.hook_count() == 0
