@@ -245,6 +245,45 @@ def render(
         print(p)
 
 
+def _parse_bytes(text: str) -> int:
+    """``80GB``, ``512MB``, ``1.5e9``: a number of bytes (decimal units)."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kMGT]?B?)\s*", text)
+    scale = {"": 1, "B": 1, "kB": 1e3, "k": 1e3, "MB": 1e6, "M": 1e6, "GB": 1e9, "G": 1e9, "TB": 1e12, "T": 1e12}
+    try:
+        return int(float(m.group(1)) * scale[m.group(2)])
+    except (AttributeError, ValueError, KeyError):
+        raise UserError(f"--memory {text!r} is not a size: write e.g. 80GB or 512MB") from None
+
+
+@app.command()
+def plan(
+    model: str = typer.Option("smollm2-135m", "--model", help="Bundled name, Hugging Face id, local folder, a known configuration (llama-3-8b, gemma-2-2b, gpt2) or a shape by hand: layers=32,heads=32,groups=8,d_model=4096,d_mlp=14336,vocab=128256."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16, float16 or float64."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Prompts per forward pass."),
+    positions: int = typer.Option(24, "--positions", help="Tokens per prompt (IOI's are about 15-20)."),
+    memory: Optional[str] = typer.Option(None, "--memory", help="Memory to fit in, e.g. 80GB (default: this machine's free memory)."),
+) -> None:
+    """Print a run's memory plan (weights, sender buffers, activations, scores) without loading weights."""
+    from circuitfinder.engine.plan import format_bytes, free_memory, largest_batch, memory_plan, parse_dtype, plan_shape
+
+    torch_dtype = parse_dtype(dtype)
+    if batch_size < 1 or positions < 1:
+        raise UserError("--batch-size and --positions must be at least 1")
+    budget = _parse_bytes(memory) if memory else free_memory("cpu")
+    shape = plan_shape(model)
+    p = memory_plan(shape, torch_dtype, batch_size, positions)
+    print(f"{shape.name}: {shape.n_layers} layers, {shape.n_heads} heads, {shape.n_kv_groups} key/value groups, "
+          f"d_model {shape.d_model}, d_mlp {shape.d_mlp}, vocab {shape.d_vocab:,}; {shape.n_params:,} parameters; "
+          f"{shape.n_edges:,} edges ({shape.n_senders:,} senders × {shape.n_receivers:,} receivers)")
+    print(f"memory plan in {str(torch_dtype).removeprefix('torch.')}, batches of {batch_size} prompts × {positions} positions (attribution, the heaviest stage):")
+    for name, size in p.rows():
+        if size:
+            print(f"  {name:<22} {format_bytes(size):>10}")
+    fits = largest_batch(shape, budget, torch_dtype, positions)
+    where = f"{memory}" if memory else f"this machine's free {format_bytes(budget)}"
+    print(f"largest batch that fits {where}: {fits}" if fits else f"does not fit {where}, not even one prompt per batch")
+
+
 @app.command()
 def methods() -> None:
     """List the methods: what each does, what it costs, and what it supports."""
@@ -347,7 +386,7 @@ def roles(
     prompts: int = typer.Option(64, "--prompts", help="Clean prompts of the run's task to measure on."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Measure again over an existing roles.csv."),
 ) -> None:
-    """Score every head's role (previous-token, duplicate, induction, mover) on the run's prompts: roles.csv."""
+    """Score every head's role (previous-token, duplicate, induction, mover) on the run's prompts: roles.csv, and the circuit's heads' attention patterns in circuit.html."""
     from circuitfinder.graphs.circuit import load_circuit
     from circuitfinder.runs.run import roles_for_run
 

@@ -1,0 +1,85 @@
+"""The memory plan (issue 18): shapes from configs without weights, the plan's terms, and ``circuits plan``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from architectures import ARCHITECTURES, EXPECTED_REFUSAL, build
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.engine.patching import run_recording_senders
+from circuitfinder.engine.plan import (KNOWN_CONFIGS, largest_batch, memory_plan, parse_dtype, parse_shape, plan_shape,
+                                       shape_from_config)
+from circuitfinder.errors import UserError
+from cli_runner import run_in_process
+from test_architectures import adapter_for, tokenizer  # noqa: F401 (fixture)
+from tiny_models import random_pair
+
+# Parameter counts published with the models (model cards / the original papers' configs).
+PUBLISHED_PARAMS = {"meta-llama/Meta-Llama-3-8B": 8_030_261_248, "google/gemma-2-2b": 2_614_341_888, "gpt2": 124_439_808}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_known_configs_have_their_published_parameter_counts(name):
+    assert shape_from_config(name, KNOWN_CONFIGS[name]).n_params == PUBLISHED_PARAMS[name]
+
+
+def test_llama_3_8b_has_805681_edges_with_its_groups_kept():
+    shape = plan_shape("llama-3-8b")
+    assert shape.n_edges == 805_681
+    assert (shape.n_senders, shape.n_receivers) == (1 + 32 * 33, 32 * (32 + 16 + 1) + 1)
+    # a Llama-style shape by hand counts the same parameters as transformers' model
+    by_hand = parse_shape("layers=32,heads=32,groups=8,d_model=4096,d_mlp=14336,vocab=128256")
+    assert (by_hand.n_params, by_hand.n_edges) == (shape.n_params, shape.n_edges)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_a_config_alone_gives_the_adapters_edge_graph_and_the_models_parameters(name, tokenizer):  # noqa: F811
+    model = build(name)
+    shape = shape_from_config(name, model.config.to_dict())
+    assert shape.n_params == sum(p.numel() for p in model.parameters())
+    if name in EXPECTED_REFUSAL:  # refused at load: no bridge view to compare with
+        return
+    graph = EdgeGraph(adapter_for(name, tokenizer).shape)  # the bridge's own view of the model
+    assert (shape.n_edges, shape.n_senders, shape.n_receivers) == (graph.n_edges, graph.n_senders, graph.n_receivers)
+
+
+def test_the_sender_term_is_the_engines_own_buffer(tokenizer):  # noqa: F811
+    adapter = adapter_for("llama", tokenizer)
+    clean, _ = random_pair(batch=3, pos=6)
+    buffer, _ = run_recording_senders(adapter, EdgeGraph(adapter.shape), clean)
+    shape = shape_from_config("llama", build("llama").config.to_dict())
+    plan = memory_plan(shape, torch.float64, batch=3, positions=6)
+    assert plan.terms["sender buffers"] == 2 * buffer.numel() * buffer.element_size()  # ablated and its difference
+    assert plan.terms["weights"] == shape.n_params * 8
+    assert plan.terms["unembedding copy"] == 0  # untied
+    assert plan.total == sum(plan.terms.values()) and plan.working == plan.total - plan.terms["weights"] - plan.terms["libraries"]
+
+
+def test_largest_batch_is_the_largest_that_fits():
+    shape = plan_shape("gpt2")
+    for budget in (10**9, 4 * 10**9, 16 * 10**9):
+        b = largest_batch(shape, budget, torch.bfloat16, 20)
+        assert memory_plan(shape, torch.bfloat16, b, 20).total <= budget < memory_plan(shape, torch.bfloat16, b + 1, 20).total
+    assert largest_batch(shape, 10**6) == 0  # not even the weights
+
+
+def test_bad_shapes_and_dtypes_are_one_line_user_errors():
+    for text in ("layers=2", "layers=2,heads=x,d_model=8", "depth=3,heads=2,d_model=8"):
+        with pytest.raises(UserError, match="is not a shape"):
+            parse_shape(text)
+    with pytest.raises(UserError, match="unknown dtype 'int8'"):
+        parse_dtype("int8")
+    assert parse_dtype("bf16") is torch.bfloat16
+    with pytest.raises(UserError, match="unknown model 'nosuch'"):
+        plan_shape("nosuch")
+
+
+def test_circuits_plan_prints_the_plan_and_the_batch_that_fits(capsys):
+    code, out, _ = run_in_process(capsys, "plan", "--model", "meta-llama/Meta-Llama-3-8B", "--dtype", "bfloat16", "--memory", "80GB")
+    assert code == 0
+    assert "805,681 edges" in out and "8,030,261,248 parameters" in out and "weights                   16.1 GB" in out
+    want = largest_batch(plan_shape("llama-3-8b"), 80 * 10**9, torch.bfloat16, 24)
+    assert f"largest batch that fits 80GB: {want}" in out and want > 0
+    code, _, err = run_in_process(capsys, "plan", "--memory", "lots")
+    assert code == 2 and err.strip() == "error: --memory 'lots' is not a size: write e.g. 80GB or 512MB"
