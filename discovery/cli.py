@@ -104,6 +104,8 @@ def discover(
     pairs: int = typer.Option(128, "--pairs", help="Prompt pairs (half discovery, half held-out)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Prompts per forward pass."),
     seed: int = typer.Option(0, "--seed", help="Seed for prompts and split."),
+    dtype: str = typer.Option("float32", "--dtype", help="The model's dtype: float32, bfloat16, float16 or float64 (scores and metrics are summed in float32/float64)."),
+    device: str = typer.Option("auto", "--device", help="auto (a GPU when there is one), cpu, cuda, cuda:N or mps."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: outputs/TASK-MODEL-METHOD-TIME)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
 ) -> None:
@@ -115,7 +117,8 @@ def discover(
                             ablation=ablation, curve=curve, roles=roles, force=force,
                             skip_bad_rows=skip_bad_rows, check_model=not skip_model_check, n_pairs=pairs, batch_size=batch_size, seed=seed,
                             seed_method=seed_method, tau=tau, acdc_metric=acdc_metric, floor=floor, minimize=minimize,
-                            search_prompts=search_prompts, chain=chain, workers=workers, address=address)
+                            search_prompts=search_prompts, chain=chain, workers=workers, address=address,
+                            dtype=dtype, device=device)
     if match_published:
         config = config.matching_published()
     summary = run_config(config, out=out or default_out_dir(config), overwrite=overwrite, reporter=ConsoleReporter()).summary
@@ -264,7 +267,8 @@ def plan(
     memory: Optional[str] = typer.Option(None, "--memory", help="Memory to fit in, e.g. 80GB (default: this machine's free memory)."),
 ) -> None:
     """Print a run's memory plan (weights, sender buffers, activations, scores) without loading weights."""
-    from circuitfinder.engine.plan import format_bytes, free_memory, largest_batch, memory_plan, parse_dtype, plan_shape
+    from circuitfinder.engine.plan import format_bytes, free_memory, largest_batch, memory_plan, plan_shape
+    from circuitfinder.engine.precision import parse_dtype
 
     torch_dtype = parse_dtype(dtype)
     if batch_size < 1 or positions < 1:

@@ -8,8 +8,8 @@ import torch
 from architectures import ARCHITECTURES, EXPECTED_REFUSAL, build
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.patching import run_recording_senders
-from circuitfinder.engine.plan import (KNOWN_CONFIGS, largest_batch, memory_plan, parse_dtype, parse_shape, plan_shape,
-                                       shape_from_config)
+from circuitfinder.engine.plan import KNOWN_CONFIGS, largest_batch, memory_plan, parse_shape, plan_shape, shape_from_config
+from circuitfinder.engine.precision import parse_dtype
 from circuitfinder.errors import UserError
 from cli_runner import run_in_process
 from test_architectures import adapter_for, tokenizer  # noqa: F401 (fixture)
@@ -83,3 +83,18 @@ def test_circuits_plan_prints_the_plan_and_the_batch_that_fits(capsys):
     assert f"largest batch that fits 80GB: {want}" in out and want > 0
     code, _, err = run_in_process(capsys, "plan", "--memory", "lots")
     assert code == 2 and err.strip() == "error: --memory 'lots' is not a size: write e.g. 80GB or 512MB"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dtype", "int8"], "error: unknown dtype 'int8': use float32, bfloat16, float16 or float64"),
+    (["--device", "tpu"], "error: unknown device 'tpu': use auto, cpu, cuda, cuda:N or mps"),
+])
+def test_discover_refuses_a_bad_dtype_or_device_in_one_line(capsys, args, message):
+    code, _, err = run_in_process(capsys, "discover", *args)
+    assert code == 2 and err.strip() == message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_gpu_asked_for_where_there_is_none_is_one_line(capsys):
+    code, _, err = run_in_process(capsys, "discover", "--device", "cuda")
+    assert code == 2 and err.strip() == "error: device 'cuda': this machine has 0 CUDA GPU(s); use --device cpu or auto"

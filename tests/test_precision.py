@@ -39,3 +39,51 @@ def test_a_last_bit_change_moves_the_logits_by_the_working_precision_and_no_more
 def test_the_tolerance_scales_with_eps_depth_and_size():
     assert exact_tolerance(torch.float32, 3, 8.0) == pytest.approx(64 * 3 * 2**-23 * 8)
     assert exact_tolerance(torch.float64, 1, 0.5) == pytest.approx(64 * 2**-52)
+
+
+# ---- half precision (issue 18) ------------------------------------------------------------------
+
+HALF_DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(scope="module", params=[(s, d) for s in ("gpt2", "llama", "gemma3") for d in HALF_DTYPES],
+                ids=lambda p: f"{p[0]}-{str(p[1]).removeprefix('torch.')}")
+def half(request, tmp_path_factory):
+    from tiny_models import tiny_adapter
+
+    style, dtype = request.param
+    return tiny_adapter(style, tmp_path_factory.mktemp(f"half-{style}"), dtype=dtype)
+
+
+def test_half_precision_passes_the_check_at_load_and_its_tolerance_still_sees_one_edge(half):
+    """In half precision the tolerance is a multiple of the measured rounding noise: the model
+    passes the check at load (full = clean, empty = corrupted, one edge = a plain hook), and the
+    tolerance is smaller than what patching one wrong edge does, so a miswired edge still fails."""
+    from circuitfinder.engine.checks import check_model, sample_edges
+    from circuitfinder.engine.graph import EdgeGraph
+    from circuitfinder.engine.patching import patched_logits, run_recording_senders
+
+    assert half.working_dtype == half.dtype and 0 < half.rounding_noise < 0.5
+    assert check_model(half) <= 1.0
+    graph = EdgeGraph(half.shape)
+    clean, corrupted = random_pair(batch=2, pos=6, seed=3)
+    senders, corrupted_logits = run_recording_senders(half, graph, corrupted)
+    _, clean_logits = run_recording_senders(half, graph, clean)
+    tol = tolerance_for(half, clean_logits)
+    empty = patched_logits(half, graph, clean, senders, graph.allowed.double())
+    assert (empty - corrupted_logits).abs().max().item() <= tol
+    effects = []
+    for edge in sample_edges(graph):
+        removed = torch.zeros(graph.n_senders, graph.n_receivers)
+        removed[graph.edge_index(edge)] = 1
+        effects.append((patched_logits(half, graph, clean, senders, removed) - clean_logits).abs().max().item())
+    assert max(effects) > tol  # the tolerance can tell a patched edge from none
+
+
+def test_half_precision_scores_are_summed_in_float32(half):
+    from circuitfinder.engine.graph import EdgeGraph
+    from circuitfinder.methods.attribution import eap
+    from test_attribution import tiny_task
+
+    scores = eap(half, EdgeGraph(half.shape), tiny_task(), batch_size=2)
+    assert scores.dtype == torch.float32 and torch.isfinite(scores).all() and scores.abs().max() > 0

@@ -135,6 +135,11 @@ class ModelAdapter:
         return next(self.bridge.parameters()).device
 
     @property
+    def hf_config(self) -> dict:
+        """The wrapped Hugging Face model's configuration, as a dict (what ``config.json`` holds)."""
+        return self.bridge.original_model.config.to_dict()
+
+    @property
     def dtype(self) -> torch.dtype:
         return next(self.bridge.parameters()).dtype
 
@@ -195,6 +200,32 @@ class ModelAdapter:
         moving_grid = any(name in nudged_twice and values.shape == nudged_twice[name].shape
                           and not torch.equal(values, nudged_twice[name]) for name, values in nudged_once.items())
         return torch.float64 if linear and not moving_grid else torch.float32
+
+    @cached_property
+    def rounding_noise(self) -> float:
+        """How far the logits move, relative to their size, when the residual stream entering every
+        block is rounded off once more: each value times ``1 + ½ eps · n`` (``n`` standard normal,
+        ``eps`` the working dtype's) on one random 8-token prompt, three draws, the largest change
+        over the largest logit. Two
+        exact computations of the same pass differ by roundings like these, so half precision's
+        tolerance is a multiple of it (``circuitfinder.engine.precision``)."""
+        eps = torch.finfo(self.working_dtype).eps
+        vocab = max(int(self.bridge.cfg.d_vocab), 1)  # random ordinary tokens (special ones can be unstable)
+        tokens = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0)).to(self.device)
+        with torch.no_grad():
+            base = self.bridge(tokens, return_type="logits").float()
+        worst = 0.0
+        for seed in range(3):
+            g = torch.Generator().manual_seed(seed)
+
+            def round_off(x, hook=None, g=g):
+                noise = torch.randn(x.shape, generator=g, dtype=torch.float32).to(x.device)
+                return (x.float() * (1 + 0.5 * eps * noise)).to(x.dtype)
+
+            hooks = [(f"blocks.{l}.hook_resid_pre", round_off) for l in range(self.shape.n_layers)]
+            with torch.no_grad(), self.hooks(hooks):
+                worst = max(worst, (self.bridge(tokens, return_type="logits").float() - base).abs().max().item())
+        return worst / max(base.abs().max().item(), 1e-30)
 
     # Hook names of the edge graph's senders and receivers, by kind and layer.
     def sender_hook(self, kind: str, layer: int) -> str:
@@ -441,7 +472,8 @@ class ModelAdapter:
             return out if b_u is None else out + b_u[ids][:, None, :]
 
 
-def load_model(name: str, log: Callable[[str], None] = lambda _msg: None) -> ModelAdapter:
+def load_model(name: str, log: Callable[[str], None] = lambda _msg: None, dtype: torch.dtype = torch.float32,
+               device: torch.device | str | None = None) -> ModelAdapter:
     """Load a bundled model, Hugging Face id or local folder and wrap it for patching."""
-    model, tokenizer, hf_id = load_pretrained(name, log)
-    return ModelAdapter.from_hf(model, tokenizer, name, hf_id)
+    model, tokenizer, hf_id = load_pretrained(name, log, dtype, device)
+    return ModelAdapter.from_hf(model, tokenizer, name, hf_id, dtype=dtype)

@@ -29,7 +29,7 @@ from circuitfinder.engine.adapter import ModelAdapter, load_model
 from circuitfinder.errors import UserError
 from circuitfinder.engine.graph import EdgeGraph, ReceiverPoint
 from circuitfinder.engine.patching import patched_logits, run_recording_senders
-from circuitfinder.engine.precision import tolerance_for
+from circuitfinder.engine.precision import HALF, noise_floor_for, tolerance_for
 
 
 class ModelRefused(UserError):
@@ -44,9 +44,16 @@ KNOWN_INEXACT = {
 }
 
 
-def load_checked_model(name: str, log: Callable[[str], None] = lambda _msg: None, check: bool = True) -> ModelAdapter:
-    """:func:`circuitfinder.engine.adapter.load_model`, then :func:`check_model` unless ``check`` is False."""
-    adapter = load_model(name, log)
+def load_checked_model(name: str, log: Callable[[str], None] = lambda _msg: None, check: bool = True,
+                       dtype: torch.dtype | str = torch.float32, device: torch.device | str | None = "auto") -> ModelAdapter:
+    """:func:`circuitfinder.engine.adapter.load_model` in ``dtype`` (``float32``, ``bfloat16``, ...)
+    on ``device`` (``auto``, ``cpu``, ``cuda``, ...), then :func:`check_model` unless ``check`` is False."""
+    from circuitfinder.engine.models import resolve_device
+    from circuitfinder.engine.precision import parse_dtype
+
+    dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    device = resolve_device(device) if isinstance(device, str) else device
+    adapter = load_model(name, log, dtype, device)
     if check:
         worst = check_model(adapter)
         log(f"checked {adapter.name}: patching exact (largest difference {worst:.2%} of the "
@@ -98,7 +105,7 @@ def check_model(adapter: ModelAdapter, seed: int = 0) -> float:
 
         with torch.no_grad(), adapter.hooks([(hook_name, nudge)]):
             moved = (adapter.logits(clean) - clean_logits).abs().max().item()
-        if not fired or moved <= tol:
+        if not fired or moved <= noise_floor_for(adapter, clean_logits):
             where = "never fires" if not fired else "changes nothing"
             raise _refuse(adapter, f"the {point.kind} input of layer {point.layer} ({hook_name}) {where}")
 
@@ -119,7 +126,9 @@ def check_model(adapter: ModelAdapter, seed: int = 0) -> float:
         before = mlp_out.pop("value")
         with torch.no_grad(), adapter.hooks([(adapter.sender_hook("attn", layer), bump), (mlp_hook, keep)]):
             adapter.logits(clean)
-        reads_heads = (mlp_out["value"] - before).abs().max().item() > tolerance_for(adapter, before)
+        change = (mlp_out["value"] - before).abs().max().item()
+        # an MLP that does not read its layer's heads cannot change at all; in half precision any change counts
+        reads_heads = change > (0.0 if adapter.working_dtype in HALF else tolerance_for(adapter, before))
         if reads_heads == adapter.shape.parallel:
             says = "parallel" if adapter.shape.parallel else "sequential"
             raise _refuse(adapter, f"layer {layer}'s MLP {'reads' if reads_heads else 'does not read'} its own "

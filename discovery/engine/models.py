@@ -117,7 +117,39 @@ def _save_converted(model, tokenizer, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_safetensors_folder(folder: Path, architecture: str | None = None):
+def resolve_device(text: str = "auto") -> torch.device:
+    """``auto`` (a CUDA GPU, else Apple's MPS, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+
+    Raises:
+        UserError: an unknown name, or a device this machine does not have.
+    """
+    from circuitfinder.errors import UserError
+
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UserError(f"unknown device {text!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown device {text!r}: use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise UserError(f"device {text!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s); use --device cpu or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {text!r}: MPS is not available here; use --device cpu or auto")
+    return device
+
+
+def _placement(dtype: torch.dtype, device: torch.device | None) -> dict:
+    """from_pretrained's keywords that load the weights once, in ``dtype``, straight onto ``device``."""
+    kwargs = {"dtype": dtype}
+    if device is not None and device.type != "cpu":
+        kwargs["device_map"] = str(device)  # streamed to the device (accelerate), no CPU copy of the whole model
+    return kwargs
+
+
+def _load_safetensors_folder(folder: Path, architecture: str | None = None, dtype: torch.dtype = torch.float32,
+                             device: torch.device | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
@@ -127,7 +159,7 @@ def _load_safetensors_folder(folder: Path, architecture: str | None = None):
                             "save the model as safetensors (save_pretrained(folder, safe_serialization=True))")
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            folder, attn_implementation="eager", dtype=torch.float32, use_safetensors=True
+            folder, attn_implementation="eager", use_safetensors=True, **_placement(dtype, device)
         )
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, KeyError) as exc:  # missing weights or tokenizer, a config transformers cannot read
@@ -138,10 +170,11 @@ def _load_safetensors_folder(folder: Path, architecture: str | None = None):
     return model, tokenizer
 
 
-def _load_bundled(spec: BundledModel, log: Callable[[str], None]):
+def _load_bundled(spec: BundledModel, log: Callable[[str], None], dtype: torch.dtype = torch.float32,
+                  device: torch.device | None = None):
     target = cache_root() / spec.name
     if (target / "model.safetensors").exists():
-        return _load_safetensors_folder(target, spec.architecture)
+        return _load_safetensors_folder(target, spec.architecture, dtype, device)
     if importlib.util.find_spec(spec.package) is None:
         raise ModelNotFound(
             f"model {spec.name!r} needs the package {spec.package.replace('_', '-')}; "
@@ -152,11 +185,16 @@ def _load_bundled(spec: BundledModel, log: Callable[[str], None]):
         gguf = spec.locate_gguf(Path(scratch))
         model, tokenizer = _load_gguf(gguf.parent, gguf.name, spec.architecture)
     _save_converted(model, tokenizer, target)
-    return _load_safetensors_folder(target, spec.architecture)
+    del model
+    return _load_safetensors_folder(target, spec.architecture, dtype, device)
 
 
-def load_pretrained(name: str, log: Callable[[str], None] = lambda _msg: None):
-    """Load a causal LM and its tokenizer as Hugging Face objects, in float32, eval mode.
+def load_pretrained(name: str, log: Callable[[str], None] = lambda _msg: None, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str | None = None):
+    """Load a causal LM and its tokenizer as Hugging Face objects, in ``dtype`` on ``device``, eval mode.
+
+    Safetensors load once, in ``dtype``, straight onto the device (``device_map``); a GGUF file is
+    dequantised to float32 by transformers and then cast.
 
     Args:
         name: a bundled model name (``smollm2-135m``, ``gemma3-270m``), a local folder
@@ -171,8 +209,8 @@ def load_pretrained(name: str, log: Callable[[str], None] = lambda _msg: None):
     """
     if name in BUNDLED:
         spec = BUNDLED[name]
-        model, tokenizer = _load_bundled(spec, log)
-        return _named(model), tokenizer, spec.hf_id
+        model, tokenizer = _load_bundled(spec, log, dtype, device)
+        return _named(model, dtype, device), tokenizer, spec.hf_id
     offline_choices = (f"a bundled model ({', '.join(BUNDLED)}) or a local folder holding a saved model "
                        "(config.json and safetensors, as save_pretrained writes) or a .gguf file")
     path = Path(name).expanduser()
@@ -181,10 +219,10 @@ def load_pretrained(name: str, log: Callable[[str], None] = lambda _msg: None):
         if ggufs:
             model, tokenizer = _load_gguf(ggufs[0].parent, ggufs[0].name, None)
         elif (path / "config.json").exists():
-            model, tokenizer = _load_safetensors_folder(path)
+            model, tokenizer = _load_safetensors_folder(path, None, dtype, device)
         else:
             raise ModelNotFound(f"{path} holds neither a .gguf file nor a config.json with safetensors weights")
-        return _named(model), tokenizer, str(path)
+        return _named(model, dtype, device), tokenizer, str(path)
     if "/" not in name and name not in {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2"}:
         raise ModelNotFound(f"unknown model {name!r}: use a Hugging Face id (org/name) or {offline_choices}")
     log(f"fetching {name} from the Hugging Face hub (or its local cache)")
@@ -195,17 +233,18 @@ def load_pretrained(name: str, log: Callable[[str], None] = lambda _msg: None):
         _quiet_transformers()
         hub_logging.set_verbosity_error()  # no retry lines: one error line below says what happened
         model = AutoModelForCausalLM.from_pretrained(
-            name, attn_implementation="eager", dtype=torch.float32, use_safetensors=True
+            name, attn_implementation="eager", use_safetensors=True, **_placement(dtype, device)
         )
         tokenizer = AutoTokenizer.from_pretrained(name)
     except OSError as exc:
         reason = str(exc).splitlines()[0][:160]
         raise ModelNotFound(f"cannot load {name!r} from the Hugging Face hub ({reason}); offline, use {offline_choices}") from None
-    return _named(model), tokenizer, name
+    return _named(model, dtype, device), tokenizer, name
 
 
-def _named(model):
-    """Eval mode, and the architecture named in the config (GGUF files leave it empty; the bridge needs it)."""
+def _named(model, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+    """Eval mode, in ``dtype`` on ``device`` (a no-op where it loaded so), and the architecture
+    named in the config (GGUF files leave it empty; the bridge needs it)."""
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]
-    return model.eval()
+    return model.to(device=device, dtype=dtype).eval()

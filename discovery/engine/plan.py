@@ -163,15 +163,6 @@ def plan_shape(model: str) -> PlanShape:
     return shape_from_config(name, config)
 
 
-def parse_dtype(text: str) -> torch.dtype:
-    """``float32``/``fp32``, ``bfloat16``/``bf16``, ``float16``/``fp16``/``half``, ``float64``: the dtype."""
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "float64": torch.float64}
-    if text not in names:
-        raise UserError(f"unknown dtype {text!r}: use float32, bfloat16, float16 or float64")
-    return names[text]
-
-
 def parse_shape(text: str) -> PlanShape:
     """A shape given by hand: ``layers=32,heads=32,groups=8,d_model=4096,d_mlp=14336,vocab=128256``
     (``params=`` optional: otherwise counted for a Llama-style block with untied embeddings)."""

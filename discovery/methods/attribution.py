@@ -99,6 +99,13 @@ def input_hook(adapter: ModelAdapter, point: torch.Tensor | None) -> tuple:
     return (adapter.SENDER_INPUT, hook)
 
 
+def score_matrix(adapter: ModelAdapter, graph: EdgeGraph) -> Scores:
+    """The zero ``[senders, receivers]`` matrix scores are summed into: on the model's device, in
+    float32 at least (a half-precision model's per-batch products are summed in float32)."""
+    dtype = torch.promote_types(adapter.dtype, torch.float32)
+    return torch.zeros(graph.n_senders, graph.n_receivers, dtype=dtype, device=adapter.device)
+
+
 def attribute_batch(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch: TaskBatch, scores: torch.Tensor,
                     weight: float, alphas: tuple[float, ...] = (1.0,), ablated: torch.Tensor | None = None) -> None:
     """Add one batch's scores, times ``weight``, into ``scores``: Δsender · mean gradient over ``alphas``.
@@ -157,7 +164,7 @@ def attribute_circuit(evaluator: "CircuitEvaluator", removed: torch.Tensor) -> t
     """Attribution at the circuit ``removed`` (:func:`attribute_circuit_batch`), averaged over the
     evaluator's prompts with its ablation, and the circuit's mean metric on them (exact)."""
     adapter, graph = evaluator.adapter, evaluator.graph
-    scores = torch.zeros(graph.n_senders, graph.n_receivers, dtype=adapter.dtype, device=adapter.device)
+    scores = score_matrix(adapter, graph)
     metric = 0.0
     for batch, ablated in evaluator.ablated_batches():
         values = attribute_circuit_batch(adapter, graph, evaluator.task, batch, removed, scores, 1.0 / evaluator.n, ablated)
@@ -205,7 +212,7 @@ def _attribute(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch_size: 
                progress: Callable[[int], None] | None, alphas: tuple[float, ...], ablation: str | Ablation,
                per_batch=attribute_batch) -> Scores:
     ablation = make_ablation(ablation, adapter, graph, task, batch_size)
-    scores = torch.zeros(graph.n_senders, graph.n_receivers, dtype=adapter.dtype, device=adapter.device)
+    scores = score_matrix(adapter, graph)
     n = len(task.indices("discovery"))
     for batch in task.batches("discovery", batch_size):
         batch = batch.to(adapter.device)

@@ -23,6 +23,8 @@ import torch
 from circuitfinder.engine.ablation import ABLATIONS, make_ablation
 from circuitfinder.engine.adapter import ModelAdapter, load_model
 from circuitfinder.engine.checks import load_checked_model
+from circuitfinder.engine.models import resolve_device
+from circuitfinder.engine.precision import parse_dtype
 from circuitfinder.methods.attribution import IG_RULES
 from circuitfinder.methods.registry import METHODS, UNSEEDED, Problem, Reporter, check_method
 from circuitfinder.engine.masks import node_count, prune, top_edges
@@ -71,6 +73,8 @@ class DiscoverConfig:
     n_pairs: int = 128
     batch_size: int = 16
     seed: int = 0
+    dtype: str = "float32"  # the model's dtype: float32, bfloat16, float16 or float64 (scores and metrics sum in float32/64)
+    device: str = "auto"  # auto (a GPU when there is one), cpu, cuda, cuda:N or mps
 
     def __post_init__(self) -> None:
         if self.minimize and METHODS.get(self.method, METHODS["minimize"]).score is not None:
@@ -119,6 +123,11 @@ class DiscoverConfig:
         need(self.ig_rule in IG_RULES, "ig_rule", f"`ig_rule` must be one of {', '.join(IG_RULES)}, got {self.ig_rule!r}")
         need(self.bos in ("auto", "always"), "bos", f"`bos` must be auto or always, got {self.bos!r}")
         need(self.batch_size >= 1, "batch_size", f"`batch_size` must be at least 1, got {self.batch_size}")
+        try:
+            parse_dtype(self.dtype)
+            resolve_device(self.device)
+        except UserError as exc:
+            raise UserError(str(exc), "dtype" if "dtype" in str(exc) else "device") from None
 
     def matching_published(self) -> "DiscoverConfig":
         """This configuration with every choice the published EAP-IG code makes (hannamw/EAP-IG):
@@ -126,6 +135,32 @@ class DiscoverConfig:
         ``right`` on activations). Its scores then equal that code's (divided by the prompt count)."""
         rule = "right" if self.method == "eap-ig-activations" else "left"
         return dataclasses.replace(self, bos="always", ig_rule=rule)
+
+
+def check_memory(adapter: ModelAdapter, task: Task, batch_size: int, reporter: Reporter) -> None:
+    """Say the run's memory plan (``circuitfinder.engine.plan``) before the heavy work, and refuse
+    a batch that cannot fit the device's free memory, naming the largest that does."""
+    from circuitfinder.engine.plan import format_bytes, free_memory, largest_batch, memory_plan, shape_from_config
+
+    shape = shape_from_config(adapter.name, adapter.hf_config)
+    positions = int(task.lengths.max())
+    plan = memory_plan(shape, adapter.dtype, batch_size, positions)
+    free = free_memory(adapter.device)
+    reporter.log(f"memory plan: {format_bytes(plan.working)} for batches of {batch_size} × {positions} positions, "
+                 f"beyond the loaded model; {format_bytes(free)} free on {adapter.device}")
+    if plan.working > free:
+        fits = largest_batch(shape, free + plan.loaded + plan.terms["libraries"], adapter.dtype, positions)
+        raise UserError(f"batches of {batch_size} need {format_bytes(plan.working)} and {adapter.device} has "
+                        f"{format_bytes(free)} free: pass `batch_size={max(fits, 1)}`" + ("" if fits else " (even one may not fit)"))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak memory so far: the GPU's allocated peak, or the resident set on a CPU."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 1e6, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3, 1)  # Linux: KiB
 
 
 def build_run_task(config: DiscoverConfig, tokenizer) -> Task:
@@ -199,8 +234,10 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
     torch.manual_seed(config.seed)
 
     if adapter is None:
-        reporter.log(f"loading {config.model}")
-        adapter = load_checked_model(config.model, reporter.log, check=config.check_model)
+        device = resolve_device(config.device)
+        reporter.log(f"loading {config.model} ({config.dtype} on {device})")
+        adapter = load_checked_model(config.model, reporter.log, check=config.check_model, dtype=parse_dtype(config.dtype),
+                                     device=device)
     task = task if task is not None else build_run_task(config, adapter.tokenizer)
     for note in task.notes:
         reporter.log(f"task: {note}")
@@ -214,6 +251,7 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
         f"{adapter.shape.n_kv_groups} key/value groups: {graph.n_edges:,} edges"
     )
     reporter.log(f"task {task.name}: {len(task)} prompt pairs ({n_disc} discovery, {n_held} held-out), metric {task.metric_name}")
+    check_memory(adapter, task, config.batch_size, reporter)
 
     ablation = make_ablation(config.ablation, adapter, graph, task, config.batch_size)
     heldout = CircuitEvaluator(adapter, graph, task, "heldout", config.batch_size, ablation)
@@ -283,6 +321,9 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
         "search": None if outcome is None else _search_summary(outcome, graph, heldout, scores),
         "forward_passes": attribution_passes + heldout.forward_passes,
         "seconds": round(time.perf_counter() - started, 2),
+        "dtype": str(adapter.dtype).removeprefix("torch."),
+        "device": str(adapter.device),
+        "peak_memory_mb": peak_memory_mb(adapter.device),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "finished": True,
     }
