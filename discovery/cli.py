@@ -86,7 +86,7 @@ def discover(
     minimize: bool = typer.Option(False, "--minimize", help="Shorthand for --method minimize --seed-method METHOD: remove edges one by one while the target faithfulness holds."),
     search_prompts: int = typer.Option(32, "--search-prompts", help="acdc, acdc-groups, minimize: discovery prompts each candidate is evaluated on (16 overfit on IOI: the circuit fell short on held-out prompts)."),
     chain: int = typer.Option(16, "--chain", help="acdc/--minimize: the most candidates evaluated together (speculatively) per chain; each chain's length adapts to how often guesses are right."),
-    workers: int = typer.Option(0, "--workers", help="acdc/--minimize: Ray actors with a model replica each (0: in this process)."),
+    workers: int = typer.Option(0, "--workers", help="Ray actors with a model replica each (one GPU each where there are GPUs): attribution is split by prompt batches over them, and acdc/--minimize score their circuits on them (0: in this process)."),
     address: Optional[str] = typer.Option(None, "--address", help="Join an existing Ray cluster at this address (with --workers)."),
     ig_steps: int = typer.Option(5, "--ig-steps", help="Interpolation steps of eap-ig."),
     ig_rule: str = typer.Option("midpoint", "--ig-rule", help="EAP-IG's interpolation points: midpoint ((k+½)/m), left (k/m, k<m: the published code on inputs) or right (k/m, k≥1: on activations)."),

@@ -74,3 +74,22 @@ def test_a_worker_killed_mid_search_is_replaced_and_nothing_changes(local_ray):
             ray.kill(a)
     assert killed and killed[0] not in alive  # the actor really died and was restarted
     assert torch.equal(got, want)
+
+
+# ---- attribution split by prompt batches (issue 18) ---------------------------------------------
+
+@pytest.mark.parametrize("method", ["eap", "eap_ig"])
+def test_attribution_on_one_or_two_workers_equals_one_process(local_ray, method):
+    """Actor k sums batches k, k + n, …; the shares add up to the one-process scores."""
+    from circuitfinder.methods import attribution
+    from circuitfinder.methods.pool import ray_scores
+
+    fn = getattr(attribution, method)
+    adapter, task = tiny_models.load_tiny_gpt2(), tiny_task()
+    want = fn(adapter, EdgeGraph(adapter.shape), task, batch_size=1, steps=3)
+    halves = [fn(adapter, EdgeGraph(adapter.shape), task, batch_size=1, steps=3, shard=(k, 2)) for k in range(2)]
+    assert not torch.equal(halves[0], want) and (halves[0] != 0).any() and (halves[1] != 0).any()  # each a real share
+    for workers in (1, 2):
+        got = ray_scores(tiny_models.load_tiny_gpt2, fn, task, 1, workers, steps=3)
+        assert (got - want).abs().max().item() <= 1e-6 * max(1.0, want.abs().max().item()), f"{workers} workers"
+

@@ -210,11 +210,16 @@ def attribute_batch_activations(adapter: ModelAdapter, graph: EdgeGraph, task: T
 
 def _attribute(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch_size: int,
                progress: Callable[[int], None] | None, alphas: tuple[float, ...], ablation: str | Ablation,
-               per_batch=attribute_batch) -> Scores:
+               per_batch=attribute_batch, shard: tuple[int, int] = (0, 1)) -> Scores:
+    """The scores summed over the discovery batches; with ``shard = (k, n)`` only over batches
+    ``k, k + n, …`` (one worker's share: the shares' sum is the whole, ``methods.pool.ray_scores``)."""
     ablation = make_ablation(ablation, adapter, graph, task, batch_size)
     scores = score_matrix(adapter, graph)
     n = len(task.indices("discovery"))
-    for batch in task.batches("discovery", batch_size):
+    k, n_shards = shard
+    for i, batch in enumerate(task.batches("discovery", batch_size)):
+        if i % n_shards != k:
+            continue
         batch = batch.to(adapter.device)
         per_batch(adapter, graph, task, batch, scores, 1.0 / n, alphas, ablated=ablation.senders(batch))
         if progress:
@@ -224,13 +229,13 @@ def _attribute(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch_size: 
 
 def eap(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch_size: int = 16,
         progress: Callable[[int], None] | None = None, steps: int = 1,
-        ablation: str | Ablation = "counterfactual", ig_rule: str = "midpoint") -> Scores:
+        ablation: str | Ablation = "counterfactual", ig_rule: str = "midpoint", shard: tuple[int, int] = (0, 1)) -> Scores:
     """EAP scores of every edge on the task's discovery prompts: the gradient at the clean run.
 
     ``steps`` and ``ig_rule`` are ignored (EAP takes one gradient); they are there so every method
-    has one signature.
+    has one signature. ``shard = (k, n)``: only every n-th batch from the k-th (a worker's share).
     """
-    return _attribute(adapter, graph, task, batch_size, progress, (1.0,), ablation)
+    return _attribute(adapter, graph, task, batch_size, progress, (1.0,), ablation, shard=shard)
 
 
 IG_RULES = ("midpoint", "left", "right")
@@ -254,7 +259,7 @@ def ig_alphas(steps: int, rule: str = "midpoint") -> tuple[float, ...]:
 
 def eap_ig(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch_size: int = 16,
            progress: Callable[[int], None] | None = None, steps: int = 5,
-           ablation: str | Ablation = "counterfactual", ig_rule: str = "midpoint") -> Scores:
+           ablation: str | Ablation = "counterfactual", ig_rule: str = "midpoint", shard: tuple[int, int] = (0, 1)) -> Scores:
     """EAP-IG scores (Hanna, Pezzelle & Belinkov 2024, "Have Faith in Faithfulness", arXiv 2403.17806).
 
     Integrated gradients on the inputs: the gradient at each receiver is averaged over ``steps``
@@ -267,12 +272,13 @@ def eap_ig(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch_size: int 
     accumulated into the scores step by step, so memory does not grow with m. Same sign and units
     as EAP.
     """
-    return _attribute(adapter, graph, task, batch_size, progress, ig_alphas(steps, ig_rule), ablation)
+    return _attribute(adapter, graph, task, batch_size, progress, ig_alphas(steps, ig_rule), ablation, shard=shard)
 
 
 def eap_ig_activations(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch_size: int = 16,
                        progress: Callable[[int], None] | None = None, steps: int = 5,
-                       ablation: str | Ablation = "counterfactual", ig_rule: str = "midpoint") -> Scores:
+                       ablation: str | Ablation = "counterfactual", ig_rule: str = "midpoint",
+                       shard: tuple[int, int] = (0, 1)) -> Scores:
     """EAP-IG on the activations (MIB's "EAP-IG-activations", Mueller et al. 2025, arXiv 2504.13151).
 
     Instead of the embedding, the output of each sender hook point u (the input; the heads of a
@@ -294,7 +300,7 @@ def eap_ig_activations(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batc
     Cost: ``(2L + 1) · m`` forward and backward passes per batch; memory does not grow with m.
     """
     return _attribute(adapter, graph, task, batch_size, progress, ig_alphas(steps, ig_rule), ablation,
-                      per_batch=attribute_batch_activations)
+                      per_batch=attribute_batch_activations, shard=shard)
 
 
 def node_scores(graph: EdgeGraph, scores: Scores) -> "pd.Series":

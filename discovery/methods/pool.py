@@ -135,3 +135,40 @@ class RayPool:
             ray.kill(a)
         if self._started_ray:
             ray.shutdown()
+
+
+class _AttributionActor:
+    def __init__(self, load: Callable[[], ModelAdapter], threads: int):
+        torch.set_num_threads(threads)
+        self.adapter = load()
+
+    def scores(self, method: Callable, task: Task, batch_size: int, shard: tuple[int, int], **options) -> torch.Tensor:
+        return method(self.adapter, EdgeGraph(self.adapter.shape), task, batch_size, shard=shard, **options)
+
+
+def ray_scores(load: Callable[[], ModelAdapter], method: Callable, task: Task, batch_size: int, workers: int,
+               address: str | None = None, threads: int = 1, **options) -> torch.Tensor:
+    """Attribution split by prompt batches over ``workers`` Ray actors (each loads its own model
+    replica; one GPU each where the cluster has GPUs): actor k sums batches k, k + workers, …
+    (``shard``), and their scores are added here. ``method`` is an attribution function
+    (``eap``, ``eap_ig``, ...); ``options`` its keywords (``steps``, ``ablation`` by name, ``ig_rule``)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        kwargs = {"address": address} if address else {"num_cpus": workers * threads, "include_dashboard": False}
+        ray.init(log_to_driver=False, configure_logging=False, **kwargs)
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= workers else 0
+    actor = ray.remote(num_cpus=threads, num_gpus=gpus)(_AttributionActor)
+    actors = [actor.remote(load, threads) for _ in range(workers)]
+    try:
+        parts = ray.get([a.scores.remote(method, task, batch_size, (k, workers), **options) for k, a in enumerate(actors)])
+    finally:
+        for a in actors:
+            ray.kill(a)
+        if started:
+            ray.shutdown()
+    total = parts[0].clone()
+    for part in parts[1:]:
+        total += part
+    return total

@@ -63,7 +63,7 @@ class DiscoverConfig:
     minimize: bool = False  # prune the chosen circuit edge by edge while it keeps the target faithfulness
     search_prompts: int = 32  # discovery prompts that ACDC / --minimize evaluate on (faithfulness is then held-out)
     chain: int = 16  # the most candidates evaluated per speculative chain (each chain's length adapts)
-    workers: int = 0  # Ray actors for ACDC / --minimize (0: in this process)
+    workers: int = 0  # Ray actors: attribution split by prompt batches, ACDC / --minimize circuits (0: in this process)
     address: str | None = None  # an existing Ray cluster to join
     curve: bool = True  # also measure held-out faithfulness at the MIB edge fractions
     roles: bool = True  # measure every head's role on the run's prompts (seconds); the circuit's heads by role
