@@ -64,8 +64,10 @@ def test_group_acdc_run_logs_each_decision_and_says_when_it_misses_the_target(ti
             self.lines.append(message)
 
     config = DiscoverConfig(task="ioi", model="tiny-llama", method="acdc-groups", n_pairs=16, batch_size=8, edges=60,
-                            force=True, curve=False, search_prompts=4, target_faithfulness=0.9)
+                            force=True, search_prompts=4, target_faithfulness=0.9)
     summary = run_config(config, out=tmp_path / "a", adapter=tiny_ioi_model, reporter=Log()).summary
+    assert summary["curve"] is None and not (tmp_path / "a" / "curve.csv").exists()  # no curve after a search by default
+    assert DiscoverConfig(method="eap-ig").wants_curve and DiscoverConfig(method="acdc-groups", curve=True).wants_curve
     search = summary["search"]
     assert search["rule"] == "acdc-groups" and search["candidates"] <= 60
     decisions = pd.read_csv(tmp_path / "a" / "decisions.csv")  # one row per candidate, with the trial that decided it

@@ -65,7 +65,7 @@ class DiscoverConfig:
     chain: int = 16  # the most candidates evaluated per speculative chain (each chain's length adapts)
     workers: int = 0  # Ray actors: attribution split by prompt batches, ACDC / --minimize circuits (0: in this process)
     address: str | None = None  # an existing Ray cluster to join
-    curve: bool = True  # also measure held-out faithfulness at the MIB edge fractions
+    curve: bool | None = None  # held-out faithfulness at the MIB edge fractions; None: for attribution's top-N only
     roles: bool = True  # measure every head's role on the run's prompts (seconds); the circuit's heads by role
     force: bool = False  # search even when the model does not show the behaviour
     skip_bad_rows: bool = False  # for a task file: drop invalid rows instead of refusing the file
@@ -128,6 +128,16 @@ class DiscoverConfig:
             resolve_device(self.device)
         except UserError as exc:
             raise UserError(str(exc), "dtype" if "dtype" in str(exc) else "device") from None
+
+    @property
+    def wants_curve(self) -> bool:
+        """Whether the run measures the MIB curve: ``curve`` when given, else only for attribution's
+        top-N. The curve ranks edges by attribution's scores, so after a search it describes the seed,
+        not the circuit found, and costs about a tenth of the run."""
+        if self.curve is not None:
+            return self.curve
+        method = METHODS.get(self.method)
+        return method is not None and method.score is not None
 
     def matching_published(self) -> "DiscoverConfig":
         """This configuration with every choice the published EAP-IG code makes (hannamw/EAP-IG):
@@ -287,7 +297,7 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
         reporter.log(below_target(faithfulness, config))
 
     curve = None
-    if config.curve and found.ranked:  # the curve ranks edges by score
+    if config.wants_curve and found.ranked:  # the curve ranks edges by score
         with reporter.progress("faithfulness curve (held-out)", 10) as advance:
             curve = faithfulness_curve(heldout, scores, progress=advance)
         reporter.log("curve (held-out): " + ", ".join(f"{p:g}% {f:.2f}" for p, _, _, f in curve.points)
