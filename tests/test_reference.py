@@ -223,8 +223,9 @@ def test_a_model_of_another_shape_is_refused():
 
 
 def test_an_unknown_reference_names_the_available_ones():
-    assert available() == ["gpt2-greater-than", "gpt2-ioi"]
-    with pytest.raises(UserError, match="unknown reference 'gpt2-docstring'; available: gpt2-greater-than, gpt2-ioi"):
+    names = ["gpt2-greater-than", "gpt2-ioi", "tracr-frac_prevs", "tracr-pair_balance", "tracr-reverse"]
+    assert available() == names
+    with pytest.raises(UserError, match=f"unknown reference 'gpt2-docstring'; available: {', '.join(names)}"):
         load_reference("gpt2-docstring")
 
 

@@ -60,6 +60,11 @@ BUNDLED: dict[str, BundledModel] = {
 }
 DEFAULT_MODEL = "smollm2-135m"
 
+# tracr programs compiled to GPT-2 weights (scripts/tracr_compile.py): float64 safetensors shipped
+# in the package, with their true circuits in graphs/references/tracr-*.json
+COMPILED_FOLDER = Path(__file__).resolve().parents[1] / "compiled"
+COMPILED: dict[str, Path] = {f"tracr-{p.name}": p for p in sorted(COMPILED_FOLDER.glob("*")) if (p / "config.json").is_file()}
+
 
 def cache_root() -> Path:
     return Path(os.environ.get("CIRCUITS_CACHE", Path.home() / ".cache" / "circuits"))
@@ -211,6 +216,9 @@ def load_pretrained(name: str, log: Callable[[str], None] = lambda _msg: None, d
         spec = BUNDLED[name]
         model, tokenizer = _load_bundled(spec, log, dtype, device)
         return _named(model, dtype, device), tokenizer, spec.hf_id
+    if name in COMPILED:
+        model, tokenizer = _load_safetensors_folder(COMPILED[name], "GPT2LMHeadModel", dtype, device)
+        return _named(model, dtype, device), tokenizer, "gpt2"
     offline_choices = (f"a bundled model ({', '.join(BUNDLED)}) or a local folder holding a saved model "
                        "(config.json and safetensors, as save_pretrained writes) or a .gguf file")
     path = Path(name).expanduser()

@@ -1,0 +1,44 @@
+"""tracr programs compiled to GPT-2 (scripts/tracr_compile.py): the converted models compute
+tracr's function through the bridge, and their true circuits load as references (issue 20)."""
+
+import json
+
+import pytest
+import torch
+
+from circuitfinder.engine.adapter import load_model
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.engine.models import COMPILED
+from circuitfinder.graphs.reference import load_reference, reference_mask
+
+TRUE_EDGES = {"tracr-frac_prevs": 3, "tracr-reverse": 2, "tracr-pair_balance": 6}
+
+
+def test_every_compiled_program_is_shipped():
+    assert set(COMPILED) == set(TRUE_EDGES)
+
+
+@pytest.mark.parametrize("name", sorted(TRUE_EDGES))
+def test_converted_model_equals_tracr_on_every_input(name):
+    """tracr's own float64 outputs (stored by the compile script, from tracr's model.apply) at
+    every position of every input of lengths 1-4: the converted model through the bridge."""
+    adapter = load_model(name, dtype=torch.float64)
+    program = json.loads((COMPILED[name] / "program.json").read_text())
+    tok = adapter.tokenizer
+    assert len(program["tracr"]) == sum(len(program["vocabulary"]) ** n for n in range(1, 5))
+    worst = 0.0
+    with torch.no_grad():
+        for row in program["tracr"]:
+            logits = adapter.bridge(torch.tensor([tok.convert_tokens_to_ids(["BOS", *row["input"]])]))[0]
+            for token, values in row["outputs"].items():
+                got = logits[:, tok.convert_tokens_to_ids(token)]
+                worst = max(worst, float((got - torch.tensor(values, dtype=torch.float64)).abs().max()))
+    assert worst < 1e-9  # measured: 6.1e-13 at most
+
+
+@pytest.mark.parametrize("name", sorted(TRUE_EDGES))
+def test_true_circuit_is_a_reference_over_the_models_graph(name):
+    reference = load_reference(name)
+    graph = EdgeGraph(load_model(name, dtype=torch.float64).shape)
+    assert int(reference_mask(reference, graph).sum()) == TRUE_EDGES[name]
+    assert reference.published["weights_only_edges"] > TRUE_EDGES[name]  # the position-only q/k edges left out
