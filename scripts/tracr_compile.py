@@ -1,6 +1,12 @@
 """Compile the tracr programs, convert them to GPT-2 models, and derive their true circuits (issue 20).
 
-Run in a venv of its own (tracr needs jax; `scripts/tracr.sh` makes it and runs this). It writes,
+Run in a venv of its own (tracr needs jax, which the lock does not hold; its jax 0.10.2 and dm-haiku
+0.0.17 sit with the lock's numpy 2.4.6 and networkx 3.6.1):
+
+    python3 -m venv /tmp/tracr && /tmp/tracr/bin/pip install tracr-pypi==1.0.0 torch==2.13.0 transformers==5.24.0
+    /tmp/tracr/bin/python scripts/tracr_compile.py [PROGRAM ...]
+
+It writes,
 for each program of ``PROGRAMS``, the files the package reads without tracr:
 
 * ``discovery/compiled/<program>/``: the converted model (``config.json``, ``model.safetensors`` in
