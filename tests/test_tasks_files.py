@@ -158,7 +158,7 @@ def test_skip_bad_rows(tmp_path, word_tokenizer):
 def test_build_task_names_and_paths(tmp_path, word_tokenizer):
     with pytest.raises(TaskError, match="no task file at .*missing.jsonl"):
         build_task(str(tmp_path / "missing.jsonl"), word_tokenizer)
-    with pytest.raises(TaskError, match="unknown task 'nope': use one of greater-than, induction, ioi, or a .jsonl"):
+    with pytest.raises(TaskError, match="unknown task 'nope': use one of greater-than, induction, ioi, tracr-frac_prevs, tracr-pair_balance, tracr-reverse, or a .jsonl"):
         build_task("nope", word_tokenizer)
     other = tmp_path / "task.json"
     other.write_text("{}")

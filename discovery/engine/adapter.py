@@ -163,8 +163,9 @@ class ModelAdapter:
         """
         if self.dtype != torch.float64:
             return self.dtype
-        tokens = torch.arange(8, device=self.device).unsqueeze(0) % max(int(self.bridge.cfg.d_vocab), 1)
-        noise = torch.randn((1, 8, self.shape.d_model), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        n = min(8, int(getattr(self.bridge.cfg, "n_ctx", 8) or 8))  # a compiled tracr model has 6 positions
+        tokens = torch.arange(n, device=self.device).unsqueeze(0) % max(int(self.bridge.cfg.d_vocab), 1)
+        noise = torch.randn((1, n, self.shape.d_model), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
         on_grid: list[dict[str, torch.Tensor]] = []
 

@@ -81,7 +81,8 @@ def check_model(adapter: ModelAdapter, seed: int = 0) -> float:
     graph = EdgeGraph(adapter.shape)
     g = torch.Generator().manual_seed(seed)
     vocab = int(adapter.bridge.cfg.d_vocab)
-    clean, corrupted = (torch.randint(0, vocab, (1, 8), generator=g) for _ in range(2))
+    positions = min(8, int(getattr(adapter.bridge.cfg, "n_ctx", 8) or 8))  # a compiled tracr model has 6
+    clean, corrupted = (torch.randint(0, vocab, (1, positions), generator=g) for _ in range(2))
     try:
         corr_senders, corr_logits = run_recording_senders(adapter, graph, corrupted)
         clean_senders, clean_logits = run_recording_senders(adapter, graph, clean)
