@@ -17,17 +17,24 @@ from __future__ import annotations
 
 import json
 import random
+from importlib import resources
 
 import torch
 
-from circuitfinder.engine.models import COMPILED
 from circuitfinder.tasks.base import Task, TaskError, logit_difference, split_labels, stack_pairs
 
 LENGTH = 4  # tokens after BOS
 
 
+def compiled_programs() -> list[str]:
+    """The names (``tracr-<program>``) of the programs shipped in ``circuitfinder/compiled/``."""
+    folder = resources.files("circuitfinder") / "compiled"
+    return sorted(f"tracr-{p.name}" for p in folder.iterdir() if (p / "program.json").is_file()) if folder.is_dir() else []
+
+
 def _program(name: str) -> dict:
-    return json.loads((COMPILED[name] / "program.json").read_text(encoding="utf-8"))
+    path = resources.files("circuitfinder") / "compiled" / name.removeprefix("tracr-") / "program.json"
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def make_tracr(tokenizer, n_pairs: int = 128, seed: int = 0, heldout_fraction: float = 0.5, *, program: str) -> Task:
