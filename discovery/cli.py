@@ -346,7 +346,7 @@ def tasks_show(
         print(f"  clean:     {text['clean']!r}\n  corrupted: {text['corrupted']!r}\n"
               f"  answer: {text['answer']!r}   wrong: {text['wrong']!r}")
     b = CircuitEvaluator(adapter, EdgeGraph(adapter.shape), task, "heldout").baseline
-    print(f"baseline on {model} (held-out): clean {b.clean:.3f}, corrupted {b.corrupted:.3f}, accuracy {b.accuracy:.0%}")
+    print(f"baseline on {model} (held-out): {b}")
 
 
 @app.command()

@@ -106,6 +106,9 @@ class Task:
         answer_sets, wrong_sets: every correct and every wrong answer id of each pair, ``[n, k]``
             padded with ``-1``, for tasks with several answers (both or neither).
         notes: remarks on how the task was built (e.g. rows of a task file that were dropped).
+        ranks_answers: whether ``answer`` and ``wrong`` are two outputs the model chooses between,
+            so that accuracy (``logits[answer] > logits[wrong]``) means something; False for a
+            task whose metric reads a value (a compiled tracr program's numerical output).
     """
 
     name: str
@@ -123,6 +126,7 @@ class Task:
     answer_sets: Int[torch.Tensor, "n k"] | None = None
     wrong_sets: Int[torch.Tensor, "n k"] | None = None
     notes: tuple[str, ...] = ()
+    ranks_answers: bool = True
 
     def __post_init__(self) -> None:
         n = self.clean.shape[0]

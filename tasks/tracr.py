@@ -72,4 +72,4 @@ def make_tracr(tokenizer, n_pairs: int = 128, seed: int = 0, heldout_fraction: f
     return Task(name=program, clean=clean, corrupted=corrupted, lengths=lengths, answer=torch.tensor(answer),
                 wrong=torch.tensor(wrong), split=split, metric=logit_difference,
                 metric_name="output difference" if not numerical else "program output", pad_id=vocab["compiler_pad"],
-                texts=tuple(texts), positions={"END": lengths - 1})
+                texts=tuple(texts), positions={"END": lengths - 1}, ranks_answers=not numerical)

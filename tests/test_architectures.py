@@ -312,6 +312,40 @@ def test_a_mixture_of_experts_in_float64_is_refused_with_one_line(tokenizer):
     assert "\n" not in str(refused.value) and "MixtralForCausalLM" in str(refused.value)
 
 
+def test_the_check_at_load_refuses_a_bridge_that_computes_another_model(tokenizer):
+    """Check 0: the bridge against the Hugging Face model's own logits, taken before booting. A
+    weight changed afterwards stands for a bridge that runs the model differently: checks 1-4
+    compare the engine with the bridge, so only check 0 can see it."""
+    adapter = ModelAdapter.from_hf(build("gpt2"), tokenizer, name="tiny-gpt2", hf_id="gpt2", dtype=torch.float64)
+    assert adapter.hf_reference is not None
+    check_model(adapter)  # passes as booted
+    with torch.no_grad():
+        adapter.bridge.original_model.transformer.h[0].attn.c_attn.weight.mul_(1.5)
+    with pytest.raises(UserError, match="the bridge's logits differ from the Hugging Face model's own"):
+        check_model(adapter)
+
+
+def test_the_check_at_load_accepts_components_with_all_zero_weights(tokenizer):
+    """A compiled tracr model has attention layers and MLPs with all-zero weights: nothing added at
+    their inputs moves anything, in the model as in the engine, so they are not asked to."""
+    model = build("gpt2")
+    with torch.no_grad():
+        for p in [*model.transformer.h[0].attn.parameters(), *model.transformer.h[-1].mlp.parameters()]:
+            p.zero_()
+    check_model(ModelAdapter.from_hf(model, tokenizer, name="tiny-gpt2", hf_id="gpt2", dtype=torch.float64))
+
+
+def test_the_check_at_load_refuses_a_receiver_hook_the_model_does_not_read(tokenizer, monkeypatch):
+    """Check 1 on a hook that fires but is not read (with split q/k/v inputs the block's own ln1
+    output feeds nothing): neither the logits nor the attention scores move, so it is refused."""
+    adapter = ModelAdapter.from_hf(build("gpt2"), tokenizer, name="tiny-gpt2", hf_id="gpt2", dtype=torch.float64)
+    wired = adapter.receiver_hook
+    monkeypatch.setattr(adapter, "receiver_hook",
+                        lambda kind, layer: f"blocks.{layer}.ln1.hook_out" if kind == "q" else wired(kind, layer))
+    with pytest.raises(UserError, match=r"the q input of layer 0 \(blocks.0.ln1.hook_out\) changes nothing"):
+        check_model(adapter)
+
+
 @pytest.fixture(scope="module")
 def task_file(tmp_path_factory):
     """A task file in the IOI form whose words the word tokenizer holds as single tokens."""

@@ -51,6 +51,12 @@ from circuitfinder.errors import UserError
 from circuitfinder.engine.models import load_pretrained
 
 Hook = tuple[str, Callable]
+PROBE_POSITIONS = 8  # tokens of the probe prompts the load checks run (fewer where the context is shorter)
+
+
+def probe_tokens(vocab: int, positions: int, seed: int = 0) -> torch.Tensor:
+    """One random prompt ``[1, positions]`` of ordinary token ids (special ones can be unstable)."""
+    return torch.randint(0, max(vocab, 1), (1, positions), generator=torch.Generator().manual_seed(seed))
 
 
 @dataclass(frozen=True)
@@ -77,10 +83,11 @@ class ModelAdapter:
     SENDER_INPUT = "blocks.0.hook_resid_pre"
     RECEIVER_LOGITS = "ln_final.hook_in"
 
-    def __init__(self, bridge, tokenizer, name: str):
+    def __init__(self, bridge, tokenizer, name: str, hf_reference: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.bridge = bridge
         self.tokenizer = tokenizer
         self.name = name
+        self.hf_reference = hf_reference  # (tokens, logits) of the Hugging Face model's own forward, before booting
         cfg = bridge.cfg
         blocks = list(bridge.blocks)
         self.post_norm = hasattr(blocks[0], "ln1_post")  # Gemma 2/3: head shares, see the module docstring
@@ -124,11 +131,27 @@ class ModelAdapter:
 
     @classmethod
     def from_hf(cls, hf_model, tokenizer, name: str, hf_id: str | None = None, dtype: torch.dtype = torch.float32) -> "ModelAdapter":
-        """Wrap an in-memory Hugging Face causal LM (no download)."""
+        """Wrap an in-memory Hugging Face causal LM (no download).
+
+        The model's own logits on one short probe prompt are taken first, before the bridge wraps
+        its modules, so that the check at load can compare the bridge with the model it wraps.
+        """
         from transformer_lens.model_bridge import TransformerBridge
 
+        config = hf_model.config
+        vocab = int(getattr(config, "vocab_size", 0) or 0)
+        context = next((int(v) for k in ("n_positions", "max_position_embeddings", "n_ctx")
+                        if (v := getattr(config, k, None))), PROBE_POSITIONS)
+        reference = None
+        if vocab > 0:
+            tokens = probe_tokens(vocab, min(PROBE_POSITIONS, context)).to(next(hf_model.parameters()).device)
+            try:
+                with torch.no_grad():
+                    reference = (tokens, hf_model(tokens).logits.detach().clone())
+            except RuntimeError:  # e.g. no float64 kernel: the adapter reports it below
+                reference = None
         bridge = TransformerBridge.boot_transformers(hf_id or name, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype)
-        return cls(bridge, tokenizer, name)
+        return cls(bridge, tokenizer, name, reference)
 
     @property
     def device(self) -> torch.device:
@@ -149,6 +172,11 @@ class ModelAdapter:
                 f"{s.n_kv_groups} key/value groups, d_model {s.d_model}" + (", parallel blocks" if s.parallel else "")
                 + (", post-attention norm" if s.post_norm else "") + ")")
 
+    @property
+    def probe_positions(self) -> int:
+        """The length of the probe prompts of the load checks: 8 tokens, or the model's context if shorter."""
+        return min(PROBE_POSITIONS, int(getattr(self.bridge.cfg, "n_ctx", PROBE_POSITIONS) or PROBE_POSITIONS))
+
     @cached_property
     def working_dtype(self) -> torch.dtype:
         """The lowest precision the forward pass rounds to (``circuitfinder.engine.precision`` says why it matters).
@@ -163,7 +191,7 @@ class ModelAdapter:
         """
         if self.dtype != torch.float64:
             return self.dtype
-        n = min(8, int(getattr(self.bridge.cfg, "n_ctx", 8) or 8))  # a compiled tracr model has 6 positions
+        n = self.probe_positions
         tokens = torch.arange(n, device=self.device).unsqueeze(0) % max(int(self.bridge.cfg.d_vocab), 1)
         noise = torch.randn((1, n, self.shape.d_model), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
@@ -206,13 +234,12 @@ class ModelAdapter:
     def rounding_noise(self) -> float:
         """How far the logits move, relative to their size, when the residual stream entering every
         block is rounded off once more: each value times ``1 + ½ eps · n`` (``n`` standard normal,
-        ``eps`` the working dtype's) on one random 8-token prompt, three draws, the largest change
+        ``eps`` the working dtype's) on the probe prompt (:func:`probe_tokens`), three draws, the largest change
         over the largest logit. Two
         exact computations of the same pass differ by roundings like these, so half precision's
         tolerance is a multiple of it (``circuitfinder.engine.precision``)."""
         eps = torch.finfo(self.working_dtype).eps
-        vocab = max(int(self.bridge.cfg.d_vocab), 1)  # random ordinary tokens (special ones can be unstable)
-        tokens = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0)).to(self.device)
+        tokens = probe_tokens(int(self.bridge.cfg.d_vocab), self.probe_positions).to(self.device)
         with torch.no_grad():
             base = self.bridge(tokens, return_type="logits").float()
         worst = 0.0
@@ -284,6 +311,11 @@ class ModelAdapter:
             "mlp": f"blocks.{layer}.hook_mlp_in",
             "logits": self.RECEIVER_LOGITS,
         }[kind]
+
+    def reader_hook(self, kind: str, layer: int) -> str | None:
+        """The first value computed linearly from a receiver: attention scores (q, k), ``z`` (v), the MLP's pre-activation."""
+        return {"q": f"blocks.{layer}.attn.hook_attn_scores", "k": f"blocks.{layer}.attn.hook_attn_scores",
+                "v": f"blocks.{layer}.attn.hook_z", "mlp": f"blocks.{layer}.mlp.hook_pre"}.get(kind)
 
     @contextmanager
     def batch_repeated_from(self, layer: int, k: int) -> Iterator[Hook]:

@@ -2,8 +2,13 @@
 
 The tests hold the engine exact on a matrix of architectures (``tests/test_architectures.py``);
 this check protects the models they do not cover. A few forward passes on one random prompt
-pair (8 tokens), every comparison within ``circuitfinder.engine.precision``'s tolerance:
+pair (8 tokens, or the model's context if shorter), every comparison within
+``circuitfinder.engine.precision``'s tolerance:
 
+0. **The bridge computes the model it wraps.** Its logits on the probe prompt equal the Hugging
+   Face model's own, taken before the bridge wrapped its modules (``ModelAdapter.hf_reference``).
+   Checks 1–4 compare the engine with the bridge, so without this one a bridge that runs a model
+   differently would pass them all.
 1. **Every receiver is wired.** A random vector added at each receiver hook (q, k, v, MLP input
    of the first, middle and last layers; the logits' input) moves the logits. A hook that does
    not sit on what the model reads moves nothing: the bridge's MLP input on BLOOM, Falcon,
@@ -29,7 +34,7 @@ from circuitfinder.engine.adapter import ModelAdapter, load_model
 from circuitfinder.errors import UserError
 from circuitfinder.engine.graph import EdgeGraph, ReceiverPoint
 from circuitfinder.engine.patching import patched_logits, run_recording_senders
-from circuitfinder.engine.precision import HALF, noise_floor_for, tolerance_for
+from circuitfinder.engine.precision import HALF, exact_tolerance, noise_floor_for, tolerance_for
 
 
 class ModelRefused(UserError):
@@ -81,8 +86,7 @@ def check_model(adapter: ModelAdapter, seed: int = 0) -> float:
     graph = EdgeGraph(adapter.shape)
     g = torch.Generator().manual_seed(seed)
     vocab = int(adapter.bridge.cfg.d_vocab)
-    positions = min(8, int(getattr(adapter.bridge.cfg, "n_ctx", 8) or 8))  # a compiled tracr model has 6
-    clean, corrupted = (torch.randint(0, vocab, (1, positions), generator=g) for _ in range(2))
+    clean, corrupted = (torch.randint(0, vocab, (1, adapter.probe_positions), generator=g) for _ in range(2))
     try:
         corr_senders, corr_logits = run_recording_senders(adapter, graph, corrupted)
         clean_senders, clean_logits = run_recording_senders(adapter, graph, clean)
@@ -92,10 +96,19 @@ def check_model(adapter: ModelAdapter, seed: int = 0) -> float:
     tol = tolerance_for(adapter, clean_logits)
     L = adapter.shape.n_layers
 
+    # 0. the bridge's logits are the wrapped model's own
+    if adapter.hf_reference is not None:
+        tokens, want = adapter.hf_reference
+        with torch.no_grad():
+            got = adapter.bridge(tokens.to(adapter.device), return_type="logits")
+        diff = (got.double() - want.to(got.device).double()).abs().max().item()
+        if diff > _bridge_tolerance(adapter, want):
+            raise _refuse(adapter, f"the bridge's logits differ from the Hugging Face model's own by {diff:.2g}")
+
     # 1. every receiver kind, in the first, middle and last layer, moves the logits
     layers = sorted({0, L // 2, L - 1})
     for point in graph.receiver_points:
-        if point.layer not in layers and point.kind != "logits":
+        if point.layer not in layers and point.kind != "logits" or reads_nothing(adapter, point.kind, point.layer):
             continue
         hook_name = adapter.receiver_hook(point.kind, point.layer)
         fired = []
@@ -105,13 +118,16 @@ def check_model(adapter: ModelAdapter, seed: int = 0) -> float:
             return x + _random_like(x, seed + 1)
 
         with torch.no_grad(), adapter.hooks([(hook_name, nudge)]):
-            moved = (adapter.logits(clean) - clean_logits).abs().max().item()
-        if not fired or moved <= noise_floor_for(adapter, clean_logits):
+            moved = (adapter.logits(clean) - clean_logits).abs().max().item() > noise_floor_for(adapter, clean_logits)
+        if fired and not moved:  # a saturated softmax or ReLU downstream (tracr's hard attention): ask the reader
+            moved = _reader_moves(adapter, point, clean, hook_name, nudge)
+        if not fired or not moved:
             where = "never fires" if not fired else "changes nothing"
             raise _refuse(adapter, f"the {point.kind} input of layer {point.layer} ({hook_name}) {where}")
 
     # 2. heads reach their own layer's MLP exactly when the graph says so
-    for layer in sorted({0, L - 1}):
+    live = [layer for layer in range(L) if not reads_nothing(adapter, "mlp", layer)]
+    for layer in sorted({live[0], live[-1]} if live else set()):
         mlp_out = {}
 
         def keep(x, hook=None):
@@ -159,6 +175,57 @@ def check_model(adapter: ModelAdapter, seed: int = 0) -> float:
         if diff > tol:
             raise _refuse(adapter, f"patching {edge} differs from a plain hook by {diff:.2g}")
     return worst
+
+
+def _bridge_tolerance(adapter: ModelAdapter, reference: torch.Tensor) -> float:
+    """Two implementations of one model: Hugging Face's own modules compute norms, rotary tables and
+    softmax in float32 even in a float64 model, so float64 is held to float32's tolerance."""
+    if adapter.working_dtype in HALF:
+        return tolerance_for(adapter, reference)
+    working = torch.float32 if adapter.dtype == torch.float64 else adapter.working_dtype
+    return exact_tolerance(working, adapter.shape.n_layers, reference.abs().max().item())
+
+
+def _reader_moves(adapter: ModelAdapter, point: ReceiverPoint, tokens: torch.Tensor, hook_name: str,
+                  nudge: Callable) -> bool:
+    """Whether ``nudge`` at a receiver moves the first value computed linearly from it (the
+    attention scores for q and k, ``z`` for v, the MLP's pre-activation), which no saturation hides."""
+    reader = adapter.reader_hook(point.kind, point.layer)
+    if reader is None:
+        return False
+    seen: list[torch.Tensor] = []
+
+    def keep(x, hook=None):
+        seen.append(x.detach().clone())
+        return x
+
+    with torch.no_grad():
+        with adapter.hooks([(reader, keep)]):
+            adapter.logits(tokens)
+        with adapter.hooks([(hook_name, nudge), (reader, keep)]):
+            adapter.logits(tokens)
+    if len(seen) != 2:  # the reader's hook does not fire on this architecture
+        return False
+    before, after = seen
+    lowest = torch.finfo(before.dtype).min / 2  # masked attention scores are -inf or the dtype's lowest value
+    finite = torch.isfinite(before) & torch.isfinite(after) & (before > lowest) & (after > lowest)
+    return bool(finite.any()) and (after - before)[finite].abs().max().item() > noise_floor_for(adapter, before[finite])
+
+
+def reads_nothing(adapter: ModelAdapter, kind: str, layer: int) -> bool:
+    """Whether a receiver's reader has all-zero weights (``W_Q``/``W_K``/``W_V`` for q/k/v, every
+    parameter of the MLP), so that nothing added at it can move the model. False where unknown."""
+    try:
+        block = adapter.bridge.blocks[layer]
+        if kind in ("q", "k", "v"):
+            weights = [getattr(block.attn, f"W_{kind.upper()}")]
+        elif kind == "mlp":
+            weights = list(block.mlp.original_component.parameters())
+        else:
+            return False
+    except (AttributeError, IndexError, NotImplementedError, RuntimeError):
+        return False
+    return bool(weights) and all(bool((w == 0).all()) for w in weights)
 
 
 def sample_edges(graph: EdgeGraph) -> list[str]:

@@ -53,8 +53,13 @@ class Baseline:
 
     clean: float
     corrupted: float
-    accuracy: float  # fraction of prompts whose answer outscores the wrong answer (clean run)
+    accuracy: float | None  # fraction of prompts whose answer outscores the wrong answer (clean run); None
+    # for a task whose answers are not outputs to choose between (Task.ranks_answers)
     n_prompts: int
+
+    def __str__(self) -> str:
+        accuracy = "" if self.accuracy is None else f", clean accuracy {self.accuracy:.0%}"
+        return f"clean {self.clean:.3f}, corrupted {self.corrupted:.3f}{accuracy}"
 
 
 DISTANCES = ("kl", "task", "prompt")
@@ -122,7 +127,7 @@ class CircuitEvaluator:
         if not math.isfinite(self.clean_metric):
             raise MetricError(f"the clean metric is {self.clean_metric} on the {split} prompts; check the task's answers")
         empty = float(self.evaluate(torch.zeros_like(graph.allowed)[None]).metric[0])  # raises when not finite
-        self.baseline = Baseline(self.clean_metric, empty, correct / self.n, self.n)
+        self.baseline = Baseline(self.clean_metric, empty, correct / self.n if task.ranks_answers else None, self.n)
         if abs(self.baseline.clean - self.baseline.corrupted) < 1e-6:
             raise MetricError(
                 f"the clean metric equals the metric with every edge ablated ({self.ablation.kind}; "

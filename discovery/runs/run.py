@@ -209,16 +209,19 @@ MIN_ACCURACY = 0.6  # below this the model does not show the behaviour well enou
 def check_behaviour(baseline, config: DiscoverConfig, model: str) -> None:
     """Refuse (unless ``config.force``) to look for the circuit of a behaviour the model lacks.
 
-    The model shows a behaviour when its clean metric exceeds the corrupted one and it prefers
-    the right answer to the wrong one on at least ``MIN_ACCURACY`` of the held-out prompts.
+    The model shows a behaviour when its clean metric exceeds the corrupted one and, where the
+    task's answers are outputs to choose between, it prefers the right answer to the wrong one on
+    at least ``MIN_ACCURACY`` of the held-out prompts.
     """
     if config.force:
         return
-    if baseline.clean <= baseline.corrupted or baseline.accuracy < MIN_ACCURACY:
+    ranked = baseline.accuracy is not None
+    if baseline.clean <= baseline.corrupted or ranked and baseline.accuracy < MIN_ACCURACY:
         raise UserError(
             f"{model} does not show the behaviour of task {config.task!r} (held-out: clean metric "
-            f"{baseline.clean:.3g}, corrupted {baseline.corrupted:.3g}, accuracy {baseline.accuracy:.0%}; "
-            f"needs clean > corrupted and accuracy ≥ {MIN_ACCURACY:.0%}); pass `force=True` to search anyway"
+            f"{baseline.clean:.3g}, corrupted {baseline.corrupted:.3g}" + (
+                f", accuracy {baseline.accuracy:.0%}; needs clean > corrupted and accuracy ≥ {MIN_ACCURACY:.0%}"
+                if ranked else "; needs clean > corrupted") + "); pass `force=True` to search anyway"
         )
 
 
@@ -266,7 +269,7 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
     ablation = make_ablation(config.ablation, adapter, graph, task, config.batch_size)
     heldout = CircuitEvaluator(adapter, graph, task, "heldout", config.batch_size, ablation)
     b = heldout.baseline
-    reporter.log(f"baseline (held-out): clean {b.clean:.3f}, corrupted {b.corrupted:.3f}, clean accuracy {b.accuracy:.0%}")
+    reporter.log(f"baseline (held-out): {b}")
     check_behaviour(b, config, adapter.name)
 
     method = METHODS[config.method]
