@@ -15,18 +15,20 @@ from circuitfinder.tasks.from_file import load_task_file
 from circuitfinder.tasks.greater_than import make_greater_than
 from circuitfinder.tasks.induction import make_induction
 from circuitfinder.tasks.ioi import make_ioi
-from circuitfinder.tasks.tracr import compiled_programs, make_tracr
+from circuitfinder.compiled import compiled_programs
+from circuitfinder.tasks.tracr import make_tracr
 
 TaskBuilder = Callable[..., Task]  # (tokenizer, n_pairs, seed) -> Task
 
 TASKS: dict[str, TaskBuilder] = {"ioi": make_ioi, "induction": make_induction, "greater-than": make_greater_than}
-TASKS |= {name: partial(make_tracr, program=name) for name in compiled_programs()}  # the compiled tracr programs
+COMPILED = list(compiled_programs())  # the compiled tracr programs
+TASKS |= {name: partial(make_tracr, program=name) for name in COMPILED}
 DESCRIPTIONS = {
     "ioi": "Indirect object identification (Wang et al. 2022): logit(IO) − logit(S), ABC corruption",
     "induction": "Repeated random words (Olsson et al. 2022): log p(the token to copy); second half not repeated",
     "greater-than": "Years (Hanna et al. 2023): p(later years) − p(earlier years); start year XX01",
 } | {name: f"tracr program {name[6:]} on its compiled model (--model {name}): its output at the last position"
-     for name in compiled_programs()}
+     for name in COMPILED}
 FILE_SUFFIXES = (".jsonl", ".csv")
 
 

@@ -15,26 +15,14 @@ The true circuits are the references ``tracr-<program>`` (``circuits evaluate --
 
 from __future__ import annotations
 
-import json
 import random
-from importlib import resources
 
 import torch
 
+from circuitfinder.compiled import program_data
 from circuitfinder.tasks.base import Task, TaskError, logit_difference, split_labels, stack_pairs
 
 LENGTH = 4  # tokens after BOS
-
-
-def compiled_programs() -> list[str]:
-    """The names (``tracr-<program>``) of the programs shipped in ``circuitfinder/compiled/``."""
-    folder = resources.files("circuitfinder") / "compiled"
-    return sorted(f"tracr-{p.name}" for p in folder.iterdir() if (p / "program.json").is_file()) if folder.is_dir() else []
-
-
-def _program(name: str) -> dict:
-    path = resources.files("circuitfinder") / "compiled" / name.removeprefix("tracr-") / "program.json"
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def make_tracr(tokenizer, n_pairs: int = 128, seed: int = 0, heldout_fraction: float = 0.5, *, program: str) -> Task:
@@ -43,7 +31,7 @@ def make_tracr(tokenizer, n_pairs: int = 128, seed: int = 0, heldout_fraction: f
     Raises:
         TaskError: when the tokenizer is not the compiled program's model's.
     """
-    data = _program(program)
+    data = program_data(program)
     vocab = tokenizer.get_vocab()
     tokens = ["BOS", "compiler_pad", *data["vocabulary"], *data["output_tokens"]]
     if any(t not in vocab for t in tokens):

@@ -22,6 +22,7 @@ from unittest import mock
 
 import torch
 
+from circuitfinder.compiled import compiled_programs
 from circuitfinder.errors import ModelNotFound
 
 
@@ -62,8 +63,7 @@ DEFAULT_MODEL = "smollm2-135m"
 
 # tracr programs compiled to GPT-2 weights (scripts/tracr_compile.py): float64 safetensors shipped
 # in the package, with their true circuits in graphs/references/tracr-*.json
-COMPILED_FOLDER = Path(__file__).resolve().parents[1] / "compiled"
-COMPILED: dict[str, Path] = {f"tracr-{p.name}": p for p in sorted(COMPILED_FOLDER.glob("*")) if (p / "config.json").is_file()}
+COMPILED: dict[str, Path] = compiled_programs()
 
 
 def cache_root() -> Path:
