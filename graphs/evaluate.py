@@ -29,7 +29,10 @@ COLUMNS = ("reference", "circuit", "shared", "precision", "recall", "f1", "roc_a
 
 
 def default_reference(task: str) -> str:
-    """The reference for a run's task (the one whose ``task`` it is), else a UserError listing them."""
+    """The reference for a run's task (the one named after it, else one whose ``task`` it is), else
+    a UserError listing them."""
+    if task in available():
+        return task
     for name in available():
         if load_reference(name).task == task:
             return name
@@ -56,9 +59,13 @@ def evaluate_circuit(circuit: Circuit, reference: str | None = None, scored_by: 
     ref = load_reference(reference or default_reference(circuit.task))
     graph = circuit.graph
     known = not circuit.scores[graph.allowed].isnan().any()
+    scores, scores_name = (torch.nan_to_num(circuit.scores) if known else None), f"scores.parquet ({scored_by or circuit.method})"
     notes = []
     if not known:
         notes.append("no scores.parquet: the circuit is graded, ROC-AUC and top-k need every edge's score")
+    elif bool((scores[graph.allowed] == scores[graph.allowed][0]).all()):  # e.g. ACDC over the whole graph
+        scores, scores_name = circuit.mask.double(), "the circuit itself (no ranking scores: a one-point ROC)"
+        notes.append("the run's scores are all equal: ROC-AUC ranks the circuit's edges first, (TPR + TNR) / 2")
     if circuit.task != ref.task:
         notes.append(f"the run's task is {circuit.task!r}, the reference's {ref.task!r}")
     if ref.model not in circuit.model.lower():
@@ -66,8 +73,8 @@ def evaluate_circuit(circuit: Circuit, reference: str | None = None, scored_by: 
     return {
         "reference": ref.name, "reference_title": ref.title, "citation": ref.citation,
         "model": circuit.model, "task": circuit.task, "method": circuit.method,
-        "scores": f"scores.parquet ({scored_by or circuit.method})" if known else None,
-        **grade(graph, reference_mask(ref, graph), circuit.mask, torch.nan_to_num(circuit.scores) if known else None),
+        "scores": scores_name if known else None,
+        **grade(graph, reference_mask(ref, graph), circuit.mask, scores),
         "published": ref.published, "notes": notes,
     }
 

@@ -45,7 +45,8 @@ the circuit that patching and attribution can see; the edges of attention patter
 position alone (e.g. frac_prevs' query and key, reading ``one``, ``indices`` and ``tokens:BOS``)
 are left out. ACDC's tracr references (Conmy et al. 2023, from zero-ablation runs) keep them;
 auto-circuit's (Miller et al. 2024) leave them out, as here. The count of edges without the
-varying filter is written beside it (``weights_only_edges``).
+varying filter is written beside it (``weights_only_edges``), and those edges as a second
+reference, ``tracr-<program>-weights``, to grade against ACDC's kind of reference.
 
 Programs (max_seq_len 5, BOS, causal; tasks read the output at the last position, where the
 causal programs compute the bidirectional program's value):
@@ -253,19 +254,28 @@ def true_edges(model, vary_filter: bool = True) -> list[tuple[str, str, str]]:
     return sorted(kept, key=edges.index)
 
 
-def reference_json(name: str, model, n_heads: int) -> dict:
+def reference_json(name: str, model, n_heads: int, by_weights: bool = False) -> dict:
+    """The true circuit (``tracr-<name>``), or with ``by_weights`` every edge the weights connect,
+    varying or not (``tracr-<name>-weights``: ACDC's kind of reference)."""
     edges, weights_only = true_edges(model), true_edges(model, vary_filter=False)
-    nodes = sorted({n for e in edges for n in e[:2]})
+    shown = weights_only if by_weights else edges
+    nodes = sorted({n for e in shown for n in e[:2]})
+    rule = ("an edge connects a residual dimension its sender writes to one its receiver reads, on a path to the logits "
+            "(varying or not: attention patterns fixed by position included, as in ACDC's references)" if by_weights else
+            "an edge carries a residual dimension that varies between inputs of one length, on a path to the logits")
     return {
-        "schema": "circuits/reference", "version": 1, "name": f"tracr-{name}", "task": f"tracr-{name}",
-        "model": f"tracr-{name}", "n_layers": model.model_config.num_layers, "n_heads": n_heads, "n_kv_groups": n_heads,
-        "title": f"tracr {name}: the circuit compiled from its RASP program ({len(edges)} edges)",
+        "schema": "circuits/reference", "version": 1, "name": f"tracr-{name}" + ("-weights" if by_weights else ""),
+        "task": f"tracr-{name}", "model": f"tracr-{name}", "n_layers": model.model_config.num_layers,
+        "n_heads": n_heads, "n_kv_groups": n_heads,
+        "title": (f"tracr {name}: every edge its compiled weights connect ({len(shown)} edges)" if by_weights else
+                  f"tracr {name}: the circuit compiled from its RASP program ({len(shown)} edges)"),
         "citation": ("Lindner et al. 2023, Tracr: Compiled Transformers as a Laboratory for Interpretability "
-                     "(arXiv:2301.05062); edges by the rule of scripts/tracr_compile.py (the edges that carry the input)"),
+                     "(arXiv:2301.05062); edges by the rule of scripts/tracr_compile.py"
+                     + (" without the varying filter" if by_weights else " (the edges that carry the input)")),
         "classes": [], "groups": {n: [n] for n in nodes},
-        "connections": [{"from": s, "to": r, "slots": slot or "qkv"} for s, r, slot in edges],
-        "published": {"weights_only_edges": len(weights_only), "program": PROGRAMS[name][2],
-                      "rule": "an edge carries a residual dimension that varies between inputs of one length, on a path to the logits"},
+        "connections": [{"from": s, "to": r, "slots": slot or "qkv"} for s, r, slot in shown],
+        "published": {"weights_only_edges": len(weights_only), "true_edges": len(edges), "program": PROGRAMS[name][2],
+                      "rule": rule},
     }
 
 
@@ -307,6 +317,8 @@ def main(names: list[str]) -> None:
         (folder / "program.json").write_text(json.dumps(program, indent=1) + "\n")
         ref = reference_json(name, model, model.model_config.num_heads)
         (ROOT / "graphs" / "references" / f"tracr-{name}.json").write_text(json.dumps(ref, indent=1) + "\n")
+        by_weights = reference_json(name, model, model.model_config.num_heads, by_weights=True)
+        (ROOT / "graphs" / "references" / f"tracr-{name}-weights.json").write_text(json.dumps(by_weights, indent=1) + "\n")
         print(f"{name}: {config.n_layer} layers, {config.n_head} heads, d_model {config.n_embd}; "
               f"{len(program['tracr'])} inputs; true circuit {len(ref['connections'])} edges "
               f"({ref['published']['weights_only_edges']} by weights alone): "

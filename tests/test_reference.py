@@ -223,7 +223,8 @@ def test_a_model_of_another_shape_is_refused():
 
 
 def test_an_unknown_reference_names_the_available_ones():
-    names = ["gpt2-greater-than", "gpt2-ioi", "tracr-frac_prevs", "tracr-pair_balance", "tracr-reverse"]
+    names = ["gpt2-greater-than", "gpt2-ioi", "tracr-frac_prevs", "tracr-frac_prevs-weights", "tracr-pair_balance",
+             "tracr-pair_balance-weights", "tracr-reverse", "tracr-reverse-weights"]
     assert available() == names
     with pytest.raises(UserError, match=f"unknown reference 'gpt2-docstring'; available: {', '.join(names)}"):
         load_reference("gpt2-docstring")

@@ -44,18 +44,20 @@ def test_true_circuit_is_a_reference_over_the_models_graph(name):
     assert reference.published["weights_only_edges"] > TRUE_EDGES[name]  # the position-only q/k edges left out
 
 
-@pytest.mark.parametrize("method", ["eap", "eap-ig", "acdc-groups"])
+@pytest.mark.parametrize("method", ["eap", "eap-ig", "acdc-whole-graph", "minimize", "acdc-groups"])
 @pytest.mark.parametrize("name", sorted(TRUE_EDGES))
 def test_methods_recover_the_compiled_circuit(name, method, tmp_path):
     """A regression check on the methods' science: each finds exactly the true circuit and ranks
-    its edges first (edge and node ROC-AUC 1). The run goes through the check at load and the
+    its edges first (edge and node ROC-AUC 1; ACDC over the whole graph has no scores, so its
+    one-point ROC ranks its circuit's edges first). The run goes through the check at load and the
     behaviour check as any other: compiled models' all-zero components and saturated attention
     pass the first, and numerical outputs are not graded by accuracy in the second."""
     from circuitfinder.graphs.evaluate import evaluate_circuit
     from circuitfinder.runs.run import DiscoverConfig, run_config
 
-    config = DiscoverConfig(task=name, model=name, method=method, n_pairs=32, batch_size=16, dtype="float64",
-                            roles=False, search_prompts=16)
+    settings = {"method": "acdc", "seed_method": "none"} if method == "acdc-whole-graph" else {"method": method}
+    config = DiscoverConfig(task=name, model=name, n_pairs=32, batch_size=16, dtype="float64", roles=False,
+                            search_prompts=16, **settings)
     run = run_config(config, out=tmp_path / "run")
     graded = evaluate_circuit(run.circuit, name)
     assert run.summary["faithfulness"] == pytest.approx(1.0, abs=1e-6)
