@@ -34,6 +34,54 @@ def _as_senders(act: torch.Tensor) -> torch.Tensor:
     return act.permute(2, 0, 1, 3) if act.dim() == 4 else act.unsqueeze(0)
 
 
+class SenderDiff:
+    """``corrupted − current`` of every sender, ``[senders, batch, pos, d_model]``, held as row
+    chunks ``(first row, rows)`` that cover the senders in order.
+
+    A pass resumed from an earlier one (:class:`PassRecord`) borrows the rows of the blocks it
+    skips from that pass's record (whole chunks as they are, never written again; the part of a
+    chunk that straddles the split is copied, so a borrowed view never keeps more alive than it
+    uses) and owns one chunk for the rest, filled as its senders fire. So no pass copies the
+    whole ``[senders, …]`` buffer, and the rows a receiver gathers are the same values, in the
+    same order, as from one tensor: the sums are bit for bit the same.
+    """
+
+    def __init__(self, chunks: list[tuple[int, torch.Tensor]]):
+        self.chunks = chunks
+
+    @classmethod
+    def resumed(cls, earlier: "SenderDiff | None", shared: int, own: torch.Tensor) -> "SenderDiff":
+        """Rows ``[0, shared)`` from ``earlier``, the rest in ``own`` ``[senders − shared, …]``."""
+        chunks = []
+        for first, rows in (earlier.chunks if earlier is not None and shared else []):
+            if first >= shared:
+                break
+            take = min(len(rows), shared - first)
+            chunks.append((first, rows if take == len(rows) else rows[:take].clone()))
+        return cls(chunks + [(shared, own)])
+
+    def own_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of the last (own) chunk, to be written."""
+        first, rows = self.chunks[-1]
+        if start < first:
+            raise RuntimeError(f"sender rows {start}-{stop} belong to a block this pass resumed past")
+        return rows[start - first : stop - first]
+
+    def gather(self, rows: torch.Tensor, block: slice = slice(None)) -> torch.Tensor:
+        """Rows ``rows`` (ascending) of the prompts ``block``: ``[len(rows), b, p, d]``."""
+        if len(self.chunks) == 1:
+            return self.chunks[0][1][:, block].index_select(0, rows)
+        parts = []
+        for first, chunk in self.chunks:
+            inside = rows[(rows >= first) & (rows < first + len(chunk))]
+            if len(inside):
+                parts.append(chunk[:, block].index_select(0, inside - first))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def full(self) -> torch.Tensor:
+        return torch.cat([rows for _, rows in self.chunks]) if len(self.chunks) > 1 else self.chunks[0][1]
+
+
 def sender_buffer(graph: EdgeGraph, batch: int, pos: int, dtype=None, device=None) -> torch.Tensor:
     """A zeroed ``[senders, batch, pos, d_model]`` buffer.
 
@@ -163,8 +211,8 @@ def patch_receivers_hooks(adapter: ModelAdapter, graph: EdgeGraph, diff: torch.T
     circuit per block of the batch, each block takes its own smaller side.
 
     Args:
-        diff: ``[senders, batch, pos, d_model]``, holding ``corrupted − current`` for every sender
-            that has fired so far in this pass.
+        diff: ``[senders, batch, pos, d_model]`` (a tensor or a :class:`SenderDiff`), holding
+            ``corrupted − current`` for every sender that has fired so far in this pass.
         total: ``[batch, pos, d_model]``, the sum of ``diff`` over the senders fired so far.
         removed: ``[senders, receivers]`` or ``[k, senders, receivers]`` patch weights (a circuit
             per block of ``batch / k`` consecutive prompts).
@@ -175,16 +223,18 @@ def patch_receivers_hooks(adapter: ModelAdapter, graph: EdgeGraph, diff: torch.T
 
     def delta(point: ReceiverPoint, plan, rows_slice: slice) -> torch.Tensor:
         rows, weights, from_total = plan
-        upstream, running = diff[:, rows_slice], total[rows_slice]  # views of this block's prompts
-        d = _mix(upstream.index_select(0, rows), weights) if len(rows) else torch.zeros_like(running).unsqueeze(2)
+        running = total[rows_slice]  # a view of this block's prompts
+        d = _mix(diffs.gather(rows, rows_slice), weights) if len(rows) else torch.zeros_like(running).unsqueeze(2)
         if from_total:
             d = running.unsqueeze(2) - d
         return d if point.per_head else d.squeeze(2)
 
+    diffs = diff if isinstance(diff, SenderDiff) else SenderDiff([(0, diff)])
+    dtype, device = total.dtype, total.device
     hooks = []
     for point in graph.receiver_points:
-        w = _removed_slice(removed, point).to(diff.dtype)  # every entry here is an edge
-        plans = [_plan(wj, diff.device) for wj in (w if w.dim() == 3 else [w])]
+        w = _removed_slice(removed, point).to(dtype)  # every entry here is an edge
+        plans = [_plan(wj, device) for wj in (w if w.dim() == 3 else [w])]
         if all(plan is None for plan in plans):  # every edge into this point kept: no hook
             continue
         hook = _blockwise(plans, partial(delta, point))
@@ -217,11 +267,12 @@ class PassRecord:
     from the first pass's record, and compute only blocks ``l`` on (:func:`patched_logits`
     ``resume``). An iterative search (ACDC, group tests) tries circuits that differ from the
     current one only in a few receivers, mostly late ones, so most of each pass is skipped.
-    Memory: the ``[senders, batch, pos, d_model]`` buffer plus two residual streams per block.
+    Memory: the rows of the ``[senders, batch, pos, d_model]`` buffer it computed (the rest it
+    shares with the pass it resumed from; :class:`SenderDiff`) plus two residual streams per block.
     """
 
     removed: torch.Tensor  # [senders, receivers] patch weights of the pass (edges only)
-    diff: torch.Tensor  # [senders, batch, pos, d_model]: corrupted − current at the end of the pass
+    diff: SenderDiff  # [senders, batch, pos, d_model]: corrupted − current at the end of the pass
     totals: list  # totals[l], l ≥ 1: Σ diff over the senders computed before block l (l = n_layers: all)
     outputs: list  # what each block returned
 
@@ -260,14 +311,21 @@ def patched_logits(
         raise ValueError(f"{removed.shape[0]} circuits do not divide a batch of {clean.shape[0]} prompts")
     removed = removed.to(adapter.device) * graph.allowed.to(adapter.device)
     start = 0 if resume is None else resume.shared_layers(graph, removed)
-    diff = corrupted_senders.clone()  # becomes corrupted − current as senders fire
-    if start:
-        shared = next((p.start for p in graph.sender_points if p.layer >= start), graph.n_senders)
-        diff[:shared] = resume.diff[:shared]
-        total = resume.totals[start].clone()
-    else:
-        total = torch.zeros_like(diff[0])  # [b, p, d]: Σ over fired senders of corrupted − current
-    hooks = record_senders_hooks(adapter, graph, diff, -1.0, total) + patch_receivers_hooks(adapter, graph, diff, total, removed)
+    shared = next((p.start for p in graph.sender_points if p.layer >= start), graph.n_senders) if start else 0
+    # corrupted − current: rows of skipped blocks from the resumed pass, the rest written as senders fire
+    diff = SenderDiff.resumed(resume.diff if start else None, shared, torch.empty_like(corrupted_senders[shared:]))
+    total = resume.totals[start].clone() if start else torch.zeros_like(corrupted_senders[0])  # [b, p, d]: Σ over fired senders
+
+    def recorder(point: SenderPoint):
+        def record(values):
+            entries = diff.own_rows(point.start, point.stop)
+            torch.sub(corrupted_senders[point.start : point.stop], _as_senders(values.detach()), out=entries)
+            total.add_(entries.sum(0))
+
+        return record
+
+    hooks = [h for p in graph.sender_points for h in adapter.sender_hooks(p.kind, p.layer, recorder(p))]
+    hooks += patch_receivers_hooks(adapter, graph, diff, total, removed)
     totals, outputs = ([None] + (resume.totals[1:start] if start else [])), []
     if record:
         def snapshot(x, hook=None):
@@ -323,14 +381,23 @@ def stacked_patched_logits(
         logits = patched_logits(adapter, graph, clean, corrupted_senders, removed[0], positions)
         return logits.repeat(k, *[1] * (logits.dim() - 1))
     layer, shared = split
-    pre = corrupted_senders[:shared].clone()  # [shared, b, p, d]: corrupted − current, one per prompt
-    post = corrupted_senders[shared:].repeat(1, k, 1, 1)  # [rest, k·b, p, d]: one per circuit and prompt
-    state = {"total": torch.zeros_like(pre[0] if shared else corrupted_senders[0])}
+    # corrupted − current, written as each sender fires: one per prompt before the split, one per circuit and prompt after
+    b = clean.shape[0]
+    pre = torch.empty_like(corrupted_senders[:shared])  # [shared, b, p, d]
+    post = corrupted_senders.new_empty((corrupted_senders.shape[0] - shared, k * b, *corrupted_senders.shape[2:]))
+    state = {"total": torch.zeros_like(corrupted_senders[0])}
 
     def recorder(point: SenderPoint):
         def record(values):
-            entries = pre[point.start : point.stop] if point.start < shared else post[point.start - shared : point.stop - shared]
-            entries -= _as_senders(values.detach())
+            corrupted, values = corrupted_senders[point.start : point.stop], _as_senders(values.detach())
+            if point.start < shared:
+                entries = pre[point.start : point.stop]
+                torch.sub(corrupted, values, out=entries)
+            else:
+                entries = post[point.start - shared : point.stop - shared]
+                n = entries.shape[0]
+                torch.sub(corrupted.unsqueeze(1), values.reshape(n, k, b, *values.shape[2:]),
+                          out=entries.view(n, k, b, *entries.shape[2:]))
             state["total"].add_(entries.sum(0))
 
         return record
