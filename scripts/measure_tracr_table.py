@@ -67,27 +67,27 @@ def main() -> None:
     out = ROOT / "outputs" / "benchmarks" / f"tracr-table-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"what": __doc__.split("\n\n")[0], "rows": rows}, indent=2) + "\n")
-    programs = list(compiled_programs())
     print(f"\nwritten {out.relative_to(ROOT)}\n")
-    print("| method | " + " | ".join(p.removeprefix("tracr-") for p in programs) + " |")
-    print("|---" * (len(programs) + 1) + "|")
-    fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
-    for label in METHODS:
-        cells = []
-        for p in programs:
-            r = next(r for r in rows if r["label"] == label and r["program"] == p)
-            cells.append(f"{fmt(r['edges_roc_auc'])} / {fmt(r['nodes_roc_auc'])} (P {r['edges_precision']:.2f}, "
-                         f"R {r['edges_recall']:.2f}; {r['edges']} edges, F {r['faithfulness_heldout']:.3f})")
-        print(f"| {label} | " + " | ".join(cells) + " |")
+    print_table(rows, "")
     print("\nAgainst every edge the weights connect (edge / node ROC-AUC, precision, recall):\n")
+    print_table(rows, "weights_")
+
+
+def print_table(rows: list[dict], prefix: str) -> None:
+    """A Markdown table, a method per row and a program per column, of the grades named ``prefix…``."""
+    from circuitfinder.compiled import compiled_programs
+
+    programs = list(compiled_programs())
+    fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
     print("| method | " + " | ".join(p.removeprefix("tracr-") for p in programs) + " |")
     print("|---" * (len(programs) + 1) + "|")
     for label in METHODS:
         cells = []
         for p in programs:
             r = next(r for r in rows if r["label"] == label and r["program"] == p)
-            cells.append(f"{fmt(r['weights_edges_roc_auc'])} / {fmt(r['weights_nodes_roc_auc'])} "
-                         f"(P {r['weights_edges_precision']:.2f}, R {r['weights_edges_recall']:.2f})")
+            cell = (f"{fmt(r[prefix + 'edges_roc_auc'])} / {fmt(r[prefix + 'nodes_roc_auc'])} "
+                    f"(P {r[prefix + 'edges_precision']:.2f}, R {r[prefix + 'edges_recall']:.2f}")
+            cells.append(cell + (f"; {r['edges']} edges, F {r['faithfulness_heldout']:.3f})" if not prefix else ")"))
         print(f"| {label} | " + " | ".join(cells) + " |")
 
 
