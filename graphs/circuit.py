@@ -131,11 +131,11 @@ def _values(graph: EdgeGraph, values: torch.Tensor | None) -> torch.Tensor:
     """Per-edge values as float64 (NaN off the graph's edges); NaN everywhere when None."""
     shape = (graph.n_senders, graph.n_receivers)
     if values is None:
-        return torch.full(shape, math.nan, dtype=torch.float64)
-    values = torch.as_tensor(values).detach().to("cpu", torch.float64)
+        return torch.full(shape, math.nan, dtype=torch.float64, device="cpu")
+    values = torch.as_tensor(values, device="cpu").detach().to(torch.float64)
     if tuple(values.shape) != shape:
         raise ValueError(f"edge values must have shape {shape} [senders, receivers], got {tuple(values.shape)}")
-    return torch.where(graph.allowed, values, torch.tensor(math.nan, dtype=torch.float64))
+    return torch.where(graph.allowed, values, torch.tensor(math.nan, dtype=torch.float64, device="cpu"))
 
 
 @dataclass(frozen=True, eq=False)
@@ -168,7 +168,7 @@ class Circuit:
     metadata: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        mask = torch.as_tensor(self.mask).to("cpu", torch.bool)
+        mask = torch.as_tensor(self.mask, device="cpu").to(torch.bool)
         if tuple(mask.shape) != tuple(self.graph.allowed.shape):
             raise ValueError(f"mask must have shape {tuple(self.graph.allowed.shape)} [senders, receivers], got {tuple(mask.shape)}")
         object.__setattr__(self, "mask", mask & self.graph.allowed)
@@ -191,7 +191,7 @@ class Circuit:
             CircuitFileError: a name that is not an edge of ``graph``.
         """
         mask = torch.zeros_like(graph.allowed)
-        scores = torch.full(mask.shape, math.nan, dtype=torch.float64)
+        scores = torch.full(mask.shape, math.nan, dtype=torch.float64, device="cpu")
         necessity = scores.clone()
         for e in edges:
             problem = check_edge(graph, e["sender"], e["receiver"])
@@ -210,7 +210,7 @@ class Circuit:
         """A copy with some fields changed (``mask``, ``roles``, ``metadata``, ...). A copy with
         other edges leaves out what was measured on these (necessity, faithfulness)."""
         mask = changes.get("mask")
-        if mask is not None and not torch.equal(torch.as_tensor(mask).bool() & self.graph.allowed, self.mask):
+        if mask is not None and not torch.equal(torch.as_tensor(mask, device="cpu").bool() & self.graph.allowed, self.mask):
             changes.setdefault("necessity", None)
             changes.setdefault("metadata", {k: v for k, v in self.metadata.items() if k not in self.MEASURED})
         return dataclasses.replace(self, **changes)

@@ -140,11 +140,11 @@ def reference_mask(reference: Reference, shape: ModelShape | EdgeGraph) -> Bool[
     graph = check_shape(reference, shape)
     sender = {n: i for i, n in enumerate(graph.sender_names)}
     receiver = {n: i for i, n in enumerate(graph.receiver_names)}
-    mask = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.bool)
+    mask = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.bool, device="cpu")
     for c in reference.connections:
         rows = [sender[n] for g in c.senders for n in reference.groups[g]]
         cols = [receiver[r] for g in c.receivers for n in reference.groups[g] for r in _receivers(graph, n, c.slots)]
-        mask[torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] = True
+        mask[torch.tensor(rows, device="cpu")[:, None], torch.tensor(cols, device="cpu")[None, :]] = True
     return mask & graph.allowed
 
 
@@ -152,7 +152,7 @@ def node_mask(graph: EdgeGraph, edges: Bool[torch.Tensor, "senders receivers"]) 
     """The heads and MLPs of the circuit ``edges``, indexed like senders (``input`` always False):
     its nodes by the one rule of ``circuitfinder.engine.masks.circuit_nodes``."""
     names = circuit_nodes(graph, edges)
-    return torch.tensor([n in names and n != "input" for n in graph.sender_names])
+    return torch.tensor([n in names and n != "input" for n in graph.sender_names], device="cpu")
 
 
 def reference_nodes(reference: Reference, shape: ModelShape | EdgeGraph) -> set[str]:

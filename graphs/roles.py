@@ -167,7 +167,7 @@ def measure_roles(adapter, task, max_prompts: int = 64, batch_size: int = 16):
     from circuitfinder.engine.patching import run_recording_senders
 
     graph = EdgeGraph(shape)
-    heads = torch.tensor([1 + l * (H + 1) + h for l in range(L) for h in range(H)])  # head senders
+    heads = torch.tensor([1 + l * (H + 1) + h for l in range(L) for h in range(H)], device="cpu")  # head senders
     names = [f"blocks.{l}.attn.hook_pattern" for l in range(L)] + [adapter.RECEIVER_LOGITS]
     per_prompt = {k: [] for k in SCORES[:5]}
     clean_diff = []
@@ -181,7 +181,7 @@ def measure_roles(adapter, task, max_prompts: int = 64, batch_size: int = 16):
             answer, wrong = batch.answer[:take], batch.wrong[:take]
             n_done += take
             cache = adapter.cache(tokens, names)
-            rows = torch.arange(take)
+            rows = torch.arange(take, device="cpu")
             lengths = end + 1
             for key, fn in (("previous_token", previous_token), ("duplicate_token", duplicate_token), ("induction", induction)):
                 per_prompt[key].append(torch.cat([fn(cache[f"blocks.{l}.attn.hook_pattern"].cpu().double(), tokens, lengths)
@@ -201,7 +201,7 @@ def measure_roles(adapter, task, max_prompts: int = 64, batch_size: int = 16):
             clean_diff.append(full[:, 0] - full[:, 1])
     means = {k: nanmean(torch.cat(v, 0)) for k, v in per_prompt.items()}
     diff = float(torch.cat(clean_diff).mean())
-    means["direct_effect_share"] = means["direct_effect"] / abs(diff) if diff else torch.full((L * H,), math.nan)
+    means["direct_effect_share"] = means["direct_effect"] / abs(diff) if diff else torch.full((L * H,), math.nan, device="cpu")
     rows = []
     for i in range(L * H):
         scores = {k: float(means[k][i]) for k in SCORES}

@@ -24,7 +24,7 @@ def scores_table(circuit: Circuit) -> pd.DataFrame:
     s, r = torch.nonzero(graph.allowed, as_tuple=True)
     values = circuit.scores[s, r]
     rank = torch.empty_like(s)
-    rank[torch.sort(values.abs(), descending=True, stable=True).indices] = torch.arange(1, len(s) + 1)
+    rank[torch.sort(values.abs(), descending=True, stable=True).indices] = torch.arange(1, len(s) + 1, device="cpu")
     senders = [graph.sender_names[i] for i in s.tolist()]
     receivers = [graph.receiver_names[i] for i in r.tolist()]
     return pd.DataFrame({
@@ -50,8 +50,8 @@ def read_scores(path: Path, graph: EdgeGraph) -> torch.Tensor:
         index = [graph.edge_index(e) for e in table["edge"]]
     except KeyError as exc:
         raise UserError(f"{path} scores an edge this model does not have ({exc.args[0]})") from None
-    scores = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.float64)
-    scores[[i for i, _ in index], [j for _, j in index]] = torch.tensor(table["score"].to_numpy(dtype="float64"))
+    scores = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.float64, device="cpu")
+    scores[[i for i, _ in index], [j for _, j in index]] = torch.tensor(table["score"].to_numpy(dtype="float64"), device="cpu")
     if not torch.isfinite(scores[graph.allowed]).all():
         raise UserError(f"{path} holds scores that are not finite numbers")
     return scores

@@ -177,7 +177,7 @@ class Task:
         """
         if bool((self.clean[:, 0] == bos_id).all() and (self.corrupted[:, 0] == bos_id).all()):
             return self
-        column = torch.full((len(self), 1), bos_id, dtype=self.clean.dtype)
+        column = torch.full((len(self), 1), bos_id, dtype=self.clean.dtype, device="cpu")
         return dataclasses.replace(
             self, clean=torch.cat([column, self.clean], 1), corrupted=torch.cat([column, self.corrupted], 1),
             lengths=self.lengths + 1, positions={k: v + 1 for k, v in self.positions.items()},
@@ -192,7 +192,7 @@ class Task:
         random order), grouped by length and trimmed to their longest prompt."""
         idx = sorted(self.indices(split)[:limit], key=lambda i: (int(self.lengths[i]), i))
         for start in range(0, len(idx), batch_size):
-            sel = torch.tensor(idx[start : start + batch_size])
+            sel = torch.tensor(idx[start : start + batch_size], device="cpu")
             width = int(self.lengths[sel].max())
             yield TaskBatch(
                 clean=self.clean[sel, :width],
@@ -220,26 +220,26 @@ def stack_pairs(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[
         if len(c) != len(x):
             raise TaskError(f"pair {k}: clean has {len(c)} tokens, corrupted {len(x)}; they must be equal")
     width = max(len(c) for c, _ in pairs)
-    clean = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    clean = torch.full((len(pairs), width), pad_id, dtype=torch.long, device="cpu")
     corrupted = clean.clone()
     for k, (c, x) in enumerate(pairs):
-        clean[k, : len(c)] = torch.tensor(c)
-        corrupted[k, : len(x)] = torch.tensor(x)
-    lengths = torch.tensor([len(c) for c, _ in pairs])
+        clean[k, : len(c)] = torch.tensor(c, device="cpu")
+        corrupted[k, : len(x)] = torch.tensor(x, device="cpu")
+    lengths = torch.tensor([len(c) for c, _ in pairs], device="cpu")
     return clean, corrupted, lengths
 
 
 def split_labels(n: int, heldout_fraction: float, generator: torch.Generator) -> tuple[str, ...]:
     """A random discovery/held-out split of ``n`` pairs (at least one pair on each side when n ≥ 2)."""
     n_heldout = min(max(1, round(n * heldout_fraction)), n - 1) if n >= 2 else 0
-    order = torch.randperm(n, generator=generator).tolist()
+    order = torch.randperm(n, generator=generator, device="cpu").tolist()
     heldout = set(order[:n_heldout])
     return tuple("heldout" if i in heldout else "discovery" for i in range(n))
 
 
 def pad_sets(sets: list[list[int]]) -> torch.Tensor:
     """Lists of token ids as one ``[n, k]`` LongTensor, right-padded with ``-1``."""
-    out = torch.full((len(sets), max(len(s) for s in sets)), -1, dtype=torch.long)
+    out = torch.full((len(sets), max(len(s) for s in sets)), -1, dtype=torch.long, device="cpu")
     for i, s in enumerate(sets):
-        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long, device="cpu")
     return out

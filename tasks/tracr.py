@@ -57,7 +57,7 @@ def make_tracr(tokenizer, n_pairs: int = 128, seed: int = 0, heldout_fraction: f
                       "answer": str(value(a)), "wrong": str(value(b))})
     clean, corrupted, lengths = stack_pairs(pairs, vocab["compiler_pad"])
     split = split_labels(len(pairs), heldout_fraction, torch.Generator().manual_seed(seed))
-    return Task(name=program, clean=clean, corrupted=corrupted, lengths=lengths, answer=torch.tensor(answer),
-                wrong=torch.tensor(wrong), split=split, metric=logit_difference,
+    return Task(name=program, clean=clean, corrupted=corrupted, lengths=lengths, answer=torch.tensor(answer, device="cpu"),
+                wrong=torch.tensor(wrong, device="cpu"), split=split, metric=logit_difference,
                 metric_name="output difference" if not numerical else "program output", pad_id=vocab["compiler_pad"],
                 texts=tuple(texts), positions={"END": lengths - 1}, ranks_answers=not numerical)

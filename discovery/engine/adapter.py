@@ -56,7 +56,7 @@ PROBE_POSITIONS = 8  # tokens of the probe prompts the load checks run (fewer wh
 
 def probe_tokens(vocab: int, positions: int, seed: int = 0) -> torch.Tensor:
     """One random prompt ``[1, positions]`` of ordinary token ids (special ones can be unstable)."""
-    return torch.randint(0, max(vocab, 1), (1, positions), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, max(vocab, 1), (1, positions), generator=torch.Generator().manual_seed(seed), device="cpu")
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,7 @@ class ModelAdapter:
             return self.dtype
         n = self.probe_positions
         tokens = torch.arange(n, device=self.device).unsqueeze(0) % max(int(self.bridge.cfg.d_vocab), 1)
-        noise = torch.randn((1, n, self.shape.d_model), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        noise = torch.randn((1, n, self.shape.d_model), generator=torch.Generator().manual_seed(0), dtype=torch.float64, device="cpu")
 
         on_grid: list[dict[str, torch.Tensor]] = []
 

@@ -86,7 +86,7 @@ def check_model(adapter: ModelAdapter, seed: int = 0) -> float:
     graph = EdgeGraph(adapter.shape)
     g = torch.Generator().manual_seed(seed)
     vocab = int(adapter.bridge.cfg.d_vocab)
-    clean, corrupted = (torch.randint(0, vocab, (1, adapter.probe_positions), generator=g) for _ in range(2))
+    clean, corrupted = (torch.randint(0, vocab, (1, adapter.probe_positions), generator=g, device="cpu") for _ in range(2))
     try:
         corr_senders, corr_logits = run_recording_senders(adapter, graph, corrupted)
         clean_senders, clean_logits = run_recording_senders(adapter, graph, clean)
@@ -153,7 +153,7 @@ def check_model(adapter: ModelAdapter, seed: int = 0) -> float:
 
     # 3. full = clean, empty = corrupted
     worst = 0.0
-    none = torch.zeros(graph.n_senders, graph.n_receivers)
+    none = torch.zeros(graph.n_senders, graph.n_receivers, device="cpu")
     for removed, want, what in ((none, clean_logits, "the full circuit differs from the clean run"),
                                 (graph.allowed.double(), corr_logits, "the empty circuit differs from the corrupted run")):
         diff = (patched_logits(adapter, graph, clean, corr_senders, removed) - want).abs().max().item()
@@ -164,7 +164,7 @@ def check_model(adapter: ModelAdapter, seed: int = 0) -> float:
     # 4. one edge of every kind against a single plain hook at its receiver
     for edge in sample_edges(graph):
         s, r = graph.edge_index(edge)
-        removed = torch.zeros(graph.n_senders, graph.n_receivers)
+        removed = torch.zeros(graph.n_senders, graph.n_receivers, device="cpu")
         removed[s, r] = 1
         got = patched_logits(adapter, graph, clean, corr_senders, removed)
         point = next(p for p in graph.receiver_points if p.start <= r < p.stop)

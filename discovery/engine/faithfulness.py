@@ -167,8 +167,8 @@ class CircuitEvaluator:
         """Mean metric and distance of each circuit (bool ``[k, senders, receivers]``, True = kept),
         every one patched (the full and the empty circuit too)."""
         k = circuits.shape[0]
-        metric_sum = torch.zeros(k, dtype=torch.float64)
-        distance_sum = torch.zeros(k, dtype=torch.float64)  # Σ KL, or for "prompt" Σ |m_i(C) − m_i(clean)|
+        metric_sum = torch.zeros(k, dtype=torch.float64, device="cpu")
+        distance_sum = torch.zeros(k, dtype=torch.float64, device="cpu")  # Σ KL, or for "prompt" Σ |m_i(C) − m_i(clean)|
         removed = (~circuits.bool()).to(self.adapter.dtype)  # [k, s, r]
         for index, (batch, senders) in enumerate(zip(self.batches, self._ablated)):
             start = 0

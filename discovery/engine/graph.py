@@ -123,7 +123,7 @@ class EdgeGraph:
     @cached_property
     def allowed(self) -> Bool[torch.Tensor, "senders receivers"]:
         """True where a sender is computed before a receiver: the graph's edges."""
-        mask = torch.zeros(self.n_senders, self.n_receivers, dtype=torch.bool)
+        mask = torch.zeros(self.n_senders, self.n_receivers, dtype=torch.bool, device="cpu")
         for r in self.receiver_points:
             mask[: r.n_senders, r.start : r.stop] = True
         return mask

@@ -32,9 +32,9 @@ def top_edges(graph: EdgeGraph, scores: Float[torch.Tensor, "senders receivers"]
     ties broken by edge index, so the result is stable."""
     candidates = graph.allowed if among is None else graph.allowed & among
     n = max(0, min(n, int(candidates.sum())))
-    flat = torch.where(candidates, scores.abs().double(), torch.tensor(-1.0, dtype=torch.float64)).flatten()
+    flat = torch.where(candidates, scores.abs().double(), torch.tensor(-1.0, dtype=torch.float64, device="cpu")).flatten()
     order = torch.sort(flat, descending=True, stable=True).indices[:n]
-    mask = torch.zeros(graph.allowed.numel(), dtype=torch.bool)
+    mask = torch.zeros(graph.allowed.numel(), dtype=torch.bool, device="cpu")
     mask[order] = True
     return mask.view_as(graph.allowed)
 
@@ -56,9 +56,9 @@ def prune(graph: EdgeGraph, mask: Mask, ablation_is_run: bool = True) -> Mask:
 
     # Forward: which sender nodes carry a clean signal (all of them unless the ablation is a run).
     # Senders are in topological order.
-    reached = torch.full((S,), not ablation_is_run, dtype=torch.bool)
+    reached = torch.full((S,), not ablation_is_run, dtype=torch.bool, device="cpu")
     reached[0] = True
-    receiver_reached = torch.zeros(graph.n_receivers, dtype=torch.bool)
+    receiver_reached = torch.zeros(graph.n_receivers, dtype=torch.bool, device="cpu")
     for point in graph.receiver_points if ablation_is_run else ():
         cols = slice(point.start, point.stop)
         receiver_reached[cols] = (mask[:, cols] & reached[:, None]).any(0)
@@ -67,8 +67,8 @@ def prune(graph: EdgeGraph, mask: Mask, ablation_is_run: bool = True) -> Mask:
                 reached[list(feeds[r])] = True
 
     # Backward: which sender nodes reach the logits through kept edges.
-    live = torch.zeros(S, dtype=torch.bool)
-    receiver_live = torch.zeros(graph.n_receivers, dtype=torch.bool)
+    live = torch.zeros(S, dtype=torch.bool, device="cpu")
+    receiver_live = torch.zeros(graph.n_receivers, dtype=torch.bool, device="cpu")
     receiver_live[-1] = True
     for point in reversed(graph.receiver_points):
         for r in range(point.start, point.stop):

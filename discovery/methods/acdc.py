@@ -136,10 +136,10 @@ class SearchState:
 def _guesser(candidates: list[tuple[int, int]], scores: torch.Tensor, state: SearchState) -> Callable[[int], bool]:
     """``guess(i)`` → True when candidate i is guessed to be removed (see the module docstring)."""
     n = len(candidates)
-    s = torch.tensor([c[0] for c in candidates], dtype=torch.long)
-    r = torch.tensor([c[1] for c in candidates], dtype=torch.long)
-    rank = torch.empty(n, dtype=torch.long)
-    rank[torch.sort(scores[s, r].abs().double(), descending=True, stable=True).indices] = torch.arange(n)
+    s = torch.tensor([c[0] for c in candidates], dtype=torch.long, device="cpu")
+    r = torch.tensor([c[1] for c in candidates], dtype=torch.long, device="cpu")
+    rank = torch.empty(n, dtype=torch.long, device="cpu")
+    rank[torch.sort(scores[s, r].abs().double(), descending=True, stable=True).indices] = torch.arange(n, device="cpu")
     bins = (rank * GUESS_BINS // max(n, 1)).tolist()
     removed = [0] * GUESS_BINS
     seen = [0] * GUESS_BINS

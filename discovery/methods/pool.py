@@ -84,11 +84,11 @@ def _pack(circuits: torch.Tensor) -> torch.Tensor:
     """Bool circuits as bytes, 8 edges a byte (a chunk of SmolLM2 circuits is a few hundred kB)."""
     flat = circuits.flatten().to(torch.uint8)
     flat = torch.cat([flat, flat.new_zeros((-len(flat)) % 8)]).view(-1, 8)
-    return (flat << torch.arange(8, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
+    return (flat << torch.arange(8, dtype=torch.uint8, device="cpu")).sum(1, dtype=torch.uint8)
 
 
 def _unpack(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    bits = (packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1
+    bits = (packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8, device="cpu")) & 1
     n = 1
     for s in shape:
         n *= s

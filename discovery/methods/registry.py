@@ -196,7 +196,7 @@ def _seed(problem: Problem, store: Checkpoint) -> tuple[torch.Tensor, Mask, Size
         return saved["scores"], saved["chosen"].bool(), SizeSearch(**size_search) if size_search else None, 0, name != UNSEEDED
     if name == UNSEEDED:  # textbook ACDC: every edge a candidate, senders in graph order
         reporter.log("unseeded: every edge of the graph is a candidate, tried in the graph's order")
-        return torch.zeros(graph.allowed.shape), graph.allowed.clone(), None, 0, False
+        return torch.zeros(graph.allowed.shape, device="cpu"), graph.allowed.clone(), None, 0, False
     scores, passes = _scores(problem, name)
     chosen, size_search, search_passes = select(problem, scores)
     if size_search is not None:

@@ -54,7 +54,7 @@ def exact_edge_effects(adapter: ModelAdapter, graph: EdgeGraph, task: Task, edge
     Returns:
         ``[len(edges)]`` effects, in the metric's units (comparable with attribution scores).
     """
-    effects = torch.zeros(len(edges), dtype=torch.float64)
+    effects = torch.zeros(len(edges), dtype=torch.float64, device="cpu")
     n = 0
     ablation = make_ablation(ablation, adapter, graph, task, batch_size)
     for batch in task.batches(split, batch_size):
@@ -84,7 +84,7 @@ def pick_edges(graph: EdgeGraph, scores: torch.Tensor, top: int, random: int, se
     chosen = order[:top].tolist()
     rest = order[top:]
     generator = torch.Generator().manual_seed(seed)
-    picked = rest[torch.randperm(len(rest), generator=generator)[:random]].tolist()
+    picked = rest[torch.randperm(len(rest), generator=generator, device="cpu")[:random]].tolist()
     edges = [(int(s[i]), int(r[i])) for i in chosen + picked]
     return edges, ["top"] * len(chosen) + ["random"] * len(picked)
 

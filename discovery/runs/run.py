@@ -638,11 +638,11 @@ def validate_run(run_dir: Path, top: int = 40, random: int = 60, overwrite: bool
         "edge": [graph.edge_name(s, r) for s, r in edges], "group": groups,
         "score": [float(scores[s, r]) for s, r in edges], "exact_effect": effects.numpy(),
     })
-    result = {"method": config.method, "edges": len(edges), "all": correlations(torch.tensor(frame.score), effects)}
+    result = {"method": config.method, "edges": len(edges), "all": correlations(torch.tensor(frame.score, device="cpu"), effects)}
     for group in ("top", "random"):
         part = frame[frame.group == group]
         if len(part) >= 3:
-            result[group] = correlations(torch.tensor(part.score.to_numpy()), torch.tensor(part.exact_effect.to_numpy()))
+            result[group] = correlations(torch.tensor(part.score.to_numpy(), device="cpu"), torch.tensor(part.exact_effect.to_numpy(), device="cpu"))
     _scatter(frame, result, run_dir / ".validation.png.tmp")
     frame.to_csv(run_dir / ".validation.csv.tmp", index=False)
     (run_dir / ".validation.json.tmp").write_text(json.dumps(result, indent=1) + "\n")
