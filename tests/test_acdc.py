@@ -250,10 +250,9 @@ def reference_groups(graph, circuit, edges, measure, keeps_removal) -> tuple[tor
             verdicts.update({i: 1 for i in live})
         elif len(live) == 1:
             verdicts[live[0]] = 0
-        else:  # halves by receiver, the latest receivers' half first
-            ordered = sorted(live, key=lambda i: (-edges[i][1], i))
-            test(ordered[: len(live) // 2], verdicts)
-            test(ordered[len(live) // 2 :], verdicts)
+        else:
+            test(live[: len(live) // 2], verdicts)
+            test(live[len(live) // 2 :], verdicts)
 
     while position < len(edges):
         recent = [d for d in decided[-4 * GROUP_WINDOW:] if d != 2][-GROUP_WINDOW:]

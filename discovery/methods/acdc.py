@@ -43,11 +43,7 @@ time spends a pass per edge to learn little. ACDC's rule applied to a group of e
 group's removal stands when the distance grows by less than τ — removes a whole run of weak
 edges in one pass; a group whose removal does not stand is split in halves, tried in turn, down
 to single edges, which are kept (binary splitting, as in adaptive group testing: Hwang 1972,
-"A method for detecting all defective members in a population by group testing"). Any split
-serves the group test; ours puts the edges into the latest receivers in the first half, which is
-tried first: its trial differs from the current circuit only from a late layer on, so its pass
-resumes the current one there (``CircuitEvaluator`` ``reuse``) and runs few blocks, and so do
-the halves split from it. Candidates
+"A method for detecting all defective members in a population by group testing"). Candidates
 are taken weakest |score| first over the whole seed. (ACDC's own order, receiver by receiver,
 mixes strong and weak edges in every group: on SmolLM2 IOI it tried more circuits and kept more
 edges, at lower held-out faithfulness; runs of weak edges sorted by layer, so that trials reuse
@@ -293,11 +289,10 @@ def group_removal(
                 decided.update((i, (1, record)) for i in live)
             elif len(live) == 1:
                 decided[live[0]] = (0, record)
-            else:  # split by layer, the later receivers' half first: its trial resumes the current pass late
+            else:
                 state.wasted_rows += 1
-                by_layer = sorted(live, key=lambda i: (-candidates[i][1], i))
-                test(by_layer[: len(live) // 2])
-                test(by_layer[len(live) // 2 :])
+                test(live[: len(live) // 2])
+                test(live[len(live) // 2 :])
 
         test(list(block))
         for i in block:
