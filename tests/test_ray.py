@@ -24,7 +24,7 @@ def local_ray():
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(tiny_models)  # workers build the tiny model from this module's code
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
 

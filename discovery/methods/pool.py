@@ -112,7 +112,7 @@ class RayPool:
         self.chunk, self.workers = chunk, workers
         self._started_ray = not ray.is_initialized()
         if self._started_ray:
-            kwargs = {"address": address} if address else {"num_cpus": workers, "include_dashboard": False}
+            kwargs = {"address": address} if address else {"address": "local", "num_cpus": workers, "include_dashboard": False}
             ray.init(log_to_driver=False, configure_logging=False, **kwargs)
         actor = ray.remote(num_cpus=threads, max_restarts=-1, max_task_retries=-1)(_Actor)
         self.actors = [actor.remote(spec, threads) for _ in range(workers)]
@@ -156,7 +156,7 @@ def ray_scores(load: Callable[[], ModelAdapter], method: Callable, task: Task, b
 
     started = not ray.is_initialized()
     if started:
-        kwargs = {"address": address} if address else {"num_cpus": workers * threads, "include_dashboard": False}
+        kwargs = {"address": address} if address else {"address": "local", "num_cpus": workers * threads, "include_dashboard": False}
         ray.init(log_to_driver=False, configure_logging=False, **kwargs)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= workers else 0
     actor = ray.remote(num_cpus=threads, num_gpus=gpus)(_AttributionActor)

@@ -103,7 +103,7 @@ def _on_ray(jobs, overwrite, started, workers: int, cpus: int, address: str | No
 
     own = not ray.is_initialized()
     if own:
-        kwargs = {"address": address} if address else {"num_cpus": workers * cpus, "include_dashboard": False}
+        kwargs = {"address": address} if address else {"address": "local", "num_cpus": workers * cpus, "include_dashboard": False}
         ray.init(log_to_driver=False, configure_logging=False, **kwargs)
     remote = ray.remote(num_cpus=cpus)(run_one)
     queue, pending = list(jobs), {}
