@@ -126,8 +126,10 @@ def check_model(adapter: ModelAdapter, seed: int = 0) -> float:
             raise _refuse(adapter, f"the {point.kind} input of layer {point.layer} ({hook_name}) {where}")
 
     # 2. heads reach their own layer's MLP exactly when the graph says so
-    live = [layer for layer in range(L) if not reads_nothing(adapter, "mlp", layer)]
-    for layer in sorted({live[0], live[-1]} if live else set()):
+    # the first and the last layer whose MLP reads anything (only those two are scanned on most models)
+    first = next((l for l in range(L) if not reads_nothing(adapter, "mlp", l)), None)
+    last = next(l for l in reversed(range(L)) if not reads_nothing(adapter, "mlp", l)) if first is not None else None
+    for layer in sorted({first, last} - {None}):
         mlp_out = {}
 
         def keep(x, hook=None):
@@ -225,7 +227,7 @@ def reads_nothing(adapter: ModelAdapter, kind: str, layer: int) -> bool:
             return False
     except (AttributeError, IndexError, NotImplementedError, RuntimeError):
         return False
-    return bool(weights) and all(bool((w == 0).all()) for w in weights)
+    return bool(weights) and not any(bool(w.any()) for w in weights)
 
 
 def sample_edges(graph: EdgeGraph) -> list[str]:

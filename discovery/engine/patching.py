@@ -78,9 +78,6 @@ class SenderDiff:
                 parts.append(chunk[:, block].index_select(0, inside - first))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def full(self) -> torch.Tensor:
-        return torch.cat([rows for _, rows in self.chunks]) if len(self.chunks) > 1 else self.chunks[0][1]
-
 
 def sender_buffer(graph: EdgeGraph, batch: int, pos: int, dtype=None, device=None) -> torch.Tensor:
     """A zeroed ``[senders, batch, pos, d_model]`` buffer.
