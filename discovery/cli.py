@@ -104,7 +104,7 @@ def discover(
     pairs: int = typer.Option(128, "--pairs", help="Prompt pairs (half discovery, half held-out)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Prompts per forward pass."),
     seed: int = typer.Option(0, "--seed", help="Seed for prompts and split."),
-    dtype: str = typer.Option("float32", "--dtype", help="The model's dtype: float32, bfloat16, float16 or float64 (scores and metrics are summed in float32/float64)."),
+    dtype: str = typer.Option("auto", "--dtype", help="The model's dtype: auto (bfloat16 where this device computes it natively, with the circuit re-measured in float32; else float32), float32, bfloat16, float16 or float64. Scores and metrics are summed in float32/float64."),
     device: str = typer.Option("auto", "--device", help="auto (a GPU when there is one), cpu, cuda, cuda:N or mps."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: outputs/TASK-MODEL-METHOD-TIME)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
@@ -126,7 +126,9 @@ def discover(
         f"{summary['task']} on {summary['model']} ({summary['method']}): "
         f"clean {summary['metric_clean']:.3f}, corrupted {summary['metric_corrupted']:.3f}; "
         f"{summary['edges_kept']:,}/{summary['edges_total']:,} edges, {summary['nodes_kept']} nodes; "
-        f"faithfulness {summary['faithfulness']:.3f} (held-out"
+        f"faithfulness {summary['faithfulness']:.3f} (held-out, {summary['dtype']}"
+        + (f"; {summary['search_dtype']['faithfulness']:.3f} in {summary['search_dtype']['dtype']}, where it was found"
+           if summary.get("search_dtype") else "")
         + ("" if summary["meets_target"] else f"; BELOW the target {summary['target_faithfulness']}") + f") -> {summary['out']}"
     )
 

@@ -15,6 +15,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: one torch thread per w
 # The project is imported as installed (scripts/setup.sh installs it editable): the package is
 # ``circuitfinder``, whose folders discovery/, tasks/ and graphs/ are not importable by those names.
 
+@pytest.fixture(autouse=True)
+def no_native_bfloat16(monkeypatch):
+    """``dtype="auto"`` resolves to float32 in every in-process test, on any CPU, so that a test's
+    numbers do not depend on whether the machine computes bfloat16 natively. Tests of ``auto``
+    itself patch :func:`circuitfinder.engine.precision.native_bfloat16` back; subprocess and Ray
+    runs in tests name their dtype."""
+    from circuitfinder.engine import precision
+
+    monkeypatch.setattr(precision, "native_bfloat16", lambda device: False)
+
+
 # --------------------------------------------------------------------------------------------
 # word_tokenizer: a small GPT-2-style byte-level BPE tokenizer trained offline (IOI tests).
 # --------------------------------------------------------------------------------------------

@@ -37,9 +37,11 @@ from circuitfinder.methods.registry import search_key
 from circuitfinder.runs.run import DiscoverConfig, run_config
 
 ROOT = Path(__file__).resolve().parent.parent
-SEARCH = dict(task="ioi", method="acdc", edges=40, chain=1, search_prompts=4, n_pairs=8, batch_size=8, force=True, curve=False)
+# float32 named: in a subprocess, auto would follow this CPU's bfloat16 support (conftest.no_native_bfloat16)
+SEARCH = dict(task="ioi", method="acdc", edges=40, chain=1, search_prompts=4, n_pairs=8, batch_size=8, force=True, curve=False,
+              dtype="float32")
 ARGS = ["--task", "ioi", "--method", "acdc", "--edges", "40", "--chain", "1", "--search-prompts", "4", "--pairs", "8",
-        "--batch-size", "8", "--force", "--no-curve"]
+        "--batch-size", "8", "--force", "--no-curve", "--dtype", "float32"]
 TIMEOUT = 300  # seconds for one run on a busy machine
 
 

@@ -86,7 +86,7 @@ def test_circuits_plan_prints_the_plan_and_the_batch_that_fits(capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--dtype", "int8"], "error: unknown dtype 'int8': use float32, bfloat16, float16 or float64"),
+    (["--dtype", "int8"], "error: unknown dtype 'int8': use auto, float32, bfloat16, float16 or float64"),
     (["--device", "tpu"], "error: unknown device 'tpu': use auto, cpu, cuda, cuda:N or mps"),
 ])
 def test_discover_refuses_a_bad_dtype_or_device_in_one_line(capsys, args, message):

@@ -87,3 +87,69 @@ def test_half_precision_scores_are_summed_in_float32(half):
 
     scores = eap(half, EdgeGraph(half.shape), tiny_task(), batch_size=2)
     assert scores.dtype == torch.float32 and torch.isfinite(scores).all() and scores.abs().max() > 0
+
+
+# --------------------------------------------------------------------------------------------
+# dtype="auto": bfloat16 where the hardware computes it, the circuit reported in float32
+# --------------------------------------------------------------------------------------------
+
+from circuitfinder.engine.precision import native_bfloat16 as real_native_bfloat16  # noqa: E402 (before conftest's patch)
+
+
+@pytest.mark.parametrize("flags, native", [("fpu avx512f avx512bw avx512_bf16 avx512vl", True), ("fpu amx_bf16 amx_tile", True),
+                                           ("fpu avx2 avx512f avx512bw", False), (None, False)])
+def test_native_bfloat16_reads_the_cpus_flags(tmp_path, monkeypatch, flags, native):
+    from pathlib import Path
+
+    from circuitfinder.engine import precision
+
+    cpuinfo = tmp_path / "cpuinfo"
+    if flags is not None:
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    real_path = Path
+    monkeypatch.setattr(precision, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
+    assert real_native_bfloat16(torch.device("cpu")) is native
+
+
+def test_auto_resolves_to_bfloat16_only_where_native_and_float64_for_compiled_models(monkeypatch):
+    from circuitfinder.engine import precision
+    from circuitfinder.errors import UserError
+
+    cpu = torch.device("cpu")
+    assert precision.resolve_dtype("auto", cpu, "smollm2-135m") is torch.float32  # conftest: not native
+    monkeypatch.setattr(precision, "native_bfloat16", lambda device: True)
+    assert precision.resolve_dtype("auto", cpu, "smollm2-135m") is torch.bfloat16
+    assert precision.resolve_dtype("auto", cpu, "tracr-reverse") is torch.float64
+    assert precision.resolve_dtype("float16", cpu) is torch.float16
+    with pytest.raises(UserError, match="unknown dtype 'int8': use auto, float32"):
+        precision.resolve_dtype("int8", cpu)
+
+
+def test_auto_in_bfloat16_reports_the_circuit_measured_in_float32(tiny_model_dir, monkeypatch):
+    """A run whose ``auto`` lands in bfloat16 finds its circuit in bfloat16 and reports that
+    circuit's held-out faithfulness on a float32 copy of the model: both figures equal a plain
+    evaluation of the saved circuit on the model loaded in each dtype, outside the run."""
+    from circuitfinder.engine import precision
+    from circuitfinder.engine.ablation import make_ablation
+    from circuitfinder.engine.adapter import load_model
+    from circuitfinder.engine.faithfulness import CircuitEvaluator
+    from circuitfinder.engine.graph import EdgeGraph
+    from circuitfinder.runs.run import DiscoverConfig, build_run_task, run_config
+
+    monkeypatch.setattr(precision, "native_bfloat16", lambda device: True)
+    config = DiscoverConfig(task="ioi", model=str(tiny_model_dir), method="eap", n_pairs=8, batch_size=8, edges=20,
+                            force=True, roles=False)
+    run = run_config(config)
+    summary = run.summary
+    assert summary["dtype"] == "float32" and summary["search_dtype"]["dtype"] == "bfloat16"
+
+    def measured(dtype):
+        adapter = load_model(str(tiny_model_dir), dtype=dtype)
+        graph, task = EdgeGraph(adapter.shape), build_run_task(config, adapter.tokenizer)
+        evaluator = CircuitEvaluator(adapter, graph, task, "heldout", 8, make_ablation("counterfactual", adapter, graph, task, 8))
+        return evaluator.faithfulness(run.circuit.mask)
+
+    f32, bf16 = measured(torch.float32), measured(torch.bfloat16)
+    assert summary["faithfulness"] == pytest.approx(f32, abs=1e-9)
+    assert summary["search_dtype"]["faithfulness"] == pytest.approx(bf16, abs=1e-9)
+    assert abs(f32 - bf16) > 1e-6  # the two dtypes differ, so the test can tell which was reported

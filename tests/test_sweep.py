@@ -16,7 +16,7 @@ from circuitfinder.runs.run import DiscoverConfig, Reporter, run_name
 from circuitfinder.runs.sweep import FROM_SUMMARY, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE = DiscoverConfig(n_pairs=8, batch_size=8, edges=20, ig_steps=2, force=True)
+BASE = DiscoverConfig(n_pairs=8, batch_size=8, edges=20, ig_steps=2, force=True, dtype="float32")  # Ray tasks: conftest's patch does not reach them
 
 
 class Log(Reporter):

@@ -51,13 +51,13 @@ KNOWN_INEXACT = {
 
 def load_checked_model(name: str, log: Callable[[str], None] = lambda _msg: None, check: bool = True,
                        dtype: torch.dtype | str = torch.float32, device: torch.device | str | None = "auto") -> ModelAdapter:
-    """:func:`circuitfinder.engine.adapter.load_model` in ``dtype`` (``float32``, ``bfloat16``, ...)
+    """:func:`circuitfinder.engine.adapter.load_model` in ``dtype`` (``auto``, ``float32``, ``bfloat16``, ...)
     on ``device`` (``auto``, ``cpu``, ``cuda``, ...), then :func:`check_model` unless ``check`` is False."""
     from circuitfinder.engine.models import resolve_device
-    from circuitfinder.engine.precision import parse_dtype
+    from circuitfinder.engine.precision import resolve_dtype
 
-    dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     device = resolve_device(device) if isinstance(device, str) else device
+    dtype = resolve_dtype(dtype, device, name) if isinstance(dtype, str) else dtype
     adapter = load_model(name, log, dtype, device)
     if check:
         worst = check_model(adapter)

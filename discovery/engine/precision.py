@@ -39,6 +39,9 @@ The noise itself is what bfloat16 costs: 6 % of the largest logit on SmolLM2, 0.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import torch
 
 from circuitfinder.errors import UserError
@@ -68,6 +71,38 @@ def noise_floor_for(adapter, reference: torch.Tensor) -> float:
     if adapter.working_dtype in HALF:
         return adapter.rounding_noise * max(1.0, reference.detach().abs().max().item())
     return tolerance_for(adapter, reference)
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 in hardware, so that it runs faster than float32: a CUDA
+    GPU that supports it, or a CPU with AVX-512 BF16 or AMX (its flags in Linux's /proc/cpuinfo).
+    Elsewhere (an older x86 CPU, MPS) bfloat16 is emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
+def resolve_dtype(text: str, device: torch.device, model: str = "") -> torch.dtype:
+    """``auto``: bfloat16 where ``device`` computes it natively (:func:`native_bfloat16`), else
+    float32; float64 for the compiled tracr models, whose hard attention needs it. A run in
+    ``auto`` that lands in bfloat16 re-measures its circuit in float32 before reporting it
+    (``circuitfinder.runs.run``). Any other text: :func:`parse_dtype`."""
+    if text != "auto":
+        try:
+            return parse_dtype(text)
+        except UserError:
+            raise UserError(f"unknown dtype {text!r}: use auto, float32, bfloat16, float16 or float64") from None
+    from circuitfinder.engine.models import COMPILED
+
+    if model in COMPILED:
+        return torch.float64
+    return torch.bfloat16 if native_bfloat16(device) else torch.float32
 
 
 def parse_dtype(text: str) -> torch.dtype:

@@ -152,7 +152,7 @@ def _scores(problem: Problem, name: str) -> tuple[torch.Tensor, int]:
         from circuitfinder.methods.pool import ray_scores
 
         problem.reporter.log(f"{name} scores on {s.workers} Ray worker(s)" + (f" at {s.address}" if s.address else ""))
-        load = partial(load_checked_model, s.model, check=False, dtype=s.dtype, device=s.device)
+        load = partial(load_checked_model, s.model, check=False, dtype=problem.adapter.dtype, device=s.device)
         scores = ray_scores(load, method.score, problem.task, s.batch_size, s.workers, s.address,
                             steps=s.ig_steps, ablation=s.ablation, ig_rule=s.ig_rule)
         return scores, method.forwards_per_batch(s.ig_steps, problem.graph) * n_batches

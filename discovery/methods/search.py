@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from circuitfinder.checkpoint import Checkpoint
-from circuitfinder.engine.adapter import load_model
+from circuitfinder.engine.checks import load_checked_model
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.masks import Mask, prune
 from circuitfinder.methods.acdc import GROUP_MAX, SearchResult, SearchState, acdc, acdc_groups, candidate_order, minimize, removal_order
@@ -62,7 +62,7 @@ def run_search(problem: "Problem", criterion: str, scores: torch.Tensor, start: 
     started = time.perf_counter()
     batches = tuple(b.to("cpu") for b in task.batches("discovery", config.batch_size, limit=config.search_prompts))
     distance = "task" if criterion == "minimize" else config.acdc_metric
-    spec = EvaluatorSpec(partial(load_model, config.model), task, config.batch_size, config.search_prompts, distance, MAX_ROWS,
+    spec = EvaluatorSpec(partial(load_checked_model, config.model, check=False, dtype=adapter.dtype, device=config.device), task, config.batch_size, config.search_prompts, distance, MAX_ROWS,
                          REUSE)
     chunk = max(1, MAX_ROWS // max(b.size for b in batches))
     n_prompts = sum(b.size for b in batches)

@@ -24,7 +24,7 @@ from circuitfinder.engine.ablation import ABLATIONS, make_ablation
 from circuitfinder.engine.adapter import ModelAdapter, load_model
 from circuitfinder.engine.checks import load_checked_model
 from circuitfinder.engine.models import resolve_device
-from circuitfinder.engine.precision import parse_dtype
+from circuitfinder.engine.precision import HALF, resolve_dtype
 from circuitfinder.methods.attribution import IG_RULES
 from circuitfinder.methods.registry import METHODS, UNSEEDED, Problem, Reporter, check_method
 from circuitfinder.engine.masks import node_count, prune, top_edges
@@ -73,7 +73,7 @@ class DiscoverConfig:
     n_pairs: int = 128
     batch_size: int = 16
     seed: int = 0
-    dtype: str = "float32"  # the model's dtype: float32, bfloat16, float16 or float64 (scores and metrics sum in float32/64)
+    dtype: str = "auto"  # the model's dtype: auto (bfloat16 where the hardware computes it, the circuit re-measured in float32), float32, bfloat16, float16 or float64
     device: str = "auto"  # auto (a GPU when there is one), cpu, cuda, cuda:N or mps
 
     def __post_init__(self) -> None:
@@ -124,8 +124,7 @@ class DiscoverConfig:
         need(self.bos in ("auto", "always"), "bos", f"`bos` must be auto or always, got {self.bos!r}")
         need(self.batch_size >= 1, "batch_size", f"`batch_size` must be at least 1, got {self.batch_size}")
         try:
-            parse_dtype(self.dtype)
-            resolve_device(self.device)
+            resolve_dtype(self.dtype, resolve_device(self.device), self.model)
         except UserError as exc:
             raise UserError(str(exc), "dtype" if "dtype" in str(exc) else "device") from None
 
@@ -246,11 +245,15 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
     started = time.perf_counter()
     torch.manual_seed(config.seed)
 
+    verify_in_float32 = False  # auto chose half precision: the circuit found is re-measured in float32
     if adapter is None:
         device = resolve_device(config.device)
-        reporter.log(f"loading {config.model} ({config.dtype} on {device})")
-        adapter = load_checked_model(config.model, reporter.log, check=config.check_model, dtype=parse_dtype(config.dtype),
-                                     device=device)
+        dtype = resolve_dtype(config.dtype, device, config.model)
+        verify_in_float32 = config.dtype == "auto" and dtype in HALF
+        reporter.log(f"loading {config.model} ({dtype_name(dtype)} on {device}"
+                     + (", chosen by auto: this device computes it natively; the circuit is re-measured in float32)"
+                        if verify_in_float32 else ")"))
+        adapter = load_checked_model(config.model, reporter.log, check=config.check_model, dtype=dtype, device=device)
     task = task if task is not None else build_run_task(config, adapter.tokenizer)
     for note in task.notes:
         reporter.log(f"task: {note}")
@@ -277,7 +280,8 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
         refusal = name and METHODS[name].refusal(name, config.ablation, adapter.shape.post_norm)
         if refusal:
             raise UserError(f"{adapter.name}: {refusal}")
-    problem = Problem(adapter, graph, task, config, ablation, reporter, out.parent if out is not None else Path("outputs"))
+    settings = dataclasses.replace(config, dtype=dtype_name(adapter.dtype))  # checkpoints are keyed by the dtype run, not "auto"
+    problem = Problem(adapter, graph, task, settings, ablation, reporter, out.parent if out is not None else Path("outputs"))
     found = method.find(problem)
     scores, chosen, circuit, search, outcome = found.scores, found.selected, found.circuit, found.size_search, found.search
     attribution_passes = found.forward_passes
@@ -293,8 +297,19 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
     edges_kept, nodes_kept = int(circuit.sum()), node_count(graph, circuit)
     reporter.log(
         f"circuit: {edges_kept:,} of {graph.n_edges:,} edges ({edges_kept / graph.n_edges:.2%}), {nodes_kept} nodes; "
-        f"faithfulness {faithfulness:.3f} (held-out, exact)"
+        f"faithfulness {faithfulness:.3f} (held-out, exact, {dtype_name(adapter.dtype)})"
     )
+    search_dtype = None
+    if verify_in_float32:  # what is reported is the circuit in float32, on a float32 copy of the model
+        search_dtype = {"dtype": dtype_name(adapter.dtype), "faithfulness": faithfulness}
+        del problem, ablation, heldout, adapter  # the half-precision model goes before the float32 one loads
+        adapter = load_checked_model(config.model, reporter.log, check=config.check_model, dtype=torch.float32, device=device)
+        ablation = make_ablation(config.ablation, adapter, graph, task, config.batch_size)
+        heldout = CircuitEvaluator(adapter, graph, task, "heldout", config.batch_size, ablation)
+        b = heldout.baseline
+        faithfulness = heldout.faithfulness(circuit)
+        reporter.log(f"circuit in float32: faithfulness {faithfulness:.3f} (held-out, exact; "
+                     f"{search_dtype['faithfulness']:.3f} in {search_dtype['dtype']}); baseline {b}")
     meets_target = faithfulness >= config.target_faithfulness
     if not meets_target:
         reporter.log(below_target(faithfulness, config))
@@ -334,7 +349,8 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
         "search": None if outcome is None else _search_summary(outcome, graph, heldout, scores),
         "forward_passes": attribution_passes + heldout.forward_passes,
         "seconds": round(time.perf_counter() - started, 2),
-        "dtype": str(adapter.dtype).removeprefix("torch."),
+        "dtype": dtype_name(adapter.dtype),  # the dtype of the reported faithfulness (and baseline)
+        "search_dtype": search_dtype,  # auto in half precision: the dtype the circuit was found in, and its faithfulness there
         "device": str(adapter.device),
         "peak_memory_mb": peak_memory_mb(adapter.device),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -358,6 +374,10 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
     if found.checkpoint is not None:  # the search is saved in the run folder (or returned): its checkpoint goes
         found.checkpoint.clear()
     return run
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def below_target(faithfulness: float, config: DiscoverConfig) -> str:
