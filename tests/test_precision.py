@@ -127,8 +127,9 @@ def test_auto_resolves_to_bfloat16_only_where_native_and_float64_for_compiled_mo
 
 def test_auto_in_bfloat16_reports_the_circuit_measured_in_float32(tiny_model_dir, monkeypatch):
     """A run whose ``auto`` lands in bfloat16 finds its circuit in bfloat16 and reports that
-    circuit's held-out faithfulness on a float32 copy of the model: both figures equal a plain
-    evaluation of the saved circuit on the model loaded in each dtype, outside the run."""
+    circuit's held-out faithfulness on a float32 copy of the model, loaded once the bfloat16 one
+    is gone: both figures equal a plain evaluation of the saved circuit on the model loaded in
+    each dtype, outside the run."""
     from circuitfinder.engine import precision
     from circuitfinder.engine.ablation import make_ablation
     from circuitfinder.engine.adapter import load_model
@@ -136,11 +137,28 @@ def test_auto_in_bfloat16_reports_the_circuit_measured_in_float32(tiny_model_dir
     from circuitfinder.engine.graph import EdgeGraph
     from circuitfinder.runs.run import DiscoverConfig, build_run_task, run_config
 
+    import gc
+    import weakref
+
+    from circuitfinder.runs import run as run_module
+
     monkeypatch.setattr(precision, "native_bfloat16", lambda device: True)
-    config = DiscoverConfig(task="ioi", model=str(tiny_model_dir), method="eap", n_pairs=8, batch_size=8, edges=20,
-                            force=True, roles=False)
+    loaded = []  # a weak reference to each loaded model's weights, and its dtype
+
+    def load_once(*args, **kwargs):  # never two copies: the bfloat16 weights are gone when float32's load
+        gc.collect()
+        assert all(weights() is None for weights, _ in loaded), "the half-precision model is still in memory"
+        adapter = load_checked_model(*args, **kwargs)
+        loaded.append((weakref.ref(next(adapter.bridge.parameters())), adapter.dtype))
+        return adapter
+
+    load_checked_model = run_module.load_checked_model
+    monkeypatch.setattr(run_module, "load_checked_model", load_once)
+    config = DiscoverConfig(task="ioi", model=str(tiny_model_dir), method="acdc-groups", seed_method="eap", edges=30,
+                            search_prompts=4, n_pairs=8, batch_size=8, force=True, roles=False)
     run = run_config(config)
     summary = run.summary
+    assert [dtype for _, dtype in loaded] == [torch.bfloat16, torch.float32]
     assert summary["dtype"] == "float32" and summary["search_dtype"]["dtype"] == "bfloat16"
 
     def measured(dtype):
