@@ -93,3 +93,49 @@ def test_attribution_on_one_or_two_workers_equals_one_process(local_ray, method)
         got = ray_scores(tiny_models.load_tiny_gpt2, fn, task, 1, workers, steps=3)
         assert (got - want).abs().max().item() <= 1e-6 * max(1.0, want.abs().max().item()), f"{workers} workers"
 
+
+
+def test_faithfulness_curve_on_one_or_two_workers_equals_one_process(local_ray):
+    """The curve split by prompt batches: actor k evaluates every circuit on batches k, k + n, …;
+    the shares' means, weighted by their prompts (3 and 1 here), give the one-process curve."""
+    from functools import partial
+
+    from circuitfinder.engine.faithfulness import CircuitEvaluator, faithfulness_curve
+    from circuitfinder.methods.pool import ray_metrics
+
+    adapter, task = tiny_models.load_tiny_gpt2(), tiny_task()
+    graph = EdgeGraph(adapter.shape)
+    scores = eap(adapter, graph, task, batch_size=1)
+    evaluator = CircuitEvaluator(adapter, graph, task, "discovery", batch_size=3)
+    percents = (5.0, 20.0, 50.0, 100.0)
+    want = faithfulness_curve(evaluator, scores, percents)
+    circuit = evaluator.prune(top_edges(graph, scores, 40))
+    shares = [CircuitEvaluator(adapter, graph, task, "discovery", 3, shard=(k, 2)).metric(circuit) for k in range(2)]
+    assert abs(shares[0] - shares[1]) > 1e-3  # unequal shares: an unweighted mean of them would be wrong
+    for workers in (1, 2):
+        metrics = partial(ray_metrics, tiny_models.load_tiny_gpt2, task, "discovery", 3, workers, None, "counterfactual")
+        got = faithfulness_curve(evaluator, scores, percents, metrics=metrics)
+        assert [n for _, n, _, _ in got.points] == [n for _, n, _, _ in want.points]
+        for (_, _, _, f), (_, _, _, g) in zip(want.points, got.points):
+            assert abs(f - g) <= 1e-9, f"{workers} workers: {g} against {f}"
+        assert abs(got.cpr - want.cpr) <= 1e-9
+    assert any(0.0 < f < 1.0 for *_, f in want.points)  # a curve with real points
+
+
+def test_a_run_with_two_workers_gives_the_one_process_scores_and_curve(local_ray, tiny_model_dir):
+    """``workers=2`` end to end: attribution and the curve on Ray actors, each loading the model
+    folder itself, against the same run in this process."""
+    from circuitfinder.runs.run import DiscoverConfig, run_config
+
+    def run(workers):
+        config = DiscoverConfig(task="ioi", model=str(tiny_model_dir), method="eap", n_pairs=8, batch_size=2, edges=20,
+                                curve=True, roles=False, force=True, dtype="float32", workers=workers)
+        return run_config(config)
+
+    alone, split = run(0), run(2)
+    want, got = alone.circuit.scores, split.circuit.scores
+    assert (got - want).abs().max().item() <= 1e-6 * want.abs().max().item()
+    assert torch.equal(alone.circuit.mask, split.circuit.mask)
+    assert [p[:3] for p in split.curve.points] == [p[:3] for p in alone.curve.points]
+    assert max(abs(a[3] - b[3]) for a, b in zip(alone.curve.points, split.curve.points)) <= 1e-9
+    assert any(0.0 < p[3] < 1.0 for p in alone.curve.points)

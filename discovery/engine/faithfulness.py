@@ -95,12 +95,15 @@ class CircuitEvaluator:
 
     def __init__(self, adapter: ModelAdapter, graph: EdgeGraph, task: Task, split: str = "heldout", batch_size: int = 16,
                  ablation: str | Ablation = "counterfactual", memory_budget: int = 1 << 30, limit: int | None = None,
-                 distance: str = "task", max_rows: int = 256, reuse: int = 0):
+                 distance: str = "task", max_rows: int = 256, reuse: int = 0, shard: tuple[int, int] | None = None):
         if distance not in DISTANCES:
             raise ValueError(f"unknown distance {distance!r}: use one of {', '.join(DISTANCES)}")
         self.adapter, self.graph, self.task = adapter, graph, task
         self.memory_budget, self.distance, self.max_rows = memory_budget, distance, max_rows
-        self.batches = [b.to(adapter.device) for b in task.batches(split, batch_size, limit=limit)]
+        batches = list(task.batches(split, batch_size, limit=limit))
+        if shard is not None:  # (k, n): batches k, k + n, … (a Ray worker's share)
+            batches = batches[shard[0] :: shard[1]]
+        self.batches = [b.to(adapter.device) for b in batches]
         if not self.batches:
             raise MetricError(f"task {task.name!r} has no {split} prompts")
         self.n = sum(b.size for b in self.batches)
@@ -338,15 +341,24 @@ class Curve:
 
 
 def faithfulness_curve(evaluator: CircuitEvaluator, scores: torch.Tensor, percents: tuple[float, ...] = MIB_PERCENTS,
-                       progress: Callable[[int], None] | None = None) -> Curve:
+                       progress: Callable[[int], None] | None = None,
+                       metrics: Callable[[list[Mask]], list[float]] | None = None) -> Curve:
     """Faithfulness of the top-k % edges (pruned) for each k in ``percents``, exactly, by patching.
 
-    The circuits are evaluated together, several per forward pass (:meth:`CircuitEvaluator.metrics`).
+    The circuits are evaluated together, several per forward pass (:meth:`CircuitEvaluator.metrics`),
+    or by ``metrics`` when given: the circuits' mean metrics on the evaluator's prompts computed
+    elsewhere (``circuitfinder.methods.pool.ray_metrics``, split by prompt batches over Ray).
     """
     graph = evaluator.graph
     sizes = [max(1, round(graph.n_edges * percent / 100)) for percent in percents]
     circuits = [evaluator.prune(top_edges(graph, scores, n)) for n in sizes]
-    values = evaluator.faithfulnesses(circuits, progress)
+    if metrics is None:
+        values = evaluator.faithfulnesses(circuits, progress)
+    else:
+        b = evaluator.baseline
+        values = [(m - b.corrupted) / (b.clean - b.corrupted) for m in metrics(circuits)]
+        if progress:
+            progress(len(circuits))
     points = [(p, n, int(c.sum()), f) for p, n, c, f in zip(percents, sizes, circuits, values)]
     xs = [0.0] + [p / 100 for p, *_ in points]
     fs = [0.0] + [f for *_, f in points]

@@ -137,7 +137,9 @@ class RayPool:
             ray.shutdown()
 
 
-class _AttributionActor:
+class _Replica:
+    """A Ray actor holding one model replica, for work split by prompt batches."""
+
     def __init__(self, load: Callable[[], ModelAdapter], threads: int):
         torch.set_num_threads(threads)
         self.adapter = load()
@@ -145,13 +147,17 @@ class _AttributionActor:
     def scores(self, method: Callable, task: Task, batch_size: int, shard: tuple[int, int], **options) -> torch.Tensor:
         return method(self.adapter, EdgeGraph(self.adapter.shape), task, batch_size, shard=shard, **options)
 
+    def metrics(self, task: Task, split: str, batch_size: int, ablation: str, shard: tuple[int, int],
+                packed: torch.Tensor, shape: tuple[int, ...]) -> tuple[list[float], int]:
+        """Each circuit's mean metric on this shard's prompts, and how many prompts that is."""
+        graph = EdgeGraph(self.adapter.shape)
+        evaluator = CircuitEvaluator(self.adapter, graph, task, split, batch_size, ablation, shard=shard)
+        return evaluator.metrics(list(_unpack(packed, shape))), evaluator.n
 
-def ray_scores(load: Callable[[], ModelAdapter], method: Callable, task: Task, batch_size: int, workers: int,
-               address: str | None = None, threads: int = 1, **options) -> torch.Tensor:
-    """Attribution split by prompt batches over ``workers`` Ray actors (each loads its own model
-    replica; one GPU each where the cluster has GPUs): actor k sums batches k, k + workers, …
-    (``shard``), and their scores are added here. ``method`` is an attribution function
-    (``eap``, ``eap_ig``, ...); ``options`` its keywords (``steps``, ``ablation`` by name, ``ig_rule``)."""
+
+def _on_replicas(load: Callable[[], ModelAdapter], workers: int, address: str | None, threads: int, call: Callable) -> list:
+    """``call(actor, k)`` on each of ``workers`` :class:`_Replica` actors (one GPU each where the
+    cluster has a GPU for each), their results in order; Ray is started here unless it runs."""
     import ray
 
     started = not ray.is_initialized()
@@ -159,16 +165,41 @@ def ray_scores(load: Callable[[], ModelAdapter], method: Callable, task: Task, b
         kwargs = {"address": address} if address else {"address": "local", "num_cpus": workers * threads, "include_dashboard": False}
         ray.init(log_to_driver=False, configure_logging=False, **kwargs)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= workers else 0
-    actor = ray.remote(num_cpus=threads, num_gpus=gpus)(_AttributionActor)
+    actor = ray.remote(num_cpus=threads, num_gpus=gpus)(_Replica)
     actors = [actor.remote(load, threads) for _ in range(workers)]
     try:
-        parts = ray.get([a.scores.remote(method, task, batch_size, (k, workers), **options) for k, a in enumerate(actors)])
+        return ray.get([call(a, k) for k, a in enumerate(actors)])
     finally:
         for a in actors:
             ray.kill(a)
         if started:
             ray.shutdown()
+
+
+def ray_scores(load: Callable[[], ModelAdapter], method: Callable, task: Task, batch_size: int, workers: int,
+               address: str | None = None, threads: int = 1, **options) -> torch.Tensor:
+    """Attribution split by prompt batches over ``workers`` Ray actors (each loads its own model
+    replica): actor k sums batches k, k + workers, … (``shard``), and their scores are added here.
+    ``method`` is an attribution function (``eap``, ``eap_ig``, ...); ``options`` its keywords
+    (``steps``, ``ablation`` by name, ``ig_rule``)."""
+    parts = _on_replicas(load, workers, address, threads,
+                         lambda a, k: a.scores.remote(method, task, batch_size, (k, workers), **options))
     total = parts[0].clone()
     for part in parts[1:]:
         total += part
     return total
+
+
+def ray_metrics(load: Callable[[], ModelAdapter], task: Task, split: str, batch_size: int, workers: int,
+                address: str | None, ablation: str, circuits: list[torch.Tensor], threads: int = 1) -> list[float]:
+    """Each circuit's mean metric on ``split``'s prompts, split by prompt batches over ``workers``
+    Ray actors as :func:`ray_scores` splits attribution: actor k evaluates every circuit on batches
+    k, k + workers, …, and the shares' means are weighted by their prompt counts here (the
+    faithfulness curve over workers)."""
+    workers = min(workers, len(list(task.batches(split, batch_size))))  # no actor without prompts
+    stack = torch.stack([c.to("cpu", torch.bool) for c in circuits])
+    packed, shape = _pack(stack), tuple(stack.shape)
+    parts = _on_replicas(load, workers, address, threads, lambda a, k: a.metrics.remote(
+        task, split, batch_size, ablation, (k, workers), packed, shape))
+    n = sum(count for _, count in parts)
+    return [sum(means[i] * count for means, count in parts) / n for i in range(len(circuits))]

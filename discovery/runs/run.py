@@ -316,8 +316,18 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
 
     curve = None
     if config.wants_curve and found.ranked:  # the curve ranks edges by score
+        metrics = None
+        if config.workers:  # split by prompt batches over Ray actors, as attribution is
+            from functools import partial
+
+            from circuitfinder.methods.pool import ray_metrics
+
+            load = partial(load_checked_model, config.model, check=False, dtype=adapter.dtype, device=config.device)
+            metrics = partial(ray_metrics, load, task, "heldout", config.batch_size, config.workers, config.address,
+                              config.ablation)
+            reporter.log(f"faithfulness curve on {config.workers} Ray worker(s)")
         with reporter.progress("faithfulness curve (held-out)", 10) as advance:
-            curve = faithfulness_curve(heldout, scores, progress=advance)
+            curve = faithfulness_curve(heldout, scores, progress=advance, metrics=metrics)
         reporter.log("curve (held-out): " + ", ".join(f"{p:g}% {f:.2f}" for p, _, _, f in curve.points)
                      + f"; CPR {curve.cpr:.3f}, CMD {curve.cmd:.3f}")
 
