@@ -122,10 +122,15 @@ def test_faithfulness_curve_on_one_or_two_workers_equals_one_process(local_ray):
     assert any(0.0 < f < 1.0 for *_, f in want.points)  # a curve with real points
 
 
-def test_a_run_with_two_workers_gives_the_one_process_scores_and_curve(local_ray, tiny_model_dir):
+def test_a_run_with_two_workers_gives_the_one_process_scores_and_curve(local_ray, tiny_model_dir, monkeypatch):
     """``workers=2`` end to end: attribution and the curve on Ray actors, each loading the model
     folder itself, against the same run in this process."""
+    from circuitfinder.methods import pool
     from circuitfinder.runs.run import DiscoverConfig, run_config
+
+    calls = []
+    split_curve = pool.ray_metrics
+    monkeypatch.setattr(pool, "ray_metrics", lambda *args, **kwargs: calls.append(args[4]) or split_curve(*args, **kwargs))
 
     def run(workers):
         config = DiscoverConfig(task="ioi", model=str(tiny_model_dir), method="eap", n_pairs=8, batch_size=2, edges=20,
@@ -133,7 +138,10 @@ def test_a_run_with_two_workers_gives_the_one_process_scores_and_curve(local_ray
         return run_config(config)
 
     alone, split = run(0), run(2)
-    want, got = alone.circuit.scores, split.circuit.scores
+    assert calls == [2]  # the curve went to the 2 workers
+    want, got = alone.circuit.scores, split.circuit.scores  # NaN where no edge can be
+    assert torch.equal(want.isnan(), got.isnan())
+    want, got = want.nan_to_num(), got.nan_to_num()
     assert (got - want).abs().max().item() <= 1e-6 * want.abs().max().item()
     assert torch.equal(alone.circuit.mask, split.circuit.mask)
     assert [p[:3] for p in split.curve.points] == [p[:3] for p in alone.curve.points]

@@ -15,10 +15,13 @@ and a batch size can be chosen to fit. The terms, for ``b`` prompts of ``p`` pos
   ``H · d_model`` (the edge graph's hook points); inside attention the projections
   ``(H + 2G) · d_head``, four rotary copies of q and k ``4 (H + G) · d_head`` and the heads'
   mixed values ``H · d_head``; the probabilities ``H · p`` twice (scores and softmax); the
-  MLP's hidden ``3 · d_mlp``; ``8 · d_model`` of residual stream and norms. Their sum is
-  multiplied by :data:`ACTIVATION_MARGIN`, the one fitted number (what the count leaves out:
-  allocator slack, float32 islands, temporaries), fitted on both bundled models by
-  ``scripts/measure_memory.py``.
+  MLP's hidden ``3 · d_mlp``; ``8 · d_model`` of residual stream and norms. The norms, the
+  rotary copies and the probabilities are float32 islands (Hugging Face's RMSNorm and the
+  bridge's rotary attention and softmax compute in float32 and cast back), so in half precision
+  they take 4 bytes a value, not ``e``: without this the plan of a bfloat16 run fell 20–32 %
+  short on the bundled models (2026-12-03). Their sum is multiplied by
+  :data:`ACTIVATION_MARGIN`, the one fitted number (what the count leaves out: allocator slack,
+  temporaries), fitted on both bundled models by ``scripts/measure_memory.py``.
 * **scores**: the ``[S, R]`` score matrix and its gradient staging, in float32, twice.
 * **logits**: one row of ``d_vocab`` per prompt (only the read position is unembedded) and its
   gradient, in float32.
@@ -217,13 +220,14 @@ def memory_plan(shape: PlanShape, dtype: torch.dtype = torch.float32, batch: int
     L, H, G, d = shape.n_layers, shape.n_heads, shape.n_kv_groups, shape.d_model
     dh = shape.d_head or d // H
     tokens = batch * positions
-    per_layer_token = ((H + 2 * G) * d + H * d + (H + 2 * G) * dh + 4 * (H + G) * dh + H * dh
-                       + 2 * H * positions + 3 * shape.d_mlp + 8 * d)
+    island = max(e, 4)  # float32 islands: norms, rotary and softmax compute in float32 in any dtype
+    per_layer_token = (((H + 2 * G) * d + H * d + (H + 2 * G) * dh + H * dh + 3 * shape.d_mlp) * e
+                       + (4 * (H + G) * dh + 2 * H * positions + 8 * d) * island)
     terms = {
         "weights": shape.n_params * e,
         "unembedding copy": shape.d_vocab * d * e if shape.tied else 0,
         "sender buffers": 2 * shape.n_senders * tokens * d * e,
-        "backward activations": math.ceil(ACTIVATION_MARGIN * L * tokens * per_layer_token * e),
+        "backward activations": math.ceil(ACTIVATION_MARGIN * L * tokens * per_layer_token),
         "scores": 2 * shape.n_senders * shape.n_receivers * 4,
         "logits": 2 * batch * shape.d_vocab * 4,
         "libraries": LIBRARIES,
