@@ -11,13 +11,9 @@ import pytest
 
 from circuitfinder.engine.faithfulness import CircuitEvaluator
 from circuitfinder.engine.graph import EdgeGraph
-from circuitfinder.engine.models import is_cached
 from circuitfinder.tasks import build_task
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not is_cached("smollm2-135m"), reason="SmolLM2-135M is not converted yet (circuits models)"),
-]
+pytestmark = pytest.mark.slow  # the fixture converts SmolLM2 when it is not cached yet (about 40 s)
 
 
 @pytest.fixture(scope="module")
