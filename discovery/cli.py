@@ -80,6 +80,7 @@ def discover(
     model: str = typer.Option("smollm2-135m", "--model", help="Bundled model name, Hugging Face id or local folder."),
     method: str = typer.Option("acdc-groups", "--method", help="acdc-groups (default: the minimal faithful circuit, ACDC's rule on groups of edges), acdc or minimize (patching searches seeded by --seed-method); eap-ig (attribution's top-N alone: the quick look), eap, eap-ig-activations; see `circuits methods`."),
     seed_method: str = typer.Option("eap-ig", "--seed-method", help="acdc/minimize: attribution that orders and bounds the candidates; none: every edge, in graph order (textbook ACDC)."),
+    seed_faithfulness: Optional[float] = typer.Option(None, "--seed-faithfulness", help="Searches: the seed is attribution's smallest top N reaching this on the discovery prompts (default: --target-faithfulness). Higher leaves the search room above the floor (induction: 0.9)."),
     tau: Optional[float] = typer.Option(None, "--tau", help="acdc: keep a removal when the distance grows by less than this (default: 1% of the empty circuit's distance)."),
     acdc_metric: str = typer.Option("task", "--acdc-metric", help="acdc, acdc-groups: distance from the clean run: task (|change of the mean metric|, the default: a faithful circuit), prompt (mean per-prompt |change|, which cannot cancel across prompts) or kl (ACDC's own; at its default τ it keeps a quarter to a third of the behaviour)."),
     floor: bool = typer.Option(True, "--floor/--no-floor", help="acdc, acdc-groups: a removal also needs the circuit to keep --target-faithfulness on the search prompts (ACDC's rule alone bounds each removal's growth, not their sum); --no-floor: Conmy et al.'s rule alone."),
@@ -116,7 +117,7 @@ def discover(
                             target_faithfulness=target_faithfulness, ig_steps=ig_steps, ig_rule=ig_rule, bos=bos,
                             ablation=ablation, curve=curve, roles=roles, force=force,
                             skip_bad_rows=skip_bad_rows, check_model=not skip_model_check, n_pairs=pairs, batch_size=batch_size, seed=seed,
-                            seed_method=seed_method, tau=tau, acdc_metric=acdc_metric, floor=floor, minimize=minimize,
+                            seed_method=seed_method, seed_faithfulness=seed_faithfulness, tau=tau, acdc_metric=acdc_metric, floor=floor, minimize=minimize,
                             search_prompts=search_prompts, chain=chain, workers=workers, address=address,
                             dtype=dtype, device=device)
     if match_published:

@@ -131,6 +131,8 @@ def test_same_seed_gives_byte_identical_circuit(tiny_ioi_model, tmp_path):
     (DiscoverConfig(threshold=float("nan")), "threshold"),
     (DiscoverConfig(method="acdc-groups", acdc_metric="prompts"), "`acdc_metric` must be one of kl, task, prompt"),
     (DiscoverConfig(method="acdc-groups", ablation="mean"), "patches from the counterfactual run only"),
+    (DiscoverConfig(seed_faithfulness=0.7), r"`seed_faithfulness` must be at least `target_faithfulness` \(0.8\) and at most 1"),
+    (DiscoverConfig(method="eap-ig", seed_faithfulness=0.9), "`seed_faithfulness` is for the seeded searches"),
 ])
 def test_bad_configurations_are_user_errors(config, message):
     with pytest.raises(UserError, match=message):
@@ -248,3 +250,18 @@ def test_unseeded_acdc_tries_every_edge_of_the_graph_in_graph_order(tiny_ioi_mod
     assert 0 < summary["edges_kept"] < graph.n_edges
     with pytest.raises(UserError, match="is for the seeded methods"):
         DiscoverConfig(method="eap", seed_method="none").validate()
+
+
+def test_seed_faithfulness_sizes_the_seed_and_the_floor_stays_the_target(tiny_ioi_model):
+    """A search's seed is attribution's smallest top N reaching ``seed_faithfulness`` on the
+    discovery prompts (more edges than the target's), while every removal still keeps the target."""
+    def run(**options):
+        config = DiscoverConfig(task="ioi", model="tiny-llama", method="acdc-groups", seed_method="eap", n_pairs=16,
+                                batch_size=8, force=True, search_prompts=4, target_faithfulness=0.5, roles=False, **options)
+        return run_config(config, adapter=tiny_ioi_model).summary
+
+    plain, roomy = run(), run(seed_faithfulness=0.95)
+    reached = {p["top_n"]: p["faithfulness_discovery"] for p in roomy["size_search"]}
+    assert roomy["edges_selected"] > plain["edges_selected"]
+    assert reached[roomy["edges_selected"]] >= 0.95 > max(f for n, f in reached.items() if n < roomy["edges_selected"])
+    assert roomy["search"]["target_faithfulness"] == 0.5  # the floor is the target, not the seed's

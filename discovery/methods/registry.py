@@ -118,26 +118,28 @@ class Method:
         return None
 
 
-def select(problem: Problem, scores: torch.Tensor) -> tuple[Mask, SizeSearch | None, int]:
+def select(problem: Problem, scores: torch.Tensor, target: float | None = None) -> tuple[Mask, SizeSearch | None, int]:
     """The edges to keep before pruning: ``settings.edges`` (top N), ``settings.threshold``, or the
-    smallest top N reaching ``settings.target_faithfulness`` on the discovery prompts.
+    smallest top N reaching ``target`` (``settings.target_faithfulness`` unless given) on the
+    discovery prompts.
 
     Returns:
         ``(mask, the size search or None, forward passes it used)``.
     """
     s, graph, reporter = problem.settings, problem.graph, problem.reporter
+    target = s.target_faithfulness if target is None else target
     if s.edges is not None:
         return top_edges(graph, scores, s.edges), None, 0
     if s.threshold is not None:
         return edges_above(graph, scores, s.threshold), None, 0
     discovery = CircuitEvaluator(problem.adapter, graph, problem.task, "discovery", s.batch_size, problem.ablation)
-    with reporter.progress(f"size search (target faithfulness {s.target_faithfulness})", 0) as advance:
+    with reporter.progress(f"size search (target faithfulness {target})", 0) as advance:
         def step(n, kept, f):
             reporter.log(f"  top {n:>6,} edges → {kept:>6,} after pruning: faithfulness {f:.3f} (discovery)")
             advance(1)
-        search = search_size(discovery, scores, s.target_faithfulness, progress=step)
+        search = search_size(discovery, scores, target, progress=step)
     if not search.reached:
-        reporter.log(f"no circuit reached faithfulness {s.target_faithfulness}; keeping the best size found")
+        reporter.log(f"no circuit reached faithfulness {target}; keeping the best size found")
     return top_edges(graph, scores, search.n_edges), search, discovery.forward_passes
 
 
@@ -198,7 +200,7 @@ def _seed(problem: Problem, store: Checkpoint) -> tuple[torch.Tensor, Mask, Size
         reporter.log("unseeded: every edge of the graph is a candidate, tried in the graph's order")
         return torch.zeros(graph.allowed.shape, device="cpu"), graph.allowed.clone(), None, 0, False
     scores, passes = _scores(problem, name)
-    chosen, size_search, search_passes = select(problem, scores)
+    chosen, size_search, search_passes = select(problem, scores, getattr(problem.settings, "seed_faithfulness", None))
     if size_search is not None:
         store.save_json("size_search", dataclasses.asdict(size_search))
     store.save_tensors("seed", {"scores": scores, "chosen": chosen.to(torch.uint8)})

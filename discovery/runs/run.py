@@ -57,6 +57,7 @@ class DiscoverConfig:
     bos: str = "auto"  # "auto": the tokenizer's own rule (SmolLM2 adds no BOS, Gemma does); "always": prepend it
     ablation: str = "counterfactual"  # what a removed edge carries: counterfactual, mean or zero
     seed_method: str = "eap-ig"  # for --method acdc: the attribution that orders and bounds the search ("none": all edges)
+    seed_faithfulness: float | None = None  # a search's seed: the smallest top-N reaching this (None: target_faithfulness); higher leaves the search room above the floor
     tau: float | None = None  # ACDC threshold on the distance; None: 1 % of the empty circuit's distance
     acdc_metric: str = "task"  # ACDC's distance from the clean run: "task" (|mean metric change|), "prompt" (mean per-prompt |change|) or "kl" (Conmy et al.'s)
     floor: bool = True  # acdc, acdc-groups: a removal also keeps target_faithfulness on the search prompts
@@ -118,6 +119,11 @@ class DiscoverConfig:
              f"`threshold` must be a number ≥ 0, got {self.threshold}")
         need(0 < self.target_faithfulness <= 1, "target_faithfulness",
              f"`target_faithfulness` must be in (0, 1], got {self.target_faithfulness}")
+        need(self.seed_faithfulness is None or self.target_faithfulness <= self.seed_faithfulness <= 1, "seed_faithfulness",
+             f"`seed_faithfulness` must be at least `target_faithfulness` ({self.target_faithfulness}) and at most 1, "
+             f"got {self.seed_faithfulness}")
+        need(self.seed_faithfulness is None or METHODS[self.method].seeded, "seed_faithfulness",
+             f"`seed_faithfulness` is for the seeded searches ({seeded}); attribution's own size uses `target_faithfulness`")
         need(self.n_pairs >= 4, "n_pairs", f"`n_pairs` must be at least 4, got {self.n_pairs}")
         need(self.ig_steps >= 1, "ig_steps", f"`ig_steps` must be at least 1, got {self.ig_steps}")
         need(self.ig_rule in IG_RULES, "ig_rule", f"`ig_rule` must be one of {', '.join(IG_RULES)}, got {self.ig_rule!r}")
