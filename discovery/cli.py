@@ -271,7 +271,7 @@ def plan(
 ) -> None:
     """Print a run's memory plan (weights, sender buffers, activations, scores) without loading weights."""
     from circuitfinder.engine.plan import format_bytes, free_memory, largest_batch, memory_plan, plan_shape
-    from circuitfinder.engine.precision import parse_dtype
+    from circuitfinder.engine.precision import dtype_name, parse_dtype
 
     torch_dtype = parse_dtype(dtype)
     if batch_size < 1 or positions < 1:
@@ -282,7 +282,7 @@ def plan(
     print(f"{shape.name}: {shape.n_layers} layers, {shape.n_heads} heads, {shape.n_kv_groups} key/value groups, "
           f"d_model {shape.d_model}, d_mlp {shape.d_mlp}, vocab {shape.d_vocab:,}; {shape.n_params:,} parameters; "
           f"{shape.n_edges:,} edges ({shape.n_senders:,} senders × {shape.n_receivers:,} receivers)")
-    print(f"memory plan in {str(torch_dtype).removeprefix('torch.')}, batches of {batch_size} prompts × {positions} positions (attribution, the heaviest stage):")
+    print(f"memory plan in {dtype_name(torch_dtype)}, batches of {batch_size} prompts × {positions} positions (attribution, the heaviest stage):")
     for name, size in p.rows():
         if size:
             print(f"  {name:<22} {format_bytes(size):>10}")

@@ -54,7 +54,7 @@ def load_checked_model(name: str, log: Callable[[str], None] = lambda _msg: None
     """:func:`circuitfinder.engine.adapter.load_model` in ``dtype`` (``auto``, ``float32``, ``bfloat16``, ...)
     on ``device`` (``auto``, ``cpu``, ``cuda``, ...), then :func:`check_model` unless ``check`` is False."""
     from circuitfinder.engine.models import resolve_device
-    from circuitfinder.engine.precision import resolve_dtype
+    from circuitfinder.engine.precision import dtype_name, resolve_dtype
 
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = resolve_dtype(dtype, device, name) if isinstance(dtype, str) else dtype
@@ -62,7 +62,7 @@ def load_checked_model(name: str, log: Callable[[str], None] = lambda _msg: None
     if check:
         worst = check_model(adapter)
         log(f"checked {adapter.name}: patching exact (largest difference {worst:.2%} of the "
-            f"{str(adapter.working_dtype).removeprefix('torch.')} tolerance)")
+            f"{dtype_name(adapter.working_dtype)} tolerance)")
     return adapter
 
 

@@ -57,6 +57,10 @@ class Baseline:
     # for a task whose answers are not outputs to choose between (Task.ranks_answers)
     n_prompts: int
 
+    def faithfulness(self, metric: float) -> float:
+        """(m(C) − m(∅)) / (m(full) − m(∅)) for a circuit's mean metric m(C)."""
+        return (metric - self.corrupted) / (self.clean - self.corrupted)
+
     def __str__(self) -> str:
         accuracy = "" if self.accuracy is None else f", clean accuracy {self.accuracy:.0%}"
         return f"clean {self.clean:.3f}, corrupted {self.corrupted:.3f}{accuracy}"
@@ -254,8 +258,7 @@ class CircuitEvaluator:
 
     def faithfulnesses(self, circuits: Sequence[Mask], progress: Callable[[int], None] | None = None) -> list[float]:
         """(m(C) − m(∅)) / (m(full) − m(∅)) for each circuit (evaluated several per pass)."""
-        b = self.baseline
-        return [(m - b.corrupted) / (b.clean - b.corrupted) for m in self.metrics(circuits, progress)]
+        return [self.baseline.faithfulness(m) for m in self.metrics(circuits, progress)]
 
     def faithfulness(self, circuit: Mask) -> float:
         """(m(C) − m(∅)) / (m(full) − m(∅)) for ``circuit``."""
@@ -355,8 +358,7 @@ def faithfulness_curve(evaluator: CircuitEvaluator, scores: torch.Tensor, percen
     if metrics is None:
         values = evaluator.faithfulnesses(circuits, progress)
     else:
-        b = evaluator.baseline
-        values = [(m - b.corrupted) / (b.clean - b.corrupted) for m in metrics(circuits)]
+        values = [evaluator.baseline.faithfulness(m) for m in metrics(circuits)]
         if progress:
             progress(len(circuits))
     points = [(p, n, int(c.sum()), f) for p, n, c, f in zip(percents, sizes, circuits, values)]

@@ -105,6 +105,11 @@ def resolve_dtype(text: str, device: torch.device, model: str = "") -> torch.dty
     return torch.bfloat16 if native_bfloat16(device) else torch.float32
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``bfloat16`` for ``torch.bfloat16``: the name the command line and ``summary.json`` use."""
+    return str(dtype).removeprefix("torch.")
+
+
 def parse_dtype(text: str) -> torch.dtype:
     """``float32``/``fp32``, ``bfloat16``/``bf16``, ``float16``/``fp16``/``half``, ``float64``: the dtype."""
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

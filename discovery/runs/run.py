@@ -24,7 +24,7 @@ from circuitfinder.engine.ablation import ABLATIONS, make_ablation
 from circuitfinder.engine.adapter import ModelAdapter, load_model
 from circuitfinder.engine.checks import load_checked_model
 from circuitfinder.engine.models import resolve_device
-from circuitfinder.engine.precision import HALF, resolve_dtype
+from circuitfinder.engine.precision import HALF, dtype_name, resolve_dtype
 from circuitfinder.methods.attribution import IG_RULES
 from circuitfinder.methods.registry import METHODS, UNSEEDED, Problem, Reporter, check_method
 from circuitfinder.engine.masks import node_count, prune, top_edges
@@ -275,8 +275,12 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
     reporter.log(f"task {task.name}: {len(task)} prompt pairs ({n_disc} discovery, {n_held} held-out), metric {task.metric_name}")
     check_memory(adapter, task, config.batch_size, reporter)
 
-    ablation = make_ablation(config.ablation, adapter, graph, task, config.batch_size)
-    heldout = CircuitEvaluator(adapter, graph, task, "heldout", config.batch_size, ablation)
+    def held_out(model: ModelAdapter) -> tuple:
+        """The run's ablation on ``model`` and its evaluator on the held-out prompts."""
+        made = make_ablation(config.ablation, model, graph, task, config.batch_size)
+        return made, CircuitEvaluator(model, graph, task, "heldout", config.batch_size, made)
+
+    ablation, heldout = held_out(adapter)
     b = heldout.baseline
     reporter.log(f"baseline (held-out): {b}")
     check_behaviour(b, config, adapter.name)
@@ -310,8 +314,7 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
         search_dtype = {"dtype": dtype_name(adapter.dtype), "faithfulness": faithfulness}
         del problem, ablation, heldout, adapter  # the half-precision model goes before the float32 one loads
         adapter = load_checked_model(config.model, reporter.log, check=config.check_model, dtype=torch.float32, device=device)
-        ablation = make_ablation(config.ablation, adapter, graph, task, config.batch_size)
-        heldout = CircuitEvaluator(adapter, graph, task, "heldout", config.batch_size, ablation)
+        ablation, heldout = held_out(adapter)
         b = heldout.baseline
         faithfulness = heldout.faithfulness(circuit)
         reporter.log(f"circuit in float32: faithfulness {faithfulness:.3f} (held-out, exact; "
@@ -390,10 +393,6 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
     if found.checkpoint is not None:  # the search is saved in the run folder (or returned): its checkpoint goes
         found.checkpoint.clear()
     return run
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def below_target(faithfulness: float, config: DiscoverConfig) -> str:
