@@ -1,10 +1,12 @@
 """Loading models by name: a local folder with a saved Hugging Face model, and the hub's error path."""
 
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from circuitfinder.engine.adapter import load_model
@@ -57,3 +59,35 @@ def test_circuits_models_lists_bundled_models_with_their_edge_counts(capsys, mon
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("smollm2-135m (default):") and "70,651 edges; not yet converted" in lines[0]
     assert lines[1].startswith("gemma3-270m:") and "1 kv group, 5,644 edges; cached" in lines[1]
+
+
+
+FAULTS_ON_REWRITE = """
+import ctypes, ctypes.util, resource, sys
+from circuitfinder.engine.models import keep_freed_memory
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+if sys.argv[1] == "kept":
+    assert keep_freed_memory()
+faults = []
+for _ in range(3):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(64 << 20)  # 16,384 pages, written
+    ctypes.memset(block, 1, 64 << 20)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    libc.free(block)
+print(*faults)
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_a_freed_buffer_is_reused_without_faulting_its_pages_in_again():
+    """A 64 MB block written and freed three times: glibc's default maps it afresh each time (its
+    pages faulted in again); after keep_freed_memory the later ones come from the heap, their pages
+    already there. Each setting in a fresh process."""
+    def faults(setting):
+        out = subprocess.run([sys.executable, "-c", FAULTS_ON_REWRITE, setting], capture_output=True, text=True, check=True)
+        return [int(n) for n in out.stdout.split()]
+
+    default, kept = faults("default"), faults("kept")
+    assert min(default) > 8_000 and kept[0] > 8_000 and max(kept[1:]) < 1_000, (default, kept)

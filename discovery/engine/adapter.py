@@ -48,7 +48,7 @@ import torch
 from jaxtyping import Float, Int
 
 from circuitfinder.errors import UserError
-from circuitfinder.engine.models import load_pretrained
+from circuitfinder.engine.models import keep_freed_memory, load_pretrained
 
 Hook = tuple[str, Callable]
 PROBE_POSITIONS = 8  # tokens of the probe prompts the load checks run (fewer where the context is shorter)
@@ -508,5 +508,7 @@ class ModelAdapter:
 def load_model(name: str, log: Callable[[str], None] = lambda _msg: None, dtype: torch.dtype = torch.float32,
                device: torch.device | str | None = None) -> ModelAdapter:
     """Load a bundled model, Hugging Face id or local folder and wrap it for patching."""
+    if device is None or torch.device(device).type == "cpu":
+        keep_freed_memory()
     model, tokenizer, hf_id = load_pretrained(name, log, dtype, device)
     return ModelAdapter.from_hf(model, tokenizer, name, hf_id, dtype=dtype)

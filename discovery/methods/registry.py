@@ -188,6 +188,14 @@ def seed_key(settings) -> dict:
     return key
 
 
+def seed_target(settings) -> float:
+    """The faithfulness a search's seed reaches on the discovery prompts: ``seed_faithfulness``, or
+    halfway from the target to 1. A seed at the target itself leaves the search no room above its
+    floor (measured: Gemma-3 induction kept 514 edges from a seed at 0.8, 212 from one at 0.9)."""
+    chosen = getattr(settings, "seed_faithfulness", None)
+    return (1 + settings.target_faithfulness) / 2 if chosen is None else chosen
+
+
 def _seed(problem: Problem, store: Checkpoint) -> tuple[torch.Tensor, Mask, SizeSearch | None, int, bool]:
     """The search's scores and start circuit: saved earlier, every edge (unseeded), or attribution's."""
     graph, name, reporter = problem.graph, problem.settings.seed_method, problem.reporter
@@ -200,7 +208,7 @@ def _seed(problem: Problem, store: Checkpoint) -> tuple[torch.Tensor, Mask, Size
         reporter.log("unseeded: every edge of the graph is a candidate, tried in the graph's order")
         return torch.zeros(graph.allowed.shape, device="cpu"), graph.allowed.clone(), None, 0, False
     scores, passes = _scores(problem, name)
-    chosen, size_search, search_passes = select(problem, scores, getattr(problem.settings, "seed_faithfulness", None))
+    chosen, size_search, search_passes = select(problem, scores, seed_target(problem.settings))
     if size_search is not None:
         store.save_json("size_search", dataclasses.asdict(size_search))
     store.save_tensors("seed", {"scores": scores, "chosen": chosen.to(torch.uint8)})

@@ -26,7 +26,7 @@ from circuitfinder.engine.checks import load_checked_model
 from circuitfinder.engine.models import resolve_device
 from circuitfinder.engine.precision import HALF, dtype_name, resolve_dtype
 from circuitfinder.methods.attribution import IG_RULES
-from circuitfinder.methods.registry import METHODS, UNSEEDED, Problem, Reporter, check_method
+from circuitfinder.methods.registry import METHODS, UNSEEDED, Problem, Reporter, check_method, seed_target
 from circuitfinder.engine.masks import node_count, prune, top_edges
 from circuitfinder.errors import OutputExists, UserError
 from circuitfinder.folders import atomic_dir, check_out_dir
@@ -57,7 +57,7 @@ class DiscoverConfig:
     bos: str = "auto"  # "auto": the tokenizer's own rule (SmolLM2 adds no BOS, Gemma does); "always": prepend it
     ablation: str = "counterfactual"  # what a removed edge carries: counterfactual, mean or zero
     seed_method: str = "eap-ig"  # for --method acdc: the attribution that orders and bounds the search ("none": all edges)
-    seed_faithfulness: float | None = None  # a search's seed: the smallest top-N reaching this (None: target_faithfulness); higher leaves the search room above the floor
+    seed_faithfulness: float | None = None  # a search's seed: the smallest top-N reaching this (None: halfway from target_faithfulness to 1, room above the floor)
     tau: float | None = None  # ACDC threshold on the distance; None: 1 % of the empty circuit's distance
     acdc_metric: str = "task"  # ACDC's distance from the clean run: "task" (|mean metric change|), "prompt" (mean per-prompt |change|) or "kl" (Conmy et al.'s)
     floor: bool = True  # acdc, acdc-groups: a removal also keeps target_faithfulness on the search prompts
@@ -359,6 +359,7 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
         "prompts_heldout": n_held,
         "target_faithfulness": config.target_faithfulness,
         "meets_target": meets_target,
+        "size_search_target": None if search is None else seed_target(config) if method.seeded else config.target_faithfulness,
         "size_search": None if search is None else [
             {"top_n": n, "edges_kept": k, "faithfulness_discovery": f} for n, k, f in search.points
         ],
