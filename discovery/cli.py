@@ -267,7 +267,8 @@ def plan(
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16, float16 or float64."),
     batch_size: int = typer.Option(16, "--batch-size", help="Prompts per forward pass."),
     positions: int = typer.Option(24, "--positions", help="Tokens per prompt (IOI's are about 15-20)."),
-    memory: Optional[str] = typer.Option(None, "--memory", help="Memory to fit in, e.g. 80GB (default: this machine's free memory)."),
+    memory: Optional[str] = typer.Option(None, "--memory", help="Memory to fit in, e.g. 80GB (default: the device's free memory)."),
+    device: str = typer.Option("cpu", "--device", help="cpu (the tokenizer and the libraries share its memory), cuda or mps (they stay in host memory)."),
 ) -> None:
     """Print a run's memory plan (weights, sender buffers, activations, scores) without loading weights."""
     from circuitfinder.engine.plan import format_bytes, free_memory, largest_batch, memory_plan, plan_shape
@@ -276,18 +277,25 @@ def plan(
     torch_dtype = parse_dtype(dtype)
     if batch_size < 1 or positions < 1:
         raise UserError("--batch-size and --positions must be at least 1")
-    budget = _parse_bytes(memory) if memory else free_memory("cpu")
+    if device.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps")
+    if not memory and device != "cpu":
+        from circuitfinder.engine.models import resolve_device
+
+        resolve_device(device)  # the device's free memory is read only where it exists
+    budget = _parse_bytes(memory) if memory else free_memory(device)
     shape = plan_shape(model)
-    p = memory_plan(shape, torch_dtype, batch_size, positions)
+    p = memory_plan(shape, torch_dtype, batch_size, positions, device)
     print(f"{shape.name}: {shape.n_layers} layers, {shape.n_heads} heads, {shape.n_kv_groups} key/value groups, "
           f"d_model {shape.d_model}, d_mlp {shape.d_mlp}, vocab {shape.d_vocab:,}; {shape.n_params:,} parameters; "
           f"{shape.n_edges:,} edges ({shape.n_senders:,} senders × {shape.n_receivers:,} receivers)")
-    print(f"memory plan in {dtype_name(torch_dtype)}, batches of {batch_size} prompts × {positions} positions (attribution, the heaviest stage):")
+    print(f"memory plan on {device} in {dtype_name(torch_dtype)}, batches of {batch_size} prompts × {positions} positions "
+          f"(attribution, the heaviest stage):")
     for name, size in p.rows():
         if size:
             print(f"  {name:<22} {format_bytes(size):>10}")
-    fits = largest_batch(shape, budget, torch_dtype, positions)
-    where = f"{memory}" if memory else f"this machine's free {format_bytes(budget)}"
+    fits = largest_batch(shape, budget, torch_dtype, positions, device=device)
+    where = f"{memory}" if memory else f"the free {format_bytes(budget)} of {device}"
     print(f"largest batch that fits {where}: {fits}" if fits else f"does not fit {where}, not even one prompt per batch")
 
 

@@ -3,14 +3,15 @@
     .venv/bin/python scripts/measure_memory.py [--batches 8 16 32] [--models smollm2-135m gemma3-270m]
                                                [--dtypes float32 bfloat16]
 
-Each (model, dtype, batch) runs in a fresh process: load the model, build the task, read the
-resident memory, then run EAP-IG (5 steps) over one batch while a thread samples
-``/proc/self/statm`` every 2 ms. The measured working memory is the peak above the memory just
-before; the plan's (``circuitfinder.engine.plan.memory_plan``, everything but the weights) is set
-beside it, and the loaded model (weights, the bridge's copies and the libraries) beside the plan's
-weights and unembedding copy. The load is sampled too: its peak above the memory before it,
-against what stays loaded, says whether the weights ever sat in memory twice (a float32 copy
-cast to bfloat16, say). Writes ``outputs/benchmarks/memory-<time>.json``.
+Each (model, dtype, batch) runs in a fresh process: import the libraries, load the model, build the
+task, read the resident memory, then run EAP-IG (5 steps) over one batch while a thread samples
+``/proc/self/statm`` every 2 ms. Each term group of the plan (``circuitfinder.engine.plan.memory_plan``)
+is set beside what it predicts: the libraries beside the memory after the imports, the loaded
+model (weights and tokenizer) beside what the load added, the working memory beside the peak
+above the memory before attribution, and the plan's total beside the process's peak over the
+load and attribution both. The load's own peak above what stays says whether the weights ever sat
+in memory twice (a float32 file mapped while it is cast to bfloat16, say). Writes
+``outputs/benchmarks/memory-<time>.json``.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def one(model_name: str, batch: int, dtype_name: str = "float32") -> dict:
     from circuitfinder.methods.attribution import eap_ig
 
     from circuitfinder.engine.precision import parse_dtype
+    import transformer_lens.model_bridge  # noqa: F401  (the plan's libraries: imported before the load)
+    import transformers  # noqa: F401
 
     before_load = rss()
     with Sampler() as loading:
@@ -85,15 +88,17 @@ def one(model_name: str, batch: int, dtype_name: str = "float32") -> dict:
         eap_ig(model, graph, task, batch_size=batch)
     seconds = time.perf_counter() - start
     measured = running.max - base  # the process started with next to nothing resident (~10 MB)
+    peak = max(loading.max, running.max)
     return {"model": model_name, "batch": batch, "positions": positions, "dtype": str(model.dtype).removeprefix("torch."),
             "seconds": round(seconds, 2), "threads": torch.get_num_threads(),
+            "libraries_measured_bytes": before_load, "libraries_planned_bytes": plan.terms["libraries"],
             "weights_loaded_bytes": loaded - before_load, "weights_planned_bytes": plan.loaded,
             "load_peak_bytes": loading.max - before_load,
             "load_peak_over_loaded": round((loading.max - before_load) / (loaded - before_load), 3),
             "working_measured_bytes": measured, "working_planned_bytes": plan.working,
             "planned_over_measured": round(plan.working / measured, 3),
-            "process_peak_bytes": running.max, "planned_total_bytes": plan.total,
-            "total_planned_over_measured": round(plan.total / running.max, 3), "terms": plan.terms}
+            "attribution_peak_bytes": running.max, "process_peak_bytes": peak, "planned_total_bytes": plan.total,
+            "total_planned_over_measured": round(plan.total / peak, 3), "terms": plan.terms}
 
 
 def main() -> int:
@@ -111,7 +116,8 @@ def main() -> int:
         out = subprocess.run([sys.executable, __file__, "--one", model, str(batch), dtype], capture_output=True, text=True, check=True)
         row = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(row)
-        print(f"{model} {dtype} batch {batch} ({row['positions']} positions): working memory measured "
+        print(f"{model} {dtype} batch {batch} ({row['positions']} positions): libraries {row['libraries_measured_bytes'] / 1e6:,.0f} MB, "
+              f"planned {row['libraries_planned_bytes'] / 1e6:,.0f} MB; working memory measured "
               f"{row['working_measured_bytes'] / 1e6:,.0f} MB, planned {row['working_planned_bytes'] / 1e6:,.0f} MB "
               f"(ratio {row['planned_over_measured']}); weights loaded {row['weights_loaded_bytes'] / 1e6:,.0f} MB, "
               f"planned {row['weights_planned_bytes'] / 1e6:,.0f} MB, peak while loading {row['load_peak_bytes'] / 1e6:,.0f} MB; process peak {row['process_peak_bytes'] / 1e6:,.0f} MB, "
@@ -119,7 +125,8 @@ def main() -> int:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     path = ROOT / "outputs" / "benchmarks" / f"memory-{stamp}.json"
     path.write_text(json.dumps({"when": stamp, "what": "EAP-IG (5 steps), one IOI batch, fresh process per row; "
-                                "working memory = peak resident memory above the memory before attribution",
+                                "working memory = peak resident memory above the memory before attribution; "
+                                "process peak = the largest resident memory over the load and attribution",
                                 "rows": rows}, indent=1) + "\n")
     print(f"wrote {path}")
     return 0

@@ -8,7 +8,7 @@ import torch
 from architectures import ARCHITECTURES, EXPECTED_REFUSAL, build
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.patching import run_recording_senders
-from circuitfinder.engine.plan import KNOWN_CONFIGS, largest_batch, memory_plan, parse_shape, plan_shape, shape_from_config
+from circuitfinder.engine.plan import KNOWN_CONFIGS, LIBRARIES, TOKENIZER_BYTES, largest_batch, memory_plan, parse_shape, plan_shape, shape_from_config
 from circuitfinder.engine.precision import parse_dtype
 from circuitfinder.errors import UserError
 from cli_runner import run_in_process
@@ -52,8 +52,11 @@ def test_the_sender_term_is_the_engines_own_buffer(tokenizer):  # noqa: F811
     plan = memory_plan(shape, torch.float64, batch=3, positions=6)
     assert plan.terms["sender buffers"] == 2 * buffer.numel() * buffer.element_size()  # ablated and its difference
     assert plan.terms["weights"] == shape.n_params * 8
-    assert plan.terms["unembedding copy"] == 0  # untied
-    assert plan.total == sum(plan.terms.values()) and plan.working == plan.total - plan.terms["weights"] - plan.terms["libraries"]
+    assert plan.terms["tokenizer"] == TOKENIZER_BYTES * shape.d_vocab and plan.terms["libraries"] == LIBRARIES
+    assert plan.total == sum(plan.terms.values())
+    assert plan.working == plan.total - plan.terms["weights"] - plan.terms["tokenizer"] - plan.terms["libraries"]
+    on_gpu = memory_plan(shape, torch.float64, batch=3, positions=6, device="cuda")  # host memory leaves the plan
+    assert on_gpu.terms["tokenizer"] == on_gpu.terms["libraries"] == 0 and on_gpu.working == plan.working
 
 
 def test_largest_batch_is_the_largest_that_fits():
@@ -76,11 +79,14 @@ def test_bad_shapes_and_dtypes_are_one_line_user_errors():
 
 
 def test_circuits_plan_prints_the_plan_and_the_batch_that_fits(capsys):
-    code, out, _ = run_in_process(capsys, "plan", "--model", "meta-llama/Meta-Llama-3-8B", "--dtype", "bfloat16", "--memory", "80GB")
+    code, out, _ = run_in_process(capsys, "plan", "--model", "meta-llama/Meta-Llama-3-8B", "--dtype", "bfloat16",
+                                  "--memory", "80GB", "--device", "cuda")
     assert code == 0
     assert "805,681 edges" in out and "8,030,261,248 parameters" in out and "weights                   16.1 GB" in out
-    want = largest_batch(plan_shape("llama-3-8b"), 80 * 10**9, torch.bfloat16, 24)
+    assert "tokenizer" not in out and "libraries" not in out  # host memory, not the GPU's
+    want = largest_batch(plan_shape("llama-3-8b"), 80 * 10**9, torch.bfloat16, 24, device="cuda")
     assert f"largest batch that fits 80GB: {want}" in out and want > 0
+    assert want > largest_batch(plan_shape("llama-3-8b"), 80 * 10**9, torch.bfloat16, 24)  # on a CPU the host shares it
     code, _, err = run_in_process(capsys, "plan", "--memory", "lots")
     assert code == 2 and err.strip() == "error: --memory 'lots' is not a size: write e.g. 80GB or 512MB"
 

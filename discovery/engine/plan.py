@@ -5,9 +5,10 @@ and a batch size can be chosen to fit. The terms, for ``b`` prompts of ``p`` pos
 ``S`` senders and ``R`` receivers of the edge graph (DESIGN.md), ``e`` bytes per value of the dtype:
 
 * **weights**: the parameter count (a model built from the config on PyTorch's ``meta`` device,
-  which allocates nothing) times ``e``; where the embedding is tied to the unembedding, the
-  bridge holds a second copy of that matrix (**unembedding copy**, ``d_vocab · d_model · e``:
-  Gemma-3-270M loads 0.53 GB more than SmolLM2 beyond their parameter difference, for this).
+  which allocates nothing) times ``e``; a tied unembedding is the embedding's own tensor.
+* **tokenizer** (host memory): a fast tokenizer holds about :data:`TOKENIZER_BYTES` per vocabulary
+  entry (measured 2.13 kB on SmolLM2's 49,152, 2.24 kB on Gemma-3's 262,144: 0.56 GB there, more
+  than Gemma-3-270M's bfloat16 weights).
 * **sender buffers**: attribution keeps the ablated run's senders and their difference from the
   clean run, ``2 · S · b · p · d_model · e`` (``circuitfinder.methods.attribution``).
 * **backward activations**: what autograd keeps for the backward pass, per layer and token:
@@ -25,11 +26,16 @@ and a batch size can be chosen to fit. The terms, for ``b`` prompts of ``p`` pos
 * **scores**: the ``[S, R]`` score matrix and its gradient staging, in float32, twice.
 * **logits**: one row of ``d_vocab`` per prompt (only the read position is unembedded) and its
   gradient, in float32.
-* **libraries**: the code itself, :data:`LIBRARIES` (measured on a CPU; a GPU adds its CUDA
-  context, about half a gigabyte, which the plan leaves out).
+* **libraries** (host memory): the code itself, :data:`LIBRARIES`, resident once torch,
+  transformers, TransformerLens's bridge and this package are imported.
 
-The plan's total is compared with the real peak above the loaded weights on both bundled models
-by ``scripts/measure_memory.py`` (``outputs/benchmarks/memory-*.json``).
+Memory a load frees (a half-precision load casting a float32 file, the bridge's boot) stays in
+the allocator's heap (``circuitfinder.engine.models.keep_freed_memory``; the CUDA caching allocator
+does the same) and attribution reuses it, so it is not a term; the float32 file a cast load maps
+is file-backed and released as the load ends. On a GPU (``device`` not the CPU) the tokenizer and
+the libraries live in host memory and leave the plan; the CUDA context (about half a gigabyte) is
+not counted. ``scripts/measure_memory.py`` compares the total with the process's real peak on both
+bundled models (``outputs/benchmarks/memory-*.json``).
 """
 
 from __future__ import annotations
@@ -68,7 +74,8 @@ ALIASES = {"llama-3-8b": "meta-llama/Meta-Llama-3-8B", "gemma-2-2b": "google/gem
 PARALLEL_TYPES = {"gptj", "phi", "cohere", "gpt_neox", "falcon"}
 BYTES = {torch.float32: 4, torch.float64: 8, torch.bfloat16: 2, torch.float16: 2}
 ACTIVATION_MARGIN = 1.2  # planned/measured working memory 0.99-1.14, both bundled models, batches 8-32 (2026-12-02)
-LIBRARIES = 200_000_000  # torch, transformers and TransformerLens resident on a CPU (measured: 0.17-0.21 GB)
+LIBRARIES = 460_000_000  # resident after importing torch, transformers, TransformerLens's bridge, circuitfinder (0.458 GB, 2026-12-04)
+TOKENIZER_BYTES = 2_250  # a fast tokenizer's resident bytes per vocabulary entry (2,133 and 2,244 measured, 2026-12-04)
 
 
 @dataclass(frozen=True)
@@ -85,7 +92,6 @@ class PlanShape:
     n_params: int
     parallel: bool = False
     d_head: int = 0  # 0: d_model / n_heads
-    tied: bool = False  # the unembedding is the embedding (the bridge then holds a copy)
 
     @property
     def n_senders(self) -> int:
@@ -123,12 +129,11 @@ def shape_from_config(name: str, config: dict) -> PlanShape:
         groups = int(text.num_kv_heads) if text.new_decoder_architecture else 1 if text.multi_query else heads
     d_mlp = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * int(text.hidden_size)
     d_head = getattr(text, "head_dim", None) or int(text.hidden_size) // heads
-    tied = bool(getattr(cfg, "tie_word_embeddings", False))
     parallel = model_type in PARALLEL_TYPES and getattr(text, "use_parallel_residual", True) is not False
     if model_type == "falcon":
         parallel = bool(getattr(text, "parallel_attn", False) or getattr(text, "new_decoder_architecture", False))
     return PlanShape(name, int(text.num_hidden_layers), heads, groups, int(text.hidden_size), int(d_mlp),
-                     int(text.vocab_size), n_params, parallel, int(d_head), tied)
+                     int(text.vocab_size), n_params, parallel, int(d_head))
 
 
 def plan_shape(model: str) -> PlanShape:
@@ -201,8 +206,8 @@ class MemoryPlan:
 
     @property
     def loaded(self) -> int:
-        """The model as loaded: its weights and the bridge's unembedding copy."""
-        return self.terms["weights"] + self.terms["unembedding copy"]
+        """The model as loaded: its weights and its tokenizer."""
+        return self.terms["weights"] + self.terms["tokenizer"]
 
     @property
     def working(self) -> int:
@@ -213,10 +218,12 @@ class MemoryPlan:
         return [*self.terms.items(), ("total", self.total)]
 
 
-def memory_plan(shape: PlanShape, dtype: torch.dtype = torch.float32, batch: int = 16, positions: int = 24) -> MemoryPlan:
+def memory_plan(shape: PlanShape, dtype: torch.dtype = torch.float32, batch: int = 16, positions: int = 24,
+                device: torch.device | str = "cpu") -> MemoryPlan:
     """The memory plan of attribution (the heaviest stage: a forward and a backward with every
-    sender kept) on batches of ``batch`` prompts of ``positions`` tokens."""
+    sender kept) on batches of ``batch`` prompts of ``positions`` tokens, on ``device``."""
     e = BYTES[dtype]
+    host = torch.device(device).type == "cpu"  # the tokenizer and the libraries share the device's memory
     L, H, G, d = shape.n_layers, shape.n_heads, shape.n_kv_groups, shape.d_model
     dh = shape.d_head or d // H
     tokens = batch * positions
@@ -225,27 +232,29 @@ def memory_plan(shape: PlanShape, dtype: torch.dtype = torch.float32, batch: int
                        + (4 * (H + G) * dh + 2 * H * positions + 8 * d) * island)
     terms = {
         "weights": shape.n_params * e,
-        "unembedding copy": shape.d_vocab * d * e if shape.tied else 0,
+        "tokenizer": TOKENIZER_BYTES * shape.d_vocab if host else 0,
         "sender buffers": 2 * shape.n_senders * tokens * d * e,
         "backward activations": math.ceil(ACTIVATION_MARGIN * L * tokens * per_layer_token),
         "scores": 2 * shape.n_senders * shape.n_receivers * 4,
         "logits": 2 * batch * shape.d_vocab * 4,
-        "libraries": LIBRARIES,
+        "libraries": LIBRARIES if host else 0,
     }
     return MemoryPlan(shape, dtype, batch, positions, terms)
 
 
 def largest_batch(shape: PlanShape, free_bytes: int, dtype: torch.dtype = torch.float32, positions: int = 24,
-                  most: int = 1024) -> int:
-    """The largest batch whose plan fits in ``free_bytes`` (0 if not even one prompt does)."""
-    fits = [b for b in (2 ** k for k in range(int(math.log2(most)) + 1))
-            if memory_plan(shape, dtype, b, positions).total <= free_bytes]
+                  most: int = 1024, device: torch.device | str = "cpu") -> int:
+    """The largest batch whose plan on ``device`` fits in ``free_bytes`` (0 if not even one prompt does)."""
+    def fits_in(b: int) -> bool:
+        return memory_plan(shape, dtype, b, positions, device).total <= free_bytes
+
+    fits = [b for b in (2 ** k for k in range(int(math.log2(most)) + 1)) if fits_in(b)]
     if not fits:
         return 0
     low, high = fits[-1], min(2 * fits[-1], most + 1)
     while high - low > 1:  # the largest fitting batch between two powers of two
         mid = (low + high) // 2
-        low, high = (mid, high) if memory_plan(shape, dtype, mid, positions).total <= free_bytes else (low, mid)
+        low, high = (mid, high) if fits_in(mid) else (low, mid)
     return low
 
 

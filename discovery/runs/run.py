@@ -159,12 +159,13 @@ def check_memory(adapter: ModelAdapter, task: Task, batch_size: int, reporter: R
 
     shape = shape_from_config(adapter.name, adapter.hf_config)
     positions = int(task.lengths.max())
-    plan = memory_plan(shape, adapter.dtype, batch_size, positions)
+    plan = memory_plan(shape, adapter.dtype, batch_size, positions, adapter.device)
     free = free_memory(adapter.device)
     reporter.log(f"memory plan: {format_bytes(plan.working)} for batches of {batch_size} × {positions} positions, "
                  f"beyond the loaded model; {format_bytes(free)} free on {adapter.device}")
     if plan.working > free:
-        fits = largest_batch(shape, free + plan.loaded + plan.terms["libraries"], adapter.dtype, positions)
+        fits = largest_batch(shape, free + plan.loaded + plan.terms["libraries"], adapter.dtype, positions,
+                             device=adapter.device)
         raise UserError(f"batches of {batch_size} need {format_bytes(plan.working)} and {adapter.device} has "
                         f"{format_bytes(free)} free: pass `batch_size={max(fits, 1)}`" + ("" if fits else " (even one may not fit)"))
 
