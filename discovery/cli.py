@@ -268,7 +268,7 @@ def plan(
     batch_size: int = typer.Option(16, "--batch-size", help="Prompts per forward pass."),
     positions: int = typer.Option(24, "--positions", help="Tokens per prompt (IOI's are about 15-20)."),
     memory: Optional[str] = typer.Option(None, "--memory", help="Memory to fit in, e.g. 80GB (default: the device's free memory)."),
-    device: str = typer.Option("cpu", "--device", help="cpu (the tokenizer and the libraries share its memory), cuda or mps (they stay in host memory)."),
+    device: str = typer.Option("cpu", "--device", help="cpu (the tokenizer and the libraries share its memory), cuda, cuda:N or mps (they stay in host memory), or auto."),
 ) -> None:
     """Print a run's memory plan (weights, sender buffers, activations, scores) without loading weights."""
     from circuitfinder.engine.plan import format_bytes, free_memory, largest_batch, memory_plan, plan_shape
@@ -277,12 +277,9 @@ def plan(
     torch_dtype = parse_dtype(dtype)
     if batch_size < 1 or positions < 1:
         raise UserError("--batch-size and --positions must be at least 1")
-    if device.split(":")[0] not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps")
-    if not memory and device != "cpu":
-        from circuitfinder.engine.models import resolve_device
+    from circuitfinder.engine.models import parse_device, resolve_device
 
-        resolve_device(device)  # the device's free memory is read only where it exists
+    device = str((parse_device if memory else resolve_device)(device))  # free memory is read only where it exists
     budget = _parse_bytes(memory) if memory else free_memory(device)
     shape = plan_shape(model)
     p = memory_plan(shape, torch_dtype, batch_size, positions, device)

@@ -89,6 +89,8 @@ def test_circuits_plan_prints_the_plan_and_the_batch_that_fits(capsys):
     assert want > largest_batch(plan_shape("llama-3-8b"), 80 * 10**9, torch.bfloat16, 24)  # on a CPU the host shares it
     code, _, err = run_in_process(capsys, "plan", "--memory", "lots")
     assert code == 2 and err.strip() == "error: --memory 'lots' is not a size: write e.g. 80GB or 512MB"
+    code, _, err = run_in_process(capsys, "plan", "--device", "tpu", "--memory", "80GB")
+    assert code == 2 and err.strip() == "error: unknown device 'tpu': use auto, cpu, cuda, cuda:N or mps"
 
 
 @pytest.mark.parametrize("args, message", [

@@ -122,11 +122,12 @@ def _save_converted(model, tokenizer, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def resolve_device(text: str = "auto") -> torch.device:
-    """``auto`` (a CUDA GPU, else Apple's MPS, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+def parse_device(text: str = "auto") -> torch.device:
+    """``auto`` (a CUDA GPU, else Apple's MPS, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``,
+    whether or not this machine has it (a plan for another machine).
 
     Raises:
-        UserError: an unknown name, or a device this machine does not have.
+        UserError: an unknown name.
     """
     from circuitfinder.errors import UserError
 
@@ -138,6 +139,18 @@ def resolve_device(text: str = "auto") -> torch.device:
         raise UserError(f"unknown device {text!r}: use auto, cpu, cuda, cuda:N or mps") from None
     if device.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"unknown device {text!r}: use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def resolve_device(text: str = "auto") -> torch.device:
+    """:func:`parse_device`, on a device this machine has.
+
+    Raises:
+        UserError: an unknown name, or a device this machine does not have.
+    """
+    from circuitfinder.errors import UserError
+
+    device = parse_device(text)
     if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
         raise UserError(f"device {text!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s); use --device cpu or auto")
     if device.type == "mps" and not torch.backends.mps.is_available():
