@@ -107,6 +107,7 @@ def discover(
     seed: int = typer.Option(0, "--seed", help="Seed for prompts and split."),
     dtype: str = typer.Option("auto", "--dtype", help="The model's dtype: auto (bfloat16 where this device computes it natively, with the circuit re-measured in float32; else float32), float32, bfloat16, float16 or float64. Scores and metrics are summed in float32/float64."),
     device: str = typer.Option("auto", "--device", help="auto (a GPU when there is one), cpu, cuda, cuda:N or mps."),
+    referee: bool = typer.Option(True, "--referee/--no-referee", help="A search in bfloat16/float16: float32 scores the seed, re-decides the removals within half precision's error of the threshold and measures the circuit, so the search finds float32's circuit (--no-referee: everything in half precision)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: outputs/TASK-MODEL-METHOD-TIME)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
 ) -> None:
@@ -119,7 +120,7 @@ def discover(
                             skip_bad_rows=skip_bad_rows, check_model=not skip_model_check, n_pairs=pairs, batch_size=batch_size, seed=seed,
                             seed_method=seed_method, seed_faithfulness=seed_faithfulness, tau=tau, acdc_metric=acdc_metric, floor=floor, minimize=minimize,
                             search_prompts=search_prompts, chain=chain, workers=workers, address=address,
-                            dtype=dtype, device=device)
+                            dtype=dtype, device=device, referee=referee)
     if match_published:
         config = config.matching_published()
     summary = run_config(config, out=out or default_out_dir(config), overwrite=overwrite, reporter=ConsoleReporter()).summary
@@ -129,7 +130,9 @@ def discover(
         f"{summary['edges_kept']:,}/{summary['edges_total']:,} edges, {summary['nodes_kept']} nodes; "
         f"faithfulness {summary['faithfulness']:.3f} (held-out, {summary['dtype']}"
         + (f"; {summary['search_dtype']['faithfulness']:.3f} in {summary['search_dtype']['dtype']}, where it was found"
-           if summary.get("search_dtype") else "")
+           if (summary.get("search_dtype") or {}).get("faithfulness") is not None else "")
+        + (f"; searched in {summary['search_dtype']['dtype']}, refereed in float32"
+           if (summary.get("search_dtype") or {}).get("refereed_by") else "")
         + ("" if summary["meets_target"] else f"; BELOW the target {summary['target_faithfulness']}") + f") -> {summary['out']}"
     )
 

@@ -155,7 +155,7 @@ def test_auto_in_bfloat16_reports_the_circuit_measured_in_float32(tiny_model_dir
     load_checked_model = run_module.load_checked_model
     monkeypatch.setattr(run_module, "load_checked_model", load_once)
     config = DiscoverConfig(task="ioi", model=str(tiny_model_dir), method="acdc-groups", seed_method="eap", edges=30,
-                            search_prompts=4, n_pairs=8, batch_size=8, force=True, roles=False)
+                            search_prompts=4, n_pairs=8, batch_size=8, force=True, roles=False, referee=False)
     run = run_config(config)
     summary = run.summary
     assert [dtype for _, dtype in loaded] == [torch.bfloat16, torch.float32]
@@ -171,3 +171,33 @@ def test_auto_in_bfloat16_reports_the_circuit_measured_in_float32(tiny_model_dir
     assert summary["faithfulness"] == pytest.approx(f32, abs=1e-9)
     assert summary["search_dtype"]["faithfulness"] == pytest.approx(bf16, abs=1e-9)
     assert abs(f32 - bf16) > 1e-6  # the two dtypes differ, so the test can tell which was reported
+
+
+@pytest.mark.parametrize("tau", [None, 0.5])
+def test_a_refereed_half_precision_search_finds_the_float32_circuit(tiny_model_dir, tau):
+    """With the float32 referee (the default), a bfloat16 search ends at the circuit of the same
+    search run in float32, edge for edge, with the same held-out faithfulness. At the default τ
+    (1 % of the empty circuit's distance) bfloat16's error on this tiny model is larger than τ, so
+    the search's passes run in float32; at τ = 0.5 they run in bfloat16 and the referee re-decides
+    the removals near the threshold, some against bfloat16's verdict. Without the referee,
+    bfloat16 ends at another circuit."""
+    from circuitfinder.runs.run import DiscoverConfig, run_config
+
+    base = dict(task="ioi", model=str(tiny_model_dir), method="acdc-groups", seed_method="eap", edges=80,
+                search_prompts=8, n_pairs=16, batch_size=8, force=True, roles=False, tau=tau)
+    f32 = run_config(DiscoverConfig(**base, dtype="float32"))
+    refereed = run_config(DiscoverConfig(**base, dtype="bfloat16"))
+    alone = run_config(DiscoverConfig(**base, dtype="bfloat16", referee=False))
+    referee = refereed.summary["search_dtype"]
+    print(f32.summary["edges_kept"], refereed.summary["edges_kept"], alone.summary["edges_kept"], referee, refereed.summary["search"]["referee"])
+    assert torch.equal(refereed.circuit.mask, f32.circuit.mask)
+    assert refereed.summary["faithfulness"] == f32.summary["faithfulness"]
+    assert refereed.summary["dtype"] == "float32"
+    assert referee["dtype"] == "bfloat16" and referee["refereed_by"] == "float32"
+    decisions = refereed.tables["decisions"]
+    assert decisions.metric_removed_float32.notna().sum() == referee["decided"]
+    if tau is None:
+        assert referee["passes_dtype"] == "float32" and referee["decided"] == 0
+    else:
+        assert referee["passes_dtype"] == "bfloat16" and referee["overruled"] >= 1
+    assert not torch.equal(alone.circuit.mask, f32.circuit.mask)

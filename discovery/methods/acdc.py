@@ -52,6 +52,15 @@ edges kept among the last ``GROUP_WINDOW`` decided, the largest power of two up 
 (Hwang's rule), so groups are long among the weak edges and single near the strong ones. Every
 accepted removal, single or grouped, grows the distance by less than τ, as in ACDC; grouping
 makes the rule stricter (a group's edges share one τ), never looser.
+
+A float32 referee (:class:`Referee`). A pass in bfloat16 is about twice as fast on hardware that
+computes it, but its metric and distance carry rounding noise, and a search is a long chain of
+threshold decisions: one removal decided the other way changes every later trial, and the circuit
+found. With a referee, the passes run in half precision and every decision whose margin (from τ,
+or from the floor) lies within :data:`REFEREE_MARGIN` times the half-precision error measured at
+the start is decided again from the same two circuits in float32, with float32's own τ and floor.
+Every other decision is one float32 would make too, so the search finds float32's circuit; the
+trials decided in float32 are kept in the state (and the run's ``decisions.csv``).
 """
 
 from __future__ import annotations
@@ -74,6 +83,7 @@ OVERHEAD = 1.0  # a pass's fixed cost, in layer-passes
 GROUP_WINDOW = 128  # decided candidates whose share kept sets the next group's size
 GROUP_PRIOR = 64  # the share kept starts at 1 in this many
 GROUP_MAX = 64
+REFEREE_MARGIN = 4  # a decision is re-decided in float32 when its margin is under this many half-precision errors
 
 
 def candidate_order(graph: EdgeGraph, start: Mask, scores: torch.Tensor) -> list[tuple[int, int]]:
@@ -98,7 +108,8 @@ class SearchState:
     decided: list[int] = field(default_factory=list)  # per candidate decided: 0 kept, 1 removed, 2 removed unevaluated
     guessed: list[int] = field(default_factory=list)  # per candidate decided: 1 guess right, 0 wrong, 2 no guess
     trials: list = field(default_factory=list)  # per candidate decided: [metric, distance] with it removed, before
-    # the decision's [metric, distance]; None for a dead receiver's edge (or a checkpoint that predates them)
+    # the decision's [metric, distance], and the same four in float32 when a referee decided it; None for a
+    # dead receiver's edge (or a checkpoint that predates them)
     rows: int = 0  # circuits evaluated
     wasted_rows: int = 0  # rows dropped after a wrong guess
     chains: int = 0  # stacked evaluations
@@ -170,6 +181,83 @@ def _dead(graph: EdgeGraph, circuit: Mask, receiver: int) -> bool:
     return bool(fed) and not bool(circuit[list(fed)].any())
 
 
+@dataclass(frozen=True)
+class AcdcRule:
+    """ACDC's acceptance: a removal stands when the distance grows by less than ``tau`` and, with
+    a ``floor``, the metric stays at or above it (each removal's growth is under τ, but their sum
+    is not bounded; the floor bounds it). ``tau=None`` is minimisation's rule: the floor alone."""
+
+    tau: float | None
+    floor: float | None = None
+
+    def __call__(self, new: tuple[float, float], current: tuple[float, float]) -> bool:
+        return ((self.tau is None or new[1] - current[1] < self.tau)
+                and (self.floor is None or new[0] >= self.floor))
+
+    def margin(self, new: tuple[float, float], current: tuple[float, float], error: tuple[float, float]) -> float:
+        """How far this decision is from going the other way, in units of the evaluations' ``error``:
+        the metric's (against the floor) and a change in distance's (against τ)."""
+        margins = []
+        if self.tau is not None:
+            margins.append(abs(self.tau - (new[1] - current[1])) / max(error[1], 1e-30))
+        if self.floor is not None:
+            margins.append(abs(new[0] - self.floor) / max(error[0], 1e-30))
+        return min(margins, default=math.inf)
+
+    def resolves(self, error: tuple[float, float], margin: float) -> bool:
+        """Whether evaluations with this ``error`` can settle removals under τ: ``margin`` errors in a
+        change of distance fall short of τ (else nearly every decision would need the referee)."""
+        return self.tau is None or margin * error[1] < self.tau
+
+
+@dataclass
+class Referee:
+    """Decides again, in float32, the removals a half-precision pass cannot settle (module docstring).
+
+    ``evaluate`` scores circuits on a float32 copy of the model (the same prompts); ``rule`` holds
+    float32's τ and floor; ``error`` is the largest difference between the half-precision and the
+    float32 evaluation of the same circuits, in the metric and in a removal's change of distance,
+    measured before the search.
+    """
+
+    evaluate: Evaluate
+    rule: AcdcRule
+    error: tuple[float, float]
+    margin: float = REFEREE_MARGIN
+    _current: tuple[bytes, tuple[float, float]] | None = None  # float32's score of the current circuit
+
+    def near(self, new: tuple[float, float], current: tuple[float, float]) -> bool:
+        return self.rule.margin(new, current, self.error) < self.margin
+
+    def scores(self, trial: Mask, circuit: Mask) -> tuple[tuple[float, float], tuple[float, float]]:
+        """Float32's (metric, distance) of ``trial`` and of the current ``circuit`` (kept until it
+        changes; a trial whose removal stands is the next current circuit)."""
+        key = circuit.numpy().tobytes()
+        if self._current is None or self._current[0] != key:
+            scored = self.evaluate(circuit.unsqueeze(0))
+            self._current = (key, (float(scored.metric[0]), float(scored.distance[0])))
+        current = self._current[1]
+        scored = self.evaluate(trial.unsqueeze(0))
+        new = (float(scored.metric[0]), float(scored.distance[0]))
+        if self.rule(new, current):
+            self._current = (trial.numpy().tobytes(), new)
+        return new, current
+
+
+def _decider(accept: Callable[[tuple[float, float], tuple[float, float]], bool], referee: Referee | None,
+             state: SearchState) -> Callable[[Mask, tuple[float, float]], tuple[bool, list]]:
+    """``decide(trial, new)`` → (whether removing down to ``trial``, scored ``new``, stands; the
+    trial's record): ``accept`` on the pass's scores, or the referee's float32 verdict when near."""
+    def decide(trial: Mask, new: tuple[float, float]) -> tuple[bool, list]:
+        record = [*new, *state.current]
+        if referee is None or not referee.near(new, state.current):
+            return accept(new, state.current), record
+        new32, current32 = referee.scores(trial, state.circuit)
+        return referee.rule(new32, current32), record + [*new32, *current32]
+
+    return decide
+
+
 def iterative_removal(
     graph: EdgeGraph,
     candidates: list[tuple[int, int]],
@@ -179,13 +267,16 @@ def iterative_removal(
     guess: Callable[[int], bool],
     chain: int = 8,
     on_chain: Callable[[SearchState], None] | None = None,
+    referee: Referee | None = None,
 ) -> SearchState:
     """Decide every candidate from ``state.position`` on, in order, by exact evaluation.
 
     ``accept(new, current)`` (each ``(metric, distance)``) says whether a removal stands.
     ``chain`` is the longest chain (:func:`chain_length` picks each one's length).
     ``on_chain`` is called after each chain (for checkpoints and progress).
+    ``referee`` decides again in float32 the removals near the threshold (:class:`Referee`).
     """
+    decide = _decider(accept, referee, state)
     while state.position < len(candidates):
         rows, spec, plan = [], state.circuit.clone(), []  # plan: (candidate, row or None if dead, guess)
         i = state.position
@@ -216,8 +307,8 @@ def iterative_removal(
                 continue
             used = j + 1
             new = (float(scored.metric[j]), float(scored.distance[j]))
-            removed = accept(new, state.current)
-            state.trials.append([*new, *state.current])
+            removed, record = decide(rows[j], new)
+            state.trials.append(record)
             if removed:
                 state.circuit[s, r] = False
                 state.current = new
@@ -249,6 +340,7 @@ def group_removal(
     accept: Callable[[tuple[float, float], tuple[float, float]], bool],
     on_chain: Callable[[SearchState], None] | None = None,
     largest: int = GROUP_MAX,
+    referee: Referee | None = None,
 ) -> SearchState:
     """Decide every candidate from ``state.position`` on by group tests (module docstring).
 
@@ -257,7 +349,9 @@ def group_removal(
     the tests of several edges whose removal did not stand (they only split the group). When a
     failed group's first half stands, the second half's trial is the whole group's circuit (up to
     edges of dead receivers, which change nothing): its verdict comes without a pass.
+    ``referee`` decides again in float32 the removals near the threshold (:class:`Referee`).
     """
+    decide = _decider(accept, referee, state)
     while state.position < len(candidates):
         block = range(state.position, min(len(candidates), state.position + group_size(state, largest)))
         decided: dict[int, tuple[int, list | None]] = {}
@@ -282,10 +376,9 @@ def group_removal(
                 scored = evaluate(trial.unsqueeze(0))
                 known[key] = (float(scored.metric[0]), float(scored.distance[0]))
                 state.rows += 1
-            new = known[key]
-            record = [*new, *state.current]
-            if accept(new, state.current):
-                state.circuit, state.current = trial, new
+            removed, record = decide(trial, known[key])
+            if removed:
+                state.circuit, state.current = trial, known[key]
                 decided.update((i, (1, record)) for i in live)
             elif len(live) == 1:
                 decided[live[0]] = (0, record)
@@ -330,7 +423,7 @@ def removal_order(graph: EdgeGraph, start: Mask, scores: torch.Tensor) -> list[t
 
 
 def _search(graph: EdgeGraph, evaluate: Evaluate, scores: torch.Tensor, start: Mask, order, accept, chain: int,
-            state: SearchState | None, on_chain, grouped: bool = False) -> SearchResult:
+            state: SearchState | None, on_chain, grouped: bool = False, referee: Referee | None = None) -> SearchResult:
     """Prune ``start``, order its edges, score it once (unless resuming) and decide every edge,
     one at a time in speculative chains or (``grouped``) by group tests."""
     start = prune(graph, start)
@@ -339,45 +432,43 @@ def _search(graph: EdgeGraph, evaluate: Evaluate, scores: torch.Tensor, start: M
         first = evaluate(start.unsqueeze(0))
         state = SearchState(start.clone(), (float(first.metric[0]), float(first.distance[0])), rows=1, chains=1)
     if grouped:
-        state = group_removal(graph, candidates, state, evaluate, accept, on_chain)
+        state = group_removal(graph, candidates, state, evaluate, accept, on_chain, referee=referee)
     else:
-        state = iterative_removal(graph, candidates, state, evaluate, accept, _guesser(candidates, scores, state), chain, on_chain)
+        state = iterative_removal(graph, candidates, state, evaluate, accept, _guesser(candidates, scores, state), chain,
+                                  on_chain, referee)
     return SearchResult(prune(graph, state.circuit), state, candidates)
-
-
-def acdc_rule(tau: float, floor: float | None = None):
-    """ACDC's acceptance: a removal stands when the distance grows by less than ``tau`` and, with
-    a ``floor``, the metric stays at or above it (each removal's growth is under τ, but their sum
-    is not bounded; the floor bounds it)."""
-    return lambda new, cur: new[1] - cur[1] < tau and (floor is None or new[0] >= floor)
 
 
 def acdc(graph: EdgeGraph, evaluate: Evaluate, scores: torch.Tensor, start: Mask, tau: float, chain: int = 8,
          state: SearchState | None = None, on_chain: Callable[[SearchState], None] | None = None,
-         floor: float | None = None) -> SearchResult:
+         floor: float | None = None, referee: Referee | None = None) -> SearchResult:
     """ACDC over the edges of ``start`` (see the module docstring).
 
     A removal stands when the distance from the clean run grows by less than ``tau`` (and the
-    metric stays ≥ ``floor`` when one is given: :func:`acdc_rule`).
+    metric stays ≥ ``floor`` when one is given: :class:`AcdcRule`).
     ``state`` resumes an interrupted search (from :meth:`SearchState.from_json`).
+    ``referee`` decides again in float32 the removals near the threshold (:class:`Referee`).
     """
-    return _search(graph, evaluate, scores, start, candidate_order, acdc_rule(tau, floor), chain, state, on_chain)
+    return _search(graph, evaluate, scores, start, candidate_order, AcdcRule(tau, floor), chain, state, on_chain,
+                   referee=referee)
 
 
 def acdc_groups(graph: EdgeGraph, evaluate: Evaluate, scores: torch.Tensor, start: Mask, tau: float,
                 state: SearchState | None = None, on_chain: Callable[[SearchState], None] | None = None,
-                floor: float | None = None) -> SearchResult:
-    """ACDC's rule (:func:`acdc_rule`) on groups of edges, weakest |score| first over the whole
+                floor: float | None = None, referee: Referee | None = None) -> SearchResult:
+    """ACDC's rule (:class:`AcdcRule`) on groups of edges, weakest |score| first over the whole
     seed, bisected when a group's removal does not stand (see the module docstring)."""
-    return _search(graph, evaluate, scores, start, removal_order, acdc_rule(tau, floor), 0, state, on_chain, grouped=True)
+    return _search(graph, evaluate, scores, start, removal_order, AcdcRule(tau, floor), 0, state, on_chain,
+                   grouped=True, referee=referee)
 
 
 def minimize(graph: EdgeGraph, evaluate: Evaluate, scores: torch.Tensor, start: Mask, floor: float, chain: int = 8,
-             state: SearchState | None = None, on_chain: Callable[[SearchState], None] | None = None) -> SearchResult:
+             state: SearchState | None = None, on_chain: Callable[[SearchState], None] | None = None,
+             referee: Referee | None = None) -> SearchResult:
     """Remove edges of ``start`` (weakest |score| first overall) while the metric stays ≥ ``floor``.
 
     With ``floor`` = m(∅) + target · (m(full) − m(∅)) this keeps faithfulness ≥ target on the
     evaluated prompts: the pruning step of a minimal faithful circuit.
     """
-    return _search(graph, evaluate, scores, start, removal_order, lambda new, cur: new[0] >= floor,
-                   chain, state, on_chain)
+    return _search(graph, evaluate, scores, start, removal_order, AcdcRule(None, floor), chain, state, on_chain,
+                   referee=referee)

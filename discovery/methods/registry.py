@@ -59,6 +59,9 @@ class Problem:
     ``settings`` is the run's configuration (``circuitfinder.runs.run.DiscoverConfig``): every
     option by name (``edges``, ``threshold``, ``target_faithfulness``, ``ig_steps``, ``tau``, ...).
     ``checkpoints`` is the folder under which a search keeps its ``.checkpoints``.
+    ``search_dtype``: a half precision for the search's passes, on a copy of the model loaded for
+    them, with ``adapter`` (float32) scoring the seed and refereeing the search
+    (``circuitfinder.methods.search``); None: everything runs on ``adapter``.
     """
 
     adapter: ModelAdapter
@@ -68,6 +71,7 @@ class Problem:
     ablation: Ablation
     reporter: Reporter = dataclasses.field(default_factory=Reporter)
     checkpoints: Path = Path("outputs")
+    search_dtype: torch.dtype | None = None
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,18 @@ Given attribution scores and a start circuit, this builds the scorer pool (in pr
 runs :func:`circuitfinder.methods.acdc.acdc` or :func:`circuitfinder.methods.acdc.minimize` with a checkpoint saved after
 every chain, and measures each kept edge's necessity: the change in metric and distance when it
 alone is removed from the final circuit (on the same prompts as the search).
+
+A half-precision search (``Problem.search_dtype``) runs its passes on a bfloat16 (or float16)
+copy of the model, loaded for it beside the run's float32 model, which referees it
+(:class:`circuitfinder.methods.acdc.Referee`): τ and the floor come from float32's empty and full
+circuits, the half-precision error is measured on the seed and on five circuits along its removal
+order, and every decision within :data:`~circuitfinder.methods.acdc.REFEREE_MARGIN` errors of the
+threshold is made again in float32.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -20,7 +28,9 @@ from circuitfinder.checkpoint import Checkpoint
 from circuitfinder.engine.checks import load_checked_model
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.masks import Mask, prune
-from circuitfinder.methods.acdc import GROUP_MAX, SearchResult, SearchState, acdc, acdc_groups, candidate_order, minimize, removal_order
+from circuitfinder.engine.precision import dtype_name
+from circuitfinder.methods.acdc import (GROUP_MAX, AcdcRule, Referee, SearchResult, SearchState, acdc, acdc_groups,
+                                       candidate_order, minimize, removal_order)
 from circuitfinder.methods.pool import EvaluatorSpec, InProcessPool, RayPool
 
 if TYPE_CHECKING:
@@ -28,6 +38,7 @@ if TYPE_CHECKING:
 
 MAX_ROWS = 256  # sequences per forward pass in the search, once the batch is repeated per circuit
 REUSE = 2  # passes kept per batch: a trial runs only the blocks from where it differs from one of them
+CALIBRATION = (0.5, 0.8, 0.9, 0.95, 0.98)  # shares of the removal order taken out of the seed to measure half precision's error
 
 
 @dataclass(frozen=True)
@@ -62,16 +73,21 @@ def run_search(problem: "Problem", criterion: str, scores: torch.Tensor, start: 
     started = time.perf_counter()
     batches = tuple(b.to("cpu") for b in task.batches("discovery", config.batch_size, limit=config.search_prompts))
     distance = "task" if criterion == "minimize" else config.acdc_metric
-    spec = EvaluatorSpec(partial(load_checked_model, config.model, check=False, dtype=adapter.dtype, device=config.device), task, config.batch_size, config.search_prompts, distance, MAX_ROWS,
-                         REUSE)
+    passes_model = adapter
+    if problem.search_dtype is not None:  # the passes on a half-precision copy, refereed by the run's float32 model
+        passes_model = load_checked_model(config.model, reporter.log, check=config.check_model,
+                                          dtype=problem.search_dtype, device=adapter.device)
+    spec = EvaluatorSpec(partial(load_checked_model, config.model, check=False, dtype=passes_model.dtype, device=config.device),
+                         task, config.batch_size, config.search_prompts, distance, MAX_ROWS, REUSE)
     chunk = max(1, MAX_ROWS // max(b.size for b in batches))
     n_prompts = sum(b.size for b in batches)
     if config.workers:
         reporter.log(f"starting {config.workers} Ray worker(s)" + (f" on {config.address}" if config.address else ""))
-    pool = _pool(config, adapter, spec, chunk)
+    pool = _pool(config, passes_model, spec, chunk)
     ray_seconds = time.perf_counter() - started if config.workers else None
+    float32 = InProcessPool(spec.build(adapter), chunk) if passes_model is not adapter else None
     try:
-        ends = pool(torch.stack([graph.allowed & False, graph.allowed.clone()]))
+        ends = (float32 or pool)(torch.stack([graph.allowed & False, graph.allowed.clone()]))
         empty, full = (float(ends.metric[0]), float(ends.distance[0])), (float(ends.metric[1]), float(ends.distance[1]))
         start = prune(graph, start)
         floor = empty[0] + config.target_faithfulness * (full[0] - empty[0])
@@ -90,6 +106,26 @@ def run_search(problem: "Problem", criterion: str, scores: torch.Tensor, start: 
             rule = {"rule": "minimize", "target_faithfulness": config.target_faithfulness, "metric_floor": floor}
             candidates = removal_order(graph, start, scores)
             label = f"minimising (faithfulness ≥ {config.target_faithfulness} on {n_prompts} prompts)"
+        referee = None
+        if float32 is not None:
+            referee = _referee(pool, float32, start, candidates,
+                               AcdcRule(None if criterion == "minimize" else tau, floor))
+            half = dtype_name(passes_model.dtype)
+            rule["referee"] = {"dtype": "float32", "passes_dtype": half, "error_metric": referee.error[0],
+                               "error_distance_change": referee.error[1], "margin": referee.margin}
+            reporter.log(f"{half} against float32 on {2 * len(CALIBRATION) + 2} circuits: the metric differs by up to "
+                         f"{referee.error[0]:.2g}, a removal's change of distance by up to {referee.error[1]:.2g}")
+            if not referee.rule.resolves(referee.error, referee.margin):  # the referee would decide nearly everything
+                reporter.log(f"{half} cannot settle removals under τ = {tau:.3g} ({referee.margin:g} × "
+                             f"{referee.error[1]:.2g} ≥ τ): the search's passes run in float32")
+                rule["referee"]["passes_dtype"] = "float32"
+                pool.close()
+                del passes_model
+                spec = dataclasses.replace(spec, load=partial(load_checked_model, config.model, check=False,
+                                                              dtype=adapter.dtype, device=config.device))
+                pool, float32, referee = (float32 if not config.workers else _pool(config, adapter, spec, chunk)), None, None
+            else:
+                reporter.log(f"decisions within {referee.margin:g} errors of the threshold are made again in float32")
         saved = checkpoint.load_json("search")
         try:
             state = SearchState.from_json(saved, start, candidates) if saved else None
@@ -110,7 +146,8 @@ def run_search(problem: "Problem", criterion: str, scores: torch.Tensor, start: 
 
             def on_chain(st: SearchState) -> None:
                 checkpoint.save_json("search", st.to_json() | {
-                    "forward_passes": passes_before + pool.forward_passes, "sittings": sittings,
+                    "forward_passes": passes_before + pool.forward_passes
+                    + (float32.forward_passes if float32 is not None else 0), "sittings": sittings,
                     "seconds": seconds_before + time.perf_counter() - started})
                 advance(st.position - done[0])
                 done[0] = st.position
@@ -121,12 +158,18 @@ def run_search(problem: "Problem", criterion: str, scores: torch.Tensor, start: 
                                  f"{st.rows:,} circuits evaluated ({st.wasted_rows:,} on wrong guesses)")
 
             if criterion == "acdc":
-                result = acdc(graph, pool, scores, start, tau, config.chain, state, on_chain, floor)
+                result = acdc(graph, pool, scores, start, tau, config.chain, state, on_chain, floor, referee)
             elif criterion == "acdc-groups":
-                result = acdc_groups(graph, pool, scores, start, tau, state, on_chain, floor)
+                result = acdc_groups(graph, pool, scores, start, tau, state, on_chain, floor, referee)
             else:
-                result = minimize(graph, pool, scores, start, floor, config.chain, state, on_chain)
+                result = minimize(graph, pool, scores, start, floor, config.chain, state, on_chain, referee)
         circuit = result.circuit
+        if "referee" in rule:
+            rule["referee"] |= refereed(result.state, AcdcRule(None if criterion == "minimize" else tau, floor))
+        if referee is not None:
+            reporter.log(f"float32 referee: {rule['referee']['decided']:,} of {result.evaluated:,} candidates decided "
+                         f"in float32, {rule['referee']['overruled']:,} of them against the "
+                         f"{rule['referee']['passes_dtype']} verdict")
         # latest receivers first: a pass's circuits then differ only from a late layer on, and share the rest
         kept = sorted(torch.nonzero(circuit).tolist(), key=lambda e: (-e[1], e[0]))
         with reporter.progress(f"necessity of {len(kept)} kept edges", len(kept)) as advance:
@@ -144,10 +187,42 @@ def run_search(problem: "Problem", criterion: str, scores: torch.Tensor, start: 
                 advance(len(trials))
         rule |= {"metric_empty": empty[0], "metric_full": full[0], "metric_circuit": float(base.metric[0]),
                  "distance_circuit": float(base.distance[0]), "prompts": n_prompts}
-        return SearchOutcome(circuit, result, rule, necessity, passes_before + pool.forward_passes,
+        passes_now = pool.forward_passes + (float32.forward_passes if float32 is not None else 0)
+        return SearchOutcome(circuit, result, rule, necessity, passes_before + passes_now,
                              seconds_before + time.perf_counter() - started, ray_seconds, sittings)
     finally:
         pool.close()
+
+
+def _referee(pool, float32: InProcessPool, start: Mask, candidates: list[tuple[int, int]], rule: AcdcRule) -> Referee:
+    """A float32 referee for ``pool``'s half-precision passes. Their error is measured on the seed
+    and on the seed less the first :data:`CALIBRATION` shares of its removal order, each alone and
+    less its next 8 candidates (a removal like the search's): the largest metric difference, and
+    the largest difference in the change of distance that removal makes."""
+    circuits = []
+    for share in (0.0, *CALIBRATION):
+        k = int(share * len(candidates))
+        trial = start.clone()
+        for s, r in candidates[:k]:
+            trial[s, r] = False
+        circuits.append(trial.clone())
+        for s, r in candidates[k : k + 8]:
+            trial[s, r] = False
+        circuits.append(trial)
+    stack = torch.stack(circuits)
+    half, exact = pool(stack), float32(stack)
+    metric = (half.metric.double() - exact.metric.double()).abs().max()
+    distance = half.distance.double() - exact.distance.double()
+    change = (distance[1::2] - distance[0::2]).abs().max()
+    return Referee(float32, rule, (float(metric), float(change)))
+
+
+def refereed(state: SearchState, rule: AcdcRule) -> dict:
+    """How many candidates the referee decided (their trials carry float32's scores), and how many
+    of those against the half-precision passes' own verdict."""
+    trials = [t for t in state.trials if t and len(t) == 8]
+    overruled = sum(rule(t[:2], t[2:4]) != rule(t[4:6], t[6:8]) for t in trials)
+    return {"decided": len(trials), "overruled": overruled}
 
 
 DECISION = {0: "kept", 1: "removed", 2: "dead receiver"}
@@ -159,9 +234,15 @@ def decisions_table(graph: EdgeGraph, outcome: SearchOutcome, scores: torch.Tens
     state = outcome.result.state
     rows = []
     for step, ((s, r), decided, trial) in enumerate(zip(outcome.result.order, state.decided, state.trials), 1):
-        after_m, after_d, before_m, before_d = trial if trial else (None,) * 4
+        trial = list(trial or []) + [None] * (8 - len(trial or []))
+        after_m, after_d, before_m, before_d, *float32 = trial
         rows.append({"step": step, "edge": graph.edge_name(s, r), "score": float(scores[s, r]),
                      "decision": DECISION[decided], "metric_before": before_m, "metric_removed": after_m,
-                     "distance_before": before_d, "distance_removed": after_d})
+                     "distance_before": before_d, "distance_removed": after_d,
+                     **dict(zip(FLOAT32_COLUMNS, float32))})
     return pd.DataFrame(rows, columns=["step", "edge", "score", "decision", "metric_before", "metric_removed",
-                                       "distance_before", "distance_removed"])
+                                       "distance_before", "distance_removed", *FLOAT32_COLUMNS])
+
+
+# a refereed decision's trial in float32 (empty where the half-precision pass decided alone)
+FLOAT32_COLUMNS = ("metric_removed_float32", "distance_removed_float32", "metric_before_float32", "distance_before_float32")

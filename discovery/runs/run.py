@@ -75,6 +75,7 @@ class DiscoverConfig:
     batch_size: int = 16
     seed: int = 0
     dtype: str = "auto"  # the model's dtype: auto (bfloat16 where the hardware computes it, the circuit re-measured in float32), float32, bfloat16, float16 or float64
+    referee: bool = True  # a search in half precision: float32 scores the seed, re-decides removals within half precision's error of the threshold, and measures the circuit
     device: str = "auto"  # auto (a GPU when there is one), cpu, cuda, cuda:N or mps
 
     def __post_init__(self) -> None:
@@ -152,22 +153,48 @@ class DiscoverConfig:
         return dataclasses.replace(self, bos="always", ig_rule=rule)
 
 
-def check_memory(adapter: ModelAdapter, task: Task, batch_size: int, reporter: Reporter) -> None:
+def check_memory(adapter: ModelAdapter, task: Task, batch_size: int, reporter: Reporter,
+                 copy: torch.dtype | None = None) -> None:
     """Say the run's memory plan (``circuitfinder.engine.plan``) before the heavy work, and refuse
-    a batch that cannot fit the device's free memory, naming the largest that does."""
-    from circuitfinder.engine.plan import format_bytes, free_memory, largest_batch, memory_plan, shape_from_config
+    a batch that cannot fit the device's free memory, naming the largest that does. ``copy``: the
+    dtype of a second copy of the weights the run loads (a refereed search's passes)."""
+    from circuitfinder.engine.plan import BYTES, format_bytes, free_memory, largest_batch, memory_plan, shape_from_config
 
     shape = shape_from_config(adapter.name, adapter.hf_config)
     positions = int(task.lengths.max())
     plan = memory_plan(shape, adapter.dtype, batch_size, positions, adapter.device)
+    copied = shape.n_params * BYTES[copy] if copy is not None else 0
+    need = plan.working + copied
     free = free_memory(adapter.device)
-    reporter.log(f"memory plan: {format_bytes(plan.working)} for batches of {batch_size} × {positions} positions, "
-                 f"beyond the loaded model; {format_bytes(free)} free on {adapter.device}")
-    if plan.working > free:
-        fits = largest_batch(shape, free + plan.loaded + plan.terms["libraries"], adapter.dtype, positions,
+    reporter.log(f"memory plan: {format_bytes(need)} for batches of {batch_size} × {positions} positions, "
+                 f"beyond the loaded model" + (f" (of it {format_bytes(copied)} for the search's "
+                                               f"{dtype_name(copy)} copy)" if copied else "")
+                 + f"; {format_bytes(free)} free on {adapter.device}")
+    if need > free:
+        fits = largest_batch(shape, free - copied + plan.loaded + plan.terms["libraries"], adapter.dtype, positions,
                              device=adapter.device)
-        raise UserError(f"batches of {batch_size} need {format_bytes(plan.working)} and {adapter.device} has "
+        raise UserError(f"batches of {batch_size} need {format_bytes(need)} and {adapter.device} has "
                         f"{format_bytes(free)} free: pass `batch_size={max(fits, 1)}`" + ("" if fits else " (even one may not fit)"))
+
+
+def referee_fits(config: DiscoverConfig, half: torch.dtype, device: torch.device,
+                 reporter: Reporter) -> tuple[torch.dtype | None, torch.dtype]:
+    """``(the search passes' dtype, the model's)`` for a half-precision search: ``(half, float32)``
+    when the memory plan of the float32 model and a half-precision copy fits the device (a shape
+    that cannot be read without loading is taken to fit), else ``(None, half)``: no referee."""
+    from circuitfinder.engine.plan import BYTES, format_bytes, free_memory, memory_plan, plan_shape
+
+    try:
+        shape = plan_shape(config.model)
+    except Exception:  # noqa: BLE001 -- a shape the plan cannot read leaves the check to the load
+        return half, torch.float32
+    need = memory_plan(shape, torch.float32, config.batch_size, 32, device).total + shape.n_params * BYTES[half]
+    free = free_memory(device)
+    if need <= free:
+        return half, torch.float32
+    reporter.log(f"no float32 referee: the float32 model and a {dtype_name(half)} copy need {format_bytes(need)}, "
+                 f"{device} has {format_bytes(free)} free; the search runs in {dtype_name(half)} alone")
+    return None, half
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -253,13 +280,21 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
     torch.manual_seed(config.seed)
 
     verify_in_float32 = False  # auto chose half precision: the circuit found is re-measured in float32
+    search_dtype = None  # a refereed search's passes: half precision, with the run's model in float32
     if adapter is None:
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device, config.model)
+        if dtype in HALF and config.referee and METHODS[config.method].seeded:
+            search_dtype, dtype = referee_fits(config, dtype, device, reporter)
         verify_in_float32 = config.dtype == "auto" and dtype in HALF
-        reporter.log(f"loading {config.model} ({dtype_name(dtype)} on {device}"
-                     + (", chosen by auto: this device computes it natively; the circuit is re-measured in float32)"
-                        if verify_in_float32 else ")"))
+        chosen = ", chosen by auto: this device computes it natively" if config.dtype == "auto" and (
+            dtype in HALF or search_dtype is not None) else ""
+        if search_dtype is not None:
+            reporter.log(f"loading {config.model} (float32 on {device}; the search's passes in "
+                         f"{dtype_name(search_dtype)}{chosen}, refereed in float32)")
+        else:
+            reporter.log(f"loading {config.model} ({dtype_name(dtype)} on {device}"
+                         + (f"{chosen}; the circuit is re-measured in float32)" if verify_in_float32 else ")"))
         adapter = load_checked_model(config.model, reporter.log, check=config.check_model, dtype=dtype, device=device)
     task = task if task is not None else build_run_task(config, adapter.tokenizer)
     for note in task.notes:
@@ -274,7 +309,7 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
         f"{adapter.shape.n_kv_groups} key/value groups: {graph.n_edges:,} edges"
     )
     reporter.log(f"task {task.name}: {len(task)} prompt pairs ({n_disc} discovery, {n_held} held-out), metric {task.metric_name}")
-    check_memory(adapter, task, config.batch_size, reporter)
+    check_memory(adapter, task, config.batch_size, reporter, search_dtype)
 
     def held_out(model: ModelAdapter) -> tuple:
         """The run's ablation on ``model`` and its evaluator on the held-out prompts."""
@@ -291,8 +326,10 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
         refusal = name and METHODS[name].refusal(name, config.ablation, adapter.shape.post_norm)
         if refusal:
             raise UserError(f"{adapter.name}: {refusal}")
-    settings = dataclasses.replace(config, dtype=dtype_name(adapter.dtype))  # checkpoints are keyed by the dtype run, not "auto"
-    problem = Problem(adapter, graph, task, settings, ablation, reporter, out.parent if out is not None else Path("outputs"))
+    # checkpoints are keyed by the dtype of the passes, not "auto"
+    settings = dataclasses.replace(config, dtype=dtype_name(search_dtype or adapter.dtype), referee=search_dtype is not None)
+    problem = Problem(adapter, graph, task, settings, ablation, reporter, out.parent if out is not None else Path("outputs"),
+                      search_dtype)
     found = method.find(problem)
     scores, chosen, circuit, search, outcome = found.scores, found.selected, found.circuit, found.size_search, found.search
     attribution_passes = found.forward_passes
@@ -310,7 +347,9 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
         f"circuit: {edges_kept:,} of {graph.n_edges:,} edges ({edges_kept / graph.n_edges:.2%}), {nodes_kept} nodes; "
         f"faithfulness {faithfulness:.3f} (held-out, exact, {dtype_name(adapter.dtype)})"
     )
-    search_dtype = None
+    if search_dtype is not None:  # a refereed search: the dtype of its passes, and what its referee decided
+        search_dtype = {"dtype": dtype_name(search_dtype), "refereed_by": "float32",
+                        **{k: outcome.rule["referee"][k] for k in ("passes_dtype", "decided", "overruled")}}
     if verify_in_float32:  # what is reported is the circuit in float32, on a float32 copy of the model
         search_dtype = {"dtype": dtype_name(adapter.dtype), "faithfulness": faithfulness}
         del problem, ablation, heldout, adapter  # the half-precision model goes before the float32 one loads
