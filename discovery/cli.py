@@ -105,7 +105,7 @@ def discover(
     pairs: int = typer.Option(128, "--pairs", help="Prompt pairs (half discovery, half held-out)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Prompts per forward pass."),
     seed: int = typer.Option(0, "--seed", help="Seed for prompts and split."),
-    dtype: str = typer.Option("auto", "--dtype", help="The model's dtype: auto (bfloat16 where this device computes it natively, with the circuit re-measured in float32; else float32), float32, bfloat16, float16 or float64. Scores and metrics are summed in float32/float64."),
+    dtype: str = typer.Option("auto", "--dtype", help="The model's dtype: auto (float32 for a search; for attribution alone, bfloat16 where this device computes it natively, with the circuit re-measured in float32), float32, bfloat16, float16 or float64. Scores and metrics are summed in float32/float64."),
     device: str = typer.Option("auto", "--device", help="auto (a GPU when there is one), cpu, cuda, cuda:N or mps."),
     referee: bool = typer.Option(True, "--referee/--no-referee", help="A search in bfloat16/float16: float32 scores the seed, re-decides the removals within half precision's error of the threshold and measures the circuit, so the search finds float32's circuit (--no-referee: everything in half precision)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: outputs/TASK-MODEL-METHOD-TIME)."),
@@ -131,10 +131,19 @@ def discover(
         f"faithfulness {summary['faithfulness']:.3f} (held-out, {summary['dtype']}"
         + (f"; {summary['search_dtype']['faithfulness']:.3f} in {summary['search_dtype']['dtype']}, where it was found"
            if (summary.get("search_dtype") or {}).get("faithfulness") is not None else "")
-        + (f"; searched in {summary['search_dtype']['dtype']}, refereed in float32"
-           if (summary.get("search_dtype") or {}).get("refereed_by") else "")
+        + _refereed(summary.get("search_dtype") or {})
         + ("" if summary["meets_target"] else f"; BELOW the target {summary['target_faithfulness']}") + f") -> {summary['out']}"
     )
+
+
+def _refereed(search_dtype: dict) -> str:
+    """What the summary line says of a half-precision search refereed in float32."""
+    if not search_dtype.get("refereed_by"):
+        return ""
+    if search_dtype["passes_dtype"] == "float32":
+        return f"; searched in float32: {search_dtype['dtype']} could not settle its removals"
+    return (f"; searched in {search_dtype['dtype']}, {search_dtype['decided']:,} removals decided again in float32, "
+            f"{search_dtype['overruled']:,} of them overruled")
 
 
 def _names(text: str) -> list[str]:
@@ -274,8 +283,8 @@ def plan(
     device: str = typer.Option("cpu", "--device", help="cpu (the tokenizer and the libraries share its memory), cuda, cuda:N or mps (they stay in host memory), or auto."),
 ) -> None:
     """Print a run's memory plan (weights, sender buffers, activations, scores) without loading weights."""
-    from circuitfinder.engine.plan import format_bytes, free_memory, largest_batch, memory_plan, plan_shape
-    from circuitfinder.engine.precision import dtype_name, parse_dtype
+    from circuitfinder.engine.plan import format_bytes, free_memory, largest_batch, memory_plan, plan_shape, refereed_total
+    from circuitfinder.engine.precision import HALF, dtype_name, parse_dtype
 
     torch_dtype = parse_dtype(dtype)
     if batch_size < 1 or positions < 1:
@@ -297,6 +306,11 @@ def plan(
     fits = largest_batch(shape, budget, torch_dtype, positions, device=device)
     where = f"{memory}" if memory else f"the free {format_bytes(budget)} of {device}"
     print(f"largest batch that fits {where}: {fits}" if fits else f"does not fit {where}, not even one prompt per batch")
+    if torch_dtype in HALF:
+        refereed = refereed_total(shape, torch_dtype, batch_size, positions, device)
+        print(f"a search in {dtype_name(torch_dtype)} refereed in float32 (the default; `--no-referee` runs it in "
+              f"{dtype_name(torch_dtype)} alone): the float32 model's plan and this copy of the weights, "
+              f"{format_bytes(refereed)}" + ("" if refereed <= budget else f", more than {where}"))
 
 
 @app.command()

@@ -87,6 +87,11 @@ def test_circuits_plan_prints_the_plan_and_the_batch_that_fits(capsys):
     want = largest_batch(plan_shape("llama-3-8b"), 80 * 10**9, torch.bfloat16, 24, device="cuda")
     assert f"largest batch that fits 80GB: {want}" in out and want > 0
     assert want > largest_batch(plan_shape("llama-3-8b"), 80 * 10**9, torch.bfloat16, 24)  # on a CPU the host shares it
+    # a refereed search holds the float32 model (its own plan) and the bfloat16 copy of the weights
+    f32 = memory_plan(plan_shape("llama-3-8b"), torch.float32, 16, 24, "cuda").total
+    assert f32 + 2 * 8_030_261_248 > 80 * 10**9  # 87.2 GB: batches of 16 leave no room for the referee
+    assert f"refereed in float32 (the default; `--no-referee` runs it in bfloat16 alone): the float32 model's plan " \
+           f"and this copy of the weights, {(f32 + 2 * 8_030_261_248) / 1e9:,.1f} GB, more than 80GB" in out
     code, _, err = run_in_process(capsys, "plan", "--memory", "lots")
     assert code == 2 and err.strip() == "error: --memory 'lots' is not a size: write e.g. 80GB or 512MB"
     code, _, err = run_in_process(capsys, "plan", "--device", "tpu", "--memory", "80GB")

@@ -154,8 +154,8 @@ def test_auto_in_bfloat16_reports_the_circuit_measured_in_float32(tiny_model_dir
 
     load_checked_model = run_module.load_checked_model
     monkeypatch.setattr(run_module, "load_checked_model", load_once)
-    config = DiscoverConfig(task="ioi", model=str(tiny_model_dir), method="acdc-groups", seed_method="eap", edges=30,
-                            search_prompts=4, n_pairs=8, batch_size=8, force=True, roles=False, referee=False)
+    config = DiscoverConfig(task="ioi", model=str(tiny_model_dir), method="eap", edges=30, n_pairs=8, batch_size=8,
+                            force=True, roles=False, curve=False)
     run = run_config(config)
     summary = run.summary
     assert [dtype for _, dtype in loaded] == [torch.bfloat16, torch.float32]
@@ -171,6 +171,19 @@ def test_auto_in_bfloat16_reports_the_circuit_measured_in_float32(tiny_model_dir
     assert summary["faithfulness"] == pytest.approx(f32, abs=1e-9)
     assert summary["search_dtype"]["faithfulness"] == pytest.approx(bf16, abs=1e-9)
     assert abs(f32 - bf16) > 1e-6  # the two dtypes differ, so the test can tell which was reported
+
+
+def test_auto_runs_a_search_in_float32(tiny_model_dir, monkeypatch):
+    """Where auto would pick bfloat16, a search runs in float32 all the same (bfloat16 cannot
+    settle removals under the default τ: the next test)."""
+    from circuitfinder.engine import precision
+    from circuitfinder.runs.run import DiscoverConfig, run_config
+
+    monkeypatch.setattr(precision, "native_bfloat16", lambda device: True)
+    summary = run_config(DiscoverConfig(task="ioi", model=str(tiny_model_dir), method="acdc-groups", seed_method="eap",
+                                        edges=30, search_prompts=4, n_pairs=8, batch_size=8, force=True,
+                                        roles=False)).summary
+    assert summary["dtype"] == "float32" and summary["search_dtype"] is None
 
 
 @pytest.mark.parametrize("tau", [None, 0.5])
@@ -189,7 +202,6 @@ def test_a_refereed_half_precision_search_finds_the_float32_circuit(tiny_model_d
     refereed = run_config(DiscoverConfig(**base, dtype="bfloat16"))
     alone = run_config(DiscoverConfig(**base, dtype="bfloat16", referee=False))
     referee = refereed.summary["search_dtype"]
-    print(f32.summary["edges_kept"], refereed.summary["edges_kept"], alone.summary["edges_kept"], referee, refereed.summary["search"]["referee"])
     assert torch.equal(refereed.circuit.mask, f32.circuit.mask)
     assert refereed.summary["faithfulness"] == f32.summary["faithfulness"]
     assert refereed.summary["dtype"] == "float32"
@@ -201,3 +213,27 @@ def test_a_refereed_half_precision_search_finds_the_float32_circuit(tiny_model_d
     else:
         assert referee["passes_dtype"] == "bfloat16" and referee["overruled"] >= 1
     assert not torch.equal(alone.circuit.mask, f32.circuit.mask)
+
+
+def test_a_search_with_no_room_for_the_referee_runs_in_half_precision_and_says_so(tiny_model_dir, monkeypatch):
+    """When the float32 model and the bfloat16 copy do not fit the free memory, the run says so in
+    one line (with a batch that would leave room) and searches in bfloat16 alone."""
+    from circuitfinder.engine import plan
+    from circuitfinder.methods.registry import Reporter
+    from circuitfinder.runs.run import DiscoverConfig, run_config
+
+    need = plan.refereed_total(plan.plan_shape(str(tiny_model_dir)), torch.bfloat16, 8, 32)
+    monkeypatch.setattr(plan, "free_memory", lambda device="cpu": need - 1)
+
+    class Lines(Reporter):
+        lines: list[str] = []
+
+        def log(self, message: str) -> None:
+            self.lines.append(message)
+
+    config = DiscoverConfig(task="ioi", model=str(tiny_model_dir), method="acdc-groups", seed_method="eap", edges=30,
+                            search_prompts=4, n_pairs=8, batch_size=8, force=True, roles=False, dtype="bfloat16")
+    summary = run_config(config, reporter=Lines()).summary
+    said = [line for line in Lines.lines if line.startswith("no float32 referee")]
+    assert len(said) == 1 and "the search runs in bfloat16 alone (`--batch-size 7` leaves room" in said[0]
+    assert summary["dtype"] == "bfloat16" and summary["search_dtype"] is None

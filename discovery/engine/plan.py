@@ -242,6 +242,13 @@ def memory_plan(shape: PlanShape, dtype: torch.dtype = torch.float32, batch: int
     return MemoryPlan(shape, dtype, batch, positions, terms)
 
 
+def refereed_total(shape: PlanShape, half: torch.dtype, batch: int = 16, positions: int = 24,
+                   device: torch.device | str = "cpu") -> int:
+    """The bytes of a half-precision search refereed in float32 (``circuitfinder.methods.search``):
+    the float32 run's plan, and the half-precision copy of the weights its passes run on."""
+    return memory_plan(shape, torch.float32, batch, positions, device).total + shape.n_params * BYTES[half]
+
+
 def largest_batch(shape: PlanShape, free_bytes: int, dtype: torch.dtype = torch.float32, positions: int = 24,
                   most: int = 1024, device: torch.device | str = "cpu") -> int:
     """The largest batch whose plan on ``device`` fits in ``free_bytes`` (0 if not even one prompt does)."""

@@ -91,8 +91,8 @@ def native_bfloat16(device: torch.device) -> bool:
 def resolve_dtype(text: str, device: torch.device, model: str = "") -> torch.dtype:
     """``auto``: bfloat16 where ``device`` computes it natively (:func:`native_bfloat16`), else
     float32; float64 for the compiled tracr models, whose hard attention needs it. A run in
-    ``auto`` that lands in bfloat16 re-measures its circuit in float32 before reporting it
-    (``circuitfinder.runs.run``). Any other text: :func:`parse_dtype`."""
+    ``auto`` that lands in bfloat16 re-measures its circuit in float32 before reporting it, and a
+    search in ``auto`` runs in float32 (``circuitfinder.runs.run``). Any other text: :func:`parse_dtype`."""
     if text != "auto":
         try:
             return parse_dtype(text)

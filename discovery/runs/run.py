@@ -74,7 +74,7 @@ class DiscoverConfig:
     n_pairs: int = 128
     batch_size: int = 16
     seed: int = 0
-    dtype: str = "auto"  # the model's dtype: auto (bfloat16 where the hardware computes it, the circuit re-measured in float32), float32, bfloat16, float16 or float64
+    dtype: str = "auto"  # the model's dtype: auto (float32 for a search; for attribution alone bfloat16 where the hardware computes it, the circuit re-measured in float32), float32, bfloat16, float16 or float64
     referee: bool = True  # a search in half precision: float32 scores the seed, re-decides removals within half precision's error of the threshold, and measures the circuit
     device: str = "auto"  # auto (a GPU when there is one), cpu, cuda, cuda:N or mps
 
@@ -182,18 +182,21 @@ def referee_fits(config: DiscoverConfig, half: torch.dtype, device: torch.device
     """``(the search passes' dtype, the model's)`` for a half-precision search: ``(half, float32)``
     when the memory plan of the float32 model and a half-precision copy fits the device (a shape
     that cannot be read without loading is taken to fit), else ``(None, half)``: no referee."""
-    from circuitfinder.engine.plan import BYTES, format_bytes, free_memory, memory_plan, plan_shape
+    from circuitfinder.engine.plan import format_bytes, free_memory, plan_shape, refereed_total
 
     try:
         shape = plan_shape(config.model)
     except Exception:  # noqa: BLE001 -- a shape the plan cannot read leaves the check to the load
         return half, torch.float32
-    need = memory_plan(shape, torch.float32, config.batch_size, 32, device).total + shape.n_params * BYTES[half]
+    need = refereed_total(shape, half, config.batch_size, 32, device)
     free = free_memory(device)
     if need <= free:
         return half, torch.float32
-    reporter.log(f"no float32 referee: the float32 model and a {dtype_name(half)} copy need {format_bytes(need)}, "
-                 f"{device} has {format_bytes(free)} free; the search runs in {dtype_name(half)} alone")
+    smaller = next((b for b in range(config.batch_size - 1, 0, -1)
+                    if refereed_total(shape, half, b, 32, device) <= free), 0)
+    reporter.log(f"no float32 referee: the float32 model and a {dtype_name(half)} copy need {format_bytes(need)} for "
+                 f"batches of {config.batch_size}, {device} has {format_bytes(free)} free; the search runs in "
+                 f"{dtype_name(half)} alone" + (f" (`--batch-size {smaller}` leaves room for the referee)" if smaller else ""))
     return None, half
 
 
@@ -281,21 +284,29 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
 
     verify_in_float32 = False  # auto chose half precision: the circuit found is re-measured in float32
     search_dtype = None  # a refereed search's passes: half precision, with the run's model in float32
+    search = METHODS[config.method].seeded
     if adapter is None:
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device, config.model)
-        if dtype in HALF and config.referee and METHODS[config.method].seeded:
+        auto_half = config.dtype == "auto" and dtype in HALF
+        if auto_half and search:
+            dtype, auto_half = torch.float32, False
+            reporter.log(f"auto: float32 on {device} for a search (bfloat16's rounding moves a removal's change of "
+                         "distance by about half of ACDC's τ; `--dtype bfloat16` runs the passes it can settle in bfloat16)")
+        elif dtype in HALF and config.referee and search:
             search_dtype, dtype = referee_fits(config, dtype, device, reporter)
-        verify_in_float32 = config.dtype == "auto" and dtype in HALF
-        chosen = ", chosen by auto: this device computes it natively" if config.dtype == "auto" and (
-            dtype in HALF or search_dtype is not None) else ""
+        verify_in_float32 = auto_half
+        chosen = ", chosen by auto: this device computes it natively" if auto_half else ""
         if search_dtype is not None:
             reporter.log(f"loading {config.model} (float32 on {device}; the search's passes in "
-                         f"{dtype_name(search_dtype)}{chosen}, refereed in float32)")
+                         f"{dtype_name(search_dtype)} where they can settle its removals, refereed in float32)")
         else:
             reporter.log(f"loading {config.model} ({dtype_name(dtype)} on {device}"
                          + (f"{chosen}; the circuit is re-measured in float32)" if verify_in_float32 else ")"))
         adapter = load_checked_model(config.model, reporter.log, check=config.check_model, dtype=dtype, device=device)
+    elif adapter.dtype in HALF and search:
+        reporter.log(f"the search runs in {dtype_name(adapter.dtype)} alone, without a float32 referee (the model was "
+                     "given loaded in it; give its name to have float32 referee the search)")
     task = task if task is not None else build_run_task(config, adapter.tokenizer)
     for note in task.notes:
         reporter.log(f"task: {note}")
@@ -327,7 +338,8 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
         if refusal:
             raise UserError(f"{adapter.name}: {refusal}")
     # checkpoints are keyed by the dtype of the passes, not "auto"
-    settings = dataclasses.replace(config, dtype=dtype_name(search_dtype or adapter.dtype), referee=search_dtype is not None)
+    refereed = search_dtype is not None or (config.referee and adapter.dtype not in HALF)  # False: a search in half precision alone
+    settings = dataclasses.replace(config, dtype=dtype_name(search_dtype or adapter.dtype), referee=refereed)
     problem = Problem(adapter, graph, task, settings, ablation, reporter, out.parent if out is not None else Path("outputs"),
                       search_dtype)
     found = method.find(problem)
