@@ -1,6 +1,8 @@
 """The exact tolerance (circuitfinder.engine.precision): the working dtype is probed, and the float32 islands
 it finds are real: a last-bit change moves a float64 Gemma-3 by float32 rounding, not float64's."""
 
+import math
+
 import pytest
 import torch
 
@@ -186,16 +188,21 @@ def test_auto_runs_a_search_in_float32(tiny_model_dir, monkeypatch):
     assert summary["dtype"] == "float32" and summary["search_dtype"] is None
 
 
-@pytest.mark.parametrize("tau", [None, 0.5])
-def test_a_refereed_half_precision_search_finds_the_float32_circuit(tiny_model_dir, tau):
+@pytest.mark.parametrize("tau, speedup, passes", [(None, 0.0, "float32"), (0.5, 0.0, "bfloat16"),
+                                                  (0.5, math.inf, "float32")])
+def test_a_refereed_half_precision_search_finds_the_float32_circuit(tiny_model_dir, tau, speedup, passes, monkeypatch):
     """With the float32 referee (the default), a bfloat16 search ends at the circuit of the same
-    search run in float32, edge for edge, with the same held-out faithfulness. At the default τ
-    (1 % of the empty circuit's distance) bfloat16's error on this tiny model is larger than τ, so
-    the search's passes run in float32; at τ = 0.5 they run in bfloat16 and the referee re-decides
-    the removals near the threshold, some against bfloat16's verdict. Without the referee,
-    bfloat16 ends at another circuit."""
+    search run in float32, edge for edge, with the same held-out faithfulness, whichever way its
+    passes run. At the default τ (1 % of the empty circuit's distance) bfloat16's error on this
+    tiny model is larger than τ, so the passes run in float32; at τ = 0.5 they run in bfloat16 and
+    the referee re-decides the removals near the threshold, some against bfloat16's verdict,
+    unless bfloat16 is not the speed-up a referee needs (``REFEREE_SPEEDUP``, patched here either
+    way, since this CPU's own ratio decides it otherwise). Without the referee, bfloat16 ends at
+    another circuit."""
+    from circuitfinder.methods import acdc
     from circuitfinder.runs.run import DiscoverConfig, run_config
 
+    monkeypatch.setattr(acdc, "REFEREE_SPEEDUP", speedup)
     base = dict(task="ioi", model=str(tiny_model_dir), method="acdc-groups", seed_method="eap", edges=80,
                 search_prompts=8, n_pairs=16, batch_size=8, force=True, roles=False, tau=tau)
     f32 = run_config(DiscoverConfig(**base, dtype="float32"))
@@ -206,12 +213,13 @@ def test_a_refereed_half_precision_search_finds_the_float32_circuit(tiny_model_d
     assert refereed.summary["faithfulness"] == f32.summary["faithfulness"]
     assert refereed.summary["dtype"] == "float32"
     assert referee["dtype"] == "bfloat16" and referee["refereed_by"] == "float32"
+    assert referee["passes_dtype"] == passes
     decisions = refereed.tables["decisions"]
     assert decisions.metric_removed_float32.notna().sum() == referee["decided"]
-    if tau is None:
-        assert referee["passes_dtype"] == "float32" and referee["decided"] == 0
+    if passes == "float32":
+        assert referee["decided"] == 0
     else:
-        assert referee["passes_dtype"] == "bfloat16" and referee["overruled"] >= 1
+        assert referee["overruled"] >= 1
     assert not torch.equal(alone.circuit.mask, f32.circuit.mask)
 
 

@@ -53,14 +53,19 @@ edges kept among the last ``GROUP_WINDOW`` decided, the largest power of two up 
 accepted removal, single or grouped, grows the distance by less than τ, as in ACDC; grouping
 makes the rule stricter (a group's edges share one τ), never looser.
 
-A float32 referee (:class:`Referee`). A pass in bfloat16 is about twice as fast on hardware that
-computes it, but its metric and distance carry rounding noise, and a search is a long chain of
-threshold decisions: one removal decided the other way changes every later trial, and the circuit
-found. With a referee, the passes run in half precision and every decision whose margin (from τ,
-or from the floor) lies within :data:`REFEREE_MARGIN` times the half-precision error measured at
-the start is decided again from the same two circuits in float32, with float32's own τ and floor.
-Every other decision is one float32 would make too, so the search finds float32's circuit; the
-trials decided in float32 are kept in the state (and the run's ``decisions.csv``).
+A float32 referee (:class:`Referee`). A pass in bfloat16 takes 0.55–0.7 of float32's time on
+hardware that computes it, but its metric and distance carry rounding noise, and a search is a
+long chain of threshold decisions: one removal decided the other way changes every later trial,
+and the circuit found. With a referee, the passes run in half precision and every decision whose
+margin (from τ, or from the floor) lies within :data:`REFEREE_MARGIN` times the half-precision
+error measured at the start is decided again from the same two circuits in float32, with
+float32's own τ and floor. Every other decision is one float32 would make too, so the search
+finds float32's circuit; the trials decided in float32 are kept in the state (and the run's
+``decisions.csv``). Where that many errors reach τ itself (:meth:`AcdcRule.resolves`; on SmolLM2
+IOI a removal's change of distance is off by up to 0.027 in bfloat16, τ is 0.047) nearly every
+decision would go to float32, and the caller runs the passes in float32 instead
+(``circuitfinder.methods.search``); likewise where half precision's passes are not
+:data:`REFEREE_SPEEDUP` times as fast as float32's (:meth:`Referee.unprofitable`).
 """
 
 from __future__ import annotations
@@ -84,6 +89,9 @@ GROUP_WINDOW = 128  # decided candidates whose share kept sets the next group's 
 GROUP_PRIOR = 64  # the share kept starts at 1 in this many
 GROUP_MAX = 64
 REFEREE_MARGIN = 4  # a decision is re-decided in float32 when its margin is under this many half-precision errors
+REFEREE_SPEEDUP = 2.0  # half-precision passes pay off under a referee only this many times faster than float32's:
+# about half the decisions went to float32 even at τ = 0.2 on SmolLM2 IOI (1,287 of 2,378: 1.43× float32's search
+# time, with bfloat16 passes about 1.7× as fast on a CPU with AVX-512 BF16)
 
 
 def candidate_order(graph: EdgeGraph, start: Mask, scores: torch.Tensor) -> list[tuple[int, int]]:
@@ -224,7 +232,18 @@ class Referee:
     rule: AcdcRule
     error: tuple[float, float]
     margin: float = REFEREE_MARGIN
+    speedup: float = math.inf  # float32's time for a pass over half precision's, measured with the error
     _current: tuple[bytes, tuple[float, float]] | None = None  # float32's score of the current circuit
+
+    def unprofitable(self, half: str = "half precision") -> str | None:
+        """Why refereed passes in ``half`` would cost more than float32's alone, or None."""
+        if not self.rule.resolves(self.error, self.margin):
+            return (f"{half} cannot settle removals under τ = {self.rule.tau:.3g} "
+                    f"({self.margin:g} × {self.error[1]:.2g} ≥ τ)")
+        if self.speedup < REFEREE_SPEEDUP:
+            return (f"{half} passes are {self.speedup:.2f}× as fast as float32's, under the {REFEREE_SPEEDUP:g}× "
+                    "a referee needs (about half the decisions go to float32)")
+        return None
 
     def near(self, new: tuple[float, float], current: tuple[float, float]) -> bool:
         return self.rule.margin(new, current, self.error) < self.margin

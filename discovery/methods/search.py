@@ -10,7 +10,9 @@ copy of the model, loaded for it beside the run's float32 model, which referees 
 (:class:`circuitfinder.methods.acdc.Referee`): τ and the floor come from float32's empty and full
 circuits, the half-precision error is measured on the seed and on five circuits along its removal
 order, and every decision within :data:`~circuitfinder.methods.acdc.REFEREE_MARGIN` errors of the
-threshold is made again in float32.
+threshold is made again in float32; where the passes cannot settle removals under τ, or are not
+:data:`~circuitfinder.methods.acdc.REFEREE_SPEEDUP` times as fast as float32's, the search's
+passes run in float32 instead.
 """
 
 from __future__ import annotations
@@ -108,16 +110,19 @@ def run_search(problem: "Problem", criterion: str, scores: torch.Tensor, start: 
             label = f"minimising (faithfulness ≥ {config.target_faithfulness} on {n_prompts} prompts)"
         referee = None
         if float32 is not None:
-            referee = _referee(pool, float32, start, candidates,
+            ends_stack = torch.stack([graph.allowed & False, graph.allowed.clone()])
+            referee = _referee(pool, float32, ends_stack, start, candidates,
                                AcdcRule(None if criterion == "minimize" else tau, floor))
             half = dtype_name(passes_model.dtype)
             rule["referee"] = {"dtype": "float32", "passes_dtype": half, "error_metric": referee.error[0],
-                               "error_distance_change": referee.error[1], "margin": referee.margin}
+                               "error_distance_change": referee.error[1], "margin": referee.margin,
+                               "speedup": referee.speedup}
             reporter.log(f"{half} against float32 on {2 * len(CALIBRATION) + 2} circuits: the metric differs by up to "
-                         f"{referee.error[0]:.2g}, a removal's change of distance by up to {referee.error[1]:.2g}")
-            if not referee.rule.resolves(referee.error, referee.margin):  # the referee would decide nearly everything
-                reporter.log(f"{half} cannot settle removals under τ = {tau:.3g} ({referee.margin:g} × "
-                             f"{referee.error[1]:.2g} ≥ τ): the search's passes run in float32")
+                         f"{referee.error[0]:.2g}, a removal's change of distance by up to {referee.error[1]:.2g}; "
+                         f"its passes take {1 / referee.speedup:.2f} of float32's time")
+            why = referee.unprofitable(half)
+            if why:
+                reporter.log(f"{why}: the search's passes run in float32")
                 rule["referee"]["passes_dtype"] = "float32"
                 pool.close()
                 del passes_model
@@ -194,11 +199,13 @@ def run_search(problem: "Problem", criterion: str, scores: torch.Tensor, start: 
         pool.close()
 
 
-def _referee(pool, float32: InProcessPool, start: Mask, candidates: list[tuple[int, int]], rule: AcdcRule) -> Referee:
+def _referee(pool, float32: InProcessPool, ends: torch.Tensor, start: Mask, candidates: list[tuple[int, int]],
+             rule: AcdcRule) -> Referee:
     """A float32 referee for ``pool``'s half-precision passes. Their error is measured on the seed
     and on the seed less the first :data:`CALIBRATION` shares of its removal order, each alone and
     less its next 8 candidates (a removal like the search's): the largest metric difference, and
-    the largest difference in the change of distance that removal makes."""
+    the largest difference in the change of distance that removal makes. Both pools are timed on
+    those circuits after a first call on ``ends`` (each evaluator runs its prompts on its first call)."""
     circuits = []
     for share in (0.0, *CALIBRATION):
         k = int(share * len(candidates))
@@ -210,11 +217,16 @@ def _referee(pool, float32: InProcessPool, start: Mask, candidates: list[tuple[i
             trial[s, r] = False
         circuits.append(trial)
     stack = torch.stack(circuits)
-    half, exact = pool(stack), float32(stack)
+    pool(ends)
+    started = time.perf_counter()
+    half = pool(stack)
+    halfway = time.perf_counter()
+    exact = float32(stack)
+    speedup = (time.perf_counter() - halfway) / max(halfway - started, 1e-9)
     metric = (half.metric.double() - exact.metric.double()).abs().max()
     distance = half.distance.double() - exact.distance.double()
     change = (distance[1::2] - distance[0::2]).abs().max()
-    return Referee(float32, rule, (float(metric), float(change)))
+    return Referee(float32, rule, (float(metric), float(change)), speedup=speedup)
 
 
 def refereed(state: SearchState, rule: AcdcRule) -> dict:

@@ -284,16 +284,16 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
 
     verify_in_float32 = False  # auto chose half precision: the circuit found is re-measured in float32
     search_dtype = None  # a refereed search's passes: half precision, with the run's model in float32
-    search = METHODS[config.method].seeded
+    searching = METHODS[config.method].seeded  # a patching search (its decisions need float32)
     if adapter is None:
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device, config.model)
         auto_half = config.dtype == "auto" and dtype in HALF
-        if auto_half and search:
+        if auto_half and searching:
             dtype, auto_half = torch.float32, False
             reporter.log(f"auto: float32 on {device} for a search (bfloat16's rounding moves a removal's change of "
                          "distance by about half of ACDC's τ; `--dtype bfloat16` runs the passes it can settle in bfloat16)")
-        elif dtype in HALF and config.referee and search:
+        elif dtype in HALF and config.referee and searching:
             search_dtype, dtype = referee_fits(config, dtype, device, reporter)
         verify_in_float32 = auto_half
         chosen = ", chosen by auto: this device computes it natively" if auto_half else ""
@@ -304,7 +304,7 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
             reporter.log(f"loading {config.model} ({dtype_name(dtype)} on {device}"
                          + (f"{chosen}; the circuit is re-measured in float32)" if verify_in_float32 else ")"))
         adapter = load_checked_model(config.model, reporter.log, check=config.check_model, dtype=dtype, device=device)
-    elif adapter.dtype in HALF and search:
+    elif adapter.dtype in HALF and searching:
         reporter.log(f"the search runs in {dtype_name(adapter.dtype)} alone, without a float32 referee (the model was "
                      "given loaded in it; give its name to have float32 referee the search)")
     task = task if task is not None else build_run_task(config, adapter.tokenizer)
