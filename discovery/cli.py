@@ -141,7 +141,7 @@ def _refereed(search_dtype: dict) -> str:
     if not search_dtype.get("refereed_by"):
         return ""
     if search_dtype["passes_dtype"] == "float32":
-        return f"; searched in float32: {search_dtype['dtype']} could not settle its removals"
+        return f"; searched in float32: {search_dtype['why_float32']}"
     return (f"; searched in {search_dtype['dtype']}, {search_dtype['decided']:,} removals decided again in float32, "
             f"{search_dtype['overruled']:,} of them overruled")
 

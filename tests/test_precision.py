@@ -218,6 +218,7 @@ def test_a_refereed_half_precision_search_finds_the_float32_circuit(tiny_model_d
     assert decisions.metric_removed_float32.notna().sum() == referee["decided"]
     if passes == "float32":
         assert referee["decided"] == 0
+        assert ("cannot settle removals" if tau is None else "a referee needs") in referee["why_float32"]
     else:
         assert referee["overruled"] >= 1
     assert not torch.equal(alone.circuit.mask, f32.circuit.mask)
@@ -245,3 +246,14 @@ def test_a_search_with_no_room_for_the_referee_runs_in_half_precision_and_says_s
     said = [line for line in Lines.lines if line.startswith("no float32 referee")]
     assert len(said) == 1 and "the search runs in bfloat16 alone (`--batch-size 7` leaves room" in said[0]
     assert summary["dtype"] == "bfloat16" and summary["search_dtype"] is None
+
+
+def test_the_summary_line_says_how_a_refereed_search_ran():
+    from circuitfinder.cli import _refereed
+
+    why = "bfloat16 cannot settle removals under τ = 0.0465 (4 × 0.027 ≥ τ)"
+    assert _refereed({}) == "" and _refereed({"dtype": "bfloat16", "faithfulness": 0.9}) == ""
+    assert _refereed({"dtype": "bfloat16", "refereed_by": "float32", "passes_dtype": "float32",
+                      "why_float32": why}) == f"; searched in float32: {why}"
+    assert _refereed({"dtype": "bfloat16", "refereed_by": "float32", "passes_dtype": "bfloat16", "decided": 1287,
+                      "overruled": 134}) == "; searched in bfloat16, 1,287 removals decided again in float32, 134 of them overruled"

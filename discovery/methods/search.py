@@ -123,7 +123,7 @@ def run_search(problem: "Problem", criterion: str, scores: torch.Tensor, start: 
             why = referee.unprofitable(half)
             if why:
                 reporter.log(f"{why}: the search's passes run in float32")
-                rule["referee"]["passes_dtype"] = "float32"
+                rule["referee"] |= {"passes_dtype": "float32", "why_float32": why}
                 pool.close()
                 del passes_model
                 spec = dataclasses.replace(spec, load=partial(load_checked_model, config.model, check=False,

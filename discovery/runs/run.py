@@ -361,7 +361,7 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
     )
     if search_dtype is not None:  # a refereed search: the dtype of its passes, and what its referee decided
         search_dtype = {"dtype": dtype_name(search_dtype), "refereed_by": "float32",
-                        **{k: outcome.rule["referee"][k] for k in ("passes_dtype", "decided", "overruled")}}
+                        **{k: outcome.rule["referee"].get(k) for k in ("passes_dtype", "why_float32", "decided", "overruled")}}
     if verify_in_float32:  # what is reported is the circuit in float32, on a float32 copy of the model
         search_dtype = {"dtype": dtype_name(adapter.dtype), "faithfulness": faithfulness}
         del problem, ablation, heldout, adapter  # the half-precision model goes before the float32 one loads
