@@ -91,7 +91,7 @@ GROUP_MAX = 64
 REFEREE_MARGIN = 4  # a decision is re-decided in float32 when its margin is under this many half-precision errors
 REFEREE_SPEEDUP = 2.0  # half-precision passes pay off under a referee only this many times faster than float32's:
 # about half the decisions went to float32 even at τ = 0.2 on SmolLM2 IOI (1,287 of 2,378: 1.43× float32's search
-# time, with bfloat16 passes about 1.7× as fast on a CPU with AVX-512 BF16)
+# time, with bfloat16 passes 1.5–1.8× as fast on a CPU with AVX-512 BF16)
 
 
 def candidate_order(graph: EdgeGraph, start: Mask, scores: torch.Tensor) -> list[tuple[int, int]]:

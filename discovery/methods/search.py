@@ -89,7 +89,8 @@ def run_search(problem: "Problem", criterion: str, scores: torch.Tensor, start: 
     ray_seconds = time.perf_counter() - started if config.workers else None
     float32 = InProcessPool(spec.build(adapter), chunk) if passes_model is not adapter else None
     try:
-        ends = (float32 or pool)(torch.stack([graph.allowed & False, graph.allowed.clone()]))
+        ends_stack = torch.stack([graph.allowed & False, graph.allowed.clone()])  # the empty and the full circuit
+        ends = (float32 or pool)(ends_stack)
         empty, full = (float(ends.metric[0]), float(ends.distance[0])), (float(ends.metric[1]), float(ends.distance[1]))
         start = prune(graph, start)
         floor = empty[0] + config.target_faithfulness * (full[0] - empty[0])
@@ -109,10 +110,9 @@ def run_search(problem: "Problem", criterion: str, scores: torch.Tensor, start: 
             candidates = removal_order(graph, start, scores)
             label = f"minimising (faithfulness ≥ {config.target_faithfulness} on {n_prompts} prompts)"
         referee = None
+        search_rule = AcdcRule(None if criterion == "minimize" else tau, floor)  # what the search function applies
         if float32 is not None:
-            ends_stack = torch.stack([graph.allowed & False, graph.allowed.clone()])
-            referee = _referee(pool, float32, ends_stack, start, candidates,
-                               AcdcRule(None if criterion == "minimize" else tau, floor))
+            referee = _referee(pool, float32, ends_stack, start, candidates, search_rule)
             half = dtype_name(passes_model.dtype)
             rule["referee"] = {"dtype": "float32", "passes_dtype": half, "error_metric": referee.error[0],
                                "error_distance_change": referee.error[1], "margin": referee.margin,
@@ -170,7 +170,7 @@ def run_search(problem: "Problem", criterion: str, scores: torch.Tensor, start: 
                 result = minimize(graph, pool, scores, start, floor, config.chain, state, on_chain, referee)
         circuit = result.circuit
         if "referee" in rule:
-            rule["referee"] |= refereed(result.state, AcdcRule(None if criterion == "minimize" else tau, floor))
+            rule["referee"] |= refereed(result.state, search_rule)
         if referee is not None:
             reporter.log(f"float32 referee: {rule['referee']['decided']:,} of {result.evaluated:,} candidates decided "
                          f"in float32, {rule['referee']['overruled']:,} of them against the "
