@@ -328,6 +328,7 @@ class Circuit:
             "n_kv_groups": shape.n_kv_groups,
             **({"parallel": True} if shape.parallel else {}),
             **({"post_norm": True} if shape.post_norm else {}),
+            **({"shared_qk_norm": True} if shape.shared_qk_norm else {}),
             **({"d_model": shape.d_model} if shape.d_model else {}),
             "metadata": self.metadata,
             "edges": edges,
@@ -359,7 +360,7 @@ class Circuit:
         L, H, G = data["n_layers"], data["n_heads"], data["n_kv_groups"]
         if H % G:
             raise CircuitFileError(f"{source}: n_heads {H} is not a multiple of n_kv_groups {G}")
-        for k in ("parallel", "post_norm"):
+        for k in ("parallel", "post_norm", "shared_qk_norm"):
             if not isinstance(data.get(k, False), bool):
                 raise CircuitFileError(f"{source}: {k!r} must be true or false, got {data[k]!r}")
         d_model = data.get("d_model", 0)
@@ -371,7 +372,7 @@ class Circuit:
         if not isinstance(data.get("metadata", {}), dict):
             raise CircuitFileError(f"{source}: 'metadata' must be an object")
         graph = EdgeGraph(ModelShape(L, H, G, d_model=d_model, post_norm=data.get("post_norm", False),
-                                     parallel=data.get("parallel", False)))
+                                     parallel=data.get("parallel", False), shared_qk_norm=data.get("shared_qk_norm", False)))
         edges = data["edges"]
         if not isinstance(edges, list):
             raise CircuitFileError(f"{source}: 'edges' must be a list")
@@ -423,7 +424,8 @@ class Circuit:
         shape = self.graph.shape
         graph = nx.DiGraph(model=self.model, task=self.task, method=self.method, n_layers=shape.n_layers,
                            n_heads=shape.n_heads, n_kv_groups=shape.n_kv_groups, parallel=shape.parallel,
-                           post_norm=shape.post_norm, d_model=shape.d_model, metadata=dict(self.metadata))
+                           post_norm=shape.post_norm, shared_qk_norm=shape.shared_qk_norm, d_model=shape.d_model,
+                           metadata=dict(self.metadata))
 
         def add_node(name: str) -> None:
             if name in graph:
@@ -488,7 +490,8 @@ def from_networkx(graph: nx.DiGraph, like: Circuit | None = None) -> Circuit:
     about = {} if like is not None else {"metadata": dict(g.get("metadata") or {})}  # the graph's own, then
     if like is None:
         shape = ModelShape(int(g["n_layers"]), int(g["n_heads"]), int(g["n_kv_groups"]), d_model=int(g.get("d_model") or 0),
-                           post_norm=bool(g.get("post_norm", False)), parallel=bool(g.get("parallel", False)))
+                           post_norm=bool(g.get("post_norm", False)), parallel=bool(g.get("parallel", False)),
+                           shared_qk_norm=bool(g.get("shared_qk_norm", False)))
         like = Circuit.from_scores(EdgeGraph(shape), None, model=g["model"], task=g["task"], method=g["method"],
                                    metadata=dict(g.get("metadata") or {}))
     edges: dict[str, dict] = {}

@@ -35,6 +35,13 @@ as the norm makes them. So each head's value depends on the inputs of every head
 (``ModelShape.post_norm``; pruning treats the layer's q/k/v inputs as feeding all its heads).
 The MLP's sender is its post-normed output (``hook_mlp_out`` is ``ln2_post.hook_out`` on these
 blocks): one sender, no rule needed.
+
+Query/key norms over all heads together (OLMo-2, OLMoE: ``q_norm`` on the whole ``[H · d_head]``
+projection, ``ModelShape.shared_qk_norm``). With split inputs, head h's query is the h-th slice of
+``q_norm(concat_j W_Q,j · x_j)``, each head's projection taken from its own input copy ``x_j``: the
+norm's RMS is shared by the layer's heads, as the unsplit model's is. So a change at one head's
+query (key) input moves every query (key) of its layer through that RMS, and pruning treats each
+q and k input as feeding all the layer's heads; the value inputs stay per group.
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ class ModelShape:
     d_model: int
     post_norm: bool = False  # heads share a post-attention norm: each head's value depends on its whole layer
     parallel: bool = False  # attention and MLP of a layer read the same residual stream (no head -> same-layer MLP edge)
+    shared_qk_norm: bool = False  # queries (keys) normalised over all heads together: each q/k input reaches every head
 
 
 class ModelAdapter:
@@ -103,6 +111,7 @@ class ModelAdapter:
             d_model=cfg.d_model,
             post_norm=self.post_norm,
             parallel=type(blocks[0]).__name__ == "ParallelBlockBridge",  # checked by circuitfinder.engine.checks
+            shared_qk_norm=getattr(blocks[0].attn, "_qk_norm_phase", None) == "pre_reshape",  # OLMo-2: see the module docstring
         )
         try:
             bridge.set_use_split_qkv_input(True)

@@ -19,6 +19,11 @@ pair (8 tokens, or the model's context if shorter), every comparison within
 4. **Single edges of every kind** (from the input, a head and an MLP; into q, k, v, an MLP and
    the logits), patched by the engine, equal the clean run with that edge's corrupted − clean
    difference added at its receiver by one plain hook.
+5. **A random sparse circuit** (about 10 % of the edges kept; half the receivers keep most of
+   theirs, so both of the engine's ways of summing a receiver's removed edges run), patched by
+   the engine, equals :func:`direct_patched_logits`, which adds every removed edge's term at its
+   receiver directly, with no running total. Single edges and the full and empty circuits are
+   not enough: a shortcut can be exact on all three and wrong on everything between them.
 
 Any failure refuses the model with one line (:class:`ModelRefused`); ``check=False`` (the command
 line's ``--skip-model-check``) skips the check.
@@ -176,7 +181,59 @@ def check_model(adapter: ModelAdapter, seed: int = 0) -> float:
         worst = max(worst, diff / tol)
         if diff > tol:
             raise _refuse(adapter, f"patching {edge} differs from a plain hook by {diff:.2g}")
+
+    # 5. a random sparse circuit against the direct sum of its removed edges
+    removed = random_circuit(graph, kept=0.1, seed=seed)
+    got = patched_logits(adapter, graph, clean, corr_senders, removed)
+    want = direct_patched_logits(adapter, graph, clean, corr_senders, removed)
+    diff = (got - want).abs().max().item()
+    worst = max(worst, diff / tol)
+    if diff > tol:
+        raise _refuse(adapter, f"a random sparse circuit differs from the direct sum of its removed edges by {diff:.2g}")
     return worst
+
+
+def random_circuit(graph: EdgeGraph, kept: float, seed: int = 0) -> torch.Tensor:
+    """Patch weights ``[senders, receivers]`` (1 = removed) keeping about ``kept`` of each receiver's
+    edges, or ``1 − kept`` for a random half of the receivers."""
+    g = torch.Generator().manual_seed(seed)
+    density = torch.where(torch.rand(graph.n_receivers, generator=g) < 0.5, kept, 1 - kept)
+    keep = torch.rand(graph.allowed.shape, generator=g) < density
+    return ((~keep) & graph.allowed).double()
+
+
+def direct_patched_logits(adapter: ModelAdapter, graph: EdgeGraph, clean: torch.Tensor, corrupted_senders: torch.Tensor,
+                          removed: torch.Tensor) -> torch.Tensor:
+    """The plain definition of a patched run, for checking the engine: each receiver reads its input
+    plus ``Σ_{s removed} (corrupted_s − current_s)`` over its removed edges, with ``current_s`` the
+    sender's value in this run, recorded as it fires. No running total, stacking or resumed blocks."""
+    current: dict[int, torch.Tensor] = {}  # sender index -> [b, p, d]
+
+    def recorder(point):
+        def record(values):
+            rows = values.permute(2, 0, 1, 3) if values.dim() == 4 else values.unsqueeze(0)
+            current.update({point.start + i: row.detach().clone() for i, row in enumerate(rows)})
+        return record
+
+    def patcher(point: ReceiverPoint):
+        def patch(x, hook=None):
+            x = x.clone()
+            for j in range(point.stop - point.start):
+                senders = torch.nonzero(removed[: point.n_senders, point.start + j]).flatten().tolist()
+                if not senders:
+                    continue
+                term = torch.stack([corrupted_senders[s] - current[s] for s in senders]).sum(0).to(x.dtype)
+                if point.per_head:
+                    x[:, :, j] += term
+                else:
+                    x += term
+            return x
+        return patch
+
+    hooks = [h for p in graph.sender_points for h in adapter.sender_hooks(p.kind, p.layer, recorder(p))]
+    hooks += [(adapter.receiver_hook(p.kind, p.layer), patcher(p)) for p in graph.receiver_points]
+    with torch.no_grad(), adapter.hooks(hooks):
+        return adapter.logits(clean)
 
 
 def _bridge_tolerance(adapter: ModelAdapter, reference: torch.Tensor) -> float:

@@ -193,16 +193,19 @@ class EdgeGraph:
     def receiver_feeds(self) -> tuple[tuple[int, ...], ...]:
         """For each receiver, the sender indices whose values it changes (what pruning follows).
 
-        As :attr:`receiver_node`, except under a shared post-attention norm (``shape.post_norm``,
-        Gemma 2/3): there each q/k/v input of a layer changes every head's value of that layer
-        through the norm's common scale (rule in ``circuitfinder.engine.adapter``).
+        As :attr:`receiver_node`, except where heads of a layer share a norm (rules in
+        ``circuitfinder.engine.adapter``): under a shared post-attention norm (``shape.post_norm``,
+        Gemma 2/3) each q/k/v input of a layer changes every head's value of that layer through the
+        norm's common scale; under a query/key norm over all heads (``shape.shared_qk_norm``,
+        OLMo-2) each q and k input does.
         """
-        if not self.shape.post_norm:
+        shared = ("q", "k", "v") if self.shape.post_norm else ("q", "k") if self.shape.shared_qk_norm else ()
+        if not shared:
             return self.receiver_node
         H = self.shape.n_heads
         points = [p for p in self.receiver_points for _ in range(p.start, p.stop)]  # one per receiver
         first = [1 + p.layer * (H + 1) for p in points]  # the layer's first head
-        return tuple(tuple(range(f, f + H)) if p.kind in ("q", "k", "v") else node
+        return tuple(tuple(range(f, f + H)) if p.kind in shared else node
                      for p, f, node in zip(points, first, self.receiver_node))
 
 

@@ -79,6 +79,36 @@ class SenderDiff:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+class RunningTotal:
+    """``Σ (corrupted − current)`` over the senders fired so far in a pass, ``[batch, pos, d_model]``,
+    and how many have fired (senders fire in graph order, so always a prefix ``[0, fired)``).
+
+    A receiver sums its removed edges from the smaller side, ``Σ_removed = Σ_{s<n} − Σ_kept`` with
+    ``n = point.n_senders`` (:func:`patch_receivers_hooks`), so it needs the total over the senders
+    computed *before it*. On sequential blocks that is all that has fired when it reads. On
+    parallel blocks the MLP of layer l reads after its own layer's heads have fired, and those
+    heads are not its edges: :meth:`before` takes their rows back out of the total.
+    """
+
+    def __init__(self, value: torch.Tensor, fired: int = 0):
+        self.value, self.fired = value, fired
+
+    def add(self, entries: torch.Tensor, stop: int) -> None:
+        """Add the entries ``[senders, b, p, d]`` of the senders ending at index ``stop``."""
+        self.value.add_(entries.sum(0))
+        self.fired = stop
+
+    def before(self, n: int, rows_of: Callable[[torch.Tensor], torch.Tensor], block: slice = slice(None)) -> torch.Tensor:
+        """The total over senders ``[0, n)`` for the prompts ``block``; ``rows_of(indices)`` gives
+        those senders' entries ``[len(indices), b, p, d]`` for the same prompts."""
+        if n > self.fired:
+            raise RuntimeError(f"a receiver reads senders [0, {n}) but only {self.fired} have fired: the edge graph's order is wrong")
+        running = self.value[block]
+        if n == self.fired:
+            return running
+        return running - rows_of(torch.arange(n, self.fired, device=running.device)).sum(0)
+
+
 def sender_buffer(graph: EdgeGraph, batch: int, pos: int, dtype=None, device=None) -> torch.Tensor:
     """A zeroed ``[senders, batch, pos, d_model]`` buffer.
 
@@ -89,10 +119,10 @@ def sender_buffer(graph: EdgeGraph, batch: int, pos: int, dtype=None, device=Non
 
 
 def record_senders_hooks(adapter: ModelAdapter, graph: EdgeGraph, buffer: torch.Tensor, sign: float,
-                         total: torch.Tensor | None = None, live: list | None = None) -> list:
+                         total: RunningTotal | None = None, live: list | None = None) -> list:
     """Hooks that add ``sign ×`` each sender's output (detached) into ``buffer`` ``[s, b, p, d]``.
 
-    With ``total`` ``[b, p, d]``, each hook then adds the senders' updated buffer entries to it.
+    With ``total``, each hook then adds the senders' updated buffer entries to it.
     With ``live``, each hook also appends the output itself, still in the autograd graph
     (``[b, p, heads, d]`` or ``[b, p, d]``, one entry per sender point in graph order).
     """
@@ -104,7 +134,7 @@ def record_senders_hooks(adapter: ModelAdapter, graph: EdgeGraph, buffer: torch.
             entries = buffer[point.start : point.stop]
             entries += sign * _as_senders(values.detach())
             if total is not None:
-                total.add_(entries.sum(0))
+                total.add(entries, point.stop)
 
         return record
 
@@ -197,20 +227,21 @@ class _RemovedSendersGradient(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
-def patch_receivers_hooks(adapter: ModelAdapter, graph: EdgeGraph, diff: torch.Tensor, total: torch.Tensor,
+def patch_receivers_hooks(adapter: ModelAdapter, graph: EdgeGraph, diff: torch.Tensor, total: RunningTotal,
                           removed: torch.Tensor, live: list | None = None) -> list:
     """Hooks that add the removed edges' ``corrupted − current`` terms to each receiver's input.
 
     The sum over a receiver's removed edges is computed from whichever side is smaller: the
     senders with a removed edge into the hook point, or those with a kept edge, using
-    ``Σ_removed = Σ_all − Σ_kept`` where ``Σ_all`` is the running ``total`` of every sender's
-    ``corrupted − current`` so far. Small and nearly full circuits both cost little. With a
-    circuit per block of the batch, each block takes its own smaller side.
+    ``Σ_removed = Σ_all − Σ_kept`` where ``Σ_all`` is the running ``total`` of ``corrupted −
+    current`` over the senders computed before the receiver (:class:`RunningTotal`). Small and
+    nearly full circuits both cost little. With a circuit per block of the batch, each block
+    takes its own smaller side.
 
     Args:
         diff: ``[senders, batch, pos, d_model]`` (a tensor or a :class:`SenderDiff`), holding
             ``corrupted − current`` for every sender that has fired so far in this pass.
-        total: ``[batch, pos, d_model]``, the sum of ``diff`` over the senders fired so far.
+        total: the sum of ``diff`` over the senders fired so far (:class:`RunningTotal`).
         removed: ``[senders, receivers]`` or ``[k, senders, receivers]`` patch weights (a circuit
             per block of ``batch / k`` consecutive prompts).
         live: the senders' outputs in the autograd graph, as :func:`record_senders_hooks` appends
@@ -220,14 +251,14 @@ def patch_receivers_hooks(adapter: ModelAdapter, graph: EdgeGraph, diff: torch.T
 
     def delta(point: ReceiverPoint, plan, rows_slice: slice) -> torch.Tensor:
         rows, weights, from_total = plan
-        running = total[rows_slice]  # a view of this block's prompts
-        d = _mix(diffs.gather(rows, rows_slice), weights) if len(rows) else torch.zeros_like(running).unsqueeze(2)
+        gather = partial(diffs.gather, block=rows_slice)
+        d = _mix(gather(rows), weights) if len(rows) else 0.0
         if from_total:
-            d = running.unsqueeze(2) - d
+            d = total.before(point.n_senders, gather, rows_slice).unsqueeze(2) - d
         return d if point.per_head else d.squeeze(2)
 
     diffs = diff if isinstance(diff, SenderDiff) else SenderDiff([(0, diff)])
-    dtype, device = total.dtype, total.device
+    dtype, device = total.value.dtype, total.value.device
     hooks = []
     for point in graph.receiver_points:
         w = _removed_slice(removed, point).to(dtype)  # every entry here is an edge
@@ -311,13 +342,14 @@ def patched_logits(
     shared = next((p.start for p in graph.sender_points if p.layer >= start), graph.n_senders) if start else 0
     # corrupted − current: rows of skipped blocks from the resumed pass, the rest written as senders fire
     diff = SenderDiff.resumed(resume.diff if start else None, shared, torch.empty_like(corrupted_senders[shared:]))
-    total = resume.totals[start].clone() if start else torch.zeros_like(corrupted_senders[0])  # [b, p, d]: Σ over fired senders
+    # [b, p, d]: Σ over the fired senders
+    total = RunningTotal(resume.totals[start].clone(), shared) if start else RunningTotal(torch.zeros_like(corrupted_senders[0]))
 
     def recorder(point: SenderPoint):
         def record(values):
             entries = diff.own_rows(point.start, point.stop)
             torch.sub(corrupted_senders[point.start : point.stop], _as_senders(values.detach()), out=entries)
-            total.add_(entries.sum(0))
+            total.add(entries, point.stop)
 
         return record
 
@@ -326,7 +358,7 @@ def patched_logits(
     totals, outputs = ([None] + (resume.totals[1:start] if start else [])), []
     if record:
         def snapshot(x, hook=None):
-            totals.append(total.clone())
+            totals.append(total.value.clone())
             return x
 
         hooks += [(adapter.layer_entry(layer), snapshot) for layer in range(max(start, 1), graph.shape.n_layers + 1)]
@@ -382,7 +414,7 @@ def stacked_patched_logits(
     b = clean.shape[0]
     pre = torch.empty_like(corrupted_senders[:shared])  # [shared, b, p, d]
     post = corrupted_senders.new_empty((corrupted_senders.shape[0] - shared, k * b, *corrupted_senders.shape[2:]))
-    state = {"total": torch.zeros_like(corrupted_senders[0])}
+    total = RunningTotal(torch.zeros_like(corrupted_senders[0]))
 
     def recorder(point: SenderPoint):
         def record(values):
@@ -395,24 +427,27 @@ def stacked_patched_logits(
                 n = entries.shape[0]
                 torch.sub(corrupted.unsqueeze(1), values.reshape(n, k, b, *values.shape[2:]),
                           out=entries.view(n, k, b, *entries.shape[2:]))
-            state["total"].add_(entries.sum(0))
+            total.add(entries, point.stop)
 
         return record
 
     def expand(x, hook=None):
-        state["total"] = state["total"].repeat(k, 1, 1)
+        total.value = total.value.repeat(k, 1, 1)
         return repeat(x)
+
+    def gather(rows: torch.Tensor, block: slice) -> torch.Tensor:
+        """Entries of senders ``rows`` for the prompts ``block``: shared ones before the split, the block's own after."""
+        early = rows < shared
+        parts = [pre.index_select(0, rows[early])] if bool(early.any()) else []
+        if not bool(early.all()):
+            parts.append(post[:, block].index_select(0, rows[~early] - shared))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def delta(point: ReceiverPoint, plan, block: slice) -> torch.Tensor:
         rows, weights, from_total = plan
-        early = rows < shared
-        d = _mix(pre.index_select(0, rows[early]), weights[early]) if bool(early.any()) else 0.0
-        if not bool(early.all()):
-            d = d + _mix(post[:, block].index_select(0, rows[~early] - shared), weights[~early])
+        d = _mix(gather(rows, block), weights) if len(rows) else 0.0
         if from_total:
-            d = state["total"][block].unsqueeze(2) - d
-        elif not torch.is_tensor(d):
-            d = torch.zeros_like(state["total"][block]).unsqueeze(2)
+            d = total.before(point.n_senders, partial(gather, block=block), block).unsqueeze(2) - d
         return d if point.per_head else d.squeeze(2)
 
     with adapter.batch_repeated_from(layer, k) as (where, repeat):

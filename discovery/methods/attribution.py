@@ -42,7 +42,7 @@ from jaxtyping import Float
 from circuitfinder.engine.ablation import Ablation, make_ablation
 from circuitfinder.engine.adapter import ModelAdapter
 from circuitfinder.engine.graph import EdgeGraph, ReceiverPoint, SenderPoint
-from circuitfinder.engine.patching import patch_receivers_hooks, record_senders_hooks, run_recording_senders
+from circuitfinder.engine.patching import RunningTotal, patch_receivers_hooks, record_senders_hooks, run_recording_senders
 from circuitfinder.tasks.base import Task, TaskBatch
 
 if TYPE_CHECKING:
@@ -150,7 +150,7 @@ def attribute_circuit_batch(adapter: ModelAdapter, graph: EdgeGraph, task: Task,
     """
     removed = removed.to(adapter.device, adapter.dtype) * graph.allowed.to(adapter.device)
     diff = ablated.to(adapter.device, adapter.dtype).clone()  # becomes ablated − current
-    total, live = torch.zeros_like(diff[0]), []
+    total, live = RunningTotal(torch.zeros_like(diff[0])), []
     hooks = [input_hook(adapter, None)] + record_senders_hooks(adapter, graph, diff, -1.0, total, live)
     hooks += patch_receivers_hooks(adapter, graph, diff, total, removed, live)
     hooks += _gradient_hooks(adapter, graph, diff, scores)  # after the patch: the gradient of the patched input
