@@ -267,3 +267,47 @@ def test_a_query_key_norm_over_all_heads_makes_each_q_and_k_input_feed_its_whole
         assert graph.receiver_feeds[graph._receiver_index[receiver]] == heads_of_layer1
     v = graph._receiver_index["a1.g1<v>"]
     assert graph.receiver_feeds[v] == graph.receiver_node[v] == (8, 9)
+
+
+@pytest.mark.parametrize("method", ["eap", "acdc-groups"])
+def test_discover_on_a_pythia_style_folder_reports_the_slow_references_faithfulness(method, word_tokenizer, tmp_path, capsys):
+    """End to end on a parallel-block model saved to a folder: the held-out faithfulness a run
+    reports for the circuit it found is the one the slow reference gives for that circuit."""
+    import json
+
+    from circuitfinder.engine.adapter import ModelAdapter
+    from circuitfinder.graphs.circuit import Circuit
+    from circuitfinder.tasks.from_file import load_task_file
+    from cli_runner import run_in_process
+    from test_tasks_files import _rows
+
+    rows = _rows(10)
+    task_path = tmp_path / "ioi-small.jsonl"
+    task_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    folder, out = tmp_path / "pythia-tiny", tmp_path / "run"
+    model = build("gpt-neox-parallel", dtype=torch.float32, vocab=len(word_tokenizer))
+    model.save_pretrained(folder, safe_serialization=True)
+    word_tokenizer.save_pretrained(folder)
+    size = ["--edges", "40"] if method == "eap" else []
+    code, _, err = run_in_process(capsys, "discover", "--task", str(task_path), "--model", str(folder), "--method", method,
+                                  "--pairs", "10", "--batch-size", "10", *size, "--no-curve", "--force", "--out", str(out))
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    circuit = Circuit.load(out / "circuit.json")
+    assert circuit.parallel and 0 < circuit.n_edges < circuit.graph.n_edges
+
+    adapter = ModelAdapter.from_hf(model, word_tokenizer, name="pythia-tiny", dtype=torch.float32)
+    graph = EdgeGraph(adapter.shape)
+    task = load_task_file(out / "prompts.jsonl", word_tokenizer)
+    metric = {"full": 0.0, "empty": 0.0, "circuit": 0.0}
+    removed = {"full": torch.zeros_like(graph.allowed, dtype=torch.float64), "empty": graph.allowed.double(),
+               "circuit": (graph.allowed & ~circuit.mask).double()}
+    n = len(task.indices("heldout"))
+    for batch in task.batches("heldout", batch_size=n):
+        corr, _ = run_recording_senders(adapter, graph, batch.corrupted)
+        rows_ = torch.arange(batch.size)
+        for key, weights in removed.items():
+            logits = slow_patched_logits(adapter, graph, batch.clean, corr, weights)
+            metric[key] += float(task.metric(logits[rows_, batch.last], batch).double().sum()) / n
+    want = (metric["circuit"] - metric["empty"]) / (metric["full"] - metric["empty"])
+    assert summary["faithfulness"] == pytest.approx(want, abs=1e-4), (summary["faithfulness"], want)
