@@ -1,11 +1,12 @@
-"""Write the table of architectures in RESULTS.md from the test matrix (tests/architectures.py).
+"""Write the tables of architectures in RESULTS.md and README.md from the test matrix (tests/architectures.py).
 
 Each tiny model of the matrix is wrapped and put through the check at load (circuitfinder.engine.checks),
-the same check the tests run; the table says which are exact (and in which working precision) and
-which are refused, with the refusal's own words. Run it after changing the matrix or the engine:
+the same check the tests run; RESULTS.md's table says which are exact (and in which working
+precision) and which are refused, with the refusal's own words; README.md's short table lists the
+families by result. Run it after changing the matrix or the engine:
 
-    .venv/bin/python scripts/architectures.py            # print the table
-    .venv/bin/python scripts/architectures.py --readme   # and replace it in RESULTS.md
+    .venv/bin/python scripts/architectures.py            # print the tables
+    .venv/bin/python scripts/architectures.py --readme   # and replace them in RESULTS.md and README.md
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 START, END = "<!-- architectures: start (scripts/architectures.py) -->", "<!-- architectures: end -->"
 
 
-def table() -> str:
+def table() -> tuple[str, str]:
+    """The detailed table (RESULTS.md) and the short one (README.md)."""
     from architectures import ARCHITECTURES, build, load_dtype
     from circuitfinder.engine.adapter import ModelAdapter
     from circuitfinder.engine.checks import check_model
@@ -32,6 +34,7 @@ def table() -> str:
     from tiny_models import tiny_tokenizer
 
     tokenizer = tiny_tokenizer(Path(tempfile.mkdtemp(prefix="arch-tok-")))
+    groups: dict[str, list[str]] = {}
     rows = ["| architecture | Hugging Face class | result | blocks | tested in (working precision) | key/value groups | edges (3 layers, 4 heads) | largest difference / tolerance |",
             "|---|---|---|---|---|---|---|---|"]
     for name in ARCHITECTURES:
@@ -44,6 +47,7 @@ def table() -> str:
         except UserError as refused:
             why = str(refused).split(": ", 1)[-1].replace(" (--skip-model-check runs it anyway)", "")
             rows.append(f"| {name} | `{cls}` | refused: {why} | | | | | |")
+            groups.setdefault("refused: " + _cause(why), []).append(name)
             continue
         shape = adapter.shape
         precision = str(dtype).removeprefix("torch.") + f" ({str(adapter.working_dtype).removeprefix('torch.')})"
@@ -51,21 +55,37 @@ def table() -> str:
         rows.append(f"| {name} | `{cls}` | exact | {'parallel' if shape.parallel else 'sequential'}"
                     f"{', post-norm' if shape.post_norm else ''}{f', {experts} experts (one MLP node)' if experts else ''}"
                     f" | {precision} | {shape.n_kv_groups} | {EdgeGraph(shape).n_edges:,} | {worst:.1e} |")
-    return "\n".join(rows)
+        groups.setdefault(f"exact, {'parallel' if shape.parallel else 'sequential'} blocks", []).append(name)
+    short = ["| result | families |", "|---|---|"]
+    short += [f"| {result} ({len(names)}) | {', '.join(names)} |" for result, names in sorted(groups.items(), key=lambda kv: (not kv[0].startswith("exact"), kv[0]))]
+    return "\n".join(rows), "\n".join(short)
+
+
+CAUSES = (("no attention heads", "blocks without attention heads (state-space, recurrent, hybrid)"),
+          ("not the sum", "residual stream not a sum of head and MLP outputs"),
+          ("query/key/value", "no per-head query/key/value inputs"),
+          ("post-norm", "post-norm blocks"),
+          ("fails in", "no kernel in float64"))
+
+
+def _cause(why: str) -> str:
+    """A refusal's cause in a few words, for the short table."""
+    return next((short for phrase, short in CAUSES if phrase in why), why.split(";")[0][:80])
 
 
 def main() -> None:
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    text = table()
-    print(text)
+    detailed, short = table()
+    print(detailed, short, sep="\n\n")
     if "--readme" in sys.argv:
-        readme = ROOT / "RESULTS.md"
-        body = readme.read_text()
-        if START not in body:
-            sys.exit(f"RESULTS.md has no {START} marker")
-        body = re.sub(re.escape(START) + ".*?" + re.escape(END), f"{START}\n{text}\n{END}", body, flags=re.S)
-        readme.write_text(body)
+        for page, text in (("RESULTS.md", detailed), ("README.md", short)):
+            path = ROOT / page
+            body = path.read_text()
+            if START not in body:
+                sys.exit(f"{page} has no {START} marker")
+            body = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _m: f"{START}\n{text}\n{END}", body, flags=re.S)
+            path.write_text(body)
 
 
 if __name__ == "__main__":

@@ -84,8 +84,19 @@ def _random_like(x: torch.Tensor, seed: int) -> torch.Tensor:
 def check_model(adapter: ModelAdapter, seed: int = 0) -> float:
     """Raise :class:`ModelRefused` unless the engine is exact on this model (module docstring).
 
-    Returns the largest difference of the exactness comparisons (3 and 4) as a fraction of the tolerance.
+    Returns the largest difference of the exactness comparisons (3 to 5) as a fraction of the tolerance.
+    An error inside the check (a hook point the architecture lacks, say) refuses the model in one line too.
     """
+    try:
+        return _check_model(adapter, seed)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - never a traceback for a model the engine cannot handle
+        reason = (str(e).strip().splitlines() or [""])[0][:300]
+        raise _refuse(adapter, f"the check at load failed ({type(e).__name__}: {reason})") from None
+
+
+def _check_model(adapter: ModelAdapter, seed: int) -> float:
     if adapter.architecture in KNOWN_INEXACT:
         raise _refuse(adapter, KNOWN_INEXACT[adapter.architecture])
     graph = EdgeGraph(adapter.shape)
