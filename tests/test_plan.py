@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -35,7 +37,13 @@ def test_llama_3_8b_has_805681_edges_with_its_groups_kept():
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_a_config_alone_gives_the_adapters_edge_graph_and_the_models_parameters(name, tokenizer):  # noqa: F811
+    from circuitfinder.engine.families import refusal
+
     model = build(name)
+    if (why := refusal(model)) is not None:  # refused by name: no graph to plan, and the plan says why in one line
+        with pytest.raises(UserError, match="^" + re.escape(f"{name}: {why}") + "$"):
+            shape_from_config(name, model.config.to_dict())
+        return
     shape = shape_from_config(name, model.config.to_dict())
     assert shape.n_params == sum(p.numel() for p in model.parameters())
     if name in EXPECTED_REFUSAL:  # refused at load: no bridge view to compare with

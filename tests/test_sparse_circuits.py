@@ -161,7 +161,9 @@ def _decoder_layers(hf, name: str):
 
 
 def _mlp_of(layer_module):
-    return next(getattr(layer_module, n) for n in ("mlp", "feed_forward", "block_sparse_moe") if hasattr(layer_module, n))
+    """The module whose input is the MLP's (OPT and XGLM have no MLP module: their MLP norm's input)."""
+    names = ("mlp", "feed_forward", "block_sparse_moe", "final_layer_norm")
+    return next(getattr(layer_module, n) for n in names if hasattr(layer_module, n))
 
 
 def _final_norm(hf):
@@ -247,7 +249,7 @@ def test_every_edge_into_a_receiver_equals_the_hugging_face_input_from_the_corru
     for receiver in ("a0.h1<q>", f"a1.g{G - 1}<k>", "a2.g0<v>", f"a2.h{H - 1}<q>"):
         layer, kind = int(receiver[1]), receiver[-2]
         index = int(receiver.split(".")[1][1:].split("<")[0])
-        attn = getattr(layers[layer], attn_name)
+        attn = _module(layers[layer], attn_name)
         module = getattr(attn, projections if isinstance(projections, str) else projections["qkv".index(kind)])
         cols = lambda width, kind=kind, index=index: _columns(layout, kind, index, H, G, width)  # noqa: E731
         got = _receiver_patch(adapter, graph, clean, corr, receiver)

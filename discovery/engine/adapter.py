@@ -17,6 +17,25 @@ Receivers written: the q/k/v inputs, ``blocks.{l}.hook_mlp_in`` and ``ln_final.h
 logits' input). Hooks are attached only inside :meth:`ModelAdapter.hooks`, which removes them on
 exit, error or not.
 
+Attention the bridge cannot split (GPT-J, GPT-Neo, OPT, XGLM, Llama-4, PhiMoE, the ModernBERT decoder: a plain
+``AttentionBridge``, on which ``use_split_qkv_input`` and ``use_attn_result`` are not implemented)
+is split by the adapter at the Hugging Face projections (``ModelAdapter.own_attention``), under
+the same hook names. Receivers: ``hook_q_input`` (``hook_k_input``, ``hook_v_input``) is a copy per
+head (group) of the residual stream entering the block, captured at ``blocks.{l}.hook_resid_pre``;
+each copy, after the hooks, is normalised by the block's own pre-attention norm module and
+projected by its head's (group's) rows of ``q_proj`` (``k_proj``, ``v_proj``), weight and bias,
+and the concatenation replaces the projection's output. Senders: ``attn.hook_result`` is
+``z_h W_O,hᵀ`` per head, from the output projection's input ``z`` (its bias belongs to no head;
+the engine uses only differences between runs, in which a constant cancels); a hook that returns
+a different tensor sets the projection's output to ``Σ_h result_h + bias``. Unchanged copies give
+the model's own values up to the order of the float sums; layers without such hooks are left
+alone. Needed, and checked at load on a probe prompt: separate ``nn.Linear`` projections whose
+inputs are the block's pre-attention norm of ``resid_pre``, and no other path from the block's
+input into the heads' outputs (with the q/k/v outputs held fixed and the input moved, the output
+projection's input must not move). Otherwise the model is refused with one line: JetMoE (a
+mixture of attention heads), AFMoE and Laguna (an output gate computed from the layer's input),
+multi-head latent attention (no separate q/k/v projections).
+
 Post-norm blocks (Gemma 2/3: ``ln1_post``, ``ln2_post``). The attention block adds
 ``ln1_post(Σ_h result_h) = g ⊙ Σ_h result_h / rms(Σ_h result_h)`` to the residual stream, with
 ``g = 1 + w`` (Gemma's RMSNorm) and ``rms(x) = sqrt(mean(x²) + eps)``. The heads' results sum to
@@ -48,7 +67,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Callable, Iterator
 
 import torch
@@ -58,6 +77,8 @@ from circuitfinder.errors import UserError
 from circuitfinder.engine.models import keep_freed_memory, load_pretrained
 
 Hook = tuple[str, Callable]
+# Hugging Face class names that TransformerLens's bridge registers under another spelling.
+BRIDGE_NAMES = {"PhimoeForCausalLM": "PhiMoEForCausalLM"}
 PROBE_POSITIONS = 8  # tokens of the probe prompts the load checks run (fewer where the context is shorter)
 
 
@@ -77,6 +98,18 @@ class ModelShape:
     post_norm: bool = False  # heads share a post-attention norm: each head's value depends on its whole layer
     parallel: bool = False  # attention and MLP of a layer read the same residual stream (no head -> same-layer MLP edge)
     shared_qk_norm: bool = False  # queries (keys) normalised over all heads together: each q/k input reaches every head
+
+
+@dataclass(frozen=True)
+class OwnAttention:
+    """One layer's Hugging Face modules from which the adapter splits its attention (``ModelAdapter.own_attention``)."""
+
+    norm: torch.nn.Module | None  # the pre-attention norm (None: the projections read the residual stream itself)
+    q: torch.nn.Linear  # [heads · d_head, d_model], head-major columns
+    k: torch.nn.Linear  # [groups · d_head, d_model]
+    v: torch.nn.Linear
+    o: torch.nn.Linear  # [d_model, heads · d_head]
+    d_head: int
 
 
 class ModelAdapter:
@@ -113,13 +146,15 @@ class ModelAdapter:
             parallel=type(blocks[0]).__name__ == "ParallelBlockBridge",  # checked by circuitfinder.engine.checks
             shared_qk_norm=getattr(blocks[0].attn, "_qk_norm_phase", None) == "pre_reshape",  # OLMo-2: see the module docstring
         )
+        # Where the bridge cannot split the attention's inputs and outputs itself, the adapter does,
+        # at the Hugging Face projections (``own_attention``; module docstring).
+        self.own_attention: list[OwnAttention] | None = None
         try:
             bridge.set_use_split_qkv_input(True)
         except NotImplementedError:
-            raise UserError(f"{name}: {self.architecture} is not supported: TransformerLens's bridge cannot give its "
-                            f"attention ({type(blocks[0].attn).__name__}) separate query/key/value inputs and per-head outputs, which "
-                            "edge patching needs") from None
-        bridge.set_use_attn_result(True)
+            self.own_attention = []  # filled below, once a forward pass is known to run
+        if self.own_attention is None:
+            bridge.set_use_attn_result(True)
         bridge.set_use_hook_mlp_in(True)
         # Where the bridge's hook_mlp_in never fires, the adapter supplies the MLP's receiver itself
         # (``_own_mlp_input_hooks``): on parallel blocks with one shared norm (Phi-1/2, Falcon,
@@ -134,6 +169,8 @@ class ModelAdapter:
         if not mlp_in_fires:
             subs = blocks[0].submodules or {}
             self.own_mlp_input = "ln2" if "ln2" in subs else "shared-norm" if self.shape.parallel and "ln1" in subs else None
+        if self.own_attention is not None:
+            self.own_attention = self._own_attention_plan()
         for p in bridge.parameters():
             p.requires_grad_(False)
         bridge.eval()
@@ -147,7 +184,13 @@ class ModelAdapter:
         """
         from transformer_lens.model_bridge import TransformerBridge
 
+        from circuitfinder.engine.families import refusal
+
+        if (why := refusal(hf_model)) is not None:
+            raise UserError(f"{name}: {why}")
         config = hf_model.config
+        architecture = (getattr(config, "architectures", None) or [type(hf_model).__name__])[0]
+        config.architectures = [BRIDGE_NAMES.get(architecture, architecture)]  # the name the bridge boots from
         vocab = int(getattr(config, "vocab_size", 0) or 0)
         context = next((int(v) for k in ("n_positions", "max_position_embeddings", "n_ctx")
                         if (v := getattr(config, k, None))), PROBE_POSITIONS)
@@ -159,8 +202,15 @@ class ModelAdapter:
                     reference = (tokens, hf_model(tokens).logits.detach().clone())
             except RuntimeError:  # e.g. no float64 kernel: the adapter reports it below
                 reference = None
-        bridge = TransformerBridge.boot_transformers(hf_id or name, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype)
-        return cls(bridge, tokenizer, name, reference)
+        try:
+            bridge = TransformerBridge.boot_transformers(hf_id or name, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype)
+            return cls(bridge, tokenizer, name, reference)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - an architecture the bridge or the adapter cannot wrap: one line, not a traceback
+            reason = (str(e).strip().splitlines() or [""])[0][:300]
+            raise UserError(f"{name}: {type(hf_model).__name__} is not supported: wrapping it in TransformerLens's bridge "
+                            f"failed ({type(e).__name__}: {reason})") from None
 
     @property
     def device(self) -> torch.device:
@@ -346,18 +396,34 @@ class ModelAdapter:
                 return tuple(grow(v, batch) for v in value)
             return value
 
-        def match(module, args, kwargs):
+        def match(module, args, kwargs, block=None):
             hidden = args[0] if args and torch.is_tensor(args[0]) else kwargs.get("hidden_states")
+            # OPT's block bridge stamps the batch it was called with onto the hooks inside its
+            # flattened MLP; the batch grew after that, at the block's first hook point
+            for conversion in getattr(block, "_unflatten_conversions", lambda: ())():
+                conversion.batch_seq = tuple(hidden.shape[:2])
             names = ("attention_mask", "position_embeddings")
             return args, {n: grow(v, hidden.shape[0]) if n in names else v for n, v in kwargs.items()}
 
-        handles = [self.bridge.blocks[l].attn.register_forward_pre_hook(match, with_kwargs=True)
-                   for l in range(layer, self.shape.n_layers)]
+        handles = [block.attn.register_forward_pre_hook(partial(match, block=block), with_kwargs=True)
+                   for block in list(self.bridge.blocks)[layer:]]
         try:
             yield (self.layer_entry(layer), repeat)
         finally:
             for handle in handles:
                 handle.remove()
+
+    @cached_property
+    def grows_mid_pass(self) -> bool:
+        """Whether the batch may grow inside a forward pass (:meth:`batch_repeated_from`): False where
+        the model reshapes to the input's batch after the blocks (GPT-BigCode views the final norm's
+        output as the input's shape), so stacked circuits run as copies of the prompts instead."""
+        tokens = torch.zeros((2, 4), dtype=torch.long, device=self.device)
+        try:
+            with torch.no_grad(), self.batch_repeated_from(self.shape.n_layers, 2) as hook, self.hooks([hook]):
+                return self.bridge(tokens, return_type="logits").shape[0] == 4
+        except RuntimeError:
+            return False
 
     def layer_entry(self, layer: int) -> str:
         """The hook point of the residual stream entering block ``layer`` (``n_layers``: the final norm)."""
@@ -407,15 +473,31 @@ class ModelAdapter:
     @contextmanager
     def hooks(self, fwd_hooks: list[Hook]) -> Iterator["ModelAdapter"]:
         """Attach forward hooks ``(hook name, fn(tensor, hook))`` for the body of the block only."""
+        L = self.shape.n_layers
         own = {}
         if self.own_mlp_input:
-            names = {f"blocks.{l}.hook_mlp_in": l for l in range(self.shape.n_layers)}
+            names = {f"blocks.{l}.hook_mlp_in": l for l in range(L)}
             for name, fn in fwd_hooks:
                 if name in names:
                     own.setdefault(names[name], []).append(fn)
             fwd_hooks = [(n, fn) for n, fn in fwd_hooks if n not in names]
-        extra, handles = self._own_mlp_input_hooks(own)
+        inputs: dict[int, dict[str, list[Callable]]] = {}  # layer -> q/k/v -> hooks
+        results: dict[int, list[Callable]] = {}
+        if self.own_attention is not None:
+            names = {f"blocks.{l}.hook_{s}_input": (l, s) for l in range(L) for s in "qkv"}
+            names |= {f"blocks.{l}.attn.hook_result": (l, "result") for l in range(L)}
+            for name, fn in fwd_hooks:
+                if name in names:
+                    layer, kind = names[name]
+                    if kind == "result":
+                        results.setdefault(layer, []).append(fn)
+                    else:
+                        inputs.setdefault(layer, {}).setdefault(kind, []).append(fn)
+            fwd_hooks = [(n, fn) for n, fn in fwd_hooks if n not in names]
+        extra, handles = [], []
         try:
+            self._own_mlp_input_hooks(own, extra, handles)
+            self._own_attention_hooks(inputs, results, extra, handles)
             # the residual is captured last at its hook point, after any hook that grows the batch there
             with self.bridge.hooks(fwd_hooks=fwd_hooks + extra, reset_hooks_end=True):
                 yield self
@@ -430,7 +512,7 @@ class ModelAdapter:
             self.bridge(torch.zeros((1, 4), dtype=torch.long, device=self.device), return_type="logits")
         return bool(fired)
 
-    def _own_mlp_input_hooks(self, own: dict[int, list[Callable]]) -> tuple[list[Hook], list]:
+    def _own_mlp_input_hooks(self, own: dict[int, list[Callable]], extra: list[Hook], handles: list) -> None:
         """The MLP receivers the bridge does not expose: ``own`` maps a layer to its receiver hooks.
 
         ``ln2`` (BLOOM): the hooks act on a copy of the pre-MLP norm's input (the residual stream
@@ -440,9 +522,8 @@ class ModelAdapter:
         ``resid_pre`` of its own, captured at ``blocks.{l}.hook_resid_pre``, passed through the
         hooks, normalised by the block's norm module and given to the MLP in place of the shared
         input. Unchanged, either copy gives the MLP what it read before; its gradient is the MLP
-        branch's alone.
+        branch's alone. Bridge hooks are appended to ``extra``, module hook handles to ``handles``.
         """
-        extra, handles = [], []
         for layer, fns in own.items():
             block = self.bridge.blocks[layer]
 
@@ -467,7 +548,159 @@ class ModelAdapter:
 
             extra.append((f"blocks.{layer}.hook_resid_pre", capture))
             handles.append(block.mlp.register_forward_pre_hook(replace, with_kwargs=True))
-        return extra, handles
+
+    def _own_attention_plan(self) -> list[OwnAttention]:
+        """The modules from which the adapter splits each layer's attention, where the bridge cannot.
+
+        Needs separate query, key, value and output projections (``nn.Linear``, heads in
+        consecutive column blocks) and, checked on one probe prompt, query/key/value projections
+        that read the block's pre-attention norm of the residual stream entering the block (or
+        that stream itself); otherwise the model is refused with one line.
+        """
+        H, G = self.shape.n_heads, self.shape.n_kv_groups
+        blocks = list(self.bridge.blocks)
+        attn = blocks[0].attn
+        unsupported = (f"{self.name}: {self.architecture} is not supported: TransformerLens's bridge cannot give its "
+                       f"attention ({type(attn).__name__}) separate query/key/value inputs and per-head outputs, which "
+                       "edge patching needs, ")
+        subs = getattr(attn, "submodules", None) or {}
+        if "experts" in subs or hasattr(getattr(attn, "original_component", None), "experts"):
+            raise UserError(unsupported + "and the adapter cannot supply them: its queries and outputs come from experts "
+                            "routed per token (a mixture of attention heads), so a head has no fixed query projection")
+        plan = []
+        for layer, block in enumerate(blocks):
+            parts = {k: getattr(getattr(block.attn, k, None), "original_component", None) for k in "qkvo"}
+            if not all(isinstance(m, torch.nn.Linear) for m in parts.values()):
+                raise UserError(unsupported + "and the adapter supplies them only from separate query, key, value and "
+                                "output projections (Linear layers), which its attention does not have")
+            q, k, v, o = parts.values()
+            d_head = q.out_features // H
+            if q.out_features != H * d_head or k.out_features != G * d_head or v.out_features != G * d_head \
+                    or o.in_features != H * d_head:
+                raise UserError(unsupported + f"and its projections' sizes ({q.out_features}, {k.out_features}, "
+                                f"{v.out_features}) do not split into {H} heads and {G} key/value groups of one width")
+            ln1 = getattr(block, "ln1", None) if "ln1" in (block.submodules or {}) else None
+            plan.append(OwnAttention(getattr(ln1, "original_component", None), q, k, v, o, d_head))
+        # Two passes on one probe prompt. First: the projections read norm(resid_pre). Second, with
+        # every block's input moved and the q/k/v projections' outputs held at the first pass's:
+        # the output projection's input must not move (no other path from the input, e.g. a gate).
+        seen: dict[tuple[int, str], torch.Tensor] = {}
+        moved: dict[int, torch.Tensor] = {}
+        replay = [False]
+
+        def keep_in(key):
+            def hook(_module, args):
+                (moved if replay[0] and key[1] == "o" else seen).__setitem__(key[0] if replay[0] else key, args[0].detach())
+            return hook
+
+        def keep_out(key):
+            def hook(_module, _args, out):
+                if replay[0]:
+                    return seen[key]
+                seen[key] = out.detach()
+            return hook
+
+        def resid(layer):
+            def hook(x, hook=None):
+                if replay[0]:
+                    g = torch.Generator().manual_seed(layer)
+                    return x + 0.5 * x.std() * torch.randn(x.shape, generator=g, dtype=torch.float32).to(x.device, x.dtype)
+                seen[(layer, "resid")] = x.detach()
+                return x
+            return hook
+
+        def far(got, want) -> bool:
+            return got is None or want is None or got.shape != want.shape or (got - want).abs().max().item() > \
+                1e3 * torch.finfo(want.dtype).eps * max(want.abs().max().item(), 1.0)
+
+        handles = []
+        for layer, p in enumerate(plan):
+            for kind in "qkv":
+                handles.append(getattr(p, kind).register_forward_pre_hook(keep_in((layer, kind))))
+                handles.append(getattr(p, kind).register_forward_hook(keep_out((layer, kind + "_out"))))
+            handles.append(p.o.register_forward_pre_hook(keep_in((layer, "o"))))
+        tokens = probe_tokens(int(self.bridge.cfg.d_vocab), self.probe_positions).to(self.device)
+        try:
+            with torch.no_grad(), self.bridge.hooks(fwd_hooks=[(f"blocks.{l}.hook_resid_pre", resid(l)) for l in range(len(plan))],
+                                                    reset_hooks_end=True):
+                self.bridge(tokens, return_type="logits")
+                for layer, p in enumerate(plan):
+                    x = seen.get((layer, "resid"))
+                    want = None if x is None else (p.norm(x) if p.norm is not None else x)
+                    for kind in "qkv":
+                        if far(seen.get((layer, kind)), want):
+                            raise UserError(unsupported + f"and the adapter cannot supply them: layer {layer}'s {kind} "
+                                            "projection does not read the block's pre-attention norm of its input")
+                replay[0] = True
+                self.bridge(tokens, return_type="logits")
+                for layer in range(len(plan)):
+                    if far(moved.get(layer), seen.get((layer, "o"))):
+                        raise UserError(unsupported + f"and the adapter cannot supply them: layer {layer}'s attention "
+                                        "reads its input outside the query/key/value projections (an output gate, say), "
+                                        "a path no receiver would carry")
+        finally:
+            for handle in handles:
+                handle.remove()
+        return plan
+
+    def _own_attention_hooks(self, inputs: dict[int, dict[str, list[Callable]]], results: dict[int, list[Callable]],
+                             extra: list[Hook], handles: list) -> None:
+        """The q/k/v receivers and head senders the bridge does not expose (``own_attention``).
+
+        ``inputs`` maps a layer to its hooks on ``hook_q_input``/``hook_k_input``/``hook_v_input``:
+        the residual stream entering the block is captured at ``blocks.{l}.hook_resid_pre``,
+        copied once per head (q) or key/value group (k, v), ``[batch, pos, heads, d_model]``,
+        passed through the hooks, normalised copy by copy by the block's pre-attention norm, and
+        each copy projected by its own head's (group's) rows of the projection's weight and bias;
+        the concatenation replaces the projection's output. ``results`` maps a layer to its hooks
+        on ``attn.hook_result``: each head's output ``z_h W_O,hᵀ`` ``[batch, pos, heads, d_model]``
+        (the output bias in no head), computed from the output projection's input; a hook that
+        returns a different tensor makes the projection's output ``Σ_h result_h + bias``. Layers
+        and kinds with no hooks are left alone.
+        """
+        for layer, kinds in inputs.items():
+            p = self.own_attention[layer]
+            kept: dict[str, torch.Tensor] = {}
+
+            def capture(x, hook=None, kept=kept):
+                kept["resid"] = x
+                return x
+
+            extra.append((f"blocks.{layer}.hook_resid_pre", capture))
+            for kind, fns in kinds.items():
+                module = getattr(p, kind)
+
+                def project(_module, _args, out, kept=kept, fns=fns, module=module, norm=p.norm, d_head=p.d_head):
+                    resid = kept["resid"]  # [b, p, d]
+                    n = module.out_features // d_head
+                    x = resid.unsqueeze(2).expand(*resid.shape[:2], n, resid.shape[-1]).clone()  # one copy per head
+                    for fn in fns:
+                        x = fn(x)
+                    x = norm(x) if norm is not None else x
+                    w = module.weight.view(n, d_head, -1)
+                    y = torch.einsum("bpnd,ned->bpne", x.to(w.dtype), w)
+                    if module.bias is not None:
+                        y = y + module.bias.view(n, d_head)
+                    return y.reshape(out.shape).to(out.dtype)
+
+                handles.append(module.register_forward_hook(project))
+        for layer, fns in results.items():
+            p = self.own_attention[layer]
+
+            def split(_module, args, out, fns=fns, o=p.o, d_head=p.d_head):
+                z = args[0]  # [b, p, heads · d_head]
+                n = o.in_features // d_head
+                w = o.weight.view(o.out_features, n, d_head)
+                result = torch.einsum("bpne,dne->bpnd", z.reshape(*z.shape[:-1], n, d_head), w)
+                given = result
+                for fn in fns:
+                    result = fn(result)
+                if result is given:
+                    return None  # recorded only: the model's own output stands
+                total = result.sum(2)
+                return (total if o.bias is None else total + o.bias).to(out.dtype)
+
+            handles.append(p.o.register_forward_hook(split))
 
     def hook_count(self) -> int:
         """Forward and backward hooks attached right now (for tests that none are left)."""

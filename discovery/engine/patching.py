@@ -405,6 +405,9 @@ def stacked_patched_logits(
     """
     k = removed.shape[0]
     removed = removed.to(adapter.device) * graph.allowed.to(adapter.device)
+    if not adapter.grows_mid_pass:  # the definition itself: the prompts repeated, one circuit per copy
+        return patched_logits(adapter, graph, clean.repeat(k, 1), corrupted_senders.repeat(1, k, 1, 1), removed,
+                              None if positions is None else positions.repeat(k))
     split = stack_split(graph, removed)
     if split is None:  # one circuit k times
         logits = patched_logits(adapter, graph, clean, corrupted_senders, removed[0], positions)

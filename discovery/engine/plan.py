@@ -71,7 +71,7 @@ KNOWN_CONFIGS["gemma3-270m"] = dict(
     tie_word_embeddings=True, query_pre_attn_scalar=256, sliding_window=512)
 ALIASES = {"llama-3-8b": "meta-llama/Meta-Llama-3-8B", "gemma-2-2b": "google/gemma-2-2b", "gpt2-small": "gpt2"}
 # Families whose attention and MLP read the same residual stream (no head -> same-layer MLP edge).
-PARALLEL_TYPES = {"gptj", "phi", "cohere", "gpt_neox", "falcon"}
+PARALLEL_TYPES = {"gptj", "phi", "cohere", "cohere2", "gpt_neox", "falcon"}
 BYTES = {torch.float32: 4, torch.float64: 8, torch.bfloat16: 2, torch.float16: 2}
 ACTIVATION_MARGIN = 1.2  # planned/measured working memory 0.99-1.14, both bundled models, batches 8-32 (2026-12-02)
 LIBRARIES = 460_000_000  # resident after importing torch, transformers, TransformerLens's bridge, circuitfinder (0.458 GB, 2026-12-04)
@@ -121,6 +121,10 @@ def shape_from_config(name: str, config: dict) -> PlanShape:
             model = AutoModelForCausalLM.from_config(cfg)
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{name}: transformers cannot build a {model_type} model from its config ({exc})") from None
+    from circuitfinder.engine.families import refusal
+
+    if (why := refusal(model)) is not None:  # no edge graph to plan for
+        raise UserError(f"{name}: {why}")
     n_params = sum(p.numel() for p in model.parameters())  # tied weights counted once
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     heads = int(text.num_attention_heads)
