@@ -63,14 +63,19 @@ def table() -> tuple[str, str]:
 
 CAUSES = (("no attention heads", "blocks without attention heads (state-space, recurrent, hybrid)"),
           ("not the sum", "residual stream not a sum of head and MLP outputs"),
+          ("do not act as", "the bridge's q/k/v inputs do not act as the model's"),
           ("query/key/value", "no per-head query/key/value inputs"),
           ("post-norm", "post-norm blocks"),
-          ("fails in", "no kernel in float64"))
+          ("fails in", "no kernel in float64"),
+          ("applied repeatedly", "layers run several times per pass"),
+          ("embed_positions", "its TransformerLens adapter needs a rotary table this transformers version moved"),
+          ("normalises both", "one norm read before and after the layers"),
+          ("never fires", "q/k/v inputs the bridge's attention does not read"))
 
 
 def _cause(why: str) -> str:
     """A refusal's cause in a few words, for the short table."""
-    return next((short for phrase, short in CAUSES if phrase in why), why.split(";")[0][:80])
+    return next((short for phrase, short in CAUSES if phrase in why), why.split(": ", 1)[-1].split(";")[0][:80])
 
 
 def main() -> None:
