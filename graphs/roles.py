@@ -170,6 +170,7 @@ def measure_roles(adapter, task, max_prompts: int = 64, batch_size: int = 16):
     heads = torch.tensor([1 + l * (H + 1) + h for l in range(L) for h in range(H)], device="cpu")  # head senders
     names = [f"blocks.{l}.attn.hook_pattern" for l in range(L)] + [adapter.RECEIVER_LOGITS]
     per_prompt = {k: [] for k in SCORES[:5]}
+    linear = adapter.unembedding_is_linear
     clean_diff = []
     n_done = 0
     with torch.no_grad():
@@ -197,6 +198,8 @@ def measure_roles(adapter, task, max_prompts: int = 64, batch_size: int = 16):
             ids = torch.stack([answer, wrong], 1)  # [batch, 2]
             full = adapter.final_logits(resid[:, None], ids)[:, 0].cpu().double()  # [batch, 2]
             ablated = adapter.final_logits(resid[:, None] - results, ids).cpu().double()  # [batch, L*H, 2]
+            if not linear:  # a head between the final norm and the unembedding: no direct effects to read
+                full, ablated = full * math.nan, ablated * math.nan
             per_prompt["direct_effect"].append(direct_effects(full, ablated))
             clean_diff.append(full[:, 0] - full[:, 1])
     means = {k: nanmean(torch.cat(v, 0)) for k, v in per_prompt.items()}

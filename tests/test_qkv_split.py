@@ -218,3 +218,19 @@ def test_a_mixture_of_attention_heads_is_refused_with_one_line(tokenizer):
         ModelAdapter.from_hf(build("jetmoe", dtype=torch.float32), tokenizer, name="tiny-jetmoe", hf_id="jetmoe", dtype=torch.float32)
     message = str(refused.value)
     assert "\n" not in message and "JetMoeForCausalLM" in message and "mixture of attention heads" in message
+
+
+def test_direct_effects_are_left_unmeasured_where_a_head_sits_before_the_unembedding(tokenizer):
+    """The ModernBERT decoder's logits pass a dense layer, a GELU and a norm after the final norm:
+    a head's direct effect is not the final norm and W_U of its output, so roles leave it NaN."""
+    import math
+
+    from circuitfinder.graphs.roles import measure_roles
+    from test_architectures import adapter_for
+    from test_attribution import tiny_task
+
+    assert adapter_for("llama", tokenizer).unembedding_is_linear
+    adapter = adapter_for("modernbert-decoder", tokenizer)
+    assert not adapter.unembedding_is_linear
+    table = measure_roles(adapter, tiny_task(), max_prompts=4)
+    assert table["direct_effect"].map(math.isnan).all() and not table["previous_token"].map(math.isnan).any()

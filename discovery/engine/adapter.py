@@ -731,6 +731,25 @@ class ModelAdapter:
         _, cache = self.bridge.run_with_cache(tokens.to(self.device), names_filter=lambda n: n in names)
         return {n: cache[n] for n in names}
 
+    @cached_property
+    def unembedding_is_linear(self) -> bool:
+        """Whether the logits are the final norm and the unembedding of the logits' input, as
+        :meth:`final_logits` computes them (False where a head sits between them: the ModernBERT
+        decoder's dense, GELU and norm). Checked on the probe prompt, to 1e-4 of the largest logit."""
+        tokens = probe_tokens(int(self.bridge.cfg.d_vocab), self.probe_positions).to(self.device)
+        seen = {}
+
+        def keep(x, hook=None):
+            seen["resid"] = x.detach()
+            return x
+
+        with torch.no_grad(), self.hooks([(self.RECEIVER_LOGITS, keep)]):
+            logits = self.bridge(tokens, return_type="logits")[0]  # [pos, vocab]
+        ids = torch.arange(min(logits.shape[-1], 16), device=self.device).expand(logits.shape[0], -1)  # [pos, t]
+        got = self.final_logits(seen["resid"][0][:, None], ids)[:, 0]  # [pos, t]
+        want = logits[:, : ids.shape[1]]
+        return bool((got.double() - want.double()).abs().max() <= 1e-4 * max(want.abs().max().item(), 1.0))
+
     def final_logits(self, resid: Float[torch.Tensor, "batch n d_model"], token_ids: Int[torch.Tensor, "batch t"]
                      ) -> Float[torch.Tensor, "batch n t"]:
         """Logits of some tokens for residual-stream vectors at the logits' input (``RECEIVER_LOGITS``).
