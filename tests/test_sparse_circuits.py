@@ -313,3 +313,24 @@ def test_discover_on_a_pythia_style_folder_reports_the_slow_references_faithfuln
             metric[key] += float(task.metric(logits[rows_, batch.last], batch).double().sum()) / n
     want = (metric["circuit"] - metric["empty"]) / (metric["full"] - metric["empty"])
     assert summary["faithfulness"] == pytest.approx(want, abs=1e-4), (summary["faithfulness"], want)
+
+
+def test_a_norm_over_all_heads_outputs_makes_each_head_depend_on_its_whole_layer(tokenizer):
+    """BitNet normalises the heads' concatenated outputs (``attn_sub_norm``) before the output
+    projection: a change to one head's input moves every head's value through that norm, so the
+    graph treats the layer's heads as coupled, as under Gemma's post-attention norm."""
+    adapter = adapter_for("bitnet", tokenizer)
+    assert adapter.shape.post_norm and not adapter.post_norm  # the coupling rule; no post-norm head shares
+    graph = EdgeGraph(adapter.shape)
+    v = graph._receiver_index["a1.g1<v>"]
+    assert graph.receiver_feeds[v] == tuple(range(6, 10))
+    clean, corrupted = random_pair(batch=1, pos=5, seed=3)
+    corr, _ = run_recording_senders(adapter, graph, corrupted)
+    removed = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.float64)
+    removed[0, v] = 1  # input -> a1.g1<v> moves heads 2 and 3 of layer 1 directly, heads 0 and 1 only through the norm
+    seen = {}
+    base, _ = run_recording_senders(adapter, graph, clean)
+    with torch.no_grad(), adapter.hooks(adapter.sender_hooks("attn", 1, lambda values: seen.update(v=values.detach().clone()))):
+        patched_logits(adapter, graph, clean, corr, removed)
+    moved = (seen["v"] - base[6:10].permute(1, 2, 0, 3)).abs().amax(dim=(0, 1, 3))  # per head of layer 1
+    assert bool((moved[:2] > 1e-6).all()), moved

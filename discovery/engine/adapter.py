@@ -142,7 +142,8 @@ class ModelAdapter:
             n_heads=cfg.n_heads,
             n_kv_groups=getattr(cfg, "n_key_value_heads", None) or cfg.n_heads,
             d_model=cfg.d_model,
-            post_norm=self.post_norm,
+            # heads normalised together: after the attention (Gemma 2/3) or before its output projection (BitNet)
+            post_norm=self.post_norm or hasattr(blocks[0].attn.original_component, "attn_sub_norm"),
             parallel=type(blocks[0]).__name__ == "ParallelBlockBridge",  # checked by circuitfinder.engine.checks
             shared_qk_norm=getattr(blocks[0].attn, "_qk_norm_phase", None) == "pre_reshape",  # OLMo-2: see the module docstring
         )
