@@ -228,7 +228,6 @@ def _add_at_qkv(hf, name: str, receiver: str, delta: torch.Tensor, n_heads: int,
 @pytest.mark.parametrize("edge", ["input->a1.h2<q>", "a0.h1->a2.g0<k>", "m0->a1.g-1<v>", "a1.h3->a2.h0<q>"])
 def test_edges_into_queries_keys_and_values_match_the_hugging_face_modules(name, edge, tokenizer):
     adapter = adapter_for(name, tokenizer)
-    graph = EdgeGraph(adapter.shape)
     edge = edge.replace("g-1", f"g{adapter.shape.n_kv_groups - 1}")
     H, G = adapter.shape.n_heads, adapter.shape.n_kv_groups
     _one_edge_against_hugging_face(adapter, name, edge, lambda hf, receiver, delta: _add_at_qkv(hf, name, receiver, delta, H, G))

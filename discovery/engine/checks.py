@@ -303,7 +303,7 @@ def sample_edges(graph: EdgeGraph) -> list[str]:
     L, H, G = graph.shape.n_layers, graph.shape.n_heads, graph.shape.n_kv_groups
     last, prev = L - 1, max(L - 2, 0)
     head_into_mlp = f"a{last}.h0->m{last}" if not graph.shape.parallel else f"a{prev}.h{H - 1}->m{last}"
-    wanted = [f"input->a0.h0<q>", f"input->a{last}.g0<k>", f"input->a{last}.g{G - 1}<v>", f"input->m{last}",
+    wanted = ["input->a0.h0<q>", f"input->a{last}.g0<k>", f"input->a{last}.g{G - 1}<v>", f"input->m{last}",
               f"a{prev}.h0->a{last}.h{H - 1}<q>", f"m{prev}->a{last}.g0<k>", f"a{prev}.h{H - 1}->a{last}.g{G - 1}<v>",
               head_into_mlp, f"m{prev}->m{last}", f"a{last}.h0->logits", f"m{last}->logits", "input->logits"]
     allowed = graph.allowed
