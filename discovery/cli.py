@@ -29,14 +29,6 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 _state = {"debug": False}
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from circuitfinder.engine.faithfulness import MetricError
-    from circuitfinder.graphs.circuit import CircuitFileError
-    from circuitfinder.tasks.base import TaskError
-
-    return (UserError, TaskError, CircuitFileError, MetricError)
-
-
 class ConsoleReporter:
     """Prints run messages and progress bars to stderr."""
 
@@ -524,7 +516,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         code = app(args=argv, standalone_mode=False)
-    except _user_errors() as exc:
+    except UserError as exc:
         if _state["debug"]:
             raise
         print(f"error: {as_flags(exc)}", file=sys.stderr)

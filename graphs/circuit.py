@@ -50,6 +50,7 @@ from jaxtyping import Bool, Float
 from circuitfinder.engine.adapter import ModelShape
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.masks import circuit_nodes, edges_above, prune, receiver_targets, top_edges
+from circuitfinder.errors import UserError
 
 SCHEMA = "circuits/circuit"
 VERSION = 1
@@ -58,7 +59,7 @@ SLOTS = "qkv"
 _NODE = re.compile(r"^(input|logits|m(?P<ml>\d+)|a(?P<al>\d+)\.(?:h(?P<h>\d+)|g(?P<g>\d+)))(?:<(?P<slot>[qkv])>)?$")
 
 
-class CircuitFileError(ValueError):
+class CircuitFileError(UserError, ValueError):
     """A circuit file that cannot be read; the message says what is wrong."""
 
 

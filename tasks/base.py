@@ -26,10 +26,12 @@ from typing import Callable, Iterator
 import torch
 from jaxtyping import Float, Int
 
+from circuitfinder.errors import UserError
+
 Metric = Callable[[Float[torch.Tensor, "batch vocab"], "TaskBatch"], Float[torch.Tensor, " batch"]]
 
 
-class TaskError(ValueError):
+class TaskError(UserError, ValueError):
     """A task that cannot be built from what was given; the message says what to fix."""
 
 

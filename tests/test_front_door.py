@@ -209,3 +209,15 @@ def test_loading_what_is_not_a_run_folder_is_one_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"task": "ioi"}))
     with pytest.raises(cf.UserError, match="no readable summary.json"):
         cf.Run.load(tmp_path)
+
+
+def test_every_user_facing_error_is_a_user_error():
+    """The command line prints any UserError in one line and exits 2: task, circuit-file and metric
+    errors are UserErrors too (and stay ValueErrors for code that caught them as such)."""
+    from circuitfinder.engine.faithfulness import MetricError
+    from circuitfinder.errors import UserError
+    from circuitfinder.graphs.circuit import CircuitFileError
+    from circuitfinder.tasks.base import TaskError
+
+    for error in (TaskError, CircuitFileError, MetricError):
+        assert issubclass(error, UserError) and issubclass(error, ValueError)

@@ -34,12 +34,13 @@ import torch.nn.functional as F
 from circuitfinder.engine.ablation import Ablation, make_ablation
 from circuitfinder.engine.adapter import ModelAdapter
 from circuitfinder.engine.masks import Mask, prune, top_edges
+from circuitfinder.errors import UserError
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.patching import PassRecord, patched_logits, stack_split, stacked_patched_logits
 from circuitfinder.tasks.base import Task, TaskBatch
 
 
-class MetricError(ValueError):
+class MetricError(UserError, ValueError):
     """A metric that makes faithfulness meaningless (NaN, or clean equal to corrupted)."""
 
 
