@@ -38,6 +38,11 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
     "bloom": ("BloomConfig", dict(n_layer=3, n_head=4, hidden_size=16, **COMMON)),
     "falcon": ("FalconConfig", dict(num_hidden_layers=3, num_attention_heads=4, hidden_size=16, parallel_attn=True,
                                     new_decoder_architecture=False, multi_query=True, alibi=False, **COMMON)),
+    "falcon-sequential": ("FalconConfig", dict(num_hidden_layers=3, num_attention_heads=4, hidden_size=16,
+                                               parallel_attn=False, new_decoder_architecture=False, multi_query=True,
+                                               alibi=False, **COMMON)),
+    "falcon-new": ("FalconConfig", dict(num_hidden_layers=3, num_attention_heads=4, hidden_size=16, num_kv_heads=2,
+                                        new_decoder_architecture=True, alibi=False, **COMMON)),
     "phi": ("PhiConfig", dict(num_hidden_layers=3, num_attention_heads=4, hidden_size=16, intermediate_size=32,
                               max_position_embeddings=64, partial_rotary_factor=0.5, **COMMON)),
     "phi3": ("Phi3Config", dict(LLAMA_LIKE, pad_token_id=0)),
@@ -239,6 +244,7 @@ EXPECTED_REFUSAL = {
     "hrm-text": "applied repeatedly in one forward pass",
     "nanochat": "is read twice per forward pass",
     "codegen": "embed_positions",
+    "falcon-new": "new decoder architecture",
 }
 # Mixture-of-experts: transformers' grouped expert matmul has no float64 kernel (float32 is exact to its rounding).
 FLOAT32_ONLY = {"mixtral", "olmoe", "flex-olmo", "granite-moe", "qwen2-moe", "qwen3-moe", "phimoe", "minimax-m2", "gpt-oss",

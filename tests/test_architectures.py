@@ -44,10 +44,10 @@ MLP_READS = {
     "apertus": ("model.layers", "feedforward_layernorm"), "vaultgemma": ("model.layers", "pre_feedforward_layernorm"),
     "gpt-bigcode": ("transformer.h", "ln_2"), "gpt-neo": ("transformer.h", "ln_2"),
     "opt": ("model.decoder.layers", "final_layer_norm"), "xglm": ("model.layers", "final_layer_norm"),
-    "modernbert-decoder": ("model.layers", "mlp_norm"),
+    "modernbert-decoder": ("model.layers", "mlp_norm"), "falcon-sequential": ("transformer.h", "post_attention_layernorm"),
 }
 FINAL_NORM = {"gpt2": "transformer.ln_f", "gpt-neox-parallel": "gpt_neox.final_layer_norm",
-              "gpt-neox-sequential": "gpt_neox.final_layer_norm", "phi": "model.final_layernorm", "falcon": "transformer.ln_f",
+              "gpt-neox-sequential": "gpt_neox.final_layer_norm", "phi": "model.final_layernorm", "falcon": "transformer.ln_f", "falcon-sequential": "transformer.ln_f",
               "bloom": "transformer.ln_f", "gpt-bigcode": "transformer.ln_f", "gptj": "transformer.ln_f",
               "gpt-neo": "transformer.ln_f", "opt": "model.decoder.final_layer_norm", "xglm": "model.layer_norm",
               "modernbert-decoder": "model.final_norm"}
@@ -179,7 +179,7 @@ QKV["gpt2"] = ("transformer.h", "ln_1", "attn", "c_attn", "q|k|v")
 QKV["phi3"] = ("model.layers", "input_layernorm", "self_attn", "qkv_proj", "q|k|v")
 QKV["gpt-neox-parallel"] = QKV["gpt-neox-sequential"] = ("gpt_neox.layers", "input_layernorm", "attention", "query_key_value", "per-head qkv")
 QKV["bloom"] = ("transformer.h", "input_layernorm", "self_attention", "query_key_value", "per-head qkv")
-QKV["falcon"] = ("transformer.h", "input_layernorm", "self_attention", "query_key_value", "q|k|v")  # multi-query: G = 1
+QKV["falcon"] = QKV["falcon-sequential"] = ("transformer.h", "input_layernorm", "self_attention", "query_key_value", "q|k|v")  # multi-query: G = 1
 
 
 def _columns(layout: str | None, kind: str, index: int, H: int, G: int, out_features: int) -> slice:

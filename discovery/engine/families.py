@@ -119,6 +119,10 @@ def refusal(hf_model) -> str | None:
         return f"{cls}: {OTHER[cls]}"
     if config is not None and getattr(config, "do_layer_norm_before", True) is False:  # OPT-350m
         return f"{cls}: {POST_NORM}"
+    if cls == "FalconForCausalLM" and getattr(config, "new_decoder_architecture", False):  # Falcon-40B/180B
+        return (f"{cls}: its new decoder architecture interleaves each key/value group's queries, key and value in "
+                "one fused projection, which TransformerLens 4.3's Falcon adapter splits as if there were one "
+                "key/value head, so the bridge cannot run it")
     if cls == "CodeGenForCausalLM" and _codegen_attention_lacks_rotary_table(hf_model):
         return (f"{cls}: TransformerLens 4.3's CodeGen attention reads the rotary table embed_positions from each "
                 "attention module, which this transformers version no longer keeps there (it moved to the model's "
