@@ -582,6 +582,11 @@ class ModelAdapter:
                                 f"{v.out_features}) do not split into {H} heads and {G} key/value groups of one width")
             ln1 = getattr(block, "ln1", None) if "ln1" in (block.submodules or {}) else None
             plan.append(OwnAttention(getattr(ln1, "original_component", None), q, k, v, o, d_head))
+        self._probe_own_attention(plan, unsupported)
+        return plan
+
+    def _probe_own_attention(self, plan: list[OwnAttention], unsupported: str) -> None:
+        """Refuse (``unsupported`` + why) unless the split of ``plan`` computes the model's attention."""
         # Two passes on one probe prompt. First: the projections read norm(resid_pre). Second, with
         # every block's input moved and the q/k/v projections' outputs held at the first pass's:
         # the output projection's input must not move (no other path from the input, e.g. a gate).
@@ -642,7 +647,6 @@ class ModelAdapter:
         finally:
             for handle in handles:
                 handle.remove()
-        return plan
 
     def _own_attention_hooks(self, inputs: dict[int, dict[str, list[Callable]]], results: dict[int, list[Callable]],
                              extra: list[Hook], handles: list) -> None:

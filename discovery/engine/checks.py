@@ -31,6 +31,8 @@ line's ``--skip-model-check``) skips the check.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -97,33 +99,71 @@ def check_model(adapter: ModelAdapter, seed: int = 0) -> float:
 
 
 def _check_model(adapter: ModelAdapter, seed: int) -> float:
+    """The steps of the module docstring, in order; the exactness steps (3 to 5) return their worst ratio."""
     if adapter.architecture in KNOWN_INEXACT:
         raise _refuse(adapter, KNOWN_INEXACT[adapter.architecture])
-    graph = EdgeGraph(adapter.shape)
-    g = torch.Generator().manual_seed(seed)
-    vocab = int(adapter.bridge.cfg.d_vocab)
-    clean, corrupted = (torch.randint(0, vocab, (1, adapter.probe_positions), generator=g, device="cpu") for _ in range(2))
-    try:
-        corr_senders, corr_logits = run_recording_senders(adapter, graph, corrupted)
-        clean_senders, clean_logits = run_recording_senders(adapter, graph, clean)
-    except RuntimeError as e:  # e.g. a mixture-of-experts matmul with no float64 kernel
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise _refuse(adapter, f"a forward pass fails in {adapter.dtype} ({reason})") from None
-    tol = tolerance_for(adapter, clean_logits)
-    L = adapter.shape.n_layers
+    probe = _Probe.of(adapter, seed)
+    _check_bridge(probe)
+    _check_receivers_wired(probe)
+    _check_block_rule(probe)
+    return max(_check_full_and_empty(probe), _check_single_edges(probe), _check_sparse_circuit(probe))
 
-    # 0. the bridge's logits are the wrapped model's own
-    if adapter.hf_reference is not None:
-        tokens, want = adapter.hf_reference
-        with torch.no_grad():
-            got = adapter.bridge(tokens.to(adapter.device), return_type="logits")
-        diff = (got.double() - want.to(got.device).double()).abs().max().item()
-        if diff > _bridge_tolerance(adapter, want):
-            raise _refuse(adapter, f"the bridge's logits differ from the Hugging Face model's own by {diff:.2g}")
 
-    # 1. every receiver kind, in the first, middle and last layer, moves the logits
+@dataclass(frozen=True)
+class _Probe:
+    """One random prompt pair ``[1, positions]`` and both runs' senders and logits: what every step reads."""
+
+    adapter: ModelAdapter
+    graph: EdgeGraph
+    seed: int
+    clean: torch.Tensor
+    corr_senders: torch.Tensor  # [senders, 1, pos, d_model]
+    corr_logits: torch.Tensor
+    clean_senders: torch.Tensor
+    clean_logits: torch.Tensor
+    tol: float  # the exact tolerance of these logits
+
+    @classmethod
+    def of(cls, adapter: ModelAdapter, seed: int) -> "_Probe":
+        graph = EdgeGraph(adapter.shape)
+        g = torch.Generator().manual_seed(seed)
+        vocab = int(adapter.bridge.cfg.d_vocab)
+        clean, corrupted = (torch.randint(0, vocab, (1, adapter.probe_positions), generator=g, device="cpu") for _ in range(2))
+        try:
+            corr_senders, corr_logits = run_recording_senders(adapter, graph, corrupted)
+            clean_senders, clean_logits = run_recording_senders(adapter, graph, clean)
+        except RuntimeError as e:  # e.g. a mixture-of-experts matmul with no float64 kernel
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise _refuse(adapter, f"a forward pass fails in {adapter.dtype} ({reason})") from None
+        return cls(adapter, graph, seed, clean, corr_senders, corr_logits, clean_senders, clean_logits,
+                   tolerance_for(adapter, clean_logits))
+
+    def compare(self, got: torch.Tensor, want: torch.Tensor, what: str) -> float:
+        """``|got − want|`` as a fraction of the tolerance; refuses the model above 1 (``what`` says what differs)."""
+        diff = (got - want).abs().max().item()
+        if diff > self.tol:
+            raise _refuse(self.adapter, f"{what} by {diff:.2g} (tolerance {self.tol:.2g})")
+        return diff / self.tol
+
+
+def _check_bridge(probe: _Probe) -> None:
+    """0. The bridge's logits are the wrapped model's own."""
+    adapter = probe.adapter
+    if adapter.hf_reference is None:
+        return
+    tokens, want = adapter.hf_reference
+    with torch.no_grad():
+        got = adapter.bridge(tokens.to(adapter.device), return_type="logits")
+    diff = (got.double() - want.to(got.device).double()).abs().max().item()
+    if diff > _bridge_tolerance(adapter, want):
+        raise _refuse(adapter, f"the bridge's logits differ from the Hugging Face model's own by {diff:.2g}")
+
+
+def _check_receivers_wired(probe: _Probe) -> None:
+    """1. Every receiver kind, in the first, middle and last layer, moves the logits."""
+    adapter, L = probe.adapter, probe.adapter.shape.n_layers
     layers = sorted({0, L // 2, L - 1})
-    for point in graph.receiver_points:
+    for point in probe.graph.receiver_points:
         if point.layer not in layers and point.kind != "logits" or reads_nothing(adapter, point.kind, point.layer):
             continue
         hook_name = adapter.receiver_hook(point.kind, point.layer)
@@ -131,18 +171,21 @@ def _check_model(adapter: ModelAdapter, seed: int) -> float:
 
         def nudge(x, hook=None, fired=fired):
             fired.append(True)
-            return x + _random_like(x, seed + 1)
+            return x + _random_like(x, probe.seed + 1)
 
         with torch.no_grad(), adapter.hooks([(hook_name, nudge)]):
-            moved = (adapter.logits(clean) - clean_logits).abs().max().item() > noise_floor_for(adapter, clean_logits)
+            moved = (adapter.logits(probe.clean) - probe.clean_logits).abs().max().item() > noise_floor_for(adapter, probe.clean_logits)
         if fired and not moved:  # a saturated softmax or ReLU downstream (tracr's hard attention): ask the reader
-            moved = _reader_moves(adapter, point, clean, hook_name, nudge)
+            moved = _reader_moves(adapter, point, probe.clean, hook_name, nudge)
         if not fired or not moved:
             where = "never fires" if not fired else "changes nothing"
             raise _refuse(adapter, f"the {point.kind} input of layer {point.layer} ({hook_name}) {where}")
 
-    # 2. heads reach their own layer's MLP exactly when the graph says so
-    # the first and the last layer whose MLP reads anything (only those two are scanned on most models)
+
+def _check_block_rule(probe: _Probe) -> None:
+    """2. Heads reach their own layer's MLP exactly when the graph says so, in the first and the last
+    layer whose MLP reads anything."""
+    adapter, L = probe.adapter, probe.adapter.shape.n_layers
     first = next((l for l in range(L) if not reads_nothing(adapter, "mlp", l)), None)
     last = next(l for l in reversed(range(L)) if not reads_nothing(adapter, "mlp", l)) if first is not None else None
     for layer in sorted({first, last} - {None}):
@@ -153,14 +196,14 @@ def _check_model(adapter: ModelAdapter, seed: int) -> float:
             return x
 
         def bump(x, hook=None):
-            return x + _random_like(x, seed + 2)
+            return x + _random_like(x, probe.seed + 2)
 
         mlp_hook = adapter.sender_hook("mlp", layer)
         with torch.no_grad(), adapter.hooks([(mlp_hook, keep)]):
-            adapter.logits(clean)
+            adapter.logits(probe.clean)
         before = mlp_out.pop("value")
         with torch.no_grad(), adapter.hooks([(adapter.sender_hook("attn", layer), bump), (mlp_hook, keep)]):
-            adapter.logits(clean)
+            adapter.logits(probe.clean)
         change = (mlp_out["value"] - before).abs().max().item()
         # an MLP that does not read its layer's heads cannot change at all; in half precision any change counts
         reads_heads = change > (0.0 if adapter.working_dtype in HALF else tolerance_for(adapter, before))
@@ -169,39 +212,37 @@ def _check_model(adapter: ModelAdapter, seed: int) -> float:
             raise _refuse(adapter, f"layer {layer}'s MLP {'reads' if reads_heads else 'does not read'} its own "
                           f"layer's heads, but the block was taken as {says}")
 
-    # 3. full = clean, empty = corrupted
-    worst = 0.0
-    none = torch.zeros(graph.n_senders, graph.n_receivers, device="cpu")
-    for removed, want, what in ((none, clean_logits, "the full circuit differs from the clean run"),
-                                (graph.allowed.double(), corr_logits, "the empty circuit differs from the corrupted run")):
-        diff = (patched_logits(adapter, graph, clean, corr_senders, removed) - want).abs().max().item()
-        worst = max(worst, diff / tol)
-        if diff > tol:
-            raise _refuse(adapter, f"{what} by {diff:.2g} (tolerance {tol:.2g})")
 
-    # 4. one edge of every kind against a single plain hook at its receiver
+def _check_full_and_empty(probe: _Probe) -> float:
+    """3. The full circuit gives the clean run, the empty circuit the corrupted run."""
+    graph, patch = probe.graph, partial(patched_logits, probe.adapter, probe.graph, probe.clean, probe.corr_senders)
+    none = torch.zeros(graph.n_senders, graph.n_receivers, device="cpu")
+    return max(probe.compare(patch(none), probe.clean_logits, "the full circuit differs from the clean run"),
+               probe.compare(patch(graph.allowed.double()), probe.corr_logits, "the empty circuit differs from the corrupted run"))
+
+
+def _check_single_edges(probe: _Probe) -> float:
+    """4. One edge of every kind, patched by the engine, against a single plain hook at its receiver."""
+    adapter, graph, worst = probe.adapter, probe.graph, 0.0
     for edge in sample_edges(graph):
         s, r = graph.edge_index(edge)
         removed = torch.zeros(graph.n_senders, graph.n_receivers, device="cpu")
         removed[s, r] = 1
-        got = patched_logits(adapter, graph, clean, corr_senders, removed)
+        got = patched_logits(adapter, graph, probe.clean, probe.corr_senders, removed)
         point = next(p for p in graph.receiver_points if p.start <= r < p.stop)
-        with torch.no_grad(), adapter.hooks([receiver_delta_hook(adapter, point, r, corr_senders[s] - clean_senders[s])]):
-            want = adapter.logits(clean)
-        diff = (got - want).abs().max().item()
-        worst = max(worst, diff / tol)
-        if diff > tol:
-            raise _refuse(adapter, f"patching {edge} differs from a plain hook by {diff:.2g}")
-
-    # 5. a random sparse circuit against the direct sum of its removed edges
-    removed = random_circuit(graph, kept=0.1, seed=seed)
-    got = patched_logits(adapter, graph, clean, corr_senders, removed)
-    want = direct_patched_logits(adapter, graph, clean, corr_senders, removed)
-    diff = (got - want).abs().max().item()
-    worst = max(worst, diff / tol)
-    if diff > tol:
-        raise _refuse(adapter, f"a random sparse circuit differs from the direct sum of its removed edges by {diff:.2g}")
+        delta = probe.corr_senders[s] - probe.clean_senders[s]
+        with torch.no_grad(), adapter.hooks([receiver_delta_hook(adapter, point, r, delta)]):
+            want = adapter.logits(probe.clean)
+        worst = max(worst, probe.compare(got, want, f"patching {edge} differs from a plain hook"))
     return worst
+
+
+def _check_sparse_circuit(probe: _Probe) -> float:
+    """5. A random sparse circuit against the direct sum of its removed edges."""
+    removed = random_circuit(probe.graph, kept=0.1, seed=probe.seed)
+    args = (probe.adapter, probe.graph, probe.clean, probe.corr_senders, removed)
+    return probe.compare(patched_logits(*args), direct_patched_logits(*args),
+                         "a random sparse circuit differs from the direct sum of its removed edges")
 
 
 def random_circuit(graph: EdgeGraph, kept: float, seed: int = 0) -> torch.Tensor:
