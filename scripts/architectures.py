@@ -70,6 +70,7 @@ CAUSES = (("no attention heads", "blocks without attention heads (state-space, r
           ("applied repeatedly", "layers run several times per pass"),
           ("embed_positions", "its TransformerLens adapter needs a rotary table this transformers version moved"),
           ("normalises both", "one norm read before and after the layers"),
+          ("new decoder architecture", "a fused grouped q/k/v layout TransformerLens splits wrongly"),
           ("never fires", "q/k/v inputs the bridge's attention does not read"))
 
 
