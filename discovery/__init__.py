@@ -28,7 +28,7 @@ from __future__ import annotations
 from importlib import import_module
 
 _EXPORTS = {
-    "load_model": "circuitfinder.engine.checks:load_checked_model",
+    "load_model": "circuitfinder.engine.checks:load_model",
     "ModelAdapter": "circuitfinder.engine.adapter:ModelAdapter",
     "EdgeGraph": "circuitfinder.engine.graph:EdgeGraph",
     "CircuitEvaluator": "circuitfinder.engine.faithfulness:CircuitEvaluator",

@@ -350,12 +350,12 @@ def tasks_show(
     examples: int = typer.Option(3, "--examples", help="Prompt pairs to print."),
 ) -> None:
     """Show a few prompt pairs of a task and the model's baseline on it."""
-    from circuitfinder.engine.adapter import load_model
+    from circuitfinder.engine.adapter import load_unchecked
     from circuitfinder.engine.faithfulness import CircuitEvaluator
     from circuitfinder.engine.graph import EdgeGraph
     from circuitfinder.tasks import build_task
 
-    adapter = load_model(model, ConsoleReporter().log)
+    adapter = load_unchecked(model, ConsoleReporter().log)
     task = build_task(name, adapter.tokenizer, n_pairs=pairs, seed=seed)
     print(f"task {task.name}: {len(task)} pairs ({len(task.indices('discovery'))} discovery, "
           f"{len(task.indices('heldout'))} held-out), metric {task.metric_name}")

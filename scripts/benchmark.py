@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from circuitfinder.engine.adapter import load_model  # noqa: E402
+from circuitfinder.engine.adapter import load_unchecked  # noqa: E402
 from circuitfinder.methods.attribution import attribute_batch, ig_alphas, input_hook  # noqa: E402
 from circuitfinder.engine.masks import prune, top_edges  # noqa: E402
 from circuitfinder.engine.graph import EdgeGraph  # noqa: E402
@@ -120,7 +120,7 @@ def pool_rates(adapter, graph, task, model: str) -> dict:
     chunk = 4  # half a chain: two workers share each chain
     pool = InProcessPool(stacked, chunk)
     out["in_process_chunk4_per_second"] = round(n / best_of(lambda: pool(circuits), 0), 3)
-    spec = EvaluatorSpec(partial(load_model, model), task, prompts, prompts, "kl", MAX_ROWS)
+    spec = EvaluatorSpec(partial(load_unchecked, model), task, prompts, prompts, "kl", MAX_ROWS)
     for workers in (1, 2):
         start = time.perf_counter()
         ray_pool = RayPool(spec, workers, chunk)
@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--skip-pool", action="store_true", help="skip the ACDC scorer pool timings (in-process and Ray)")
     args = parser.parse_args()
 
-    adapter = load_model(args.model)
+    adapter = load_unchecked(args.model)
     graph = EdgeGraph(adapter.shape)
     task = build_task("ioi", adapter.tokenizer, n_pairs=64)
     batch = next(task.batches("discovery", args.batch_size))

@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from circuitfinder.engine.adapter import load_model  # noqa: E402
+from circuitfinder.engine.adapter import load_unchecked  # noqa: E402
 from circuitfinder.methods.registry import METHODS  # noqa: E402
 from circuitfinder.engine.faithfulness import CircuitEvaluator, faithfulness_curve  # noqa: E402
 from circuitfinder.engine.graph import EdgeGraph  # noqa: E402
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
 
-    adapter = load_model(args.model)
+    adapter = load_unchecked(args.model)
     graph = EdgeGraph(adapter.shape)
     task = build_task(args.task, adapter.tokenizer, n_pairs=args.pairs, seed=0)
     result = {"model": args.model, "task": args.task, "pairs": args.pairs, "ig_steps": args.steps,

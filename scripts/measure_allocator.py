@@ -30,14 +30,14 @@ def child(model: str, heap: bool, passes: int) -> dict:
     import torch
 
     import circuitfinder.engine.adapter as adapter_module
-    from circuitfinder.engine.checks import load_checked_model
+    from circuitfinder.engine.checks import load_model
     from circuitfinder.engine.faithfulness import CircuitEvaluator
     from circuitfinder.engine.graph import EdgeGraph
     from circuitfinder.tasks import build_task
 
     if not heap:
         adapter_module.keep_freed_memory = lambda: False
-    adapter = load_checked_model(model, check=False, dtype="float32", device="cpu")
+    adapter = load_model(model, check=False, dtype="float32", device="cpu")
     graph = EdgeGraph(adapter.shape)
     task = build_task("ioi", adapter)
     evaluator = CircuitEvaluator(adapter, graph, task, "discovery", 16, limit=32, distance="task", reuse=0)

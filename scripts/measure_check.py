@@ -30,14 +30,14 @@ def main() -> None:
 
     import torch
 
-    from circuitfinder.engine.adapter import load_model
+    from circuitfinder.engine.adapter import load_unchecked
     from circuitfinder.engine.checks import check_model, direct_patched_logits, random_circuit
     from circuitfinder.engine.graph import EdgeGraph
     from circuitfinder.engine.patching import patched_logits, run_recording_senders
 
     results = []
     for name in args.models:
-        adapter = load_model(name, dtype=torch.float32)
+        adapter = load_unchecked(name, dtype=torch.float32)
         graph = EdgeGraph(adapter.shape)
         whole, step = [], []
         for _ in range(args.repeats):

@@ -28,7 +28,7 @@ def main() -> None:
     import torch
 
     from benchmark import write_result
-    from circuitfinder.engine.adapter import load_model
+    from circuitfinder.engine.adapter import load_unchecked
     from circuitfinder.methods.attribution import eap_ig
     from circuitfinder.engine.masks import prune, top_edges
     from circuitfinder.engine.faithfulness import CircuitEvaluator
@@ -48,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     t0 = time.perf_counter()
-    model = load_model("smollm2-135m")
+    model = load_unchecked("smollm2-135m")
     graph = EdgeGraph(model.shape)
     task = build_task("ioi", model.tokenizer, n_pairs=128, seed=0)
     scores = eap_ig(model, graph, task)

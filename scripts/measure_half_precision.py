@@ -40,7 +40,7 @@ def main() -> None:
     import pandas as pd
     import torch
 
-    from circuitfinder.engine.adapter import load_model
+    from circuitfinder.engine.adapter import load_unchecked
     from circuitfinder.engine.faithfulness import CircuitEvaluator
     from circuitfinder.engine.graph import EdgeGraph
     from circuitfinder.graphs.circuit import load_circuit
@@ -54,7 +54,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         runs = [run(dtype, args.edges, Path(scratch) / f"{dtype}-{i}") for i in range(args.repeats) for dtype in DTYPES]
         last = {r["dtype"]: r for r in runs}
-        adapters = {dtype: load_model("smollm2-135m", dtype=getattr(torch, dtype)) for dtype in DTYPES}
+        adapters = {dtype: load_unchecked("smollm2-135m", dtype=getattr(torch, dtype)) for dtype in DTYPES}
         graph = EdgeGraph(adapters["float32"].shape)
         scores = {d: read_scores(last[d]["out"] / "scores.parquet", graph)[graph.allowed].double() for d in DTYPES}
         masks = {d: load_circuit(last[d]["out"]).mask for d in DTYPES}

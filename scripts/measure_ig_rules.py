@@ -27,7 +27,7 @@ def main() -> None:
     import torch
 
     from benchmark import write_result
-    from circuitfinder.engine.adapter import load_model
+    from circuitfinder.engine.adapter import load_unchecked
     from circuitfinder.methods.attribution import eap_ig
     from circuitfinder.engine.graph import EdgeGraph
     from circuitfinder.methods.validation import correlations, exact_edge_effects, pick_edges
@@ -39,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     started = time.perf_counter()
-    model = load_model("smollm2-135m")
+    model = load_unchecked("smollm2-135m")
     graph = EdgeGraph(model.shape)
     plain = build_task("ioi", model.tokenizer, n_pairs=args.pairs, seed=0)
     tasks = {"tokenizer's own (no BOS)": plain, "BOS prepended": plain.with_bos(model.tokenizer.bos_token_id)}

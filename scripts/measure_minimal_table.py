@@ -25,7 +25,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 
 def measure(run_dir: Path, adapters: dict) -> dict:
-    from circuitfinder.engine.adapter import load_model
+    from circuitfinder.engine.adapter import load_unchecked
     from circuitfinder.engine.faithfulness import CircuitEvaluator, search_size
     from circuitfinder.engine.graph import EdgeGraph
     from circuitfinder.engine.masks import top_edges
@@ -35,7 +35,7 @@ def measure(run_dir: Path, adapters: dict) -> dict:
     config = DiscoverConfig(**json.loads((run_dir / "config.json").read_text()))
     summary = json.loads((run_dir / "summary.json").read_text())
     if config.model not in adapters:
-        adapters[config.model] = load_model(config.model)
+        adapters[config.model] = load_unchecked(config.model)
     adapter = adapters[config.model]
     graph = EdgeGraph(adapter.shape)
     task = build_run_task(config, adapter.tokenizer)

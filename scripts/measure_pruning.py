@@ -155,7 +155,7 @@ def main() -> None:
     import torch
 
     from benchmark import write_result
-    from circuitfinder.engine.adapter import load_model
+    from circuitfinder.engine.adapter import load_unchecked
     from circuitfinder.engine.faithfulness import CircuitEvaluator
     from circuitfinder.engine.graph import EdgeGraph
     from circuitfinder.engine.masks import node_count
@@ -176,7 +176,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     t0 = time.perf_counter()
-    model = load_model(args.model)
+    model = load_unchecked(args.model)
     graph = EdgeGraph(model.shape)
     task = build_task(args.task, model.tokenizer, n_pairs=args.n_pairs, seed=0)
     t_load = time.perf_counter() - t0

@@ -29,7 +29,7 @@ def main() -> int:
     args = parser.parse_args()
 
     import circuitfinder as cf
-    from circuitfinder.engine.checks import load_checked_model
+    from circuitfinder.engine.checks import load_model
     from circuitfinder.engine.graph import EdgeGraph
     from circuitfinder.methods.attribution import eap_ig
     from circuitfinder.methods.pool import ray_scores
@@ -42,7 +42,7 @@ def main() -> int:
     scale = float(want.abs().max())
     for workers in (1, 2):
         start = time.perf_counter()
-        got = ray_scores(partial(load_checked_model, args.model, check=False), eap_ig, task, 8, workers, steps=args.steps)
+        got = ray_scores(partial(load_model, args.model, check=False), eap_ig, task, 8, workers, steps=args.steps)
         diff = float((got - want).abs().max()) / scale
         rows.append({"workers": workers, "seconds": round(time.perf_counter() - start, 1), "max_relative_difference": diff})
         print(f"{workers} worker(s): max |difference| / max |score| = {diff:.2e}, {rows[-1]['seconds']} s "

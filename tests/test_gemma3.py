@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from circuitfinder.engine.adapter import ModelShape, load_model
+from circuitfinder.engine.adapter import ModelShape, load_unchecked
 from circuitfinder.engine.faithfulness import CircuitEvaluator
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.patching import patched_logits, run_recording_senders
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def gemma3():
-    return load_model("gemma3-270m")
+    return load_unchecked("gemma3-270m")
 
 
 @pytest.fixture(scope="module")

@@ -103,10 +103,10 @@ def runs(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(runs, tiny_model_dir) -> dict:
     """An uninterrupted run (in this process): its circuit.json, candidate count and checkpoint folder."""
-    from circuitfinder.engine.adapter import load_model
+    from circuitfinder.engine.adapter import load_unchecked
 
     config = DiscoverConfig(model=str(tiny_model_dir), **SEARCH)
-    summary = run_config(config, out=runs / "reference", adapter=load_model(str(tiny_model_dir))).summary
+    summary = run_config(config, out=runs / "reference", adapter=load_unchecked(str(tiny_model_dir))).summary
     checkpoint = Checkpoint(runs, search_key(config)).dir
     assert not checkpoint.exists()  # cleared once the results were written
     assert summary["search"]["chains"] >= 12 and summary["edges_kept"] > 0  # room for a signal mid-search

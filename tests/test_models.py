@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from circuitfinder.engine.adapter import load_model
+from circuitfinder.engine.adapter import load_unchecked
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.patching import patched_logits, run_recording_senders
 from tiny_models import random_pair, tiny_hf_model, tiny_tokenizer
@@ -23,7 +23,7 @@ def test_a_local_folder_with_a_saved_model_loads_and_patches_exactly(tmp_path):
     original = tiny_hf_model("gpt2", dtype=torch.float32)
     original.save_pretrained(folder)
     tiny_tokenizer(folder)
-    adapter = load_model(str(folder))
+    adapter = load_unchecked(str(folder))
     assert (adapter.shape.n_layers, adapter.shape.n_heads, adapter.shape.n_kv_groups) == (3, 4, 4)
 
     clean, corrupted = random_pair()

@@ -134,7 +134,7 @@ def test_auto_in_bfloat16_reports_the_circuit_measured_in_float32(tiny_model_dir
     each dtype, outside the run."""
     from circuitfinder.engine import precision
     from circuitfinder.engine.ablation import make_ablation
-    from circuitfinder.engine.adapter import load_model
+    from circuitfinder.engine.adapter import load_unchecked
     from circuitfinder.engine.faithfulness import CircuitEvaluator
     from circuitfinder.engine.graph import EdgeGraph
     from circuitfinder.runs.run import DiscoverConfig, build_run_task, run_config
@@ -150,12 +150,12 @@ def test_auto_in_bfloat16_reports_the_circuit_measured_in_float32(tiny_model_dir
     def load_once(*args, **kwargs):  # never two copies: the bfloat16 weights are gone when float32's load
         gc.collect()
         assert all(weights() is None for weights, _ in loaded), "the half-precision model is still in memory"
-        adapter = load_checked_model(*args, **kwargs)
+        adapter = load_model(*args, **kwargs)
         loaded.append((weakref.ref(next(adapter.bridge.parameters())), adapter.dtype))
         return adapter
 
-    load_checked_model = run_module.load_checked_model
-    monkeypatch.setattr(run_module, "load_checked_model", load_once)
+    load_model = run_module.load_model
+    monkeypatch.setattr(run_module, "load_model", load_once)
     config = DiscoverConfig(task="ioi", model=str(tiny_model_dir), method="eap", edges=30, n_pairs=8, batch_size=8,
                             force=True, roles=False, curve=False)
     run = run_config(config)
@@ -164,7 +164,7 @@ def test_auto_in_bfloat16_reports_the_circuit_measured_in_float32(tiny_model_dir
     assert summary["dtype"] == "float32" and summary["search_dtype"]["dtype"] == "bfloat16"
 
     def measured(dtype):
-        adapter = load_model(str(tiny_model_dir), dtype=dtype)
+        adapter = load_unchecked(str(tiny_model_dir), dtype=dtype)
         graph, task = EdgeGraph(adapter.shape), build_run_task(config, adapter.tokenizer)
         evaluator = CircuitEvaluator(adapter, graph, task, "heldout", 8, make_ablation("counterfactual", adapter, graph, task, 8))
         return evaluator.faithfulness(run.circuit.mask)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from circuitfinder.engine.adapter import ModelShape, load_model
+from circuitfinder.engine.adapter import ModelShape, load_unchecked
 from circuitfinder.engine.faithfulness import CircuitEvaluator
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.patching import patched_logits, run_recording_senders
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return load_model("smollm2-135m")
+    return load_unchecked("smollm2-135m")
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,9 @@ pytestmark = pytest.mark.slow  # the fixture converts SmolLM2 when it is not cac
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from circuitfinder.engine.adapter import load_model
+    from circuitfinder.engine.adapter import load_unchecked
 
-    return load_model("smollm2-135m")
+    return load_unchecked("smollm2-135m")
 
 
 def _baseline(adapter, task):

@@ -771,9 +771,10 @@ class ModelAdapter:
             return out if b_u is None else out + b_u[ids][:, None, :]
 
 
-def load_model(name: str, log: Callable[[str], None] = lambda _msg: None, dtype: torch.dtype = torch.float32,
-               device: torch.device | str | None = None) -> ModelAdapter:
-    """Load a bundled model, Hugging Face id or local folder and wrap it for patching."""
+def load_unchecked(name: str, log: Callable[[str], None] = lambda _msg: None, dtype: torch.dtype = torch.float32,
+                   device: torch.device | str | None = None) -> ModelAdapter:
+    """Load a bundled model, Hugging Face id or local folder and wrap it for patching, without the
+    check at load (``circuitfinder.engine.checks.load_model``, ``cf.load_model``, runs it)."""
     if device is None or torch.device(device).type == "cpu":
         keep_freed_memory()
     model, tokenizer, hf_id = load_pretrained(name, log, dtype, device)

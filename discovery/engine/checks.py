@@ -37,7 +37,7 @@ from typing import Callable
 
 import torch
 
-from circuitfinder.engine.adapter import ModelAdapter, load_model
+from circuitfinder.engine.adapter import ModelAdapter, load_unchecked
 from circuitfinder.errors import UserError
 from circuitfinder.engine.graph import EdgeGraph, ReceiverPoint
 from circuitfinder.engine.patching import patched_logits, run_recording_senders
@@ -56,16 +56,16 @@ KNOWN_INEXACT = {
 }
 
 
-def load_checked_model(name: str, log: Callable[[str], None] = lambda _msg: None, check: bool = True,
+def load_model(name: str, log: Callable[[str], None] = lambda _msg: None, check: bool = True,
                        dtype: torch.dtype | str = torch.float32, device: torch.device | str | None = "auto") -> ModelAdapter:
-    """:func:`circuitfinder.engine.adapter.load_model` in ``dtype`` (``auto``, ``float32``, ``bfloat16``, ...)
+    """:func:`circuitfinder.engine.adapter.load_unchecked` in ``dtype`` (``auto``, ``float32``, ``bfloat16``, ...)
     on ``device`` (``auto``, ``cpu``, ``cuda``, ...), then :func:`check_model` unless ``check`` is False."""
     from circuitfinder.engine.models import resolve_device
     from circuitfinder.engine.precision import dtype_name, resolve_dtype
 
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = resolve_dtype(dtype, device, name) if isinstance(dtype, str) else dtype
-    adapter = load_model(name, log, dtype, device)
+    adapter = load_unchecked(name, log, dtype, device)
     if check:
         worst = check_model(adapter)
         log(f"checked {adapter.name}: patching exact (largest difference {worst:.2%} of the "

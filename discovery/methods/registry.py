@@ -154,11 +154,11 @@ def _scores(problem: Problem, name: str) -> tuple[torch.Tensor, int]:
     if getattr(s, "workers", 0):  # split by prompt batches over Ray actors, each with its own replica
         from functools import partial
 
-        from circuitfinder.engine.checks import load_checked_model
+        from circuitfinder.engine.checks import load_model
         from circuitfinder.methods.pool import ray_scores
 
         problem.reporter.log(f"{name} scores on {s.workers} Ray worker(s)" + (f" at {s.address}" if s.address else ""))
-        load = partial(load_checked_model, s.model, check=False, dtype=problem.adapter.dtype, device=s.device)
+        load = partial(load_model, s.model, check=False, dtype=problem.adapter.dtype, device=s.device)
         scores = ray_scores(load, method.score, problem.task, s.batch_size, s.workers, s.address,
                             steps=s.ig_steps, ablation=s.ablation, ig_rule=s.ig_rule)
         return scores, method.forwards_per_batch(s.ig_steps, problem.graph) * n_batches

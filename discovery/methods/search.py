@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from circuitfinder.checkpoint import Checkpoint
-from circuitfinder.engine.checks import load_checked_model
+from circuitfinder.engine.checks import load_model
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.masks import Mask, prune
 from circuitfinder.engine.precision import dtype_name
@@ -77,9 +77,9 @@ def run_search(problem: "Problem", criterion: str, scores: torch.Tensor, start: 
     distance = "task" if criterion == "minimize" else config.acdc_metric
     passes_model = adapter
     if problem.search_dtype is not None:  # the passes on a half-precision copy, refereed by the run's float32 model
-        passes_model = load_checked_model(config.model, reporter.log, check=config.check_model,
+        passes_model = load_model(config.model, reporter.log, check=config.check_model,
                                           dtype=problem.search_dtype, device=adapter.device)
-    spec = EvaluatorSpec(partial(load_checked_model, config.model, check=False, dtype=passes_model.dtype, device=config.device),
+    spec = EvaluatorSpec(partial(load_model, config.model, check=False, dtype=passes_model.dtype, device=config.device),
                          task, config.batch_size, config.search_prompts, distance, MAX_ROWS, REUSE)
     chunk = max(1, MAX_ROWS // max(b.size for b in batches))
     n_prompts = sum(b.size for b in batches)
@@ -126,7 +126,7 @@ def run_search(problem: "Problem", criterion: str, scores: torch.Tensor, start: 
                 rule["referee"] |= {"passes_dtype": "float32", "why_float32": why}
                 pool.close()
                 del passes_model
-                spec = dataclasses.replace(spec, load=partial(load_checked_model, config.model, check=False,
+                spec = dataclasses.replace(spec, load=partial(load_model, config.model, check=False,
                                                               dtype=adapter.dtype, device=config.device))
                 pool, float32, referee = (float32 if not config.workers else _pool(config, adapter, spec, chunk)), None, None
             else:

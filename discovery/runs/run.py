@@ -21,8 +21,8 @@ import pandas as pd
 import torch
 
 from circuitfinder.engine.ablation import ABLATIONS, make_ablation
-from circuitfinder.engine.adapter import ModelAdapter, load_model
-from circuitfinder.engine.checks import load_checked_model
+from circuitfinder.engine.adapter import ModelAdapter, load_unchecked
+from circuitfinder.engine.checks import load_model
 from circuitfinder.engine.models import resolve_device
 from circuitfinder.engine.precision import HALF, dtype_name, resolve_dtype
 from circuitfinder.methods.attribution import IG_RULES
@@ -303,7 +303,7 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
         else:
             reporter.log(f"loading {config.model} ({dtype_name(dtype)} on {device}"
                          + (f"{chosen}; the circuit is re-measured in float32)" if verify_in_float32 else ")"))
-        adapter = load_checked_model(config.model, reporter.log, check=config.check_model, dtype=dtype, device=device)
+        adapter = load_model(config.model, reporter.log, check=config.check_model, dtype=dtype, device=device)
     elif adapter.dtype in HALF and searching:
         reporter.log(f"the search runs in {dtype_name(adapter.dtype)} alone, without a float32 referee (the model was "
                      "given loaded in it; give its name to have float32 referee the search)")
@@ -365,7 +365,7 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
     if verify_in_float32:  # what is reported is the circuit in float32, on a float32 copy of the model
         search_dtype = {"dtype": dtype_name(adapter.dtype), "faithfulness": faithfulness}
         del problem, ablation, heldout, adapter  # the half-precision model goes before the float32 one loads
-        adapter = load_checked_model(config.model, reporter.log, check=config.check_model, dtype=torch.float32, device=device)
+        adapter = load_model(config.model, reporter.log, check=config.check_model, dtype=torch.float32, device=device)
         ablation, heldout = held_out(adapter)
         b = heldout.baseline
         faithfulness = heldout.faithfulness(circuit)
@@ -383,7 +383,7 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
 
             from circuitfinder.methods.pool import ray_metrics
 
-            load = partial(load_checked_model, config.model, check=False, dtype=adapter.dtype, device=config.device)
+            load = partial(load_model, config.model, check=False, dtype=adapter.dtype, device=config.device)
             metrics = partial(ray_metrics, load, task, "heldout", config.batch_size, config.workers, config.address,
                               config.ablation)
             reporter.log(f"faithfulness curve on {config.workers} Ray worker(s)")
@@ -462,7 +462,7 @@ def discover(model: "str | ModelAdapter" = "smollm2-135m", task: "str | Task" = 
 
     Args:
         model: a bundled model's name, a Hugging Face id, a local folder, or a model already
-            loaded with :func:`circuitfinder.load_model`.
+            loaded with :func:`circuitfinder.load_unchecked`.
         task: a task name (``circuitfinder.tasks.TASKS``), a ``.jsonl``/``.csv`` task file, or a
             :class:`~circuitfinder.tasks.Task` already built for this model's tokenizer.
         method: a name of :data:`circuitfinder.methods.registry.METHODS` (``circuits methods`` lists them).
@@ -714,7 +714,7 @@ def validate_run(run_dir: Path, top: int = 40, random: int = 60, overwrite: bool
         raise UserError("`top` and `random` must be ≥ 0 and give at least 3 edges together", "top")
     if adapter is None:
         reporter.log(f"loading {config.model}")
-        adapter = load_model(config.model, reporter.log)
+        adapter = load_unchecked(config.model, reporter.log)
     task = build_run_task(config, adapter.tokenizer)
     graph = EdgeGraph(adapter.shape)
     scores = read_scores(run_dir / "scores.parquet", graph)
@@ -797,7 +797,7 @@ def roles_for_run(run_dir, max_prompts: int = 64, overwrite: bool = False, repor
     log = reporter.log if reporter is not None else (lambda _m: None)
     if adapter is None:
         log(f"loading {config.model}")
-        adapter = load_model(config.model, log)
+        adapter = load_unchecked(config.model, log)
     task = build_run_task(config, adapter.tokenizer)
     table = measure_roles(adapter, task, max_prompts=max_prompts, batch_size=config.batch_size)
     table.to_csv(target, index=False)
