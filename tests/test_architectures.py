@@ -413,3 +413,25 @@ def test_discover_on_a_saved_folder_runs_or_exits_2_with_one_line(name, word_tok
     same_layer = [e for e in circuit["edges"] if e["receiver"].startswith("m") and e["sender"].startswith("a")
                   and e["sender"][1:].split(".")[0] == e["receiver"][1:]]
     assert not (name in PARALLEL and same_layer)
+
+
+def test_an_error_inside_the_check_at_load_refuses_the_model_in_one_line(tokenizer, monkeypatch):
+    """A hook point the architecture lacks (what GPT-1's missing final norm did) ends in one line."""
+    adapter = ModelAdapter.from_hf(build("gpt2"), tokenizer, name="tiny-gpt2", hf_id="gpt2", dtype=torch.float64)
+    wired = adapter.receiver_hook
+    monkeypatch.setattr(adapter, "receiver_hook", lambda kind, layer: "no.such.hook" if kind == "logits" else wired(kind, layer))
+    with pytest.raises(UserError, match=r"the check at load failed \(KeyError") as refused:
+        check_model(adapter)
+    assert "\n" not in str(refused.value) and "GPT2LMHeadModel" in str(refused.value)
+
+
+def test_an_error_while_wrapping_a_model_refuses_it_in_one_line(tokenizer, monkeypatch):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    def fails(*_args, **_kwargs):
+        raise AttributeError("'SomeBlockBridge' object has no attribute 'attn'\nmore lines")
+
+    monkeypatch.setattr(TransformerBridge, "boot_transformers", fails)
+    with pytest.raises(UserError, match=r"GPT2LMHeadModel is not supported: wrapping it in TransformerLens's bridge "
+                                        r"failed \(AttributeError: 'SomeBlockBridge' object has no attribute 'attn'\)$"):
+        ModelAdapter.from_hf(build("gpt2"), tokenizer, name="tiny-gpt2", hf_id="gpt2", dtype=torch.float64)
