@@ -8,6 +8,8 @@ attention), d_model 16 and a 40-token vocabulary. Parallel-block families are bu
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import transformers as tf
 
@@ -261,7 +263,8 @@ def load_dtype(name: str) -> torch.dtype:
 def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float64, vocab: int = VOCAB):
     """The tiny Hugging Face model of one architecture, randomised, in ``dtype``, eval mode."""
     config_class, kwargs = ARCHITECTURES[name]
-    config = getattr(tf, config_class)(**(kwargs | {"vocab_size": vocab}))
+    # a copy: some configs edit their lists in place (Gemma-4 makes the last of layer_types full attention)
+    config = getattr(tf, config_class)(**copy.deepcopy(kwargs | {"vocab_size": vocab}))
     model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     _randomise(model, seed)
     model.config.architectures = [type(model).__name__]  # as save_pretrained writes it (PhiMoE's bridge name: the adapter's)
