@@ -3,7 +3,7 @@ the program's true circuit (``graphs/references/tracr-*.json``; issue 20).
 
 Each cell is one run as a user would start it (``circuits discover --task tracr-P --model
 tracr-P --method M``; 32 pairs, float64, counterfactual patching, the check at load on), graded by
-``circuits evaluate --reference tracr-P``: edge and node ROC-AUC (ranking by the run's scores; a
+``circuits grade --reference tracr-P``: edge and node ROC-AUC (ranking by the run's scores; a
 search without scores of its own is graded by its circuit alone), precision, recall, the circuit's
 size and its held-out faithfulness. Each run is graded twice: against the true circuit (the
 edges that carry the input) and against every edge the weights connect (``tracr-P-weights``,
@@ -37,7 +37,7 @@ METHODS = {  # label: DiscoverConfig settings
 
 
 def measure(program: str, settings: dict, scratch: Path) -> dict:
-    from circuitfinder.graphs.evaluate import evaluate_circuit
+    from circuitfinder.graphs.grading import grade_circuit
     from circuitfinder.runs.run import DiscoverConfig, run_config
 
     config = DiscoverConfig(task=program, model=program, n_pairs=32, batch_size=16, dtype="float64", roles=False,
@@ -48,7 +48,7 @@ def measure(program: str, settings: dict, scratch: Path) -> dict:
     row = {"program": program, **settings, "seconds": round(seconds, 2), "edges": run.summary["edges_kept"],
            "faithfulness_heldout": run.summary["faithfulness"]}
     for reference, prefix in ((program, ""), (f"{program}-weights", "weights_")):
-        graded = evaluate_circuit(run.circuit, reference)
+        graded = grade_circuit(run.circuit, reference)
         row |= {f"{prefix}{level}_{k}": graded[level].get(k) for level in ("edges", "nodes")
                 for k in ("roc_auc", "precision", "recall")}
     return row
