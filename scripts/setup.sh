@@ -79,7 +79,7 @@ if ! command -v dot >/dev/null 2>&1; then
     fi
 fi
 
-# (f) Best effort, never fatal: Debian's chromium and chromedriver, in which tests/test_explorer.py
+# (f) Best effort, never fatal: Debian's chromium and chromedriver, in which tests/graphs/test_explorer.py
 # opens the explorer page (circuit.html) headless; those tests skip without them. Installed only
 # when chromium is missing and this runs as root with apt-get (no sudo prompt for a browser).
 if ! command -v chromium >/dev/null 2>&1; then

@@ -1,5 +1,5 @@
 """One tiny random-weight model per decoder family that transformers builds offline and
-TransformerLens 4's bridge wraps: the architecture matrix (tests/test_architectures.py).
+TransformerLens 4's bridge wraps: the architecture matrix (tests/engine/test_architectures.py).
 
 Every model has 3 layers, 4 query heads (2 key/value groups where the family has grouped-query
 attention), d_model 16 and a 40-token vocabulary. Parallel-block families are built parallel

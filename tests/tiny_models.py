@@ -18,6 +18,8 @@ from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2L
                           PreTrainedTokenizerFast)
 
 from circuitfinder.engine.adapter import ModelAdapter
+from circuitfinder.engine.patching import patched_logits, run_recording_senders
+from circuitfinder.tasks.base import Task, logit_difference
 
 VOCAB = 40
 
@@ -127,3 +129,31 @@ def circuit_of(model: str, task: str, method: str, n_layers: int, n_heads: int, 
     shape = ModelShape(n_layers, n_heads, n_kv_groups, d_model=0, post_norm=post_norm, parallel=parallel)
     return Circuit.from_edges(EdgeGraph(shape), edges, model=model, task=task, method=method,
                               metadata=metadata or {}, roles=roles or {})
+
+
+def tiny_task(n: int = 4, pos: int = 6, seed: int = 0) -> Task:
+    """``n`` random clean/corrupted pairs of ``pos`` tokens (unequal lengths) for the tiny models."""
+    clean, corrupted = random_pair(n, pos, seed)
+    lengths = torch.tensor([pos, pos - 1, pos, pos - 2][:n])
+    return Task(
+        name="tiny", clean=clean, corrupted=corrupted, lengths=lengths,
+        answer=torch.tensor([1, 2, 3, 4][:n]), wrong=torch.tensor([5, 6, 7, 8][:n]), split=("discovery",) * n,
+    )
+
+
+def mean_metric(adapter, graph, task, removed) -> float:
+    """Mean metric over the task with ``removed`` patch weights, by exact patching (one batch)."""
+    (batch,) = task.batches("discovery", batch_size=len(task))
+    corr_senders, _ = run_recording_senders(adapter, graph, batch.corrupted)
+    logits = patched_logits(adapter, graph, batch.clean, corr_senders, removed)
+    rows = torch.arange(batch.size)
+    return float(logit_difference(logits[rows, batch.last], batch).mean())
+
+
+def patching_derivative(adapter, graph, task, s: int, r: int, eps: float) -> float:
+    """d/dα of the exactly patched mean metric with edge (s, r) patched by weight α, at 0 (central difference)."""
+    removed = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.float64)
+    removed[s, r] = eps
+    up = mean_metric(adapter, graph, task, removed)
+    removed[s, r] = -eps
+    return (up - mean_metric(adapter, graph, task, removed)) / (2 * eps)

@@ -9,8 +9,7 @@ from circuitfinder.engine.masks import edges_above, node_count, prune, top_edges
 from circuitfinder.engine.faithfulness import CircuitEvaluator, MetricError, search_size
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.tasks.base import Task
-from test_attribution import tiny_task
-from tiny_models import tiny  # noqa: F401 (fixture)
+from tiny_models import tiny, tiny_task  # noqa: F401 (fixture)
 
 
 def test_top_edges_picks_largest_magnitudes_among_edges(tiny):

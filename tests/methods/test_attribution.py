@@ -7,36 +7,9 @@ from circuitfinder.engine.faithfulness import CircuitEvaluator
 from circuitfinder.methods.attribution import eap
 from circuitfinder.methods.registry import METHODS
 from circuitfinder.engine.graph import EdgeGraph
-from circuitfinder.engine.patching import patched_logits, run_recording_senders
-from circuitfinder.tasks.base import Task, logit_difference
-from tiny_models import add_to_receiver_hook, random_pair, tiny  # noqa: F401 (fixture)
-
-
-def tiny_task(n: int = 4, pos: int = 6, seed: int = 0) -> Task:
-    clean, corrupted = random_pair(n, pos, seed)
-    lengths = torch.tensor([pos, pos - 1, pos, pos - 2][:n])
-    return Task(
-        name="tiny", clean=clean, corrupted=corrupted, lengths=lengths,
-        answer=torch.tensor([1, 2, 3, 4][:n]), wrong=torch.tensor([5, 6, 7, 8][:n]), split=("discovery",) * n,
-    )
-
-
-def mean_metric(adapter, graph, task, removed) -> float:
-    """Mean metric over the task with ``removed`` patch weights, by exact patching (one batch)."""
-    (batch,) = task.batches("discovery", batch_size=len(task))
-    corr_senders, _ = run_recording_senders(adapter, graph, batch.corrupted)
-    logits = patched_logits(adapter, graph, batch.clean, corr_senders, removed)
-    rows = torch.arange(batch.size)
-    return float(logit_difference(logits[rows, batch.last], batch).mean())
-
-
-def patching_derivative(adapter, graph, task, s: int, r: int, eps: float) -> float:
-    """d/dα of the exactly patched mean metric with edge (s, r) patched by weight α, at 0 (central difference)."""
-    removed = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.float64)
-    removed[s, r] = eps
-    up = mean_metric(adapter, graph, task, removed)
-    removed[s, r] = -eps
-    return (up - mean_metric(adapter, graph, task, removed)) / (2 * eps)
+from circuitfinder.engine.patching import run_recording_senders
+from circuitfinder.tasks.base import logit_difference
+from tiny_models import add_to_receiver_hook, mean_metric, patching_derivative, random_pair, tiny, tiny_task  # noqa: F401 (fixture)
 
 
 @pytest.mark.parametrize("edge", ["input->a0.h1<q>", "a0.h2->a2.h3<q>", "input->a1.g0<v>", "a0.h0->a1.g1<k>",

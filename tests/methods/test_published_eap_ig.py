@@ -21,8 +21,7 @@ import torch
 from circuitfinder.methods.attribution import eap_ig, ig_alphas
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.runs.run import DiscoverConfig
-from test_attribution import tiny_task
-from tiny_models import tiny  # noqa: F401 (fixture)
+from tiny_models import tiny, tiny_task  # noqa: F401 (fixture)
 
 BOS = 0  # the tiny tokenizer's BOS id ("w0")
 

@@ -22,7 +22,7 @@ from circuitfinder.graphs.reference import load_reference, node_mask, reference_
 from circuitfinder.graphs.references import available
 from cli_runner import run_in_process as _run
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GPT2 = EdgeGraph(ModelShape(12, 12, 12, 768))
 
 

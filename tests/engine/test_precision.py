@@ -85,7 +85,7 @@ def test_half_precision_passes_the_check_at_load_and_its_tolerance_still_sees_on
 def test_half_precision_scores_are_summed_in_float32(half):
     from circuitfinder.engine.graph import EdgeGraph
     from circuitfinder.methods.attribution import eap
-    from test_attribution import tiny_task
+    from tiny_models import tiny_task
 
     scores = eap(half, EdgeGraph(half.shape), tiny_task(), batch_size=2)
     assert scores.dtype == torch.float32 and torch.isfinite(scores).all() and scores.abs().max() > 0

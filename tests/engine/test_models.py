@@ -14,7 +14,7 @@ from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.patching import patched_logits, run_recording_senders
 from tiny_models import random_pair, tiny_hf_model, tiny_tokenizer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_a_local_folder_with_a_saved_model_loads_and_patches_exactly(tmp_path):

@@ -31,9 +31,8 @@ from circuitfinder.engine.patching import PassRecord, patched_logits, run_record
 from circuitfinder.engine.precision import exact_tolerance, tolerance_for
 from circuitfinder.methods.attribution import attribute_circuit_batch, score_matrix
 from circuitfinder.tasks.base import logit_difference
-from test_architectures import EXACT, QKV, _columns, _module, adapter_for
-from test_attribution import tiny_task
-from tiny_models import random_pair, tiny_tokenizer
+from helpers import EXACT, QKV, adapter_for, qkv_columns, submodule
+from tiny_models import random_pair, tiny_task, tiny_tokenizer
 
 KEPT = (0.01, 0.05, 0.2, 0.5, 0.8, 0.95, 0.99)
 
@@ -157,7 +156,7 @@ def test_the_differentiable_pass_of_attribution_patches_random_circuits_exactly(
 # ---- receiver-level patches against plain Hugging Face hooks (no engine code) ----------------
 
 def _decoder_layers(hf, name: str):
-    return _module(hf, QKV.get(name, ("model.layers",))[0])
+    return submodule(hf, QKV.get(name, ("model.layers",))[0])
 
 
 def _mlp_of(layer_module):
@@ -167,11 +166,11 @@ def _mlp_of(layer_module):
 
 
 def _final_norm(hf):
-    from test_architectures import FINAL_NORM
+    from helpers import FINAL_NORM
 
     for path in (*FINAL_NORM.values(), "model.norm", "model.final_layernorm"):
         try:
-            return _module(hf, path)
+            return submodule(hf, path)
         except AttributeError:
             continue
     raise AttributeError("no final norm")
@@ -249,9 +248,9 @@ def test_every_edge_into_a_receiver_equals_the_hugging_face_input_from_the_corru
     for receiver in ("a0.h1<q>", f"a1.g{G - 1}<k>", "a2.g0<v>", f"a2.h{H - 1}<q>"):
         layer, kind = int(receiver[1]), receiver[-2]
         index = int(receiver.split(".")[1][1:].split("<")[0])
-        attn = _module(layers[layer], attn_name)
+        attn = submodule(layers[layer], attn_name)
         module = getattr(attn, projections if isinstance(projections, str) else projections["qkv".index(kind)])
-        cols = lambda width, kind=kind, index=index: _columns(layout, kind, index, H, G, width)  # noqa: E731
+        cols = lambda width, kind=kind, index=index: qkv_columns(layout, kind, index, H, G, width)  # noqa: E731
         got = _receiver_patch(adapter, graph, clean, corr, receiver)
         want = _run_swapping(hf, clean, corrupted, module, take=cols, pre=False)
         _assert_hf(adapter, got, want, clean_logits, f"every edge into {receiver}")
@@ -281,9 +280,9 @@ def test_discover_on_a_pythia_style_folder_reports_the_slow_references_faithfuln
     from circuitfinder.graphs.circuit import Circuit
     from circuitfinder.tasks.from_file import load_task_file
     from cli_runner import run_in_process
-    from test_tasks_files import _rows
+    from helpers import task_rows
 
-    rows = _rows(10)
+    rows = task_rows(10)
     task_path = tmp_path / "ioi-small.jsonl"
     task_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     folder, out = tmp_path / "pythia-tiny", tmp_path / "run"

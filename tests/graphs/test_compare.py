@@ -18,7 +18,7 @@ from circuitfinder.graphs.compare import compare, depth_bin, depth_table, diff_g
 from circuitfinder.graphs.tables import layer_table, to_markdown, top_edges_table
 from cli_runner import run_in_process as _run
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _record(edges, n_layers=4, n_heads=2, roles=None, model="m") -> Circuit:

@@ -23,10 +23,9 @@ from circuitfinder.errors import UserError
 from circuitfinder.engine.graph import EdgeGraph, expected_edge_count
 from circuitfinder.engine.patching import patched_logits, run_recording_senders
 from circuitfinder.engine.precision import exact_tolerance, tolerance_for
-from test_attribution import patching_derivative, tiny_task
-from tiny_models import random_pair, tiny_tokenizer
+from helpers import EXACT, FINAL_NORM, QKV, adapter_for, qkv_columns, submodule, tokenizer  # noqa: F401 (fixture)
+from tiny_models import patching_derivative, random_pair, tiny_task
 
-EXACT = [a for a in ARCHITECTURES if a not in EXPECTED_REFUSAL]
 PARALLEL = {"gpt-neox-parallel", "falcon", "phi", "cohere", "cohere2", "gptj"}
 
 # The Hugging Face module whose input is the MLP's receiver: (decoder layers, attribute of a layer).
@@ -46,22 +45,17 @@ MLP_READS = {
     "opt": ("model.decoder.layers", "final_layer_norm"), "xglm": ("model.layers", "final_layer_norm"),
     "modernbert-decoder": ("model.layers", "mlp_norm"), "falcon-sequential": ("transformer.h", "post_attention_layernorm"),
 }
-FINAL_NORM = {"gpt2": "transformer.ln_f", "gpt-neox-parallel": "gpt_neox.final_layer_norm",
-              "gpt-neox-sequential": "gpt_neox.final_layer_norm", "phi": "model.final_layernorm", "falcon": "transformer.ln_f", "falcon-sequential": "transformer.ln_f",
-              "bloom": "transformer.ln_f", "gpt-bigcode": "transformer.ln_f", "gptj": "transformer.ln_f",
-              "gpt-neo": "transformer.ln_f", "opt": "model.decoder.final_layer_norm", "xglm": "model.layer_norm",
-              "modernbert-decoder": "model.final_norm"}
 
 
 def _add_at_receiver(hf, name: str, receiver: str, delta: torch.Tensor) -> list:
     """Forward pre-hooks on Hugging Face modules that add ``delta`` to what ``receiver`` reads."""
     if receiver == "logits":
-        module = _module(hf, FINAL_NORM.get(name, "model.norm"))
+        module = submodule(hf, FINAL_NORM.get(name, "model.norm"))
         return [module.register_forward_pre_hook(lambda _m, args: (args[0] + delta.to(args[0].dtype), *args[1:]))]
     layer = int(receiver[1:])
     if name in SHARED_NORM:
         layers, norm = SHARED_NORM[name]
-        decoder = _module(hf, layers)[layer]
+        decoder = submodule(hf, layers)[layer]
         kept = {}
 
         def keep(_m, args, kwargs):
@@ -72,30 +66,9 @@ def _add_at_receiver(hf, name: str, receiver: str, delta: torch.Tensor) -> list:
 
         return [decoder.register_forward_pre_hook(keep, with_kwargs=True), decoder.mlp.register_forward_pre_hook(replace)]
     layers, attribute = MLP_READS.get(name, ("model.layers", "post_attention_layernorm"))
-    module = getattr(_module(hf, layers)[layer], attribute)
+    module = getattr(submodule(hf, layers)[layer], attribute)
     # OPT flattens [batch, pos, d] to [batch · pos, d] before its MLP's norm
     return [module.register_forward_pre_hook(lambda _m, args: (args[0] + delta.to(args[0].dtype).reshape(args[0].shape), *args[1:]))]
-
-
-def _module(model, path: str):
-    for part in path.split("."):
-        model = getattr(model, part)
-    return model
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return tiny_tokenizer(tmp_path_factory.mktemp("arch-tok"))
-
-
-_ADAPTERS: dict[str, ModelAdapter] = {}
-
-
-def adapter_for(name: str, tokenizer) -> ModelAdapter:
-    if name not in _ADAPTERS:
-        dtype = load_dtype(name)
-        _ADAPTERS[name] = ModelAdapter.from_hf(build(name, dtype=dtype), tokenizer, name=f"tiny-{name}", hf_id=name, dtype=dtype)
-    return _ADAPTERS[name]
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_REFUSAL))
@@ -158,56 +131,18 @@ def _one_edge_against_hugging_face(adapter, name: str, edge: str, hooks_for) -> 
     assert (patched - reference).abs().max().item() <= exact_tolerance(working, adapter.shape.n_layers, reference.abs().max().item())
 
 
-# Where each head's query and each group's key and value are computed, on the Hugging Face modules:
-# (decoder layers, pre-attention norm or None where the attention reads the residual stream, attention
-# module, its projection(s), the fused projection's column layout).
-QKV = {name: ("model.layers", "input_layernorm", "self_attn", ("q_proj", "k_proj", "v_proj"), None)
-       for name in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "stablelm", "cohere", "phi",
-                    "olmo", "granite", "starcoder2", "smollm3", "nemotron", "glm", "glm4", "seed-oss", "arcee", "ernie4_5",
-                    "hunyuan-dense", "bitnet", "jais2", "ministral3", "cohere2", "vaultgemma", "olmoe", "granite-moe",
-                    "qwen2-moe", "qwen3-moe", "minimax-m2", "gpt-oss", "ernie4_5-moe", "glm4-moe", "phimoe", "llama4-text")}
-QKV["apertus"] = ("model.layers", "attention_layernorm", "self_attn", ("q_proj", "k_proj", "v_proj"), None)
-for _name in ("olmo2", "olmo3", "flex-olmo", "exaone4"):  # the attention reads the residual stream (norms after it)
-    QKV[_name] = ("model.layers", None, "self_attn", ("q_proj", "k_proj", "v_proj"), None)
-QKV["gpt-bigcode"] = ("transformer.h", "ln_1", "attn", "c_attn", "q|k|v")  # multi-query: G = 1
-QKV["gptj"] = ("transformer.h", "ln_1", "attn", ("q_proj", "k_proj", "v_proj"), None)
-QKV["gpt-neo"] = ("transformer.h", "ln_1", "attn.attention", ("q_proj", "k_proj", "v_proj"), None)
-QKV["opt"] = ("model.decoder.layers", "self_attn_layer_norm", "self_attn", ("q_proj", "k_proj", "v_proj"), None)
-QKV["xglm"] = ("model.layers", "self_attn_layer_norm", "self_attn", ("q_proj", "k_proj", "v_proj"), None)
-QKV["modernbert-decoder"] = ("model.layers", "attn_norm", "attn", ("q_proj", "k_proj", "v_proj"), None)  # layer 0: Identity
-QKV["gpt2"] = ("transformer.h", "ln_1", "attn", "c_attn", "q|k|v")
-QKV["phi3"] = ("model.layers", "input_layernorm", "self_attn", "qkv_proj", "q|k|v")
-QKV["gpt-neox-parallel"] = QKV["gpt-neox-sequential"] = ("gpt_neox.layers", "input_layernorm", "attention", "query_key_value", "per-head qkv")
-QKV["bloom"] = ("transformer.h", "input_layernorm", "self_attention", "query_key_value", "per-head qkv")
-QKV["falcon"] = QKV["falcon-sequential"] = ("transformer.h", "input_layernorm", "self_attention", "query_key_value", "q|k|v")  # multi-query: G = 1
-
-
-def _columns(layout: str | None, kind: str, index: int, H: int, G: int, out_features: int) -> slice:
-    """The output columns of a projection that hold one head's query or one group's key or value."""
-    if layout is None:  # separate q, k and v projections
-        width = out_features // (H if kind == "q" else G)
-        return slice(index * width, (index + 1) * width)
-    if layout == "per-head qkv":  # GPT-NeoX and BLOOM: view(batch, pos, heads, 3, head_dim)
-        dh = out_features // (3 * H)
-        start = index * 3 * dh + "qkv".index(kind) * dh
-    else:  # [q of every head | k of every group | v of every group]
-        dh = out_features // (H + 2 * G)
-        start = {"q": 0, "k": H * dh, "v": (H + G) * dh}[kind] + index * dh
-    return slice(start, start + dh)
-
-
 def _add_at_qkv(hf, name: str, receiver: str, delta: torch.Tensor, n_heads: int, n_groups: int) -> list:
     """Hooks on Hugging Face modules: the receiver's head (q) or group (k, v) computed from its layer's
     input plus ``delta``, every other head and group as before."""
     layers, norm_name, attn_name, projections, layout = QKV[name]
     layer = int(receiver[1:].split(".")[0])
-    decoder = _module(hf, layers)[layer]
-    attn = _module(decoder, attn_name)
+    decoder = submodule(hf, layers)[layer]
+    attn = submodule(decoder, attn_name)
     kind = receiver[-2]
     index = int(receiver.split(".")[1][1:].split("<")[0])
     module = getattr(attn, projections if isinstance(projections, str) else projections["qkv".index(kind)])
     linear = isinstance(module, torch.nn.Linear)  # else GPT-2's Conv1D: x @ weight + bias
-    cols = _columns(layout, kind, index, n_heads, n_groups, module.weight.shape[0 if linear else 1])
+    cols = qkv_columns(layout, kind, index, n_heads, n_groups, module.weight.shape[0 if linear else 1])
     kept = {}
 
     def keep(_m, args, kwargs):
@@ -382,9 +317,9 @@ def task_file(tmp_path_factory):
     """A task file in the IOI form whose words the word tokenizer holds as single tokens."""
     import json
 
-    from test_tasks_files import _rows  # rows that tests/test_tasks_files.py checks load
+    from helpers import task_rows  # rows that tests/runs/test_tasks_files.py checks load
 
-    rows = _rows(8)
+    rows = task_rows(8)
     path = tmp_path_factory.mktemp("task") / "ioi-small.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -15,7 +15,7 @@ from circuitfinder.errors import UserError
 from circuitfinder.runs.run import DiscoverConfig, Reporter, run_name
 from circuitfinder.runs.sweep import FROM_SUMMARY, sweep
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BASE = DiscoverConfig(n_pairs=8, batch_size=8, edges=20, ig_steps=2, force=True, dtype="float32")  # Ray tasks: conftest's patch does not reach them
 
 

@@ -8,7 +8,7 @@ import torch
 
 import tiny_models
 from circuitfinder.engine.graph import EdgeGraph
-from test_attribution import tiny_task
+from tiny_models import tiny_task
 
 ray = pytest.importorskip("ray")
 

@@ -7,7 +7,7 @@ per-head outputs. The adapter supplies them (``ModelAdapter.own_attention``): ea
 projected by that head's rows of ``q_proj``/``k_proj``/``v_proj``; each head's output from its
 columns of the output projection. These families are in the architecture matrix, so single
 edges and whole receivers against plain Hugging Face hooks, random sparse circuits through every
-pass and EAP are tested there (tests/test_architectures.py, tests/test_sparse_circuits.py). Here:
+pass and EAP are tested there (tests/engine/test_architectures.py, tests/engine/test_sparse_circuits.py). Here:
 unchanged copies through every supplied hook give the Hugging Face model's logits; no hook is
 left after an exception. JetMoE (a mixture of attention heads) and AFMoE and Laguna (an output
 gate computed from the layer's input, outside q/k/v) are refused with one line.
@@ -22,8 +22,8 @@ from architectures import build, load_dtype
 from circuitfinder.engine.adapter import ModelAdapter
 from circuitfinder.engine.checks import check_model
 from circuitfinder.errors import UserError
-from test_architectures import adapter_for
 from circuitfinder.engine.precision import exact_tolerance
+from helpers import adapter_for
 from tiny_models import random_pair, tiny_tokenizer
 
 FAMILIES = ["gptj", "gpt-neo", "opt", "xglm", "llama4-text", "phimoe", "modernbert-decoder"]
@@ -105,8 +105,8 @@ def test_direct_effects_are_left_unmeasured_where_a_head_sits_before_the_unembed
     import math
 
     from circuitfinder.graphs.roles import measure_roles
-    from test_architectures import adapter_for
-    from test_attribution import tiny_task
+    from helpers import adapter_for
+    from tiny_models import tiny_task
 
     assert adapter_for("llama", tokenizer).unembedding_is_linear
     adapter = adapter_for("modernbert-decoder", tokenizer)

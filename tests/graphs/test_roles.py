@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from circuitfinder.graphs import roles
-from test_attribution import tiny_task
-from tiny_models import tiny  # noqa: F401 (fixture)
+from tiny_models import tiny, tiny_task  # noqa: F401 (fixture)
 
 # One prompt, 5 tokens: token 5 recurs at position 3 (first at 0), token 6 at 4 (first at 1).
 TOKENS = torch.tensor([[5, 6, 7, 5, 6]])

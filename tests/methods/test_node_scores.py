@@ -8,8 +8,7 @@ from circuitfinder.methods.attribution import eap, node_scores
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.patching import patched_logits, run_recording_senders
 from circuitfinder.tasks.base import logit_difference
-from test_attribution import tiny_task
-from tiny_models import skip_post_norm, tiny  # noqa: F401 (fixture)
+from tiny_models import skip_post_norm, tiny, tiny_task  # noqa: F401 (fixture)
 
 
 def _sender_output_gradients(tiny, graph, batch) -> torch.Tensor:

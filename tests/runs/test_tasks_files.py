@@ -11,18 +11,7 @@ from circuitfinder.tasks import build_task
 from circuitfinder.tasks.base import TaskError, logit_difference, probability_difference
 from circuitfinder.tasks.from_file import load_task_file
 from circuitfinder.tasks.ioi import make_ioi
-
-CLEAN = "When Kate and John went to the store, John gave a drink to"
-CORRUPTED = "When Kate and John went to the store, Tom gave a drink to"
-ROW = {"clean": CLEAN, "corrupted": CORRUPTED, "answer": " Kate", "wrong": " John"}
-
-
-def _rows(n: int) -> list[dict]:
-    """``n`` distinct valid rows."""
-    names = ["Kate", "Amy", "Dan", "Anna", "Emma", "Julie", "Alice", "Grace", "Rachel", "Rose"]
-    return [{"clean": CLEAN.replace("Kate", m), "corrupted": CORRUPTED.replace("Kate", m), "answer": " " + m,
-             "wrong": " John"} for m in names[:n]]
-
+from helpers import CLEAN, CORRUPTED, ROW, task_rows
 
 def _jsonl(tmp_path, lines: list, name: str = "task.jsonl"):
     path = tmp_path / name
@@ -43,7 +32,7 @@ def _error(path, tokenizer, **kwargs) -> str:
 
 
 def test_valid_jsonl(tmp_path, word_tokenizer):
-    path = _jsonl(tmp_path, _rows(6), "my-task.jsonl")
+    path = _jsonl(tmp_path, task_rows(6), "my-task.jsonl")
     task = load_task_file(path, word_tokenizer, seed=0)
     assert task.name == "my-task" and len(task) == 6 and task.notes == ()
     assert task.metric is logit_difference and task.answer_sets is None
@@ -91,7 +80,7 @@ def test_unequal_token_lengths(tmp_path, word_tokenizer):
 def test_answer_not_a_single_token(tmp_path, word_tokenizer):
     n = len(word_tokenizer(" Victoria", add_special_tokens=False)["input_ids"])
     assert n > 1
-    message = _error(_jsonl(tmp_path, _rows(2) + [dict(ROW, answer=[" Kate", " Victoria"])]), word_tokenizer)
+    message = _error(_jsonl(tmp_path, task_rows(2) + [dict(ROW, answer=[" Kate", " Victoria"])]), word_tokenizer)
     assert f"task.jsonl:3: answer ' Victoria' is {n} tokens" in message
 
 
@@ -102,7 +91,7 @@ def test_empty_files(tmp_path, word_tokenizer):
 
 
 def test_duplicate_rows(tmp_path, word_tokenizer):
-    message = _error(_jsonl(tmp_path, _rows(3) + [_rows(2)[1]]), word_tokenizer)
+    message = _error(_jsonl(tmp_path, task_rows(3) + [task_rows(2)[1]]), word_tokenizer)
     assert "task.jsonl:4: duplicate of line 2" in message
 
 
@@ -113,37 +102,37 @@ def test_missing_column_csv(tmp_path, word_tokenizer):
 
 def test_missing_field_jsonl(tmp_path, word_tokenizer):
     row = {k: v for k, v in ROW.items() if k != "corrupted"}
-    message = _error(_jsonl(tmp_path, _rows(1) + [row]), word_tokenizer)
+    message = _error(_jsonl(tmp_path, task_rows(1) + [row]), word_tokenizer)
     assert "task.jsonl:2: missing field 'corrupted'; fields present: clean, answer, wrong" in message
 
 
 def test_invalid_json(tmp_path, word_tokenizer):
-    message = _error(_jsonl(tmp_path, _rows(2) + ['{"clean": "x", ']), word_tokenizer)
+    message = _error(_jsonl(tmp_path, task_rows(2) + ['{"clean": "x", ']), word_tokenizer)
     assert "task.jsonl:3: invalid JSON" in message
     assert "list.jsonl:1: expected a JSON object" in _error(_jsonl(tmp_path, ['["a", "b"]'], "list.jsonl"), word_tokenizer)
 
 
 def test_other_row_problems(tmp_path, word_tokenizer):
-    rows = _rows(2) + [dict(ROW, wrong=[" John", " Kate"]), dict(_rows(4)[3], split="test"), dict(_rows(5)[4], answer="")]
+    rows = task_rows(2) + [dict(ROW, wrong=[" John", " Kate"]), dict(task_rows(4)[3], split="test"), dict(task_rows(5)[4], answer="")]
     message = _error(_jsonl(tmp_path, rows), word_tokenizer)
     assert "task.jsonl:3: ' Kate' is both answer and wrong" in message
     assert "task.jsonl:4: split must be 'discovery' or 'heldout'; got 'test'" in message
     assert "task.jsonl:5: missing field 'answer'" in message
-    mixed = [dict(r, split="heldout") for r in _rows(2)] + _rows(3)[2:]
+    mixed = [dict(r, split="heldout") for r in task_rows(2)] + task_rows(3)[2:]
     assert "task.jsonl:3: no split, while other rows have one" in _error(_jsonl(tmp_path, mixed), word_tokenizer)
-    one_side = [dict(r, split="discovery") for r in _rows(3)]
+    one_side = [dict(r, split="discovery") for r in task_rows(3)]
     assert "every row's split is 'discovery'" in _error(_jsonl(tmp_path, one_side), word_tokenizer)
 
 
 def test_message_lists_the_first_problems_one_per_line(tmp_path, word_tokenizer):
-    rows = [dict(r, answer=" Victoria") for r in _rows(8)]
+    rows = [dict(r, answer=" Victoria") for r in task_rows(8)]
     lines = _error(_jsonl(tmp_path, rows), word_tokenizer).splitlines()
     assert [line.split(": ")[0] for line in lines[:5]] == [f"{tmp_path / 'task.jsonl'}:{k}" for k in range(1, 6)]
     assert lines[5] == "... and 3 more problem(s)" and lines[6] == "8 bad row(s) and no valid row"
 
 
 def test_skip_bad_rows(tmp_path, word_tokenizer):
-    rows = _rows(4) + [dict(ROW, answer=" Victoria"), "{oops", _rows(1)[0]]
+    rows = task_rows(4) + [dict(ROW, answer=" Victoria"), "{oops", task_rows(1)[0]]
     path = _jsonl(tmp_path, rows)
     message = _error(path, word_tokenizer)
     assert message.splitlines()[-1].startswith("3 bad row(s), 4 valid; fix them, or skip bad rows")

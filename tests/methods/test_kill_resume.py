@@ -36,7 +36,7 @@ from circuitfinder.checkpoint import Checkpoint
 from circuitfinder.methods.registry import search_key
 from circuitfinder.runs.run import DiscoverConfig, run_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # float32 named: in a subprocess, auto would follow this CPU's bfloat16 support (conftest.no_native_bfloat16)
 SEARCH = dict(task="ioi", method="acdc", edges=40, chain=1, search_prompts=4, n_pairs=8, batch_size=8, force=True, curve=False,
               dtype="float32")

@@ -10,20 +10,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from circuitfinder.engine.adapter import ModelAdapter
 from circuitfinder.errors import OutputExists, UserError
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.runs.run import DiscoverConfig, Reporter, run_config
 from circuitfinder.graphs.circuit import Circuit
-from tiny_models import tiny_hf_model
+from helpers import tiny_ioi_model  # noqa: F401 (fixture)
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def tiny_ioi_model(word_tokenizer):
-    model = tiny_hf_model("llama", seed=0, dtype=__import__("torch").float32, vocab=len(word_tokenizer))
-    return ModelAdapter.from_hf(model, word_tokenizer, name="tiny-llama", hf_id="llama")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_discover_writes_a_complete_run_folder(tiny_ioi_model, tmp_path):

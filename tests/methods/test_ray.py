@@ -14,7 +14,7 @@ from circuitfinder.methods.attribution import eap
 from circuitfinder.engine.masks import top_edges
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.methods.pool import EvaluatorSpec, InProcessPool, RayPool
-from test_attribution import tiny_task
+from tiny_models import tiny_task
 
 ray = pytest.importorskip("ray")
 

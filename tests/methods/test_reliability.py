@@ -27,11 +27,10 @@ from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.runs.run import DiscoverConfig, run_config
 from circuitfinder.graphs.circuit import SCHEMA, VERSION, Circuit
 from circuitfinder.tasks import build_task
-from test_attribution import tiny_task
-from test_run import tiny_ioi_model  # noqa: F401 (fixture)
-from tiny_models import tiny_adapter, tiny_hf_model
+from helpers import tiny_ioi_model  # noqa: F401 (fixture)
+from tiny_models import tiny_adapter, tiny_hf_model, tiny_task
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

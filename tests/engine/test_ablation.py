@@ -11,8 +11,7 @@ from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.patching import patched_logits, run_recording_senders
 from circuitfinder.engine.precision import tolerance_for
 from circuitfinder.tasks.base import Task, logit_difference
-from test_attribution import tiny_task
-from tiny_models import assert_exact, skip_post_norm, VOCAB, tiny, tiny_hf_model  # noqa: F401 (fixture)
+from tiny_models import assert_exact, skip_post_norm, VOCAB, tiny, tiny_hf_model, tiny_task  # noqa: F401 (fixture)
 
 KINDS = ("counterfactual", "mean", "zero")
 

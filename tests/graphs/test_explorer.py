@@ -26,7 +26,7 @@ from circuitfinder.graphs.circuit import Circuit
 from circuitfinder.graphs.explorer import FULL_EDGES, check_attention, markdown_to_html, write_compare_page, write_explorer
 from circuitfinder.graphs.tables import scores_table
 
-ASSETS = Path(__file__).resolve().parents[1] / "graphs" / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "graphs" / "assets"
 
 
 # ---- synthetic run folders ----------------------------------------------------------------------

@@ -65,7 +65,7 @@ def test_tasks_show_prints_pairs_and_the_baseline():
     from pathlib import Path
 
     result = subprocess.run([sys.executable, "-m", "circuitfinder.cli", "tasks", "show", "ioi", "--pairs", "16", "--examples", "1"],
-                            cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=600)
+                            cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "clean:" in result.stdout and "corrupted:" in result.stdout
     assert "baseline on smollm2-135m (held-out): clean" in result.stdout

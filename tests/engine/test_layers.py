@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FOLDERS = {"discovery": "circuitfinder", "tasks": "circuitfinder.tasks", "graphs": "circuitfinder.graphs"}
 
 # bottom to top; a module belongs to the layer of its longest matching prefix

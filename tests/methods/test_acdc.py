@@ -19,8 +19,7 @@ from circuitfinder.engine.patching import patched_logits, run_recording_senders
 from circuitfinder.methods.pool import InProcessPool, _pack, _unpack
 from circuitfinder.engine.faithfulness import CircuitEvaluator
 from circuitfinder.tasks.base import logit_difference
-from test_attribution import tiny_task
-from tiny_models import tiny  # noqa: F401 (fixture)
+from tiny_models import tiny, tiny_task  # noqa: F401 (fixture)
 
 
 def setup(adapter, distance="kl"):

@@ -16,8 +16,7 @@ from circuitfinder.methods.registry import METHODS
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.patching import patched_logits
 from circuitfinder.tasks.base import logit_difference
-from test_attribution import tiny_task
-from tiny_models import skip_post_norm, tiny  # noqa: F401 (fixture)
+from tiny_models import skip_post_norm, tiny, tiny_task  # noqa: F401 (fixture)
 
 
 def _setup(tiny, kind):

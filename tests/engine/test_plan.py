@@ -14,7 +14,7 @@ from circuitfinder.engine.plan import KNOWN_CONFIGS, LIBRARIES, TOKENIZER_BYTES,
 from circuitfinder.engine.precision import parse_dtype
 from circuitfinder.errors import UserError
 from cli_runner import run_in_process
-from test_architectures import adapter_for, tokenizer  # noqa: F401 (fixture)
+from helpers import adapter_for, tokenizer  # noqa: F401 (fixture)
 from tiny_models import random_pair
 
 # Parameter counts published with the models (model cards / the original papers' configs).
