@@ -144,6 +144,28 @@ def load_task_file(
             ``skip_bad_rows``, only for file-wide problems or when no valid row is left.
     """
     path = Path(path)
+    rows, problems = _read_rows(path)
+    good = _valid_rows(tokenizer, rows, problems)
+    good, with_split = _agree_on_split(good, problems)
+    notes = _skip_or_fail(path, problems, good, skip_bad_rows)
+    good, notes = _sample(good, n_pairs, random.Random(seed), notes)
+    if with_split:
+        split = tuple(r["split"] for _, r, *_ in good)
+        if len(set(split)) < 2 and len(good) > 1:
+            raise TaskError(f"{path}: every row's split is {split[0]!r}; faithfulness needs rows in both "
+                            f"'discovery' and 'heldout'")
+    else:
+        split = split_labels(len(good), heldout_fraction, torch.Generator().manual_seed(seed))
+    return _file_task(path, tokenizer, good, split, notes)
+
+
+def _read_rows(path: Path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
+    """The file's rows as (line, fields), and the problems found reading it as (line, message).
+
+    Raises:
+        TaskError: if the file is missing, not ``.jsonl`` or ``.csv``, not UTF-8, has no rows, or
+            has problems and no readable row.
+    """
     if not path.is_file():
         raise TaskError(f"no task file at {path}")
     suffix = path.suffix.lower()
@@ -158,68 +180,98 @@ def load_task_file(
         raise TaskError(f"{path}:1: the file has no rows; each needs the fields {', '.join(FIELDS)}")
     if problems and not rows:  # nothing readable (e.g. a missing CSV column): skipping cannot help
         raise TaskError(_report(path, problems, 0))
+    return rows, problems
 
+
+def _valid_rows(tokenizer, rows: list[tuple[int, dict]], problems: list[tuple[int, str]]) -> list[tuple]:
+    """The rows without problems, as (line, row, clean ids, corrupted ids, answer ids, wrong ids).
+
+    The problems of the others are added to ``problems``, one (line, message) each.
+    """
     good, seen = [], {}
     for line, row in rows:
-        row_problems = []
-        missing = [k for k in FIELDS if row.get(k) in (None, "")]
-        if missing:
-            present = ", ".join(k for k, v in row.items() if v not in (None, "")) or "none"
-            row_problems.append(f"missing field {', '.join(map(repr, missing))}; fields present: {present}")
-        elif not isinstance(row["clean"], str) or not isinstance(row["corrupted"], str):
-            row_problems.append("clean and corrupted must be strings")
-        elif not all(_encodable(row[k]) for k in FIELDS):
-            row_problems.append("text that is not valid Unicode (a lone surrogate such as \\ud800)")
-        else:
-            clean, corrupted = tokenizer(row["clean"])["input_ids"], tokenizer(row["corrupted"])["input_ids"]
-            if len(clean) != len(corrupted):
-                row_problems.append(f"clean has {len(clean)} tokens, corrupted {len(corrupted)}; they must be equal")
-            elif not clean:
-                row_problems.append("clean and corrupted tokenize to no token; a prompt needs at least one")
-            answers, found = _answers(tokenizer, "answer", row["answer"])
-            wrongs, found_w = _answers(tokenizer, "wrong", row["wrong"])
-            row_problems += found + found_w
-            both = set(answers) & set(wrongs)
-            if both:
-                row_problems.append(f"{', '.join(repr(tokenizer.decode([t])) for t in sorted(both))} is both answer and wrong")
-            label = row.get("split")
-            if label not in (None, "") and label not in SPLITS:
-                row_problems.append(f"split must be 'discovery' or 'heldout'; got {label!r}")
-            key = json.dumps([row[k] for k in FIELDS])
-            if key in seen:
-                row_problems.append(f"duplicate of line {seen[key]}")
-            seen.setdefault(key, line)
+        row_problems, parsed = _check_row(tokenizer, line, row, seen)
         if row_problems:
             problems += [(line, p) for p in row_problems]
         else:
-            good.append((line, row, clean, corrupted, answers, wrongs))
+            good.append((line, row, *parsed))
+    return good
 
+
+def _check_row(tokenizer, line: int, row: dict, seen: dict[str, int]) -> tuple[list[str], tuple | None]:
+    """A row's problems, and its (clean ids, corrupted ids, answer ids, wrong ids) where its fields
+    can be tokenized (None where not). ``seen`` maps each row's fields to its first line."""
+    row_problems = []
+    missing = [k for k in FIELDS if row.get(k) in (None, "")]
+    if missing:
+        present = ", ".join(k for k, v in row.items() if v not in (None, "")) or "none"
+        return [f"missing field {', '.join(map(repr, missing))}; fields present: {present}"], None
+    if not isinstance(row["clean"], str) or not isinstance(row["corrupted"], str):
+        return ["clean and corrupted must be strings"], None
+    if not all(_encodable(row[k]) for k in FIELDS):
+        return ["text that is not valid Unicode (a lone surrogate such as \\ud800)"], None
+    clean, corrupted = tokenizer(row["clean"])["input_ids"], tokenizer(row["corrupted"])["input_ids"]
+    if len(clean) != len(corrupted):
+        row_problems.append(f"clean has {len(clean)} tokens, corrupted {len(corrupted)}; they must be equal")
+    elif not clean:
+        row_problems.append("clean and corrupted tokenize to no token; a prompt needs at least one")
+    answers, found = _answers(tokenizer, "answer", row["answer"])
+    wrongs, found_w = _answers(tokenizer, "wrong", row["wrong"])
+    row_problems += found + found_w
+    both = set(answers) & set(wrongs)
+    if both:
+        row_problems.append(f"{', '.join(repr(tokenizer.decode([t])) for t in sorted(both))} is both answer and wrong")
+    label = row.get("split")
+    if label not in (None, "") and label not in SPLITS:
+        row_problems.append(f"split must be 'discovery' or 'heldout'; got {label!r}")
+    key = json.dumps([row[k] for k in FIELDS])
+    if key in seen:
+        row_problems.append(f"duplicate of line {seen[key]}")
+    seen.setdefault(key, line)
+    return row_problems, (clean, corrupted, answers, wrongs)
+
+
+def _agree_on_split(good: list[tuple], problems: list[tuple[int, str]]) -> tuple[list[tuple], int]:
+    """Where some valid rows have a split and others not, those without one become problems.
+
+    Returns:
+        The rows kept, and how many valid rows had a split (0: none did).
+    """
     with_split = sum(r.get("split") not in (None, "") for _, r, *_ in good)
     if 0 < with_split < len(good):
         problems += [(line, "no split, while other rows have one; give every row a split or none")
                      for line, r, *_ in good if r.get("split") in (None, "")]
         good = [g for g in good if g[1].get("split") not in (None, "")]
+    return good, with_split
+
+
+def _skip_or_fail(path: Path, problems: list[tuple[int, str]], good: list[tuple], skip_bad_rows: bool) -> tuple[str, ...]:
+    """The task's notes on skipped rows.
+
+    Raises:
+        TaskError: listing the problems, unless ``skip_bad_rows`` and some row is valid.
+    """
     bad_lines = {line for line, _ in problems}
     if problems and (not skip_bad_rows or not good):
         raise TaskError(_report(path, problems, len(good)))
-    notes = ()
-    if problems:
-        shown = "; ".join(f"{path}:{line}: {msg}" for line, msg in problems[:SHOWN_PROBLEMS])
-        notes = (f"skipped {len(bad_lines)} bad row(s) of {len(bad_lines) + len(good)}: {shown}",)
+    if not problems:
+        return ()
+    shown = "; ".join(f"{path}:{line}: {msg}" for line, msg in problems[:SHOWN_PROBLEMS])
+    return (f"skipped {len(bad_lines)} bad row(s) of {len(bad_lines) + len(good)}: {shown}",)
 
-    rng = random.Random(seed)
+
+def _sample(good: list[tuple], n_pairs: int | None, rng: random.Random, notes: tuple[str, ...]) -> tuple[list[tuple], tuple[str, ...]]:
+    """At most ``n_pairs`` of the rows (a seeded random sample, in file order), and the notes."""
     if n_pairs is not None and len(good) > n_pairs:
         keep = set(rng.sample(range(len(good)), n_pairs))
         good = [g for i, g in enumerate(good) if i in keep]
         notes += (f"used {n_pairs} of the file's rows (a seeded random sample)",)
-    if with_split:
-        split = tuple(r["split"] for _, r, *_ in good)
-        if len(set(split)) < 2 and len(good) > 1:
-            raise TaskError(f"{path}: every row's split is {split[0]!r}; faithfulness needs rows in both "
-                            f"'discovery' and 'heldout'")
-    else:
-        split = split_labels(len(good), heldout_fraction, torch.Generator().manual_seed(seed))
+    return good, notes
 
+
+def _file_task(path: Path, tokenizer, good: list[tuple], split: tuple[str, ...], notes: tuple[str, ...]) -> Task:
+    """The task of the valid rows: the logit difference, or the probability difference over the
+    answer sets where some row has several answers or wrong answers."""
     sets = any(len(a) > 1 or len(w) > 1 for *_, a, w in good)
     pad_id = pad_id_of(tokenizer)
     clean_t, corrupted_t, lengths = stack_pairs([(c, x) for _, _, c, x, _, _ in good], pad_id)

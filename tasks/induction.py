@@ -93,6 +93,20 @@ def make_induction(
         raise TaskError(f"induction positions must be 'last' or 'all'; got {positions!r}")
     if half_length < 2 or n_pairs < 1:
         raise TaskError(f"induction needs half_length ≥ 2 and n_pairs ≥ 1; got {half_length} and {n_pairs}")
+    words, ids = _induction_words(tokenizer, half_length, n_words)
+    cuts = [half_length - 1] if positions == "last" else list(range(1, half_length))
+    n_seq = n_pairs if positions == "last" else max(1, n_pairs // len(cuts))
+    seq_split = split_labels(n_seq, heldout_fraction, torch.Generator().manual_seed(seed))
+    drawn = _induction_pairs(tokenizer, words, ids, half_length, cuts, seq_split, random.Random(seed))
+    return _induction_task(tokenizer, drawn)
+
+
+def _induction_words(tokenizer, half_length: int, n_words: int | None) -> tuple[dict[int, str], list[int]]:
+    """The safe words (id → text) and the ids drawn from: the first ``n_words`` of them.
+
+    Raises:
+        TaskError: if there are fewer than ``2 * half_length - 1`` of them.
+    """
     words = safe_tokens(tokenizer)
     ids = list(words)[:n_words]
     if len(ids) < 2 * half_length - 1:
@@ -100,42 +114,63 @@ def make_induction(
             f"induction needs {2 * half_length - 1} single-token lowercase words; tokenizer "
             f"{getattr(tokenizer, 'name_or_path', '?')!r} has {len(ids)}"
         )
-    cuts = [half_length - 1] if positions == "last" else list(range(1, half_length))
-    n_seq = n_pairs if positions == "last" else max(1, n_pairs // len(cuts))
-    seq_split = split_labels(n_seq, heldout_fraction, torch.Generator().manual_seed(seed))
-    rng = random.Random(seed)
-    pairs, texts, answer, wrong, split = [], [], [], [], []
-    for s in range(n_seq):
+    return words, ids
+
+
+def _induction_pairs(tokenizer, words: dict[int, str], ids: list[int], half_length: int, cuts: list[int],
+                     seq_split: tuple[str, ...], rng: random.Random) -> dict[str, list]:
+    """Draw one sequence per split label and cut its repeat after each of ``cuts`` tokens.
+
+    Returns:
+        Lists of the same length, one entry per pair: ``pairs`` (clean and corrupted token ids),
+        ``texts``, ``answer``, ``wrong`` and ``split``.
+    """
+    out: dict[str, list] = {"pairs": [], "texts": [], "answer": [], "wrong": [], "split": []}
+    for s in range(len(seq_split)):
         drawn = rng.sample(ids, 2 * half_length - 1)
         first, other = drawn[:half_length], drawn[half_length:]  # other: L − 1 fresh words
         for cut in cuts:  # the second half stops after `cut` tokens; answer = first[cut]
             clean_ids, corrupted_ids = first + first[:cut], first + other[:cut]
-            clean_text, corrupted_text = "".join(words[t] for t in clean_ids), "".join(words[t] for t in corrupted_ids)
-            clean, corrupted = tokenizer(clean_text)["input_ids"], tokenizer(corrupted_text)["input_ids"]
-            prefix = clean[: len(clean) - len(clean_ids)]
-            if clean != prefix + clean_ids or corrupted != prefix + corrupted_ids:
-                raise TaskError(f"induction: {clean_text!r} does not tokenize back to its {len(clean_ids)} word tokens")
+            (clean, clean_text), (corrupted, corrupted_text) = _tokenized(tokenizer, words, clean_ids, corrupted_ids)
             distractor = rng.choice([t for t in first if t != first[cut]])
-            pairs.append((clean, corrupted))
-            answer.append(first[cut])
-            wrong.append(distractor)
-            split.append(seq_split[s])
-            texts.append({"clean": clean_text, "corrupted": corrupted_text, "answer": words[first[cut]],
-                          "wrong": words[distractor], "sequence": s})
+            out["pairs"].append((clean, corrupted))
+            out["answer"].append(first[cut])
+            out["wrong"].append(distractor)
+            out["split"].append(seq_split[s])
+            out["texts"].append({"clean": clean_text, "corrupted": corrupted_text, "answer": words[first[cut]],
+                                 "wrong": words[distractor], "sequence": s})
+    return out
 
+
+def _tokenized(tokenizer, words: dict[int, str], clean_ids: list[int], corrupted_ids: list[int]) -> tuple[tuple, tuple]:
+    """The clean and the corrupted prompt, each as (token ids with special tokens, text).
+
+    Raises:
+        TaskError: if the joined words do not tokenize back to the same word tokens after one prefix.
+    """
+    clean_text, corrupted_text = "".join(words[t] for t in clean_ids), "".join(words[t] for t in corrupted_ids)
+    clean, corrupted = tokenizer(clean_text)["input_ids"], tokenizer(corrupted_text)["input_ids"]
+    prefix = clean[: len(clean) - len(clean_ids)]
+    if clean != prefix + clean_ids or corrupted != prefix + corrupted_ids:
+        raise TaskError(f"induction: {clean_text!r} does not tokenize back to its {len(clean_ids)} word tokens")
+    return (clean, clean_text), (corrupted, corrupted_text)
+
+
+def _induction_task(tokenizer, drawn: dict[str, list]) -> Task:
+    """The task of the pairs drawn by :func:`_induction_pairs`, padded with the tokenizer's pad id."""
     pad_id = pad_id_of(tokenizer)
-    clean_t, corrupted_t, lengths = stack_pairs(pairs, pad_id)
+    clean_t, corrupted_t, lengths = stack_pairs(drawn["pairs"], pad_id)
     return Task(
         name="induction",
         clean=clean_t,
         corrupted=corrupted_t,
         lengths=lengths,
-        answer=torch.tensor(answer, device="cpu"),
-        wrong=torch.tensor(wrong, device="cpu"),
-        split=tuple(split),
+        answer=torch.tensor(drawn["answer"], device="cpu"),
+        wrong=torch.tensor(drawn["wrong"], device="cpu"),
+        split=tuple(drawn["split"]),
         metric=answer_logprob,
         metric_name="answer_logprob",
         pad_id=pad_id,
-        texts=tuple(texts),
+        texts=tuple(drawn["texts"]),
         positions={"END": lengths - 1},
     )

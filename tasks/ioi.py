@@ -98,6 +98,34 @@ def make_ioi(tokenizer, n_pairs: int = 128, seed: int = 0, heldout_fraction: flo
     """
     if n_pairs < 2 or n_pairs % 2:
         raise TaskError(f"IOI needs a positive even n_pairs (half ABBA, half BABA); got {n_pairs}")
+    words = _ioi_words(tokenizer)
+    rng = random.Random(seed)
+    orders = ["ABBA", "BABA"] * (n_pairs // 2)
+    rng.shuffle(orders)
+    drawn: dict[str, list] = {"pairs": [], "texts": [], "answer": [], "wrong": []}
+    pos: dict[str, list[int]] = {"IO": [], "S1": [], "S2": [], "END": []}
+    for order in orders:
+        template, io, s, c, clean_text, corrupted_text = _draw_prompt(rng, order, *words)
+        clean, corrupted, (io_id, io_at), (s_id, s_at) = _tokenize_pair(tokenizer, clean_text, corrupted_text, io, s, c)
+        drawn["pairs"].append((clean, corrupted))
+        drawn["answer"].append(io_id)
+        drawn["wrong"].append(s_id)
+        for key, value in (("IO", io_at[0]), ("S1", s_at[0]), ("S2", s_at[1]), ("END", len(clean) - 1)):
+            pos[key].append(value)
+        drawn["texts"].append(
+            {"clean": clean_text, "corrupted": corrupted_text, "answer": " " + io, "wrong": " " + s,
+             "template": template, "order": order}
+        )  # fmt: skip
+    split = split_labels(n_pairs, heldout_fraction, torch.Generator().manual_seed(seed))
+    return _ioi_task(tokenizer, drawn, pos, split)
+
+
+def _ioi_words(tokenizer) -> tuple[list[str], list[str], list[str]]:
+    """The names, places and objects that are one token for this tokenizer.
+
+    Raises:
+        TaskError: if fewer than 3 names, or no place or no object, are single tokens.
+    """
     names = _single_tokens(tokenizer, NAMES)
     places, objects = _single_tokens(tokenizer, PLACES), _single_tokens(tokenizer, OBJECTS)
     if len(names) < 3:
@@ -107,57 +135,71 @@ def make_ioi(tokenizer, n_pairs: int = 128, seed: int = 0, heldout_fraction: flo
         )
     if not places or not objects:
         raise TaskError("IOI needs at least one single-token place and object for this tokenizer")
+    return names, places, objects
 
-    rng = random.Random(seed)
-    orders = ["ABBA", "BABA"] * (n_pairs // 2)
-    rng.shuffle(orders)
-    pairs, texts, answer, wrong = [], [], [], []
-    pos: dict[str, list[int]] = {"IO": [], "S1": [], "S2": [], "END": []}
-    for order in orders:
-        template = rng.choice(TEMPLATES)
-        if order == "BABA":
-            template = template.replace("[A]", "[X]", 1).replace("[B]", "[A]", 1).replace("[X]", "[B]", 1)
-        io, s, c = rng.sample(names, 3)
-        place, obj = rng.choice(places), rng.choice(objects)
-        clean_text = _fill(template, io, s, place, obj)
-        head, tail = template.rsplit("[B]", 1)  # S2 is the last subject mention
-        corrupted_text = _fill(head + c + tail, io, s, place, obj)
-        clean = tokenizer(clean_text, add_special_tokens=True)["input_ids"]
-        corrupted = tokenizer(corrupted_text, add_special_tokens=True)["input_ids"]
-        io_id, s_id = _token(tokenizer, io), _token(tokenizer, s)
-        io_at = [i for i, t in enumerate(clean) if t == io_id]
-        s_at = [i for i, t in enumerate(clean) if t == s_id]
-        expected = clean[:]
-        if len(s_at) == 2:
-            expected[s_at[1]] = _token(tokenizer, c)
-        if len(io_at) != 1 or len(s_at) != 2 or corrupted != expected:
-            raise TaskError(
-                f"IOI prompt {clean_text!r} does not tokenize with ' {io}' once and ' {s}' twice as whole "
-                f"tokens, or its corruption {corrupted_text!r} changes more than S2"
-            )
-        pairs.append((clean, corrupted))
-        answer.append(io_id)
-        wrong.append(s_id)
-        for key, value in (("IO", io_at[0]), ("S1", s_at[0]), ("S2", s_at[1]), ("END", len(clean) - 1)):
-            pos[key].append(value)
-        texts.append(
-            {"clean": clean_text, "corrupted": corrupted_text, "answer": " " + io, "wrong": " " + s,
-             "template": template, "order": order}
-        )  # fmt: skip
 
+def _draw_prompt(rng: random.Random, order: str, names: list[str], places: list[str],
+                 objects: list[str]) -> tuple[str, str, str, str, str, str]:
+    """Draw one prompt of ``order`` (``"ABBA"`` or ``"BABA"``).
+
+    Returns:
+        The template, the indirect object, the subject, the name that replaces S2 in the
+        corrupted prompt, and the clean and the corrupted text.
+    """
+    template = rng.choice(TEMPLATES)
+    if order == "BABA":
+        template = template.replace("[A]", "[X]", 1).replace("[B]", "[A]", 1).replace("[X]", "[B]", 1)
+    io, s, c = rng.sample(names, 3)
+    place, obj = rng.choice(places), rng.choice(objects)
+    clean_text = _fill(template, io, s, place, obj)
+    head, tail = template.rsplit("[B]", 1)  # S2 is the last subject mention
+    corrupted_text = _fill(head + c + tail, io, s, place, obj)
+    return template, io, s, c, clean_text, corrupted_text
+
+
+def _tokenize_pair(tokenizer, clean_text: str, corrupted_text: str, io: str, s: str,
+                   c: str) -> tuple[list[int], list[int], tuple[int, list[int]], tuple[int, list[int]]]:
+    """Tokenize a prompt pair and find its names.
+
+    Returns:
+        The clean and the corrupted token ids, then for ``io`` and for ``s`` its token id and
+        where the clean prompt has it.
+
+    Raises:
+        TaskError: unless ``io`` is one token once and ``s`` twice, and the corruption changes
+            only S2 (to ``c``).
+    """
+    clean = tokenizer(clean_text, add_special_tokens=True)["input_ids"]
+    corrupted = tokenizer(corrupted_text, add_special_tokens=True)["input_ids"]
+    io_id, s_id = _token(tokenizer, io), _token(tokenizer, s)
+    io_at = [i for i, t in enumerate(clean) if t == io_id]
+    s_at = [i for i, t in enumerate(clean) if t == s_id]
+    expected = clean[:]
+    if len(s_at) == 2:
+        expected[s_at[1]] = _token(tokenizer, c)
+    if len(io_at) != 1 or len(s_at) != 2 or corrupted != expected:
+        raise TaskError(
+            f"IOI prompt {clean_text!r} does not tokenize with ' {io}' once and ' {s}' twice as whole "
+            f"tokens, or its corruption {corrupted_text!r} changes more than S2"
+        )
+    return clean, corrupted, (io_id, io_at), (s_id, s_at)
+
+
+def _ioi_task(tokenizer, drawn: dict[str, list], pos: dict[str, list[int]], split: tuple[str, ...]) -> Task:
+    """The task of the drawn pairs, padded with the tokenizer's pad id."""
     pad_id = pad_id_of(tokenizer)
-    clean_t, corrupted_t, lengths = stack_pairs(pairs, pad_id)
+    clean_t, corrupted_t, lengths = stack_pairs(drawn["pairs"], pad_id)
     return Task(
         name="ioi",
         clean=clean_t,
         corrupted=corrupted_t,
         lengths=lengths,
-        answer=torch.tensor(answer, device="cpu"),
-        wrong=torch.tensor(wrong, device="cpu"),
-        split=split_labels(n_pairs, heldout_fraction, torch.Generator().manual_seed(seed)),
+        answer=torch.tensor(drawn["answer"], device="cpu"),
+        wrong=torch.tensor(drawn["wrong"], device="cpu"),
+        split=split,
         metric=logit_difference,
         metric_name="logit_difference",
         pad_id=pad_id,
-        texts=tuple(texts),
+        texts=tuple(drawn["texts"]),
         positions={k: torch.tensor(v, device="cpu") for k, v in pos.items()},
     )
