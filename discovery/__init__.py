@@ -11,7 +11,8 @@ The dozen names a notebook needs, from model to diagram::
 
 Layers, bottom to top (a module imports only from its own layer or those below; a test checks):
 
-1. ``circuitfinder.errors``, ``.folders``, ``.checkpoint``: errors and files written whole;
+1. ``circuitfinder.errors``, ``.config``, ``.folders``, ``.checkpoint``: errors, the run's
+   configuration, and files written whole;
 2. ``circuitfinder.tasks``: prompt pairs and metrics (the folder ``tasks/``);
 3. ``circuitfinder.engine``: the model adapter (the only code that calls TransformerLens), the
    edge graph, exact patching, the circuit evaluator, the check at load;
@@ -41,7 +42,8 @@ _EXPORTS = {
     "compare_circuits": "circuitfinder.graphs.compare:compare_circuits",
     "discover": "circuitfinder.runs.run:discover",
     "Run": "circuitfinder.runs.run:Run",
-    "DiscoverConfig": "circuitfinder.runs.run:DiscoverConfig",
+    "DiscoverConfig": "circuitfinder.config:DiscoverConfig",
+    "Summary": "circuitfinder.runs.summary:Summary",
     "UserError": "circuitfinder.errors:UserError",
 }
 

@@ -6,11 +6,14 @@ shows it).
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 import re
 import signal
 import sys
 import time
+import typing
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -66,76 +69,93 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
     _state["debug"] = debug
 
 
-@app.command()
-def discover(
-    task: str = typer.Option("ioi", "--task", help="Task name (see `circuits tasks list`)."),
-    model: str = typer.Option("smollm2-135m", "--model", help="Bundled model name, Hugging Face id or local folder."),
-    method: str = typer.Option("acdc-groups", "--method", help="acdc-groups (default: the minimal faithful circuit, ACDC's rule on groups of edges), acdc or minimize (patching searches seeded by --seed-method); eap-ig (attribution's top-N alone: the quick look), eap, eap-ig-activations; see `circuits methods`."),
-    seed_method: str = typer.Option("eap-ig", "--seed-method", help="acdc/minimize: attribution that orders and bounds the candidates; none: every edge, in graph order (textbook ACDC)."),
-    seed_faithfulness: Optional[float] = typer.Option(None, "--seed-faithfulness", help="Searches: the seed is attribution's smallest top N reaching this on the discovery prompts (default: halfway from --target-faithfulness to 1, 0.9 for 0.8), which leaves the search room above the floor."),
-    tau: Optional[float] = typer.Option(None, "--tau", help="acdc: keep a removal when the distance grows by less than this (default: 1% of the empty circuit's distance)."),
-    acdc_metric: str = typer.Option("task", "--acdc-metric", help="acdc, acdc-groups: distance from the clean run: task (|change of the mean metric|, the default: a faithful circuit), prompt (mean per-prompt |change|, which cannot cancel across prompts) or kl (ACDC's own; at its default τ it keeps a quarter to a third of the behaviour)."),
-    floor: bool = typer.Option(True, "--floor/--no-floor", help="acdc, acdc-groups: a removal also needs the circuit to keep --target-faithfulness on the search prompts (ACDC's rule alone bounds each removal's growth, not their sum); --no-floor: Conmy et al.'s rule alone."),
-    minimize: bool = typer.Option(False, "--minimize", help="Shorthand for --method minimize --seed-method METHOD: remove edges one by one while the target faithfulness holds."),
-    search_prompts: int = typer.Option(32, "--search-prompts", help="acdc, acdc-groups, minimize: discovery prompts each candidate is evaluated on (16 overfit on IOI: the circuit fell short on held-out prompts)."),
-    chain: int = typer.Option(16, "--chain", help="acdc/--minimize: the most candidates evaluated together (speculatively) per chain; each chain's length adapts to how often guesses are right."),
-    workers: int = typer.Option(0, "--workers", help="Ray actors with a model replica each (one GPU each where there are GPUs): attribution is split by prompt batches over them, and acdc/--minimize score their circuits on them (0: in this process)."),
-    address: Optional[str] = typer.Option(None, "--address", help="Join an existing Ray cluster at this address (with --workers)."),
-    ig_steps: int = typer.Option(5, "--ig-steps", help="Interpolation steps of eap-ig."),
-    ig_rule: str = typer.Option("midpoint", "--ig-rule", help="EAP-IG's interpolation points: midpoint ((k+½)/m), left (k/m, k<m: the published code on inputs) or right (k/m, k≥1: on activations)."),
-    bos: str = typer.Option("auto", "--bos", help="auto: the tokenizer's own rule (SmolLM2 adds no BOS token, Gemma does); always: prepend it, as the published EAP-IG code does."),
-    match_published: bool = typer.Option(False, "--match-published", help="Every choice the published EAP-IG code makes (--bos always and its --ig-rule): its scores, divided by the prompt count."),
-    ablation: str = typer.Option("counterfactual", "--ablation", help="What a removed edge carries: counterfactual (the corrupted prompt), mean (over the task's prompts) or zero."),
-    curve: Optional[bool] = typer.Option(None, "--curve/--no-curve", help="Measure faithfulness at the MIB edge fractions (CPR, CMD); by default for attribution's top-N, not after a search (the curve ranks by attribution)."),
-    roles: bool = typer.Option(True, "--roles/--no-roles", help="Measure every head's role on the run's prompts (seconds): roles.csv, and the circuit's heads by role."),
-    force: bool = typer.Option(False, "--force", help="Search even if the model does not show the behaviour."),
-    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Task files: drop invalid rows instead of refusing the file."),
-    skip_model_check: bool = typer.Option(False, "--skip-model-check", help="Do not verify at load that patching is exact on the model."),
-    edges: Optional[int] = typer.Option(None, "--edges", help="Keep the top N edges by |score|."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="Keep edges with |score| ≥ T."),
-    target_faithfulness: float = typer.Option(0.8, "--target-faithfulness", help="Without --edges/--threshold: smallest top-N reaching this."),
-    pairs: int = typer.Option(128, "--pairs", help="Prompt pairs (half discovery, half held-out)."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Prompts per forward pass."),
-    seed: int = typer.Option(0, "--seed", help="Seed for prompts and split."),
-    dtype: str = typer.Option("auto", "--dtype", help="The model's dtype: auto (float32 for a search; for attribution alone, bfloat16 where this device computes it natively, with the circuit re-measured in float32), float32, bfloat16, float16 or float64. Scores and metrics are summed in float32/float64."),
-    device: str = typer.Option("auto", "--device", help="auto (a GPU when there is one), cpu, cuda, cuda:N or mps."),
-    referee: bool = typer.Option(True, "--referee/--no-referee", help="A search in bfloat16/float16: float32 scores the seed, re-decides the removals within half precision's error of the threshold and measures the circuit, so the search finds float32's circuit (--no-referee: everything in half precision)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: outputs/TASK-MODEL-METHOD-TIME)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
-) -> None:
-    """Find the circuit of a task in a model and check it by exact patching."""
-    from circuitfinder.runs.run import DiscoverConfig, default_out_dir, run_config
+def config_options(leave_out: tuple[str, ...] = ()) -> list[inspect.Parameter]:
+    """One command-line option per field of :class:`~circuitfinder.config.DiscoverConfig` (but
+    ``leave_out``), with the field's help text, grouped by section in ``--help``."""
+    from circuitfinder.config import SECTIONS, flat_fields
 
-    config = DiscoverConfig(task=task, model=model, method=method, edges=edges, threshold=threshold,
-                            target_faithfulness=target_faithfulness, ig_steps=ig_steps, ig_rule=ig_rule, bos=bos,
-                            ablation=ablation, curve=curve, roles=roles, force=force,
-                            skip_bad_rows=skip_bad_rows, check_model=not skip_model_check, n_pairs=pairs, batch_size=batch_size, seed=seed,
-                            seed_method=seed_method, seed_faithfulness=seed_faithfulness, tau=tau, acdc_metric=acdc_metric, floor=floor, minimize=minimize,
-                            search_prompts=search_prompts, chain=chain, workers=workers, address=address,
-                            dtype=dtype, device=device, referee=referee)
+    params = []
+    for name, (section, f) in flat_fields().items():
+        if name in leave_out:
+            continue
+        owner = SECTIONS[section] if section else DiscoverConfig_()
+        kind = typing.get_type_hints(owner)[name]
+        flag = f.metadata.get("flag") or "--" + name.replace("_", "-")
+        flags = (f"{flag}/--no-{flag[2:]}",) if kind in (bool, Optional[bool]) else (flag,)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        panel = owner.title if section else "Task, model and method"
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
+                                        default=typer.Option(default, *flags, help=f.metadata["help"], rich_help_panel=panel)))
+    return params
+
+
+def DiscoverConfig_():  # noqa: N802 -- the class, imported when the command line is built
+    from circuitfinder.config import DiscoverConfig
+
+    return DiscoverConfig
+
+
+def _with_options(params: list[inspect.Parameter]):
+    """Give a command the signature ``params`` (typer reads its options from the signature)."""
+    def decorate(command):
+        command.__signature__ = inspect.Signature(params)
+        return command
+    return decorate
+
+
+def _option(name: str, default, *flags: str, help: str, annotation=str) -> inspect.Parameter:  # noqa: A002
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                             default=typer.Option(default, *flags, help=help, rich_help_panel="Outputs"))
+
+
+@app.command()
+@_with_options(config_options() + [
+    _option("match_published", False, "--match-published", annotation=bool,
+            help="Every choice the published EAP-IG code makes (--bos always and its --ig-rule): its scores, divided by "
+                 "the prompt count."),
+    _option("out", None, "--out", annotation=Optional[Path],
+            help="Run folder (default: outputs/TASK-MODEL-METHOD-TIME)."),
+    _option("overwrite", False, "--overwrite", annotation=bool, help="Replace an existing run folder."),
+])
+def discover(match_published: bool = False, out: Optional[Path] = None, overwrite: bool = False, **options) -> None:
+    """Find the circuit of a task in a model and check it by exact patching."""
+    from circuitfinder.runs.pipeline import default_out_dir
+    from circuitfinder.runs.run import run_config
+
+    config = DiscoverConfig_().from_options(**options)
     if match_published:
         config = config.matching_published()
     summary = run_config(config, out=out or default_out_dir(config), overwrite=overwrite, reporter=ConsoleReporter()).summary
-    print(
-        f"{summary['task']} on {summary['model']} ({summary['method']}): "
-        f"clean {summary['metric_clean']:.3f}, corrupted {summary['metric_corrupted']:.3f}; "
-        f"{summary['edges_kept']:,}/{summary['edges_total']:,} edges, {summary['nodes_kept']} nodes; "
-        f"faithfulness {summary['faithfulness']:.3f} (held-out, {summary['dtype']}"
-        + (f"; {summary['search_dtype']['faithfulness']:.3f} in {summary['search_dtype']['dtype']}, where it was found"
-           if (summary.get("search_dtype") or {}).get("faithfulness") is not None else "")
-        + _refereed(summary.get("search_dtype") or {})
-        + ("" if summary["meets_target"] else f"; BELOW the target {summary['target_faithfulness']}") + f") -> {summary['out']}"
+    print(summary_line(summary))
+
+
+def summary_line(summary) -> str:
+    """The one line ``circuits discover`` prints: the circuit, its faithfulness and where it is."""
+    precision = summary.precision or {}
+    found = precision.get("found_faithfulness")
+    return (
+        f"{summary.task} on {summary.model} ({summary.method}): "
+        f"clean {summary.metric_clean:.3f}, corrupted {summary.metric_corrupted:.3f}; "
+        f"{summary.edges_kept:,}/{summary.edges_total:,} edges, {summary.nodes_kept} nodes; "
+        f"faithfulness {summary.faithfulness:.3f} (held-out, {summary.dtype}"
+        + (f"; {found:.3f} in {precision['passes']}, where it was found" if found is not None else "")
+        + _refereed(precision)
+        + ("" if summary.meets_target else f"; BELOW the target {summary.target_faithfulness}") + f") -> {summary.out}"
     )
 
 
-def _refereed(search_dtype: dict) -> str:
+def _refereed(precision: dict) -> str:
     """What the summary line says of a half-precision search refereed in float32."""
-    if not search_dtype.get("refereed_by"):
+    decisions = precision.get("referee_decisions")
+    if not decisions:
         return ""
-    if search_dtype["passes_dtype"] == "float32":
-        return f"; searched in float32: {search_dtype['why_float32']}"
-    return (f"; searched in {search_dtype['dtype']}, {search_dtype['decided']:,} removals decided again in float32, "
-            f"{search_dtype['overruled']:,} of them overruled")
+    if decisions["passes_dtype"] == "float32":
+        return f"; searched in float32: {decisions['why_float32']}"
+    return (f"; searched in {precision['passes']}, {decisions['decided']:,} removals decided again in float32, "
+            f"{decisions['overruled']:,} of them overruled")
+
+
+SWEEP_OWN = ("task", "model", "method", "workers", "address")  # sweep's own options (lists; runs at once)
 
 
 def _names(text: str) -> list[str]:
@@ -143,32 +163,25 @@ def _names(text: str) -> list[str]:
 
 
 @app.command()
-def sweep(
-    tasks: str = typer.Option(..., "--tasks", help="Comma-separated tasks (names or task files)."),
-    models: str = typer.Option(..., "--models", help="Comma-separated models (bundled names, Hugging Face ids, folders)."),
-    methods: str = typer.Option("eap-ig", "--methods", help="Comma-separated methods."),
-    out: Path = typer.Option(Path("outputs/sweep"), "--out", help="Sweep folder: one run folder per task-model-method, and sweep.csv/sweep.md."),
-    workers: int = typer.Option(0, "--workers", help="Runs at once, as Ray tasks (0: one after another in this process; each run already uses every core)."),
-    cpus_per_run: int = typer.Option(1, "--cpus-per-run", help="With --workers: CPUs (torch threads) Ray gives each run."),
-    address: Optional[str] = typer.Option(None, "--address", help="With --workers: join an existing Ray cluster (its machines must see --out)."),
-    edges: Optional[int] = typer.Option(None, "--edges", help="Keep the top N edges by |score|."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="Keep edges with |score| ≥ T."),
-    target_faithfulness: float = typer.Option(0.8, "--target-faithfulness", help="Without --edges/--threshold: smallest top-N reaching this."),
-    ig_steps: int = typer.Option(5, "--ig-steps", help="Interpolation steps of eap-ig."),
-    ablation: str = typer.Option("counterfactual", "--ablation", help="counterfactual, mean or zero."),
-    curve: Optional[bool] = typer.Option(None, "--curve/--no-curve", help="Measure faithfulness at the MIB edge fractions (CPR, CMD); by default for attribution's top-N, not after a search (the curve ranks by attribution)."),
-    force: bool = typer.Option(False, "--force", help="Search even if a model does not show the behaviour."),
-    pairs: int = typer.Option(128, "--pairs", help="Prompt pairs (half discovery, half held-out)."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Prompts per forward pass."),
-    seed: int = typer.Option(0, "--seed", help="Seed for prompts and split."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Redo runs that already finished."),
-) -> None:
+@_with_options([
+    _option("tasks", ..., "--tasks", help="Comma-separated tasks (names or task files)."),
+    _option("models", ..., "--models", help="Comma-separated models (bundled names, Hugging Face ids, folders)."),
+    _option("methods", "eap-ig", "--methods", help="Comma-separated methods."),
+    _option("out", Path("outputs/sweep"), "--out", annotation=Path,
+            help="Sweep folder: one run folder per task-model-method, and sweep.csv/sweep.md."),
+    _option("workers", 0, "--workers", annotation=int,
+            help="Runs at once, as Ray tasks (0: one after another in this process; each run already uses every core)."),
+    _option("cpus_per_run", 1, "--cpus-per-run", annotation=int, help="With --workers: CPUs (torch threads) Ray gives each run."),
+    _option("address", None, "--address", annotation=Optional[str],
+            help="With --workers: join an existing Ray cluster (its machines must see --out)."),
+    _option("overwrite", False, "--overwrite", annotation=bool, help="Redo runs that already finished."),
+] + config_options(leave_out=SWEEP_OWN))
+def sweep(tasks: str, models: str, methods: str = "eap-ig", out: Path = Path("outputs/sweep"), workers: int = 0,
+          cpus_per_run: int = 1, address: Optional[str] = None, overwrite: bool = False, **options) -> None:
     """Discover every task × model × method (skipping finished runs) and write one comparison table."""
-    from circuitfinder.runs.run import DiscoverConfig
     from circuitfinder.runs.sweep import sweep as run_sweep
 
-    base = DiscoverConfig(edges=edges, threshold=threshold, target_faithfulness=target_faithfulness, ig_steps=ig_steps,
-                          ablation=ablation, curve=curve, force=force, n_pairs=pairs, batch_size=batch_size, seed=seed)
+    base = DiscoverConfig_().from_options(method="eap-ig", **options)
     try:
         frame = run_sweep(_names(tasks), _names(models), _names(methods), out=out, base=base, workers=workers,
                           cpus=cpus_per_run, address=address, overwrite=overwrite, reporter=ConsoleReporter())
@@ -190,7 +203,7 @@ def validate(
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo an existing validation."),
 ) -> None:
     """Compare a run's scores with exact single-edge patching (Pearson, Spearman, scatter plot)."""
-    from circuitfinder.runs.run import validate_run
+    from circuitfinder.runs.followup import validate_run
 
     result = validate_run(run_dir, top=top, random=random, overwrite=overwrite, reporter=ConsoleReporter())
     parts = [f"{k}: Pearson {v['pearson']:.3f}, Spearman {v['spearman']:.3f}" for k, v in result.items() if isinstance(v, dict)]
@@ -204,10 +217,10 @@ def _reference_help() -> str:
 
 
 @app.command()
-def evaluate(
+def grade(
     run_dir: Optional[Path] = typer.Argument(None, help="A run folder written by `circuits discover`, or a circuit.json."),
     reference: Optional[str] = typer.Option(None, "--reference", help=_reference_help()),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Redo an existing evaluation against this reference."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo an existing grading against this reference."),
     list_: bool = typer.Option(False, "--list", help="List the reference circuits and exit."),
 ) -> None:
     """Grade a run's circuit and scores against a published circuit (ROC-AUC, precision, recall)."""
@@ -221,10 +234,10 @@ def evaluate(
                   + (f"; published ACDC edge ROC-AUC {auc}" if auc is not None else "") + ")")
         return
     if run_dir is None:
-        raise UserError("give a run folder (circuits evaluate RUN_DIR --reference NAME), or --list")
-    from circuitfinder.graphs.evaluate import evaluate_run, format_table
+        raise UserError("give a run folder (circuits grade RUN_DIR --reference NAME), or --list")
+    from circuitfinder.graphs.grading import format_table, grade_run
 
-    result = evaluate_run(run_dir, reference=reference, overwrite=overwrite)
+    result = grade_run(run_dir, reference=reference, overwrite=overwrite)
     print(format_table(result))
     print(f"-> {result['out']}")
 
@@ -308,12 +321,12 @@ def plan(
 @app.command()
 def methods() -> None:
     """List the methods: what each does, what it costs, and what it supports."""
+    from circuitfinder.config import DEFAULT_METHOD
     from circuitfinder.methods.registry import METHODS
-    from circuitfinder.runs.run import DiscoverConfig
 
     for name, m in METHODS.items():
         supports = f"ablations: {', '.join(m.ablations)}" + ("" if m.post_norm else "; not on post-norm models")
-        default = " (default)" if name == DiscoverConfig.method else ""
+        default = " (default)" if name == DEFAULT_METHOD else ""
         print(f"{name + default:<20} {m.description}\n{'':<20} cost: {m.cost}; {supports}")
 
 
@@ -409,7 +422,7 @@ def roles(
 ) -> None:
     """Score every head's role (previous-token, duplicate, induction, mover) on the run's prompts: roles.csv, and the circuit's heads' attention patterns in circuit.html."""
     from circuitfinder.graphs.circuit import load_circuit
-    from circuitfinder.runs.run import roles_for_run
+    from circuitfinder.runs.followup import roles_for_run
 
     if prompts < 1:
         raise UserError(f"--prompts must be at least 1, got {prompts}")
@@ -495,12 +508,12 @@ def _terminate(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-FLAGS = {"n_pairs": "--pairs"}  # arguments whose flag is not --the-name
-
-
 def _flag(match: re.Match) -> str:
+    from circuitfinder.config import flat_fields
+
     name, _, value = match.group(1).partition("=")
-    flag = FLAGS.get(name, "--" + name.replace("_", "-"))
+    field = flat_fields().get(name)
+    flag = (field[1].metadata.get("flag") if field else None) or "--" + name.replace("_", "-")
     return flag if value in ("", "True") else f"{flag} {value.strip(chr(39) + chr(34))}"
 
 
@@ -536,6 +549,13 @@ def main(argv: list[str] | None = None) -> None:
         console.print(INTERRUPTED)
     if isinstance(code, int) and code:
         sys.exit(code)
+
+
+def __getattr__(name: str):
+    """``click_app``: the click command underneath the typer app (for the documentation's CLI page)."""
+    if name == "click_app":
+        return typer.main.get_command(app)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

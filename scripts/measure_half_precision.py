@@ -45,7 +45,8 @@ def main() -> None:
     from circuitfinder.engine.graph import EdgeGraph
     from circuitfinder.graphs.circuit import load_circuit
     from circuitfinder.graphs.tables import read_scores
-    from circuitfinder.runs.run import DiscoverConfig, build_run_task
+    from circuitfinder.config import DiscoverConfig
+    from circuitfinder.runs.pipeline import build_run_task
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--edges", type=int, default=1985)  # the default run's EAP-IG size search picks 1,985

@@ -30,16 +30,17 @@ def measure(run_dir: Path, adapters: dict) -> dict:
     from circuitfinder.engine.graph import EdgeGraph
     from circuitfinder.engine.masks import top_edges
     from circuitfinder.graphs.tables import read_scores
-    from circuitfinder.runs.run import DiscoverConfig, build_run_task
+    from circuitfinder.runs.pipeline import build_run_task
+    from circuitfinder.runs.run import load_run_config
 
-    config = DiscoverConfig(**json.loads((run_dir / "config.json").read_text()))
+    config = load_run_config(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     if config.model not in adapters:
         adapters[config.model] = load_unchecked(config.model)
     adapter = adapters[config.model]
     graph = EdgeGraph(adapter.shape)
     task = build_run_task(config, adapter.tokenizer)
-    heldout = CircuitEvaluator(adapter, graph, task, "heldout", config.batch_size)
+    heldout = CircuitEvaluator(adapter, graph, task, "heldout", config.execution.batch_size)
     scores = read_scores(run_dir / "scores.parquet", graph)
     edges, reached = summary["edges_kept"], summary["faithfulness"]
     same_size = heldout.prune(top_edges(graph, scores, edges))

@@ -38,7 +38,7 @@ def record(run_dir: Path, wall: float | None) -> dict:
             "faithfulness_heldout": summary["faithfulness"], "faithfulness_dtype": summary["dtype"],
             "tau": search.get("tau"), "circuits_evaluated": search.get("circuits_evaluated"),
             "search_s": search.get("seconds"), "run_s": summary["seconds"], "wall_s": wall,
-            "peak_memory_mb": summary["peak_memory_mb"], "search_dtype": summary.get("search_dtype"),
+            "peak_memory_mb": summary["peak_memory_mb"], "precision": summary.get("precision"),
             "referee": search.get("referee"), "edges": edges}
 
 

@@ -38,15 +38,16 @@ METHODS = {  # label: DiscoverConfig settings
 
 def measure(program: str, settings: dict, scratch: Path) -> dict:
     from circuitfinder.graphs.grading import grade_circuit
-    from circuitfinder.runs.run import DiscoverConfig, run_config
+    from circuitfinder.config import DiscoverConfig
+    from circuitfinder.runs.run import run_config
 
-    config = DiscoverConfig(task=program, model=program, n_pairs=32, batch_size=16, dtype="float64", roles=False,
+    config = DiscoverConfig.from_options(task=program, model=program, n_pairs=32, batch_size=16, dtype="float64", roles=False,
                             search_prompts=16, **settings)
     start = time.perf_counter()
     run = run_config(config, out=scratch / f"{program}-{settings['method']}-{settings.get('seed_method', '')}")
     seconds = time.perf_counter() - start
-    row = {"program": program, **settings, "seconds": round(seconds, 2), "edges": run.summary["edges_kept"],
-           "faithfulness_heldout": run.summary["faithfulness"]}
+    row = {"program": program, **settings, "seconds": round(seconds, 2), "edges": run.summary.edges_kept,
+           "faithfulness_heldout": run.summary.faithfulness}
     for reference, prefix in ((program, ""), (f"{program}-weights", "weights_")):
         graded = grade_circuit(run.circuit, reference)
         row |= {f"{prefix}{level}_{k}": graded[level].get(k) for level in ("edges", "nodes")

@@ -40,6 +40,7 @@ The noise itself is what bfloat16 costs: 6 % of the largest logit on SmolLM2, 0.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -117,3 +118,88 @@ def parse_dtype(text: str) -> torch.dtype:
     if text not in names:
         raise UserError(f"unknown dtype {text!r}: use float32, bfloat16, float16 or float64")
     return names[text]
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """A run's precision, decided once before loading (:func:`plan_precision`).
+
+    Attributes:
+        model: the dtype the run's model is loaded in; the reported faithfulness is measured in it,
+            unless ``remeasure``.
+        passes: the dtype of a search's patched passes: ``model``, or a half precision on a second
+            copy of the weights when float32 referees the search.
+        referee: float32 (``model``) referees a half-precision search's passes
+            (``circuitfinder.methods.acdc.Referee``).
+        remeasure: ``auto`` chose half precision for attribution: the circuit is measured again on
+            a float32 copy of the model, and that is what the run reports.
+        why: one line saying what was chosen and why.
+    """
+
+    model: torch.dtype
+    passes: torch.dtype
+    referee: bool = False
+    remeasure: bool = False
+    why: str = ""
+
+    def to_json(self) -> dict:
+        return {"model": dtype_name(self.model), "passes": dtype_name(self.passes), "referee": self.referee,
+                "remeasure": self.remeasure, "why": self.why}
+
+
+def plan_precision(requested: str, device: torch.device, model: str, searching: bool, referee: bool,
+                   batch_size: int = 16) -> PrecisionPlan:
+    """The precision of a run that loads ``model`` on ``device`` with ``dtype=requested``.
+
+    * ``auto`` resolves by :func:`resolve_dtype`. Where it lands in half precision, attribution runs
+      in it and its circuit is re-measured in float32; a search runs in float32 instead (bfloat16's
+      rounding moves a removal's change of distance by about half of ACDC's τ).
+    * A search asked for in half precision with ``referee`` loads the model in float32 and runs its
+      passes on a half-precision copy, refereed by float32, where the memory plan of both fits the
+      device (``circuitfinder.engine.plan.refereed_total``); otherwise it runs in half precision alone.
+    """
+    dtype = resolve_dtype(requested, device, model)
+    half = dtype in HALF
+    if requested == "auto" and half and searching:
+        return PrecisionPlan(torch.float32, torch.float32, why=(
+            f"auto: float32 on {device} for a search (bfloat16's rounding moves a removal's change of distance by "
+            "about half of ACDC's τ; `dtype='bfloat16'` runs the passes it can settle in bfloat16)"))
+    if requested == "auto" and half:
+        return PrecisionPlan(dtype, dtype, remeasure=True, why=(
+            f"{dtype_name(dtype)} on {device}, chosen by auto: this device computes it natively; the circuit is "
+            "re-measured in float32"))
+    if half and searching and referee:
+        no_room = _no_room_for_referee(model, dtype, device, batch_size)
+        if no_room is None:
+            return PrecisionPlan(torch.float32, dtype, referee=True, why=(
+                f"float32 on {device}; the search's passes in {dtype_name(dtype)} where they can settle its removals, "
+                "refereed in float32"))
+        return PrecisionPlan(dtype, dtype, why=no_room)
+    return PrecisionPlan(dtype, dtype, why=f"{dtype_name(dtype)} on {device}")
+
+
+def given_precision(dtype: torch.dtype, searching: bool) -> PrecisionPlan:
+    """The precision of a run given a model already loaded in ``dtype``: it runs in that dtype alone."""
+    alone = searching and dtype in HALF
+    return PrecisionPlan(dtype, dtype, why=(
+        f"the search runs in {dtype_name(dtype)} alone, without a float32 referee (the model was given loaded in "
+        "it; give its name to have float32 referee the search)" if alone else f"{dtype_name(dtype)}, as given"))
+
+
+def _no_room_for_referee(model: str, half: torch.dtype, device: torch.device, batch_size: int) -> str | None:
+    """None when the float32 model and a half-precision copy fit ``device`` (a shape the memory
+    plan cannot read without loading is taken to fit); else why there is no referee."""
+    from circuitfinder.engine.plan import format_bytes, free_memory, plan_shape, refereed_total
+
+    try:
+        shape = plan_shape(model)
+    except Exception:  # noqa: BLE001 -- a shape the plan cannot read leaves the check to the load
+        return None
+    need = refereed_total(shape, half, batch_size, 32, device)
+    free = free_memory(device)
+    if need <= free:
+        return None
+    smaller = next((b for b in range(batch_size - 1, 0, -1) if refereed_total(shape, half, b, 32, device) <= free), 0)
+    return (f"no float32 referee: the float32 model and a {dtype_name(half)} copy need {format_bytes(need)} for "
+            f"batches of {batch_size}, {device} has {format_bytes(free)} free; the search runs in {dtype_name(half)} "
+            "alone" + (f" (`batch_size={smaller}` leaves room for the referee)" if smaller else ""))

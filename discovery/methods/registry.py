@@ -4,7 +4,7 @@
   passes and keeps the top N by |score|, every edge above a threshold, or the smallest top N whose
   exact faithfulness on the discovery prompts reaches the target (:func:`select`); the selection is
   then pruned to input → logits paths.
-* **Patching searches** start from an attribution's selection (``settings.seed_method``) and
+* **Patching searches** start from an attribution's selection (``config.search.seed_method``) and
   decide edges by exact patching on the discovery prompts (``circuitfinder.methods.search``): ACDC
   (Conmy et al. 2023) keeps a removal when the distance from the clean run grows by less than τ;
   ACDC on groups applies that rule to groups of weak edges, bisected when a group's removal does
@@ -23,16 +23,18 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from circuitfinder.checkpoint import Checkpoint
+from circuitfinder.config import DiscoverConfig
 from circuitfinder.engine.ablation import ABLATIONS, Ablation
 from circuitfinder.engine.adapter import ModelAdapter
 from circuitfinder.engine.faithfulness import CircuitEvaluator, SizeSearch, search_size
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.masks import Mask, edges_above, prune, top_edges
+from circuitfinder.engine.precision import PrecisionPlan, dtype_name
 from circuitfinder.errors import UserError
 from circuitfinder.methods.attribution import AttributionMethod, eap, eap_ig, eap_ig_activations
 from circuitfinder.methods.search import SearchOutcome, run_search
@@ -54,24 +56,29 @@ class Reporter:
 
 @dataclass
 class Problem:
-    """What a method is given: the model, its edge graph, the task, the run's settings, the ablation.
+    """What a method is given: the model, its edge graph, the task, the run's configuration, the ablation.
 
-    ``settings`` is the run's configuration (``circuitfinder.runs.run.DiscoverConfig``): every
-    option by name (``edges``, ``threshold``, ``target_faithfulness``, ``ig_steps``, ``tau``, ...).
+    A method reads the sections of ``config`` it declares (:attr:`Method.sections`): ``size``,
+    ``attribution``, ``search``, and ``execution`` for batches and workers.
     ``checkpoints`` is the folder under which a search keeps its ``.checkpoints``.
-    ``search_dtype``: a half precision for the search's passes, on a copy of the model loaded for
-    them, with ``adapter`` (float32) scoring the seed and refereeing the search
-    (``circuitfinder.methods.search``); None: everything runs on ``adapter``.
+    ``precision``: with ``precision.referee``, the search's passes run in ``precision.passes`` on a
+    copy of the model loaded for them, with ``adapter`` (float32) scoring the seed and refereeing
+    the search (``circuitfinder.methods.search``); otherwise everything runs on ``adapter``.
     """
 
     adapter: ModelAdapter
     graph: EdgeGraph
     task: Task
-    settings: Any
+    config: DiscoverConfig
     ablation: Ablation
     reporter: Reporter = dataclasses.field(default_factory=Reporter)
     checkpoints: Path = Path("outputs")
-    search_dtype: torch.dtype | None = None
+    precision: PrecisionPlan | None = None
+
+    def key(self, sections: tuple[str, ...], **extra) -> dict:
+        """What decides a result computed from ``sections`` of the configuration, in this precision."""
+        p = self.precision or PrecisionPlan(self.adapter.dtype, self.adapter.dtype)
+        return self.config.key(sections, passes=dtype_name(p.passes), referee=p.referee, **extra)
 
 
 @dataclass(frozen=True)
@@ -98,7 +105,9 @@ class Method:
         cost: what it costs, in words (forward passes).
         ablations: the ablations it is defined for.
         post_norm: whether it is defined on models whose heads share a post-attention norm.
-        seeded: it starts from the selection of the attribution ``settings.seed_method``.
+        seeded: it starts from the selection of the attribution ``config.search.seed_method``.
+        sections: the sections of the configuration it reads (besides the task's and the
+            execution's): its options, and what its checkpoint's key is made of.
         score: for attribution, the scoring function ``(adapter, graph, task, batch_size, ...)``.
         forwards_per_batch: for attribution, ``(ig_steps, graph) -> passes`` per batch of prompts.
     """
@@ -111,6 +120,7 @@ class Method:
     seeded: bool = False
     score: AttributionMethod | None = None
     forwards_per_batch: Callable[[int, EdgeGraph], int] | None = None
+    sections: tuple[str, ...] = ("size",)
 
     def refusal(self, name: str, ablation: str, post_norm: bool) -> str | None:
         """Why this method cannot run with ``ablation`` on a model with/without a shared post-norm, or None."""
@@ -123,20 +133,21 @@ class Method:
 
 
 def select(problem: Problem, scores: torch.Tensor, target: float | None = None) -> tuple[Mask, SizeSearch | None, int]:
-    """The edges to keep before pruning: ``settings.edges`` (top N), ``settings.threshold``, or the
-    smallest top N reaching ``target`` (``settings.target_faithfulness`` unless given) on the
+    """The edges to keep before pruning: ``size.edges`` (top N), ``size.threshold``, or the
+    smallest top N reaching ``target`` (``size.target_faithfulness`` unless given) on the
     discovery prompts.
 
     Returns:
         ``(mask, the size search or None, forward passes it used)``.
     """
-    s, graph, reporter = problem.settings, problem.graph, problem.reporter
+    s, graph, reporter = problem.config.size, problem.graph, problem.reporter
     target = s.target_faithfulness if target is None else target
     if s.edges is not None:
         return top_edges(graph, scores, s.edges), None, 0
     if s.threshold is not None:
         return edges_above(graph, scores, s.threshold), None, 0
-    discovery = CircuitEvaluator(problem.adapter, graph, problem.task, "discovery", s.batch_size, problem.ablation)
+    discovery = CircuitEvaluator(problem.adapter, graph, problem.task, "discovery", problem.config.execution.batch_size,
+                                 problem.ablation)
     with reporter.progress(f"size search (target faithfulness {target})", 0) as advance:
         def step(n, kept, f):
             reporter.log(f"  top {n:>6,} edges → {kept:>6,} after pruning: faithfulness {f:.3f} (discovery)")
@@ -149,23 +160,21 @@ def select(problem: Problem, scores: torch.Tensor, target: float | None = None) 
 
 def _scores(problem: Problem, name: str) -> tuple[torch.Tensor, int]:
     """Attribution ``name``'s scores on the discovery prompts, and the forward passes they took."""
-    s, method = problem.settings, METHODS[name]
-    n_batches = len(list(problem.task.batches("discovery", s.batch_size)))
-    if getattr(s, "workers", 0):  # split by prompt batches over Ray actors, each with its own replica
-        from functools import partial
-
+    e, a, method = problem.config.execution, problem.config.attribution, METHODS[name]
+    n_batches = len(list(problem.task.batches("discovery", e.batch_size)))
+    if e.workers:  # split by prompt batches over Ray actors, each with its own replica
         from circuitfinder.engine.checks import load_model
         from circuitfinder.methods.pool import ray_scores
 
-        problem.reporter.log(f"{name} scores on {s.workers} Ray worker(s)" + (f" at {s.address}" if s.address else ""))
-        load = partial(load_model, s.model, check=False, dtype=problem.adapter.dtype, device=s.device)
-        scores = ray_scores(load, method.score, problem.task, s.batch_size, s.workers, s.address,
-                            steps=s.ig_steps, ablation=s.ablation, ig_rule=s.ig_rule)
-        return scores, method.forwards_per_batch(s.ig_steps, problem.graph) * n_batches
+        problem.reporter.log(f"{name} scores on {e.workers} Ray worker(s)" + (f" at {e.address}" if e.address else ""))
+        load = partial(load_model, problem.config.model, check=False, dtype=problem.adapter.dtype, device=e.device)
+        scores = ray_scores(load, method.score, problem.task, e.batch_size, e.workers, e.address,
+                            steps=a.ig_steps, ablation=problem.config.size.ablation, ig_rule=a.ig_rule)
+        return scores, method.forwards_per_batch(a.ig_steps, problem.graph) * n_batches
     with problem.reporter.progress(f"{name} scores", len(problem.task.indices("discovery"))) as advance:
-        scores = method.score(problem.adapter, problem.graph, problem.task, s.batch_size, progress=advance,
-                              steps=s.ig_steps, ablation=problem.ablation, ig_rule=s.ig_rule)
-    return scores, method.forwards_per_batch(s.ig_steps, problem.graph) * n_batches
+        scores = method.score(problem.adapter, problem.graph, problem.task, e.batch_size, progress=advance,
+                              steps=a.ig_steps, ablation=problem.ablation, ig_rule=a.ig_rule)
+    return scores, method.forwards_per_batch(a.ig_steps, problem.graph) * n_batches
 
 
 def _attribution(problem: Problem, name: str) -> Found:
@@ -175,34 +184,31 @@ def _attribution(problem: Problem, name: str) -> Found:
     return Found(scores, selected, circuit, passes + search_passes, size_search)
 
 
-SEARCH_ONLY = ("tau", "acdc_metric", "floor", "minimize", "search_prompts", "chain", "method")
-IGNORED = ("curve", "roles", "workers", "address")  # settings that do not change a search's result
+def search_key(problem: Problem) -> dict:
+    """What decides a search's result (its checkpoint's key): the sections its method declares,
+    the method and the precision of its passes."""
+    return problem.key(METHODS[problem.config.method].sections, method=problem.config.method)
 
 
-def search_key(settings) -> dict:
-    """The settings that decide a search's result (the key of its checkpoint)."""
-    return {k: v for k, v in dataclasses.asdict(settings).items() if k not in IGNORED}
+def seed_key(problem: Problem) -> dict:
+    """What decides a search's seed (scores and start circuit): kept in ``.checkpoints`` after the
+    run, so a search with another τ or prompt count reuses them."""
+    s = problem.config.search
+    return problem.key(METHODS[s.seed_method].sections if s.seed_method in METHODS else ("size",),
+                       seed_method=s.seed_method, seed_faithfulness=s.seed_faithfulness)
 
 
-def seed_key(settings) -> dict:
-    """The settings that decide a search's seed (scores and start circuit): kept in ``.checkpoints``
-    after the run, so a search with another τ or prompt count reuses them."""
-    key = {k: v for k, v in search_key(settings).items() if k not in SEARCH_ONLY + ("seed_method",)}
-    key["attribution"] = settings.seed_method
-    return key
-
-
-def seed_target(settings) -> float:
-    """The faithfulness a search's seed reaches on the discovery prompts: ``seed_faithfulness``, or
-    halfway from the target to 1. A seed at the target itself leaves the search no room above its
+def seed_target(config: DiscoverConfig) -> float:
+    """The faithfulness a search's seed reaches on the discovery prompts: ``search.seed_faithfulness``,
+    or halfway from the target to 1. A seed at the target itself leaves the search no room above its
     floor (measured: Gemma-3 induction kept 514 edges from a seed at 0.8, 212 from one at 0.9)."""
-    chosen = getattr(settings, "seed_faithfulness", None)
-    return (1 + settings.target_faithfulness) / 2 if chosen is None else chosen
+    chosen = config.search.seed_faithfulness
+    return (1 + config.size.target_faithfulness) / 2 if chosen is None else chosen
 
 
 def _seed(problem: Problem, store: Checkpoint) -> tuple[torch.Tensor, Mask, SizeSearch | None, int, bool]:
     """The search's scores and start circuit: saved earlier, every edge (unseeded), or attribution's."""
-    graph, name, reporter = problem.graph, problem.settings.seed_method, problem.reporter
+    graph, name, reporter = problem.graph, problem.config.search.seed_method, problem.reporter
     saved = store.load_tensors("seed")
     if saved is not None:
         reporter.log(f"reusing {name} scores and start circuit saved in {store.dir}")
@@ -212,7 +218,7 @@ def _seed(problem: Problem, store: Checkpoint) -> tuple[torch.Tensor, Mask, Size
         reporter.log("unseeded: every edge of the graph is a candidate, tried in the graph's order")
         return torch.zeros(graph.allowed.shape, device="cpu"), graph.allowed.clone(), None, 0, False
     scores, passes = _scores(problem, name)
-    chosen, size_search, search_passes = select(problem, scores, seed_target(problem.settings))
+    chosen, size_search, search_passes = select(problem, scores, seed_target(problem.config))
     if size_search is not None:
         store.save_json("size_search", dataclasses.asdict(size_search))
     store.save_tensors("seed", {"scores": scores, "chosen": chosen.to(torch.uint8)})
@@ -222,8 +228,8 @@ def _seed(problem: Problem, store: Checkpoint) -> tuple[torch.Tensor, Mask, Size
 def _search(problem: Problem, criterion: str) -> Found:
     """A patching search (``criterion``: ``"acdc"`` or ``"minimize"``), checkpointed after every chain
     (the run clears the checkpoint once its results are saved)."""
-    checkpoint = Checkpoint(problem.checkpoints, search_key(problem.settings))
-    scores, chosen, size_search, passes, ranked = _seed(problem, Checkpoint(problem.checkpoints, seed_key(problem.settings)))
+    checkpoint = Checkpoint(problem.checkpoints, search_key(problem))
+    scores, chosen, size_search, passes, ranked = _seed(problem, Checkpoint(problem.checkpoints, seed_key(problem)))
     try:
         outcome = run_search(problem, criterion, scores, chosen, checkpoint)
     except KeyboardInterrupt:
@@ -233,33 +239,36 @@ def _search(problem: Problem, criterion: str) -> Found:
 
 
 _IG = "--ig-steps m"
+_ATTRIBUTION = ("size", "attribution")
+_SEARCH = ("size", "attribution", "search")  # the seed's attribution options too
 METHODS: dict[str, Method] = {
     "eap": Method(partial(_attribution, name="eap"), "EAP (Syed et al. 2023): gradient at the clean run",
                   "2 forward passes and 1 backward per batch", score=eap, forwards_per_batch=lambda steps, graph: 2),
     "eap-ig": Method(partial(_attribution, name="eap-ig"),
                      "EAP-IG on inputs (Hanna et al. 2024): gradient averaged over --ig-steps",
                      f"2 + m forward passes and m backward per batch ({_IG})", score=eap_ig,
-                     forwards_per_batch=lambda steps, graph: 2 + steps),
+                     forwards_per_batch=lambda steps, graph: 2 + steps, sections=_ATTRIBUTION),
     "eap-ig-activations": Method(partial(_attribution, name="eap-ig-activations"),
                                  "EAP-IG on activations (MIB): each layer's output interpolated in turn, --ig-steps each",
                                  f"2 + (2L + 1)·m forward passes and as many backward per batch ({_IG})",
                                  post_norm=False, score=eap_ig_activations,
-                                 forwards_per_batch=lambda steps, graph: 2 + len(graph.sender_points) * steps),
+                                 forwards_per_batch=lambda steps, graph: 2 + len(graph.sender_points) * steps,
+                                 sections=_ATTRIBUTION),
     "acdc": Method(partial(_search, criterion="acdc"),
                    "ACDC (Conmy et al. 2023), seeded by --seed-method: keep a removal when the distance grows by less than τ "
                    "(and, with --floor, the default, the circuit keeps the target faithfulness)",
                    "the seed's, then one patched forward per candidate edge (several stacked per pass)",
-                   ablations=("counterfactual",), seeded=True),
+                   ablations=("counterfactual",), seeded=True, sections=_SEARCH),
     "acdc-groups": Method(partial(_search, criterion="acdc-groups"),
                           "ACDC on groups of edges, seeded by --seed-method: weak edges removed many at a time "
                           "while the distance grows by less than τ and the circuit keeps the target (--floor), groups "
                           "bisected when a removal does not stand: the minimal faithful circuit",
                           "the seed's, then one patched forward per group tried (groups long among weak edges)",
-                          ablations=("counterfactual",), seeded=True),
+                          ablations=("counterfactual",), seeded=True, sections=_SEARCH),
     "minimize": Method(partial(_search, criterion="minimize"),
                        "Minimisation, seeded by --seed-method: remove edges while the target faithfulness holds",
                        "the seed's, then one patched forward per candidate edge (several stacked per pass)",
-                       ablations=("counterfactual",), seeded=True),
+                       ablations=("counterfactual",), seeded=True, sections=_SEARCH),
 }
 ATTRIBUTION = tuple(name for name, m in METHODS.items() if m.score is not None)
 

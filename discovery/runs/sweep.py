@@ -23,7 +23,10 @@ from typing import Iterator
 import pandas as pd
 
 from circuitfinder.errors import UserError
-from circuitfinder.runs.run import DiscoverConfig, Reporter, run_config, run_name
+from circuitfinder.config import DiscoverConfig
+from circuitfinder.methods.registry import Reporter
+from circuitfinder.runs.pipeline import check_config, run_name
+from circuitfinder.runs.run import run_config
 from circuitfinder.graphs.tables import to_markdown
 
 COLUMNS = ("task", "model", "method", "status", "metric", "metric_clean", "metric_corrupted", "accuracy_clean",
@@ -46,12 +49,12 @@ def plan(base: DiscoverConfig, tasks: list[str], models: list[str], methods: lis
     if len(set(names)) < len(names):
         raise UserError("two runs would share one folder name (names differing only in punctuation); rename one")
     for config in configs:
-        config.validate()
+        check_config(config)
     return configs
 
 
-def _settings(config: dict) -> dict:
-    return {k: v for k, v in json.loads(json.dumps(config)).items() if k not in NOT_SETTINGS}
+def _settings(config: DiscoverConfig) -> dict:
+    return {k: v for k, v in json.loads(json.dumps(config.flat())).items() if k not in NOT_SETTINGS}
 
 
 def finished_summary(run_dir: Path, config: DiscoverConfig) -> dict | None:
@@ -67,7 +70,11 @@ def finished_summary(run_dir: Path, config: DiscoverConfig) -> dict | None:
         return None
     if not (isinstance(summary, dict) and summary.get("finished") is True and isinstance(saved, dict)):
         return None
-    want, have = _settings(dataclasses.asdict(config)), _settings(saved)
+    try:
+        have = _settings(DiscoverConfig.from_json(saved))
+    except (UserError, TypeError):
+        have = {}
+    want = _settings(config)
     if want != have:
         differ = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
         raise UserError(f"{run_dir} holds a finished run with other settings ({', '.join(differ)}): "
@@ -87,7 +94,7 @@ def run_one(config: DiscoverConfig, out: Path, overwrite: bool = False, threads:
 
         torch.set_num_threads(threads)
     try:
-        return run_config(config, out=out, overwrite=overwrite).summary
+        return run_config(config, out=out, overwrite=overwrite).summary.to_json()
     except Exception as exc:  # a failed run is a row of the table, not the end of the sweep
         return {"error": one_line(exc)}
 
@@ -150,7 +157,7 @@ def _clock(seconds: float) -> str:
 
 def write_table(frame: pd.DataFrame, out: Path, base: DiscoverConfig) -> tuple[Path, Path]:
     """``sweep.csv`` and ``sweep.md`` (the table, the shared settings, links to each run's diagram)."""
-    shared = {k: v for k, v in dataclasses.asdict(base).items() if k not in ("task", "model", "method") + NOT_SETTINGS}
+    shared = {k: v for k, v in base.flat().items() if k not in ("task", "model", "method") + NOT_SETTINGS}
     links = []
     for r in frame.itertuples():
         files = [f"[{label}]({r.run}/{name})" for name, label in

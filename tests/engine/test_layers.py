@@ -15,7 +15,7 @@ FOLDERS = {"discovery": "circuitfinder", "tasks": "circuitfinder.tasks", "graphs
 
 # bottom to top; a module belongs to the layer of its longest matching prefix
 LAYERS = (
-    ("base", ("circuitfinder.errors", "circuitfinder.folders", "circuitfinder.checkpoint", "circuitfinder.compiled")),
+    ("base", ("circuitfinder.errors", "circuitfinder.config", "circuitfinder.folders", "circuitfinder.checkpoint", "circuitfinder.compiled")),
     ("tasks", ("circuitfinder.tasks",)),
     ("engine", ("circuitfinder.engine",)),
     ("methods", ("circuitfinder.methods",)),

@@ -137,12 +137,14 @@ def test_auto_in_bfloat16_reports_the_circuit_measured_in_float32(tiny_model_dir
     from circuitfinder.engine.adapter import load_unchecked
     from circuitfinder.engine.faithfulness import CircuitEvaluator
     from circuitfinder.engine.graph import EdgeGraph
-    from circuitfinder.runs.run import DiscoverConfig, build_run_task, run_config
+    from circuitfinder.config import DiscoverConfig
+    from circuitfinder.runs.pipeline import build_run_task
+    from circuitfinder.runs.run import run_config
 
     import gc
     import weakref
 
-    from circuitfinder.runs import run as run_module
+    from circuitfinder.runs import pipeline as run_module
 
     monkeypatch.setattr(precision, "native_bfloat16", lambda device: True)
     loaded = []  # a weak reference to each loaded model's weights, and its dtype
@@ -156,12 +158,12 @@ def test_auto_in_bfloat16_reports_the_circuit_measured_in_float32(tiny_model_dir
 
     load_model = run_module.load_model
     monkeypatch.setattr(run_module, "load_model", load_once)
-    config = DiscoverConfig(task="ioi", model=str(tiny_model_dir), method="eap", edges=30, n_pairs=8, batch_size=8,
+    config = DiscoverConfig.from_options(task="ioi", model=str(tiny_model_dir), method="eap", edges=30, n_pairs=8, batch_size=8,
                             force=True, roles=False, curve=False)
     run = run_config(config)
     summary = run.summary
     assert [dtype for _, dtype in loaded] == [torch.bfloat16, torch.float32]
-    assert summary["dtype"] == "float32" and summary["search_dtype"]["dtype"] == "bfloat16"
+    assert summary.dtype == "float32" and summary.precision["passes"] == "bfloat16" and summary.precision["remeasure"]
 
     def measured(dtype):
         adapter = load_unchecked(str(tiny_model_dir), dtype=dtype)
@@ -170,8 +172,8 @@ def test_auto_in_bfloat16_reports_the_circuit_measured_in_float32(tiny_model_dir
         return evaluator.faithfulness(run.circuit.mask)
 
     f32, bf16 = measured(torch.float32), measured(torch.bfloat16)
-    assert summary["faithfulness"] == pytest.approx(f32, abs=1e-9)
-    assert summary["search_dtype"]["faithfulness"] == pytest.approx(bf16, abs=1e-9)
+    assert summary.faithfulness == pytest.approx(f32, abs=1e-9)
+    assert summary.precision["found_faithfulness"] == pytest.approx(bf16, abs=1e-9)
     assert abs(f32 - bf16) > 1e-6  # the two dtypes differ, so the test can tell which was reported
 
 
@@ -179,13 +181,15 @@ def test_auto_runs_a_search_in_float32(tiny_model_dir, monkeypatch):
     """Where auto would pick bfloat16, a search runs in float32 all the same (bfloat16 cannot
     settle removals under the default τ: the next test)."""
     from circuitfinder.engine import precision
-    from circuitfinder.runs.run import DiscoverConfig, run_config
+    from circuitfinder.config import DiscoverConfig
+    from circuitfinder.runs.run import run_config
 
     monkeypatch.setattr(precision, "native_bfloat16", lambda device: True)
-    summary = run_config(DiscoverConfig(task="ioi", model=str(tiny_model_dir), method="acdc-groups", seed_method="eap",
+    summary = run_config(DiscoverConfig.from_options(task="ioi", model=str(tiny_model_dir), method="acdc-groups", seed_method="eap",
                                         edges=30, search_prompts=4, n_pairs=8, batch_size=8, force=True,
                                         roles=False)).summary
-    assert summary["dtype"] == "float32" and summary["search_dtype"] is None
+    assert summary.dtype == "float32" and summary.precision["passes"] == "float32"
+    assert not summary.precision["referee"] and not summary.precision["remeasure"]
 
 
 @pytest.mark.parametrize("tau, speedup, passes", [(None, 0.0, "float32"), (0.5, 0.0, "bfloat16"),
@@ -200,19 +204,21 @@ def test_a_refereed_half_precision_search_finds_the_float32_circuit(tiny_model_d
     way, since this CPU's own ratio decides it otherwise). Without the referee, bfloat16 ends at
     another circuit."""
     from circuitfinder.methods import acdc
-    from circuitfinder.runs.run import DiscoverConfig, run_config
+    from circuitfinder.config import DiscoverConfig
+    from circuitfinder.runs.run import run_config
 
     monkeypatch.setattr(acdc, "REFEREE_SPEEDUP", speedup)
     base = dict(task="ioi", model=str(tiny_model_dir), method="acdc-groups", seed_method="eap", edges=80,
                 search_prompts=8, n_pairs=16, batch_size=8, force=True, roles=False, tau=tau)
-    f32 = run_config(DiscoverConfig(**base, dtype="float32"))
-    refereed = run_config(DiscoverConfig(**base, dtype="bfloat16"))
-    alone = run_config(DiscoverConfig(**base, dtype="bfloat16", referee=False))
-    referee = refereed.summary["search_dtype"]
+    f32 = run_config(DiscoverConfig.from_options(**base, dtype="float32"))
+    refereed = run_config(DiscoverConfig.from_options(**base, dtype="bfloat16"))
+    alone = run_config(DiscoverConfig.from_options(**base, dtype="bfloat16", referee=False))
+    plan = refereed.summary.precision
+    referee = plan["referee_decisions"]
     assert torch.equal(refereed.circuit.mask, f32.circuit.mask)
-    assert refereed.summary["faithfulness"] == f32.summary["faithfulness"]
-    assert refereed.summary["dtype"] == "float32"
-    assert referee["dtype"] == "bfloat16" and referee["refereed_by"] == "float32"
+    assert refereed.summary.faithfulness == f32.summary.faithfulness
+    assert refereed.summary.dtype == "float32"
+    assert plan["passes"] == "bfloat16" and plan["referee"] and plan["model"] == "float32"
     assert referee["passes_dtype"] == passes
     decisions = refereed.tables["decisions"]
     assert decisions.metric_removed_float32.notna().sum() == referee["decided"]
@@ -229,7 +235,8 @@ def test_a_search_with_no_room_for_the_referee_runs_in_half_precision_and_says_s
     one line (with a batch that would leave room) and searches in bfloat16 alone."""
     from circuitfinder.engine import plan
     from circuitfinder.methods.registry import Reporter
-    from circuitfinder.runs.run import DiscoverConfig, run_config
+    from circuitfinder.config import DiscoverConfig
+    from circuitfinder.runs.run import run_config
 
     need = plan.refereed_total(plan.plan_shape(str(tiny_model_dir)), torch.bfloat16, 8, 32)
     monkeypatch.setattr(plan, "free_memory", lambda device="cpu": need - 1)
@@ -240,20 +247,21 @@ def test_a_search_with_no_room_for_the_referee_runs_in_half_precision_and_says_s
         def log(self, message: str) -> None:
             self.lines.append(message)
 
-    config = DiscoverConfig(task="ioi", model=str(tiny_model_dir), method="acdc-groups", seed_method="eap", edges=30,
+    config = DiscoverConfig.from_options(task="ioi", model=str(tiny_model_dir), method="acdc-groups", seed_method="eap", edges=30,
                             search_prompts=4, n_pairs=8, batch_size=8, force=True, roles=False, dtype="bfloat16")
     summary = run_config(config, reporter=Lines()).summary
-    said = [line for line in Lines.lines if line.startswith("no float32 referee")]
-    assert len(said) == 1 and "the search runs in bfloat16 alone (`--batch-size 7` leaves room" in said[0]
-    assert summary["dtype"] == "bfloat16" and summary["search_dtype"] is None
+    said = [line for line in Lines.lines if "no float32 referee" in line]
+    assert len(said) == 1 and "the search runs in bfloat16 alone (`batch_size=7` leaves room" in said[0]
+    assert summary.dtype == "bfloat16" and summary.precision["passes"] == "bfloat16" and not summary.precision["referee"]
 
 
 def test_the_summary_line_says_how_a_refereed_search_ran():
     from circuitfinder.cli import _refereed
 
     why = "bfloat16 cannot settle removals under τ = 0.0465 (4 × 0.027 ≥ τ)"
-    assert _refereed({}) == "" and _refereed({"dtype": "bfloat16", "faithfulness": 0.9}) == ""
-    assert _refereed({"dtype": "bfloat16", "refereed_by": "float32", "passes_dtype": "float32",
-                      "why_float32": why}) == f"; searched in float32: {why}"
-    assert _refereed({"dtype": "bfloat16", "refereed_by": "float32", "passes_dtype": "bfloat16", "decided": 1287,
-                      "overruled": 134}) == "; searched in bfloat16, 1,287 removals decided again in float32, 134 of them overruled"
+    assert _refereed({}) == "" and _refereed({"passes": "bfloat16", "referee_decisions": None}) == ""
+    assert _refereed({"passes": "bfloat16", "referee": True, "referee_decisions": {
+        "passes_dtype": "float32", "why_float32": why}}) == f"; searched in float32: {why}"
+    assert _refereed({"passes": "bfloat16", "referee": True, "referee_decisions": {
+        "passes_dtype": "bfloat16", "decided": 1287, "overruled": 134}}) == (
+        "; searched in bfloat16, 1,287 removals decided again in float32, 134 of them overruled")

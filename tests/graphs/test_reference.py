@@ -1,4 +1,4 @@
-"""Reference circuits (gpt2-ioi, gpt2-greater-than), grading measures, and `circuits evaluate`.
+"""Reference circuits (gpt2-ioi, gpt2-greater-than), grading measures, and `circuits grade`.
 
 Everything runs on a GPT-2-small-shaped edge graph built from its sizes alone (no weights).
 """
@@ -312,7 +312,7 @@ def test_a_partial_circuit_and_no_scores():
 
 def _fake_run(folder: Path, circuit: torch.Tensor, scores: torch.Tensor | None, graph: EdgeGraph = GPT2,
               task: str = "ioi", model: str = "gpt2") -> Path:
-    """A run folder as `circuits discover` writes it (the files evaluate reads)."""
+    """A run folder as `circuits discover` writes it (the files grade reads)."""
     from circuitfinder.graphs.tables import scores_table
 
     folder.mkdir(parents=True)
@@ -327,12 +327,12 @@ def _fake_run(folder: Path, circuit: torch.Tensor, scores: torch.Tensor | None, 
     return folder
 
 
-def test_cli_evaluate_writes_json_and_csv_once(tmp_path, capsys):
+def test_cli_grade_writes_json_and_csv_once(tmp_path, capsys):
     run = _fake_run(tmp_path / "run", REF, _signed(REF + 0.5 * torch.rand(REF.shape, dtype=torch.float64)))
-    code, out, err = _run(capsys, "evaluate", str(run), "--reference", "gpt2-ioi")
+    code, out, err = _run(capsys, "grade", str(run), "--reference", "gpt2-ioi")
     assert code == 0, err
     assert "963 of 32,491 edges" in out and "ACDC edge ROC-AUC 0.868" in out
-    result = json.loads((run / "evaluation-gpt2-ioi.json").read_text())
+    result = json.loads((run / "grade-gpt2-ioi.json").read_text())
     head, edges, nodes = out.splitlines()[1:4]
     n = result["nodes"]
     assert head.split() == ["level", "reference", "circuit", "shared", "precision", "recall", "F1", "ROC-AUC", "top-k", "P",
@@ -343,41 +343,41 @@ def test_cli_evaluate_writes_json_and_csv_once(tmp_path, capsys):
     assert result["edges"]["roc_auc"] == 1.0 and result["scores"] == "scores.parquet (eap-ig)" and result["notes"] == []
     import pandas as pd
 
-    table = pd.read_csv(run / "evaluation-gpt2-ioi.csv")
+    table = pd.read_csv(run / "grade-gpt2-ioi.csv")
     assert list(table.level) == ["edges", "nodes"] and table.roc_auc[0] == 1.0
     assert table.roc_auc[1] == result["nodes"]["roc_auc"] < 1  # non-reference heads sum many small scores
-    code, _, err = _run(capsys, "evaluate", str(run), "--reference", "gpt2-ioi")
+    code, _, err = _run(capsys, "grade", str(run), "--reference", "gpt2-ioi")
     assert code == 2 and "already exists" in err and "--overwrite" in err
-    assert _run(capsys, "evaluate", str(run), "--overwrite")[0] == 0  # the run's task picks gpt2-ioi
+    assert _run(capsys, "grade", str(run), "--overwrite")[0] == 0  # the run's task picks gpt2-ioi
 
 
-def test_cli_evaluate_without_scores_grades_the_circuit(tmp_path, capsys):
+def test_cli_grade_without_scores_grades_the_circuit(tmp_path, capsys):
     circuit = REF.clone()
     circuit[GPT2.edge_index("a0.h0->logits")] = True
     run = _fake_run(tmp_path / "run", circuit, None, task="greater-than")
-    code, out, err = _run(capsys, "evaluate", str(run), "--reference", "gpt2-ioi")
+    code, out, err = _run(capsys, "grade", str(run), "--reference", "gpt2-ioi")
     assert code == 0, err
-    result = json.loads((run / "evaluation-gpt2-ioi.json").read_text())
+    result = json.loads((run / "grade-gpt2-ioi.json").read_text())
     assert result["edges"]["precision"] == 963 / 964 and result["edges"]["recall"] == 1.0
     assert result["edges"]["roc_auc"] is None and result["scores"] is None
     assert any("no scores.parquet" in n for n in result["notes"]) and any("task is 'greater-than'" in n for n in result["notes"])
     assert "note: no scores.parquet" in out
 
 
-def test_cli_evaluate_list_and_bad_input(tmp_path, capsys):
-    code, out, _ = _run(capsys, "evaluate", "--list")
+def test_cli_grade_list_and_bad_input(tmp_path, capsys):
+    code, out, _ = _run(capsys, "grade", "--list")
     assert code == 0 and out.startswith("gpt2-greater-than: ") and "gpt2-ioi: " in out and "0.868" in out
     run = _fake_run(tmp_path / "run", REF, None)
     small = EdgeGraph(ModelShape(30, 9, 3, 576))
     other = _fake_run(tmp_path / "smollm", torch.zeros(small.n_senders, small.n_receivers, dtype=torch.bool), None, graph=small,
                       model="smollm2-135m")
     for args, message in [
-        (("evaluate", str(run), "--reference", "docstring"), "unknown reference 'docstring'; available: gpt2-greater-than, gpt2-ioi"),
-        (("evaluate", str(other), "--reference", "gpt2-ioi"), "this model has 30 layers, 9 heads, 3 key/value groups"),
-        (("evaluate", str(tmp_path / "nowhere")), "no circuit file"),
-        (("evaluate",), "give a run folder"),
+        (("grade", str(run), "--reference", "docstring"), "unknown reference 'docstring'; available: gpt2-greater-than, gpt2-ioi"),
+        (("grade", str(other), "--reference", "gpt2-ioi"), "this model has 30 layers, 9 heads, 3 key/value groups"),
+        (("grade", str(tmp_path / "nowhere")), "no circuit file"),
+        (("grade",), "give a run folder"),
     ]:
         code, _, err = _run(capsys, *args)
         assert code == 2 and message in err and "Traceback" not in err, (args, err)
         assert len([ln for ln in err.splitlines() if ln.startswith("error:")]) == 1
-    assert not list(other.glob("evaluation-*"))
+    assert not list(other.glob("grade-*"))

@@ -34,7 +34,8 @@ import pytest
 
 from circuitfinder.checkpoint import Checkpoint
 from circuitfinder.methods.registry import search_key
-from circuitfinder.runs.run import DiscoverConfig, run_config
+from circuitfinder.config import DiscoverConfig
+from circuitfinder.runs.run import run_config
 
 ROOT = Path(__file__).resolve().parents[2]
 # float32 named: in a subprocess, auto would follow this CPU's bfloat16 support (conftest.no_native_bfloat16)
@@ -105,14 +106,14 @@ def reference(runs, tiny_model_dir) -> dict:
     """An uninterrupted run (in this process): its circuit.json, candidate count and checkpoint folder."""
     from circuitfinder.engine.adapter import load_unchecked
 
-    config = DiscoverConfig(model=str(tiny_model_dir), **SEARCH)
+    config = DiscoverConfig.from_options(model=str(tiny_model_dir), **SEARCH)
     summary = run_config(config, out=runs / "reference", adapter=load_unchecked(str(tiny_model_dir))).summary
     checkpoint = Checkpoint(runs, search_key(config)).dir
     assert not checkpoint.exists()  # cleared once the results were written
-    assert summary["search"]["chains"] >= 12 and summary["edges_kept"] > 0  # room for a signal mid-search
-    return {"circuit": (runs / "reference" / "circuit.json").read_bytes(), "candidates": summary["search"]["candidates"],
+    assert summary.search["chains"] >= 12 and summary.edges_kept > 0  # room for a signal mid-search
+    return {"circuit": (runs / "reference" / "circuit.json").read_bytes(), "candidates": summary.search["candidates"],
             "checkpoint": checkpoint, "decisions": (runs / "reference" / "decisions.csv").read_bytes(),
-            "search": summary["search"]}
+            "search": summary.search}
 
 
 def test_sigterm_then_sigkill_at_a_random_moment_then_the_same_command_resumes_to_the_same_circuit(runs, reference, tiny_model_dir):

@@ -20,7 +20,7 @@ import torch
 
 from circuitfinder.methods.attribution import eap_ig, ig_alphas
 from circuitfinder.engine.graph import EdgeGraph
-from circuitfinder.runs.run import DiscoverConfig
+from circuitfinder.config import DiscoverConfig
 from tiny_models import tiny, tiny_task  # noqa: F401 (fixture)
 
 BOS = 0  # the tiny tokenizer's BOS id ("w0")
@@ -113,10 +113,10 @@ def test_the_rules_and_the_published_switch():
     assert ig_alphas(4, "right") == (0.25, 0.5, 0.75, 1.0)
     with pytest.raises(ValueError, match="rule"):
         ig_alphas(4, "trapezoid")
-    published = DiscoverConfig(method="eap-ig").matching_published()
-    assert (published.bos, published.ig_rule) == ("always", "left")
-    assert DiscoverConfig(method="eap-ig-activations").matching_published().ig_rule == "right"
-    assert dataclasses.replace(published, bos="auto") == DiscoverConfig(method="eap-ig", ig_rule="left")
+    published = DiscoverConfig.from_options(method="eap-ig").matching_published()
+    assert (published.prompts.bos, published.attribution.ig_rule) == ("always", "left")
+    assert DiscoverConfig.from_options(method="eap-ig-activations").matching_published().attribution.ig_rule == "right"
+    assert published.replace(bos="auto") == DiscoverConfig.from_options(method="eap-ig", ig_rule="left")
 
 
 def test_match_published_on_the_command_line(tiny_model_dir, tmp_path, capsys):
@@ -129,7 +129,7 @@ def test_match_published_on_the_command_line(tiny_model_dir, tmp_path, capsys):
                                   "--pairs", "8", "--batch-size", "8", "--edges", "20", "--no-curve", "--force", "--out", str(out))
     assert code == 0, err
     config = json.loads((out / "config.json").read_text())
-    assert (config["bos"], config["ig_rule"], config["method"]) == ("always", "left", "eap-ig")
+    assert (config["prompts"]["bos"], config["attribution"]["ig_rule"], config["method"]) == ("always", "left", "eap-ig")
     code, _, err = run_in_process(capsys, "discover", "--task", "ioi", "--model", str(tiny_model_dir), "--ig-rule", "simpson",
                                   "--out", str(tmp_path / "bad"))
     assert code == 2 and "--ig-rule must be one of midpoint, left, right" in err

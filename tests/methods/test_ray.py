@@ -126,14 +126,15 @@ def test_a_run_with_two_workers_gives_the_one_process_scores_and_curve(local_ray
     """``workers=2`` end to end: attribution and the curve on Ray actors, each loading the model
     folder itself, against the same run in this process."""
     from circuitfinder.methods import pool
-    from circuitfinder.runs.run import DiscoverConfig, run_config
+    from circuitfinder.config import DiscoverConfig
+    from circuitfinder.runs.run import run_config
 
     calls = []
     split_curve = pool.ray_metrics
     monkeypatch.setattr(pool, "ray_metrics", lambda *args, **kwargs: calls.append(args[4]) or split_curve(*args, **kwargs))
 
     def run(workers):
-        config = DiscoverConfig(task="ioi", model=str(tiny_model_dir), method="eap", n_pairs=8, batch_size=2, edges=20,
+        config = DiscoverConfig.from_options(task="ioi", model=str(tiny_model_dir), method="eap", n_pairs=8, batch_size=2, edges=20,
                                 curve=True, roles=False, force=True, dtype="float32", workers=workers)
         return run_config(config)
 

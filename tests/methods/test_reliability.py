@@ -24,7 +24,8 @@ from circuitfinder.checkpoint import Checkpoint
 from circuitfinder.errors import ModelNotFound, UserError
 from circuitfinder.engine.faithfulness import CircuitEvaluator, MetricError
 from circuitfinder.engine.graph import EdgeGraph
-from circuitfinder.runs.run import DiscoverConfig, run_config
+from circuitfinder.config import DiscoverConfig
+from circuitfinder.runs.run import run_config
 from circuitfinder.graphs.circuit import SCHEMA, VERSION, Circuit
 from circuitfinder.tasks import build_task
 from helpers import tiny_ioi_model  # noqa: F401 (fixture)
@@ -77,7 +78,7 @@ def _circuit_doc(**changes) -> str:
     (["discover", "--target-faithfulness", "1.5"], "--target-faithfulness must be in (0, 1]"),
     (["discover", "--edges", "0"], "--edges must be at least 1"),
     (["discover", "--threshold", "-1"], "--threshold must be a number ≥ 0"),
-    (["discover", "--workers", "-1"], "--workers must be ≥ 0"),
+    (["discover", "--workers", "-1"], "--workers must be at least 0"),
     (["discover", "--chain", "0"], "--chain must be at least 1"),
     (["discover", "--pairs", "2"], "--pairs must be at least 4"),
     (["discover", "--method", "acdc", "--acdc-metric", "l2"], "--acdc-metric must be one of"),
@@ -248,7 +249,7 @@ def test_a_nan_metric_is_an_error(tmp_path):
 def test_an_interrupted_write_leaves_no_folder_and_an_old_run_intact(tiny_ioi_model, tmp_path, monkeypatch):
     import circuitfinder.runs.run as run_module
 
-    config = DiscoverConfig(task="ioi", model="tiny-llama", method="eap", n_pairs=8, batch_size=8, edges=20, force=True,
+    config = DiscoverConfig.from_options(task="ioi", model="tiny-llama", method="eap", n_pairs=8, batch_size=8, edges=20, force=True,
                             curve=False)
     out = tmp_path / "run"
 
@@ -266,7 +267,7 @@ def test_an_interrupted_write_leaves_no_folder_and_an_old_run_intact(tiny_ioi_mo
     with monkeypatch.context() as patch:
         patch.setattr(run_module, "_render", interrupted)
         with pytest.raises(KeyboardInterrupt):
-            run_config(dataclasses.replace(config, edges=30), out=out, overwrite=True, adapter=tiny_ioi_model)
+            run_config(config.replace(edges=30), out=out, overwrite=True, adapter=tiny_ioi_model)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old run, whole
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
     assert json.loads((out / "summary.json").read_text())["finished"] is True
@@ -308,14 +309,14 @@ def test_a_damaged_checkpoint_is_redone_not_a_crash(tmp_path):
 
 
 def test_a_search_checkpoint_that_does_not_fit_is_redone(tiny_ioi_model, tmp_path):
-    config = DiscoverConfig(task="ioi", model="tiny-llama", n_pairs=8, batch_size=8, method="acdc", seed_method="eap",
+    config = DiscoverConfig.from_options(task="ioi", model="tiny-llama", n_pairs=8, batch_size=8, method="acdc", seed_method="eap",
                             edges=20, search_prompts=4, force=True, curve=False)
-    from circuitfinder.methods.registry import search_key
+    from circuitfinder.methods.registry import Problem, search_key
 
     reference = run_config(config, out=tmp_path / "a" / "run", adapter=tiny_ioi_model).summary
-    Checkpoint(tmp_path / "b", search_key(config)).save_json("search", {"decided": "7" * 999, "current": []})
+    Checkpoint(tmp_path / "b", search_key(Problem(tiny_ioi_model, None, None, config, None))).save_json("search", {"decided": "7" * 999, "current": []})
     again = run_config(config, out=tmp_path / "b" / "run", adapter=tiny_ioi_model).summary
-    assert again["edges_kept"] == reference["edges_kept"]
+    assert again.edges_kept == reference.edges_kept
     assert (tmp_path / "a" / "run" / "circuit.json").read_bytes() == (tmp_path / "b" / "run" / "circuit.json").read_bytes()
 
 
@@ -326,7 +327,7 @@ def test_a_search_checkpoint_that_does_not_fit_is_redone(tiny_ioi_model, tmp_pat
 @pytest.mark.parametrize("method", ["eap-ig", "acdc"])
 def test_same_inputs_and_seed_give_a_byte_identical_circuit(tiny_ioi_model, tmp_path, method):
     extra = {"seed_method": "eap", "edges": 30, "chain": 16, "search_prompts": 4} if method == "acdc" else {}  # eap-ig: size search
-    config = DiscoverConfig(task="ioi", model="tiny-llama", method=method, n_pairs=4 if method == "acdc" else 8,
+    config = DiscoverConfig.from_options(task="ioi", model="tiny-llama", method=method, n_pairs=4 if method == "acdc" else 8,
                             batch_size=8, force=True, curve=False, **extra)
     for name in ("a", "b"):  # separate parents: the second run cannot resume from the first's checkpoint
         run_config(config, out=tmp_path / name / "run", adapter=tiny_ioi_model)

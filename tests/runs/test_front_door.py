@@ -16,7 +16,8 @@ from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.masks import circuit_nodes, prune
 from circuitfinder.graphs.circuit import Circuit, CircuitFileError, from_networkx
 from circuitfinder.methods.registry import METHODS
-from circuitfinder.runs.run import DiscoverConfig
+from circuitfinder.config import DiscoverConfig
+from circuitfinder.runs.pipeline import check_config
 from tiny_models import tiny_hf_model
 
 GRAPH = EdgeGraph(ModelShape(3, 4, 2, d_model=8))  # 4 heads in 2 key/value groups
@@ -110,7 +111,7 @@ def test_discover_returns_a_run_writes_nothing_and_saves_and_loads_whole(tiny_io
     run = cf.discover(tiny_ioi_model, "ioi", method="eap", n_pairs=8, batch_size=8, edges=30, force=True)
     assert list(tmp_path.iterdir()) == []  # nothing written without out=
     assert matplotlib.get_backend() == backend  # a notebook's inline plots keep working
-    assert isinstance(run, cf.Run) and run.faithfulness == run.summary["faithfulness"] == run.circuit.metadata["faithfulness"]
+    assert isinstance(run, cf.Run) and run.faithfulness == run.summary.faithfulness == run.circuit.metadata["faithfulness"]
     assert repr(run).startswith("Run(ioi · tiny-llama · eap: ") and run.config.method == "eap"
     assert torch.equal(run.circuit.mask, prune(run.circuit.graph, run.circuit.top(30).mask))
     assert not run.scores.isnan()[run.circuit.graph.allowed].any()
@@ -149,22 +150,24 @@ def test_every_method_is_one_registry_entry_that_declares_support_and_cost():
     assert METHODS["eap-ig"].refusal("eap-ig", "zero", post_norm=True) is None
 
 
-def test_minimize_is_a_method_and_the_old_flag_means_it():
-    old = DiscoverConfig(method="eap", minimize=True)
-    assert (old.method, old.seed_method, old.minimize) == ("minimize", "eap", False)
-    assert DiscoverConfig(method="acdc", minimize=True).method == "acdc"  # a search stays itself
+def test_minimize_is_a_method_and_an_unknown_option_is_refused_by_name():
+    config = DiscoverConfig.from_options(method="minimize", seed_method="eap")
+    assert (config.method, config.search.seed_method) == ("minimize", "eap")
+    with pytest.raises(cf.UserError, match="unknown option 'minimize'") as unknown:
+        DiscoverConfig.from_options(method="eap", minimize=True)
+    assert unknown.value.argument == "minimize"
     with pytest.raises(cf.UserError, match="unknown method 'nope'") as info:
-        DiscoverConfig(method="nope").validate()
+        check_config(DiscoverConfig.from_options(method="nope"))
     assert info.value.argument == "method"
     with pytest.raises(cf.UserError, match="patches from the counterfactual run only"):
-        DiscoverConfig(method="minimize", ablation="zero").validate()
+        check_config(DiscoverConfig.from_options(method="minimize", ablation="zero"))
 
 
 def test_library_errors_name_arguments_and_the_command_line_shows_flags():
     from circuitfinder.cli import as_flags
 
     with pytest.raises(cf.UserError) as info:
-        DiscoverConfig(n_pairs=2).validate()
+        check_config(DiscoverConfig.from_options(n_pairs=2))
     assert str(info.value) == "`n_pairs` must be at least 4, got 2" and info.value.argument == "n_pairs"
     assert as_flags(info.value) == "--pairs must be at least 4, got 2"
     message = cf.UserError("`tau` must be ≥ 0; pass `overwrite=True`; use `ablation='counterfactual'`; see `circuits convert`")
@@ -177,7 +180,7 @@ def test_a_run_measures_roles_and_is_graded_in_memory(tiny_ioi_model):
     assert len(table) == tiny_ioi_model.shape.n_layers * tiny_ioi_model.shape.n_heads
     assert set(run.circuit.roles) <= set(run.circuit.heads()) and run.circuit.roles
     with pytest.raises(cf.UserError, match="reference gpt2-ioi is for gpt2"):
-        run.evaluate("gpt2-ioi")  # a reference is for one model shape
+        run.grade("gpt2-ioi")  # a reference is for one model shape
 
 
 def test_a_run_lists_its_circuits_heads_by_role_and_saves_the_roles(tiny_ioi_model, tmp_path):
@@ -189,7 +192,7 @@ def test_a_run_lists_its_circuits_heads_by_role_and_saves_the_roles(tiny_ioi_mod
     for head in run.circuit.heads():
         for label in filter(None, (roles.set_index("node").role.get(head) or "").split(", ")):
             want.setdefault(label, []).append(head)
-    assert run.summary["heads_by_role"] == dict(sorted(want.items()))
+    assert run.summary.heads_by_role == dict(sorted(want.items()))
     assert (tmp_path / "run" / "roles.csv").is_file()
     assert json.loads((tmp_path / "run" / "circuit.json").read_text())["roles"].keys() <= set(run.circuit.heads())
     # the explorer shows the attention of every head of the circuit, saved beside it and read back
@@ -200,7 +203,7 @@ def test_a_run_lists_its_circuits_heads_by_role_and_saves_the_roles(tiny_ioi_mod
     embedded = json.loads(re.search(r'<script type="application/json" id="cf-data">(.*?)</script>', page, re.S).group(1))
     assert sorted(embedded["attention"]) == sorted(attention)
     assert cf.discover(tiny_ioi_model, "ioi", method="eap", n_pairs=8, batch_size=8, edges=40, force=True, curve=False,
-                       roles=False).summary.get("heads_by_role") is None
+                       roles=False).summary.heads_by_role is None
 
 
 def test_loading_what_is_not_a_run_folder_is_one_clear_error(tmp_path):

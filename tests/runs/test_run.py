@@ -12,7 +12,10 @@ import pytest
 
 from circuitfinder.errors import OutputExists, UserError
 from circuitfinder.engine.graph import EdgeGraph
-from circuitfinder.runs.run import DiscoverConfig, Reporter, run_config
+from circuitfinder.config import DiscoverConfig
+from circuitfinder.methods.registry import Reporter
+from circuitfinder.runs.pipeline import check_config, wants_curve
+from circuitfinder.runs.run import run_config
 from circuitfinder.graphs.circuit import Circuit
 from helpers import tiny_ioi_model  # noqa: F401 (fixture)
 
@@ -21,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_discover_writes_a_complete_run_folder(tiny_ioi_model, tmp_path):
     out = tmp_path / "run"
-    config = DiscoverConfig(task="ioi", model="tiny-llama", method="eap-ig", n_pairs=16, batch_size=8, edges=40, force=True)
+    config = DiscoverConfig.from_options(task="ioi", model="tiny-llama", method="eap-ig", n_pairs=16, batch_size=8, edges=40, force=True)
     summary = run_config(config, out=out, adapter=tiny_ioi_model).summary
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "summary.json", "scores.parquet", "circuit.json", "circuit.svg", "circuit.html", "prompts.jsonl"} <= names
@@ -33,7 +36,7 @@ def test_discover_writes_a_complete_run_folder(tiny_ioi_model, tmp_path):
     assert saved["curve"][-1] == [1.0, pytest.approx(1.0, abs=1e-5)] and len(saved["curve"]) == 10
     assert {"curve.csv", "curve.png"} <= names
     assert saved["finished"] is True and saved["edges_total"] == 190 and saved["edges_kept"] <= 40
-    assert json.loads((out / "config.json").read_text())["edges"] == 40
+    assert json.loads((out / "config.json").read_text())["size"]["edges"] == 40
     table = pd.read_parquet(out / "scores.parquet")
     assert len(table) == 190 and table["in_circuit"].sum() == saved["edges_kept"]
     nodes = pd.read_csv(out / "nodes.csv")
@@ -45,7 +48,7 @@ def test_discover_writes_a_complete_run_folder(tiny_ioi_model, tmp_path):
     rows = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
     assert len(rows) == 16 and set(rows[0]) == {"clean", "corrupted", "answer", "wrong", "split"}
     ET.parse(out / "circuit.svg")
-    assert summary["faithfulness"] == pytest.approx(saved["faithfulness"])
+    assert summary.faithfulness == pytest.approx(saved["faithfulness"])
     assert saved["target_faithfulness"] == 0.8 and saved["meets_target"] == (saved["faithfulness"] >= 0.8)
 
 
@@ -56,12 +59,12 @@ def test_group_acdc_run_logs_each_decision_and_says_when_it_misses_the_target(ti
         def log(self, message):
             self.lines.append(message)
 
-    config = DiscoverConfig(task="ioi", model="tiny-llama", method="acdc-groups", n_pairs=16, batch_size=8, edges=60,
+    config = DiscoverConfig.from_options(task="ioi", model="tiny-llama", method="acdc-groups", n_pairs=16, batch_size=8, edges=60,
                             force=True, search_prompts=4, target_faithfulness=0.9)
     summary = run_config(config, out=tmp_path / "a", adapter=tiny_ioi_model, reporter=Log()).summary
-    assert summary["curve"] is None and not (tmp_path / "a" / "curve.csv").exists()  # no curve after a search by default
-    assert DiscoverConfig(method="eap-ig").wants_curve and DiscoverConfig(method="acdc-groups", curve=True).wants_curve
-    search = summary["search"]
+    assert summary.curve is None and not (tmp_path / "a" / "curve.csv").exists()  # no curve after a search by default
+    assert wants_curve(DiscoverConfig.from_options(method="eap-ig")) and wants_curve(DiscoverConfig.from_options(method="acdc-groups", curve=True))
+    search = summary.search
     assert search["rule"] == "acdc-groups" and search["candidates"] <= 60
     decisions = pd.read_csv(tmp_path / "a" / "decisions.csv")  # one row per candidate, with the trial that decided it
     tried = decisions[decisions.decision != "dead receiver"]
@@ -70,9 +73,9 @@ def test_group_acdc_run_logs_each_decision_and_says_when_it_misses_the_target(ti
     assert not ((tried.distance_removed - tried.distance_before < search["tau"]) == (tried.decision == "removed")).all()
     removed = tried[tried.decision == "removed"]
     assert removed.duplicated(["distance_removed", "distance_before"]).any()  # some edges went in one group
-    assert json.loads((tmp_path / "a" / "certificate.json").read_text())["edges"] == summary["edges_kept"]
-    assert summary["meets_target"] is (summary["faithfulness"] >= 0.9)
-    if not summary["meets_target"]:
+    assert json.loads((tmp_path / "a" / "certificate.json").read_text())["edges"] == summary.edges_kept
+    assert summary.meets_target is (summary.faithfulness >= 0.9)
+    if not summary.meets_target:
         assert any(line.startswith("below target:") and "`n_pairs`" in line for line in Log.lines)
 
 
@@ -83,22 +86,22 @@ def test_discover_uses_the_chosen_ablation_throughout(tiny_ioi_model, tmp_path, 
     from circuitfinder.engine.graph import EdgeGraph
     from circuitfinder.tasks import build_task
 
-    config = DiscoverConfig(task="ioi", n_pairs=16, batch_size=8, edges=30, ablation=ablation, method=method, ig_steps=2, force=True)
+    config = DiscoverConfig.from_options(task="ioi", n_pairs=16, batch_size=8, edges=30, ablation=ablation, method=method, ig_steps=2, force=True)
     summary = run_config(config, out=tmp_path / "run", adapter=tiny_ioi_model).summary
-    assert summary["ablation"] == ablation
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["ablation"] == ablation
+    assert summary.ablation == ablation
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["size"]["ablation"] == ablation
     task = build_task("ioi", tiny_ioi_model.tokenizer, n_pairs=16, seed=0)
     graph = EdgeGraph(tiny_ioi_model.shape)
     expected = CircuitEvaluator(tiny_ioi_model, graph, task, "heldout", 8, ablation=ablation).baseline.corrupted
     counterfactual = CircuitEvaluator(tiny_ioi_model, graph, task, "heldout", 8).baseline.corrupted
-    assert summary["metric_corrupted"] == pytest.approx(expected, abs=1e-5)
-    assert abs(summary["metric_corrupted"] - counterfactual) > 1e-3
-    assert summary["curve"][-1][1] == 1.0
+    assert summary.metric_corrupted == pytest.approx(expected, abs=1e-5)
+    assert abs(summary.metric_corrupted - counterfactual) > 1e-3
+    assert summary.curve[-1][1] == 1.0
 
 
 def test_discover_refuses_to_overwrite_unless_asked(tiny_ioi_model, tmp_path):
     out = tmp_path / "run"
-    config = DiscoverConfig(task="ioi", model="tiny-llama", method="eap-ig", n_pairs=8, batch_size=8, edges=20, force=True)
+    config = DiscoverConfig.from_options(task="ioi", model="tiny-llama", method="eap-ig", n_pairs=8, batch_size=8, edges=20, force=True)
     run_config(config, out=out, adapter=tiny_ioi_model)
     before = (out / "summary.json").read_text()
     with pytest.raises(OutputExists, match="overwrite=True"):
@@ -108,28 +111,28 @@ def test_discover_refuses_to_overwrite_unless_asked(tiny_ioi_model, tmp_path):
 
 
 def test_same_seed_gives_byte_identical_circuit(tiny_ioi_model, tmp_path):
-    config = DiscoverConfig(task="ioi", model="tiny-llama", method="eap-ig", n_pairs=8, batch_size=8, edges=20, force=True)
+    config = DiscoverConfig.from_options(task="ioi", model="tiny-llama", method="eap-ig", n_pairs=8, batch_size=8, edges=20, force=True)
     run_config(config, out=tmp_path / "a", adapter=tiny_ioi_model)
     run_config(config, out=tmp_path / "b", adapter=tiny_ioi_model)
     assert (tmp_path / "a" / "circuit.json").read_bytes() == (tmp_path / "b" / "circuit.json").read_bytes()
 
 
 @pytest.mark.parametrize("config, message", [
-    (DiscoverConfig(task="nope"), "unknown task"),
-    (DiscoverConfig(method="nope"), "unknown method"),
-    (DiscoverConfig(ablation="nope"), "unknown ablation"),
-    (DiscoverConfig(edges=10, threshold=0.1), "not both"),
-    (DiscoverConfig(edges=0), "at least 1"),
-    (DiscoverConfig(target_faithfulness=1.5), "`target_faithfulness` must be in"),
-    (DiscoverConfig(threshold=float("nan")), "threshold"),
-    (DiscoverConfig(method="acdc-groups", acdc_metric="prompts"), "`acdc_metric` must be one of kl, task, prompt"),
-    (DiscoverConfig(method="acdc-groups", ablation="mean"), "patches from the counterfactual run only"),
-    (DiscoverConfig(seed_faithfulness=0.7), r"`seed_faithfulness` must be at least `target_faithfulness` \(0.8\) and at most 1"),
-    (DiscoverConfig(method="eap-ig", seed_faithfulness=0.9), "`seed_faithfulness` is for the seeded searches"),
+    (DiscoverConfig.from_options(task="nope"), "unknown task"),
+    (DiscoverConfig.from_options(method="nope"), "unknown method"),
+    (DiscoverConfig.from_options(ablation="nope"), "unknown ablation"),
+    (DiscoverConfig.from_options(edges=10, threshold=0.1), "not both"),
+    (DiscoverConfig.from_options(edges=0), "at least 1"),
+    (DiscoverConfig.from_options(target_faithfulness=1.5), "`target_faithfulness` must be in"),
+    (DiscoverConfig.from_options(threshold=float("nan")), "threshold"),
+    (DiscoverConfig.from_options(method="acdc-groups", acdc_metric="prompts"), "`acdc_metric` must be one of kl, task, prompt"),
+    (DiscoverConfig.from_options(method="acdc-groups", ablation="mean"), "patches from the counterfactual run only"),
+    (DiscoverConfig.from_options(seed_faithfulness=0.7), r"`seed_faithfulness` must be at least `target_faithfulness` \(0.8\) and at most 1"),
+    (DiscoverConfig.from_options(method="eap-ig", seed_faithfulness=0.9), "`seed_faithfulness` is for the seeded searches"),
 ])
 def test_bad_configurations_are_user_errors(config, message):
     with pytest.raises(UserError, match=message):
-        config.validate()
+        check_config(config)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -161,22 +164,22 @@ def test_cli_refuses_an_existing_output_folder(tmp_path):
 
 def test_a_run_s_prompts_file_is_a_task_file(tiny_ioi_model, tmp_path):
     """prompts.jsonl of one run drives another run through --task FILE, with the same split."""
-    first = run_config(DiscoverConfig(task="ioi", method="eap-ig", n_pairs=8, batch_size=8, edges=20, force=True), out=tmp_path / "a", adapter=tiny_ioi_model).summary
+    first = run_config(DiscoverConfig.from_options(task="ioi", method="eap-ig", n_pairs=8, batch_size=8, edges=20, force=True), out=tmp_path / "a", adapter=tiny_ioi_model).summary
     task_file = str(tmp_path / "a" / "prompts.jsonl")
-    second = run_config(DiscoverConfig(task=task_file, method="eap-ig", n_pairs=8, batch_size=8, edges=20, force=True), out=tmp_path / "b", adapter=tiny_ioi_model).summary
-    assert second["metric_clean"] == pytest.approx(first["metric_clean"], abs=1e-5)
-    assert second["faithfulness"] == pytest.approx(first["faithfulness"], abs=1e-5)
+    second = run_config(DiscoverConfig.from_options(task=task_file, method="eap-ig", n_pairs=8, batch_size=8, edges=20, force=True), out=tmp_path / "b", adapter=tiny_ioi_model).summary
+    assert second.metric_clean == pytest.approx(first.metric_clean, abs=1e-5)
+    assert second.faithfulness == pytest.approx(first.faithfulness, abs=1e-5)
 
 
 def test_a_behaviour_the_model_lacks_is_refused_unless_forced(tiny_ioi_model, tmp_path):
     """A random tiny model does not do IOI: the run stops with a clear message, and --force runs it."""
-    from circuitfinder.runs.run import MIN_ACCURACY, check_behaviour
+    from circuitfinder.runs.pipeline import MIN_ACCURACY, check_behaviour
     from circuitfinder.engine.faithfulness import Baseline
 
     lacking = Baseline(clean=0.1, corrupted=0.2, accuracy=0.5, n_prompts=8)
     with pytest.raises(UserError, match="does not show the behaviour.*force=True"):
         check_behaviour(lacking, DiscoverConfig(), "m")
-    check_behaviour(lacking, DiscoverConfig(force=True), "m")
+    check_behaviour(lacking, DiscoverConfig.from_options(force=True), "m")
     check_behaviour(Baseline(clean=2.0, corrupted=0.0, accuracy=MIN_ACCURACY, n_prompts=8), DiscoverConfig(), "m")
     with pytest.raises(UserError, match="accuracy"):
         check_behaviour(Baseline(clean=2.0, corrupted=0.0, accuracy=MIN_ACCURACY - 0.01, n_prompts=8), DiscoverConfig(), "m")
@@ -185,31 +188,31 @@ def test_a_behaviour_the_model_lacks_is_refused_unless_forced(tiny_ioi_model, tm
 def test_a_task_file_with_a_bad_row_is_refused_unless_bad_rows_are_skipped(tiny_ioi_model, tmp_path):
     from circuitfinder.tasks.base import TaskError
 
-    run_config(DiscoverConfig(task="ioi", method="eap-ig", n_pairs=8, batch_size=8, edges=20, force=True), out=tmp_path / "a", adapter=tiny_ioi_model)
+    run_config(DiscoverConfig.from_options(task="ioi", method="eap-ig", n_pairs=8, batch_size=8, edges=20, force=True), out=tmp_path / "a", adapter=tiny_ioi_model)
     rows = (tmp_path / "a" / "prompts.jsonl").read_text().splitlines()
     bad = json.loads(rows[0]) | {"corrupted": "too short"}
     task_file = tmp_path / "task.jsonl"
     task_file.write_text("\n".join([json.dumps(bad)] + rows[1:]) + "\n")
-    config = DiscoverConfig(task=str(task_file), method="eap-ig", n_pairs=8, batch_size=8, edges=20, force=True)
+    config = DiscoverConfig.from_options(task=str(task_file), method="eap-ig", n_pairs=8, batch_size=8, edges=20, force=True)
     with pytest.raises(TaskError, match=r"task.jsonl:1:"):
         run_config(config, out=tmp_path / "b", adapter=tiny_ioi_model)
     assert not (tmp_path / "b").exists()
-    skipped = run_config(DiscoverConfig(**{**config.__dict__, "skip_bad_rows": True}), out=tmp_path / "c", adapter=tiny_ioi_model).summary
-    assert skipped["prompts_discovery"] + skipped["prompts_heldout"] == 7
+    skipped = run_config(config.replace(skip_bad_rows=True), out=tmp_path / "c", adapter=tiny_ioi_model).summary
+    assert skipped.prompts_discovery + skipped.prompts_heldout == 7
 
 
 def test_acdc_run_writes_a_certificate_and_reuses_its_attribution(tiny_ioi_model, tmp_path):
-    config = DiscoverConfig(task="ioi", model="tiny-llama", method="acdc", floor=False, n_pairs=16, batch_size=8, edges=40,
+    config = DiscoverConfig.from_options(task="ioi", model="tiny-llama", method="acdc", floor=False, n_pairs=16, batch_size=8, edges=40,
                             force=True, curve=False, search_prompts=4, chain=4)
     summary = run_config(config, out=tmp_path / "a", adapter=tiny_ioi_model).summary
-    search = summary["search"]
+    search = summary.search
     assert search["rule"] == "acdc" and search["distance"] == "task" and search["candidates"] <= 40
     assert (tmp_path / "a" / "roles.csv").is_file()  # a search's run keeps its roles table beside its log
-    assert summary["edges_kept"] <= search["candidates"]
+    assert summary.edges_kept <= search["candidates"]
     certificate = json.loads((tmp_path / "a" / "certificate.json").read_text())
-    assert certificate["edges"] == summary["edges_kept"] == len(certificate["necessity"])
-    assert certificate["faithfulness_heldout"] == pytest.approx(summary["faithfulness"])
-    assert len(pd.read_csv(tmp_path / "a" / "necessity.csv")) == summary["edges_kept"]
+    assert certificate["edges"] == summary.edges_kept == len(certificate["necessity"])
+    assert certificate["faithfulness_heldout"] == pytest.approx(summary.faithfulness)
+    assert len(pd.read_csv(tmp_path / "a" / "necessity.csv")) == summary.edges_kept
     decisions = pd.read_csv(tmp_path / "a" / "decisions.csv")  # ACDC's log, one row per candidate
     assert list(decisions.step) == list(range(1, search["candidates"] + 1))
     tried = decisions[decisions.decision != "dead receiver"]
@@ -228,36 +231,36 @@ def test_acdc_run_writes_a_certificate_and_reuses_its_attribution(tiny_ioi_model
         def log(self, message):
             self.lines.append(message)
 
-    again = run_config(dataclasses.replace(config, tau=0.0), out=tmp_path / "b", adapter=tiny_ioi_model, reporter=Log()).summary
-    assert again["search"]["tau"] == 0.0
+    again = run_config(config.replace(tau=0.0), out=tmp_path / "b", adapter=tiny_ioi_model, reporter=Log()).summary
+    assert again.search["tau"] == 0.0
     assert any(line.startswith("reusing eap-ig scores") for line in Log.lines)
 
 
 def test_unseeded_acdc_tries_every_edge_of_the_graph_in_graph_order(tiny_ioi_model, tmp_path):
-    config = DiscoverConfig(task="ioi", model="tiny-llama", method="acdc", floor=False, seed_method="none", n_pairs=8, batch_size=8,
+    config = DiscoverConfig.from_options(task="ioi", model="tiny-llama", method="acdc", floor=False, seed_method="none", n_pairs=8, batch_size=8,
                             force=True, search_prompts=4, chain=4)
     summary = run_config(config, out=tmp_path / "a", adapter=tiny_ioi_model).summary
     graph = EdgeGraph(tiny_ioi_model.shape)
-    assert summary["search"]["candidates"] == graph.n_edges  # nothing removed up front
-    assert summary["search"]["seed_top_n_same_size"] is None and summary.get("cpr") is None  # no ranking to compare
-    assert 0 < summary["edges_kept"] < graph.n_edges
+    assert summary.search["candidates"] == graph.n_edges  # nothing removed up front
+    assert summary.search["seed_top_n_same_size"] is None and summary.cpr is None  # no ranking to compare
+    assert 0 < summary.edges_kept < graph.n_edges
     with pytest.raises(UserError, match="is for the seeded methods"):
-        DiscoverConfig(method="eap", seed_method="none").validate()
+        check_config(DiscoverConfig.from_options(method="eap", seed_method="none"))
 
 
 def test_seed_faithfulness_sizes_the_seed_and_the_floor_stays_the_target(tiny_ioi_model):
     """A search's seed is attribution's smallest top N reaching ``seed_faithfulness`` (by default
     halfway from the target to 1) on the discovery prompts, while every removal still keeps the target."""
     def run(**options):
-        config = DiscoverConfig(task="ioi", model="tiny-llama", method="acdc-groups", seed_method="eap", n_pairs=16,
+        config = DiscoverConfig.from_options(task="ioi", model="tiny-llama", method="acdc-groups", seed_method="eap", n_pairs=16,
                                 batch_size=8, force=True, search_prompts=4, target_faithfulness=0.5, roles=False, **options)
         return run_config(config, adapter=tiny_ioi_model).summary
 
     plain, roomy = run(), run(seed_faithfulness=0.95)
     for summary, seed_target in ((plain, 0.75), (roomy, 0.95)):  # by default halfway from the target to 1
-        reached = {p["top_n"]: p["faithfulness_discovery"] for p in summary["size_search"]}
-        smaller = [f for n, f in reached.items() if n < summary["edges_selected"]]
-        assert reached[summary["edges_selected"]] >= seed_target > max(smaller, default=-1)
-        assert summary["size_search_target"] == seed_target
-    assert roomy["edges_selected"] > plain["edges_selected"]
-    assert roomy["search"]["target_faithfulness"] == 0.5  # the floor is the target, not the seed's
+        reached = {p["top_n"]: p["faithfulness_discovery"] for p in summary.size_search}
+        smaller = [f for n, f in reached.items() if n < summary.edges_selected]
+        assert reached[summary.edges_selected] >= seed_target > max(smaller, default=-1)
+        assert summary.size_search_target == seed_target
+    assert roomy.edges_selected > plain.edges_selected
+    assert roomy.search["target_faithfulness"] == 0.5  # the floor is the target, not the seed's

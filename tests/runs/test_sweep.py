@@ -12,11 +12,13 @@ import pandas as pd
 import pytest
 
 from circuitfinder.errors import UserError
-from circuitfinder.runs.run import DiscoverConfig, Reporter, run_name
+from circuitfinder.config import DiscoverConfig
+from circuitfinder.methods.registry import Reporter
+from circuitfinder.runs.pipeline import run_name
 from circuitfinder.runs.sweep import FROM_SUMMARY, sweep
 
 ROOT = Path(__file__).resolve().parents[2]
-BASE = DiscoverConfig(n_pairs=8, batch_size=8, edges=20, ig_steps=2, force=True, dtype="float32")  # Ray tasks: conftest's patch does not reach them
+BASE = DiscoverConfig.from_options(n_pairs=8, batch_size=8, edges=20, ig_steps=2, force=True, dtype="float32")  # Ray tasks: conftest's patch does not reach them
 
 
 class Log(Reporter):
@@ -50,7 +52,7 @@ def test_in_process_sweep_writes_one_run_per_task_and_a_table_of_their_summaries
     assert list(frame.task) == ["ioi", "induction"] and set(frame.model) == {str(tiny_model_dir)}
     assert list(frame.status) == ["finished", "finished"] and list(frame.method) == ["eap-ig"] * 2
     for r in frame.to_dict("records"):
-        run = out / run_name(DiscoverConfig(task=r["task"], model=r["model"], method=r["method"]))
+        run = out / run_name(DiscoverConfig.from_options(task=r["task"], model=r["model"], method=r["method"]))
         assert r["run"] == run.name
         assert {"config.json", "summary.json", "circuit.json", "circuit.svg", "scores.parquet", "prompts.jsonl"} <= {p.name for p in run.iterdir()}
         summary = json.loads((run / "summary.json").read_text())
@@ -58,7 +60,7 @@ def test_in_process_sweep_writes_one_run_per_task_and_a_table_of_their_summaries
             assert _same(r[key], summary[key]), key
         assert summary["cpr"] is not None and summary["cmd"] is not None  # the curve ran: columns filled
         assert r["edges_pct"] == pytest.approx(100 * summary["edges_kept"] / summary["edges_total"])
-        assert json.loads((run / "config.json").read_text())["n_pairs"] == 8  # the shared settings reached the run
+        assert json.loads((run / "config.json").read_text())["prompts"]["n_pairs"] == 8  # the shared settings reached the run
     saved = pd.read_csv(out / "sweep.csv", keep_default_na=False)
     assert list(saved.columns) == list(frame.columns) and list(saved.task) == ["ioi", "induction"]
     assert saved.faithfulness.tolist() == pytest.approx(frame.faithfulness.tolist(), rel=1e-12)
@@ -101,14 +103,14 @@ def test_a_failed_run_is_a_row_and_the_others_go_on(tiny_model_dir, tmp_path):
 
 def test_a_finished_run_with_other_settings_is_not_reused(tmp_path):
     out = tmp_path / "s"
-    config = DiscoverConfig(task="ioi", model="no-such-model", method="eap")
+    config = DiscoverConfig.from_options(task="ioi", model="no-such-model", method="eap")
     run = out / run_name(config)
     run.mkdir(parents=True)
     (run / "summary.json").write_text(json.dumps({"finished": True, "faithfulness": 0.5}))
-    (run / "config.json").write_text(json.dumps({**config.__dict__, "n_pairs": 64, "workers": 3}))
-    frame = sweep(["ioi"], ["no-such-model"], ["eap"], out=out, base=DiscoverConfig(n_pairs=128))
+    (run / "config.json").write_text(json.dumps(config.replace(n_pairs=64, workers=3).to_json()))
+    frame = sweep(["ioi"], ["no-such-model"], ["eap"], out=out, base=DiscoverConfig.from_options(n_pairs=128))
     assert frame.status[0] == "failed" and "other settings (n_pairs)" in frame.error[0]
-    (run / "config.json").write_text(json.dumps({**config.__dict__, "workers": 3}))  # where it ran does not matter
+    (run / "config.json").write_text(json.dumps(config.replace(workers=3).to_json()))  # where it ran does not matter
     assert sweep(["ioi"], ["no-such-model"], ["eap"], out=out).status[0] == "skipped"
 
 

@@ -9,7 +9,8 @@ from circuitfinder.engine.adapter import ModelShape, load_unchecked
 from circuitfinder.engine.faithfulness import CircuitEvaluator
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.patching import patched_logits, run_recording_senders
-from circuitfinder.runs.run import DiscoverConfig, run_config
+from circuitfinder.config import DiscoverConfig
+from circuitfinder.runs.run import run_config
 from circuitfinder.tasks import build_task
 
 pytestmark = pytest.mark.slow
@@ -52,11 +53,11 @@ def test_full_and_empty_circuits_reproduce_clean_and_corrupted_runs(smollm2, ioi
 
 
 def test_short_discovery_run_on_smollm2(smollm2, tmp_path):
-    config = DiscoverConfig(task="ioi", model="smollm2-135m", method="eap-ig", n_pairs=32, edges=2000)
+    config = DiscoverConfig.from_options(task="ioi", model="smollm2-135m", method="eap-ig", n_pairs=32, edges=2000)
     summary = run_config(config, out=tmp_path / "run", adapter=smollm2).summary
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["edges_total"] == 70_651 and 0 < saved["edges_kept"] <= 2000
-    assert 0.3 < summary["faithfulness"] <= 1.2  # 2,000 EAP edges carry a good part of IOI (0.61 at this size in the default run)
+    assert 0.3 < summary.faithfulness <= 1.2  # 2,000 EAP edges carry a good part of IOI (0.61 at this size in the default run)
 
 
 def test_tasks_show_prints_pairs_and_the_baseline():
