@@ -514,6 +514,8 @@ def _flag(match: re.Match) -> str:
     name, _, value = match.group(1).partition("=")
     field = flat_fields().get(name)
     flag = (field[1].metadata.get("flag") if field else None) or "--" + name.replace("_", "-")
+    if value == "False":
+        return "--no-" + flag.removeprefix("--")
     return flag if value in ("", "True") else f"{flag} {value.strip(chr(39) + chr(34))}"
 
 

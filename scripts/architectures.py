@@ -1,12 +1,12 @@
-"""Write the tables of architectures in RESULTS.md and README.md from the test matrix (tests/architectures.py).
+"""Write the tables of architectures in docs/architectures.md from the test matrix (tests/architectures.py).
 
 Each tiny model of the matrix is wrapped and put through the check at load (circuitfinder.engine.checks),
-the same check the tests run; RESULTS.md's table says which are exact (and in which working
-precision) and which are refused, with the refusal's own words; README.md's short table lists the
-families by result. Run it after changing the matrix or the engine:
+the same check the tests run; the detailed table says which are exact (and in which working
+precision) and which are refused, with the refusal's own words; the short table above it lists
+the families by result. Run it after changing the matrix or the engine:
 
     .venv/bin/python scripts/architectures.py            # print the tables
-    .venv/bin/python scripts/architectures.py --readme   # and replace them in RESULTS.md and README.md
+    .venv/bin/python scripts/architectures.py --readme   # and replace them in docs/architectures.md
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 START, END = "<!-- architectures: start (scripts/architectures.py) -->", "<!-- architectures: end -->"
+SHORT_START, SHORT_END = "<!-- architectures summary: start (scripts/architectures.py) -->", "<!-- architectures summary: end -->"
+PAGE = "docs/architectures.md"
 
 
 def table() -> tuple[str, str]:
-    """The detailed table (RESULTS.md) and the short one (README.md)."""
+    """The detailed table and the short one (both in docs/architectures.md)."""
     from architectures import ARCHITECTURES, build, load_dtype
     from circuitfinder.engine.adapter import ModelAdapter
     from circuitfinder.engine.checks import check_model
@@ -45,7 +47,7 @@ def table() -> tuple[str, str]:
             adapter = ModelAdapter.from_hf(model, tokenizer, name=name, hf_id=name, dtype=dtype)
             worst = check_model(adapter)
         except UserError as refused:
-            why = str(refused).split(": ", 1)[-1].replace(" (--skip-model-check runs it anyway)", "")
+            why = str(refused).split(": ", 1)[-1].replace(" (`check_model=False` runs it anyway)", "")
             rows.append(f"| {name} | `{cls}` | refused: {why} | | | | | |")
             groups.setdefault("refused: " + _cause(why), []).append(name)
             continue
@@ -85,13 +87,13 @@ def main() -> None:
     detailed, short = table()
     print(detailed, short, sep="\n\n")
     if "--readme" in sys.argv:
-        for page, text in (("RESULTS.md", detailed), ("README.md", short)):
-            path = ROOT / page
-            body = path.read_text()
-            if START not in body:
-                sys.exit(f"{page} has no {START} marker")
-            body = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _m: f"{START}\n{text}\n{END}", body, flags=re.S)
-            path.write_text(body)
+        path = ROOT / PAGE
+        body = path.read_text()
+        for start, end, text in ((START, END, detailed), (SHORT_START, SHORT_END, short)):
+            if start not in body:
+                sys.exit(f"{PAGE} has no {start} marker")
+            body = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _m: f"{start}\n{text}\n{end}", body, flags=re.S)
+        path.write_text(body)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ outputs come from tracr itself (``program.json``, written by ``scripts/tracr_com
   means differ and faithfulness is well defined.
 * categorical programs (reverse): logit(clean output) − logit(corrupted output); the two differ.
 
-The true circuits are the references ``tracr-<program>`` (``circuits evaluate --reference``).
+The true circuits are the references ``tracr-<program>`` (``circuits grade --reference``).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ pair (8 tokens, or the model's context if shorter), every comparison within
    not enough: a shortcut can be exact on all three and wrong on everything between them.
 
 Any failure refuses the model with one line (:class:`ModelRefused`); ``check=False`` (the command
-line's ``--skip-model-check``) skips the check.
+line's ``--no-check-model``) skips the check.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def load_model(name: str, log: Callable[[str], None] = lambda _msg: None, check:
 
 def _refuse(adapter: ModelAdapter, what: str) -> ModelRefused:
     return ModelRefused(f"{adapter.name} ({adapter.architecture}): {what}; the engine would not be exact on it "
-                        "(--skip-model-check runs it anyway)")
+                        "(`check_model=False` runs it anyway)")
 
 
 def _random_like(x: torch.Tensor, seed: int) -> torch.Tensor:
