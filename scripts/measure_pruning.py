@@ -1,6 +1,6 @@
 """Issue 16, a measured negative result: iterative pruning by attribution at the current circuit.
 
-The method tried (kept here, not in the package, because it overfits; see RESULTS.md):
+The method tried (kept here, not in the package, because it overfits; see docs/measurements/attribution.md):
 Iterative pruning: attribution at the current circuit, its weakest edges removed in rounds,
 each round checked by exact patching.
 

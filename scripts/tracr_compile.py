@@ -25,7 +25,7 @@ up to a relative var(r)/(2E) ≈ |x|²/(D·E), below 1e-11 for E = 1e12. This ho
 combination of senders, patched, zeroed or averaged, so every ablation sees tracr's function.
 The MLPs use ``relu``; W_Q and b_Q carry tracr's 1/sqrt(key_size) times sqrt(head_dim), undoing
 GPT-2's own 1/sqrt(head_dim) (with ``scale_attn_weights`` off and the scale in W_Q alone, the
-model matched tracr but ran differently through TransformerLens's bridge; see RESULTS.md); heads are zero-padded to head_dim; the unembedding is untied: the
+model matched tracr but ran differently through TransformerLens's bridge; see docs/measurements/ground-truth.md); heads are zero-padded to head_dim; the unembedding is untied: the
 logit of output token t reads tracr's output dimension for t (categorical), and the logit of the
 token ``=`` reads a numerical output. Causal attention (tracr's ``causal=True``).
 

@@ -20,7 +20,7 @@ and a batch size can be chosen to fit. The terms, for ``b`` prompts of ``p`` pos
   rotary copies and the probabilities are float32 islands (Hugging Face's RMSNorm and the
   bridge's rotary attention and softmax compute in float32 and cast back), so in half precision
   they take 4 bytes a value, not ``e``: without this the plan of a bfloat16 run fell 20–32 %
-  short on the bundled models (RESULTS.md, *The memory plan*). Their sum is multiplied by
+  short on the bundled models (docs/measurements/memory.md). Their sum is multiplied by
   :data:`ACTIVATION_MARGIN`, the one fitted number (what the count leaves out: allocator slack,
   temporaries), fitted on both bundled models by ``scripts/measure_memory.py``.
 * **scores**: the ``[S, R]`` score matrix and its gradient staging, in float32, twice.
@@ -73,7 +73,7 @@ ALIASES = {"llama-3-8b": "meta-llama/Meta-Llama-3-8B", "gemma-2-2b": "google/gem
 # Families whose attention and MLP read the same residual stream (no head -> same-layer MLP edge).
 PARALLEL_TYPES = {"gptj", "phi", "cohere", "cohere2", "gpt_neox", "falcon"}
 BYTES = {torch.float32: 4, torch.float64: 8, torch.bfloat16: 2, torch.float16: 2}
-ACTIVATION_MARGIN = 1.2  # planned/measured working memory 0.99-1.14, both bundled models, batches 8-32 (RESULTS.md)
+ACTIVATION_MARGIN = 1.2  # planned/measured working memory 0.99-1.14, both bundled models, batches 8-32 (docs/measurements/memory.md)
 LIBRARIES = 460_000_000  # resident after importing torch, transformers, TransformerLens's bridge, circuitfinder (0.458 GB measured)
 TOKENIZER_BYTES = 2_250  # a fast tokenizer's resident bytes per vocabulary entry (2,133 and 2,244 measured)
 

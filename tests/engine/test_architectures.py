@@ -7,7 +7,7 @@ block rule); edges into an MLP and into the logits equal a reference computed on
 modules alone (a forward pre-hook on the module that receiver reads, no engine, no
 TransformerLens); EAP equals the derivative of exact patching. Each refused one is refused with
 one line that names the architecture and what is missing. ``scripts/architectures.py`` writes
-the table in RESULTS.md from the same catalogue and the same check.
+the table in docs/architectures.md from the same catalogue and the same check.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from circuitfinder.checkpoint import Checkpoint
-from circuitfinder.methods.registry import search_key
+from circuitfinder.methods.registry import Problem, search_key
 from circuitfinder.config import DiscoverConfig
 from circuitfinder.runs.run import run_config
 
@@ -107,8 +107,9 @@ def reference(runs, tiny_model_dir) -> dict:
     from circuitfinder.engine.adapter import load_unchecked
 
     config = DiscoverConfig.from_options(model=str(tiny_model_dir), **SEARCH)
-    summary = run_config(config, out=runs / "reference", adapter=load_unchecked(str(tiny_model_dir))).summary
-    checkpoint = Checkpoint(runs, search_key(config)).dir
+    adapter = load_unchecked(str(tiny_model_dir))
+    summary = run_config(config, out=runs / "reference", adapter=adapter).summary
+    checkpoint = Checkpoint(runs, search_key(Problem(adapter, None, None, config, None))).dir
     assert not checkpoint.exists()  # cleared once the results were written
     assert summary.search["chains"] >= 12 and summary.edges_kept > 0  # room for a signal mid-search
     return {"circuit": (runs / "reference" / "circuit.json").read_bytes(), "candidates": summary.search["candidates"],
