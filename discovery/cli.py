@@ -24,8 +24,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from circuitfinder.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Find, check and draw the circuits behind a language model's behaviours.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Find, check and draw the circuits behind a language model's behaviours.",
+)
 tasks_app = typer.Typer(no_args_is_help=True, help="List and inspect tasks.")
 app.add_typer(tasks_app, name="tasks")
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -43,7 +47,13 @@ class ConsoleReporter:
         if not console.is_terminal:  # a log file or a pipe: a line per tenth instead of a live bar
             yield _progress_lines(description, total)
             return
-        columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        columns = [
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+        ]
         with Progress(*columns, console=console, transient=True) as bar:
             handle = bar.add_task(description, total=total or None)
             yield lambda n=1: bar.advance(handle, n)
@@ -84,8 +94,14 @@ def config_options(leave_out: tuple[str, ...] = ()) -> list[inspect.Parameter]:
         flags = (f"{flag}/--no-{flag[2:]}",) if kind in (bool, Optional[bool]) else (flag,)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         panel = owner.title if section else "Task, model and method"
-        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
-                                        default=typer.Option(default, *flags, help=f.metadata["help"], rich_help_panel=panel)))
+        params.append(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=kind,
+                default=typer.Option(default, *flags, help=f.metadata["help"], rich_help_panel=panel),
+            )
+        )
     return params
 
 
@@ -97,26 +113,45 @@ def DiscoverConfig_():  # noqa: N802 -- the class, imported when the command lin
 
 def _with_options(params: list[inspect.Parameter]):
     """Give a command the signature ``params`` (typer reads its options from the signature)."""
+
     def decorate(command):
         command.__signature__ = inspect.Signature(params)
         return command
+
     return decorate
 
 
 def _option(name: str, default, *flags: str, help: str, annotation=str) -> inspect.Parameter:  # noqa: A002
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                             default=typer.Option(default, *flags, help=help, rich_help_panel="Outputs"))
+    return inspect.Parameter(
+        name,
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=annotation,
+        default=typer.Option(default, *flags, help=help, rich_help_panel="Outputs"),
+    )
 
 
 @app.command()
-@_with_options(config_options() + [
-    _option("match_published", False, "--match-published", annotation=bool,
-            help="Every choice the published EAP-IG code makes (--bos always and its --ig-rule): its scores, divided by "
-                 "the prompt count."),
-    _option("out", None, "--out", annotation=Optional[Path],
-            help="Run folder (default: outputs/TASK-MODEL-METHOD-TIME)."),
-    _option("overwrite", False, "--overwrite", annotation=bool, help="Replace an existing run folder."),
-])
+@_with_options(
+    config_options()
+    + [
+        _option(
+            "match_published",
+            False,
+            "--match-published",
+            annotation=bool,
+            help="Every choice the published EAP-IG code makes (--bos always and its --ig-rule): its scores, divided "
+            "by the prompt count.",
+        ),
+        _option(
+            "out",
+            None,
+            "--out",
+            annotation=Optional[Path],
+            help="Run folder (default: outputs/TASK-MODEL-METHOD-TIME).",
+        ),
+        _option("overwrite", False, "--overwrite", annotation=bool, help="Replace an existing run folder."),
+    ]
+)
 def discover(match_published: bool = False, out: Optional[Path] = None, overwrite: bool = False, **options) -> None:
     """Find the circuit of a task in a model and check it by exact patching."""
     from circuitfinder.runs.pipeline import default_out_dir
@@ -125,7 +160,9 @@ def discover(match_published: bool = False, out: Optional[Path] = None, overwrit
     config = DiscoverConfig_().from_options(**options)
     if match_published:
         config = config.matching_published()
-    summary = run_config(config, out=out or default_out_dir(config), overwrite=overwrite, reporter=ConsoleReporter()).summary
+    summary = run_config(
+        config, out=out or default_out_dir(config), overwrite=overwrite, reporter=ConsoleReporter()
+    ).summary
     print(summary_line(summary))
 
 
@@ -140,7 +177,8 @@ def summary_line(summary) -> str:
         f"faithfulness {summary.faithfulness:.3f} (held-out, {summary.dtype}"
         + (f"; {found:.3f} in {precision['passes']}, where it was found" if found is not None else "")
         + _refereed(precision)
-        + ("" if summary.meets_target else f"; BELOW the target {summary.target_faithfulness}") + f") -> {summary.out}"
+        + ("" if summary.meets_target else f"; BELOW the target {summary.target_faithfulness}")
+        + f") -> {summary.out}"
     )
 
 
@@ -151,8 +189,10 @@ def _refereed(precision: dict) -> str:
         return ""
     if decisions["passes_dtype"] == "float32":
         return f"; searched in float32: {decisions['why_float32']}"
-    return (f"; searched in {precision['passes']}, {decisions['decided']:,} removals decided again in float32, "
-            f"{decisions['overruled']:,} of them overruled")
+    return (
+        f"; searched in {precision['passes']}, {decisions['decided']:,} removals decided again in float32, "
+        f"{decisions['overruled']:,} of them overruled"
+    )
 
 
 SWEEP_OWN = ("task", "model", "method", "workers", "address")  # sweep's own options (lists; runs at once)
@@ -163,34 +203,80 @@ def _names(text: str) -> list[str]:
 
 
 @app.command()
-@_with_options([
-    _option("tasks", ..., "--tasks", help="Comma-separated tasks (names or task files)."),
-    _option("models", ..., "--models", help="Comma-separated models (bundled names, Hugging Face ids, folders)."),
-    _option("methods", "eap-ig", "--methods", help="Comma-separated methods."),
-    _option("out", Path("outputs/sweep"), "--out", annotation=Path,
-            help="Sweep folder: one run folder per task-model-method, and sweep.csv/sweep.md."),
-    _option("workers", 0, "--workers", annotation=int,
-            help="Runs at once, as Ray tasks (0: one after another in this process; each run already uses every core)."),
-    _option("cpus_per_run", 1, "--cpus-per-run", annotation=int, help="With --workers: CPUs (torch threads) Ray gives each run."),
-    _option("address", None, "--address", annotation=Optional[str],
-            help="With --workers: join an existing Ray cluster (its machines must see --out)."),
-    _option("overwrite", False, "--overwrite", annotation=bool, help="Redo runs that already finished."),
-] + config_options(leave_out=SWEEP_OWN))
-def sweep(tasks: str, models: str, methods: str = "eap-ig", out: Path = Path("outputs/sweep"), workers: int = 0,
-          cpus_per_run: int = 1, address: Optional[str] = None, overwrite: bool = False, **options) -> None:
+@_with_options(
+    [
+        _option("tasks", ..., "--tasks", help="Comma-separated tasks (names or task files)."),
+        _option("models", ..., "--models", help="Comma-separated models (bundled names, Hugging Face ids, folders)."),
+        _option("methods", "eap-ig", "--methods", help="Comma-separated methods."),
+        _option(
+            "out",
+            Path("outputs/sweep"),
+            "--out",
+            annotation=Path,
+            help="Sweep folder: one run folder per task-model-method, and sweep.csv/sweep.md.",
+        ),
+        _option(
+            "workers",
+            0,
+            "--workers",
+            annotation=int,
+            help="Runs at once, as Ray tasks (0: one after another in this process; each run already uses every core).",
+        ),
+        _option(
+            "cpus_per_run",
+            1,
+            "--cpus-per-run",
+            annotation=int,
+            help="With --workers: CPUs (torch threads) Ray gives each run.",
+        ),
+        _option(
+            "address",
+            None,
+            "--address",
+            annotation=Optional[str],
+            help="With --workers: join an existing Ray cluster (its machines must see --out).",
+        ),
+        _option("overwrite", False, "--overwrite", annotation=bool, help="Redo runs that already finished."),
+    ]
+    + config_options(leave_out=SWEEP_OWN)
+)
+def sweep(
+    tasks: str,
+    models: str,
+    methods: str = "eap-ig",
+    out: Path = Path("outputs/sweep"),
+    workers: int = 0,
+    cpus_per_run: int = 1,
+    address: Optional[str] = None,
+    overwrite: bool = False,
+    **options,
+) -> None:
     """Discover every task × model × method (skipping finished runs) and write one comparison table."""
     from circuitfinder.runs.sweep import sweep as run_sweep
 
     base = DiscoverConfig_().from_options(method="eap-ig", **options)
     try:
-        frame = run_sweep(_names(tasks), _names(models), _names(methods), out=out, base=base, workers=workers,
-                          cpus=cpus_per_run, address=address, overwrite=overwrite, reporter=ConsoleReporter())
+        frame = run_sweep(
+            _names(tasks),
+            _names(models),
+            _names(methods),
+            out=out,
+            base=base,
+            workers=workers,
+            cpus=cpus_per_run,
+            address=address,
+            overwrite=overwrite,
+            reporter=ConsoleReporter(),
+        )
     except KeyboardInterrupt:
         console.print(f"interrupted: finished runs are kept in {out}; rerun the same command to skip them and go on")
         sys.exit(130)
     counts = frame.status.value_counts()
-    print(f"{len(frame)} runs: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("finished", "skipped", "failed"))
-          + f" -> {out / 'sweep.md'}")
+    print(
+        f"{len(frame)} runs: "
+        + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("finished", "skipped", "failed"))
+        + f" -> {out / 'sweep.md'}"
+    )
     if counts.get("failed", 0):
         sys.exit(1)
 
@@ -206,7 +292,11 @@ def validate(
     from circuitfinder.runs.followup import validate_run
 
     result = validate_run(run_dir, top=top, random=random, overwrite=overwrite, reporter=ConsoleReporter())
-    parts = [f"{k}: Pearson {v['pearson']:.3f}, Spearman {v['spearman']:.3f}" for k, v in result.items() if isinstance(v, dict)]
+    parts = [
+        f"{k}: Pearson {v['pearson']:.3f}, Spearman {v['spearman']:.3f}"
+        for k, v in result.items()
+        if isinstance(v, dict)
+    ]
     print(f"{result['method']} vs exact edge effects ({result['edges']} edges) - " + "; ".join(parts))
 
 
@@ -218,7 +308,9 @@ def _reference_help() -> str:
 
 @app.command()
 def grade(
-    run_dir: Optional[Path] = typer.Argument(None, help="A run folder written by `circuits discover`, or a circuit.json."),
+    run_dir: Optional[Path] = typer.Argument(
+        None, help="A run folder written by `circuits discover`, or a circuit.json."
+    ),
     reference: Optional[str] = typer.Option(None, "--reference", help=_reference_help()),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo an existing grading against this reference."),
     list_: bool = typer.Option(False, "--list", help="List the reference circuits and exit."),
@@ -230,8 +322,11 @@ def grade(
         for name in available():
             ref = read(name)
             auc = ref.get("published", {}).get("acdc_edge_roc_auc")
-            print(f"{name}: {ref['title']} (task {ref['task']}, model {ref['model']}"
-                  + (f"; published ACDC edge ROC-AUC {auc}" if auc is not None else "") + ")")
+            print(
+                f"{name}: {ref['title']} (task {ref['task']}, model {ref['model']}"
+                + (f"; published ACDC edge ROC-AUC {auc}" if auc is not None else "")
+                + ")"
+            )
         return
     if run_dir is None:
         raise UserError("give a run folder (circuits grade RUN_DIR --reference NAME), or --list")
@@ -246,11 +341,17 @@ def grade(
 def render(
     source: Path = typer.Argument(..., help="A run folder or a circuit.json file."),
     fmt: str = typer.Option("svg", "--format", help="svg, pdf, png or dot (comma-separated for several)."),
-    style: str = typer.Option("default", "--style", help="default, paper (print-safe, greyscale) or summary (default at node level)."),
+    style: str = typer.Option(
+        "default", "--style", help="default, paper (print-safe, greyscale) or summary (default at node level)."
+    ),
     level: str = typer.Option("edge", "--level", help="edge (q/k/v inputs) or node (heads and MLPs as units)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output path without suffix (default: beside the circuit)."),
-    max_edges: int = typer.Option(200, "--max-edges", help="Edge level: draw at most this many of the strongest edges."),
-    max_nodes: int = typer.Option(30, "--max-nodes", help="Node level: draw the heaviest N heads and MLPs (and 2N links)."),
+    max_edges: int = typer.Option(
+        200, "--max-edges", help="Edge level: draw at most this many of the strongest edges."
+    ),
+    max_nodes: int = typer.Option(
+        30, "--max-nodes", help="Node level: draw the heaviest N heads and MLPs (and 2N links)."
+    ),
 ) -> None:
     """Draw a saved circuit (no model needed); head roles come from roles.csv beside it."""
     from circuitfinder.graphs.circuit import load_circuit
@@ -260,8 +361,14 @@ def render(
     if not circuit.n_edges:
         raise UserError(f"{path} holds an empty circuit: nothing to draw")
     try:
-        written = circuit.draw(out or path.with_suffix(""), formats=[f.strip() for f in fmt.split(",")],
-                               style=style, max_edges=max_edges, level=level, max_nodes=max_nodes)
+        written = circuit.draw(
+            out or path.with_suffix(""),
+            formats=[f.strip() for f in fmt.split(",")],
+            style=style,
+            max_edges=max_edges,
+            level=level,
+            max_nodes=max_nodes,
+        )
     except (ValueError, RuntimeError) as exc:
         raise UserError(str(exc)) from None
     for p in written:
@@ -280,15 +387,34 @@ def _parse_bytes(text: str) -> int:
 
 @app.command()
 def plan(
-    model: str = typer.Option("smollm2-135m", "--model", help="Bundled name, Hugging Face id, local folder, a known configuration (llama-3-8b, gemma-2-2b, gpt2) or a shape by hand: layers=32,heads=32,groups=8,d_model=4096,d_mlp=14336,vocab=128256."),
+    model: str = typer.Option(
+        "smollm2-135m",
+        "--model",
+        help="Bundled name, Hugging Face id, local folder, a known configuration (llama-3-8b, gemma-2-2b, gpt2) or a "
+        "shape by hand: layers=32,heads=32,groups=8,d_model=4096,d_mlp=14336,vocab=128256.",
+    ),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16, float16 or float64."),
     batch_size: int = typer.Option(16, "--batch-size", help="Prompts per forward pass."),
     positions: int = typer.Option(24, "--positions", help="Tokens per prompt (IOI's are about 15-20)."),
-    memory: Optional[str] = typer.Option(None, "--memory", help="Memory to fit in, e.g. 80GB (default: the device's free memory)."),
-    device: str = typer.Option("cpu", "--device", help="cpu (the tokenizer and the libraries share its memory), cuda, cuda:N or mps (they stay in host memory), or auto."),
+    memory: Optional[str] = typer.Option(
+        None, "--memory", help="Memory to fit in, e.g. 80GB (default: the device's free memory)."
+    ),
+    device: str = typer.Option(
+        "cpu",
+        "--device",
+        help="cpu (the tokenizer and the libraries share its memory), cuda, cuda:N or mps (they stay in host memory), "
+        "or auto.",
+    ),
 ) -> None:
     """Print a run's memory plan (weights, sender buffers, activations, scores) without loading weights."""
-    from circuitfinder.engine.plan import format_bytes, free_memory, largest_batch, memory_plan, plan_shape, refereed_total
+    from circuitfinder.engine.plan import (
+        format_bytes,
+        free_memory,
+        largest_batch,
+        memory_plan,
+        plan_shape,
+        refereed_total,
+    )
     from circuitfinder.engine.precision import HALF, dtype_name, parse_dtype
 
     torch_dtype = parse_dtype(dtype)
@@ -300,22 +426,30 @@ def plan(
     budget = _parse_bytes(memory) if memory else free_memory(device)
     shape = plan_shape(model)
     p = memory_plan(shape, torch_dtype, batch_size, positions, device)
-    print(f"{shape.name}: {shape.n_layers} layers, {shape.n_heads} heads, {shape.n_kv_groups} key/value groups, "
-          f"d_model {shape.d_model}, d_mlp {shape.d_mlp}, vocab {shape.d_vocab:,}; {shape.n_params:,} parameters; "
-          f"{shape.n_edges:,} edges ({shape.n_senders:,} senders × {shape.n_receivers:,} receivers)")
-    print(f"memory plan on {device} in {dtype_name(torch_dtype)}, batches of {batch_size} prompts × {positions} positions "
-          f"(attribution, the heaviest stage):")
+    print(
+        f"{shape.name}: {shape.n_layers} layers, {shape.n_heads} heads, {shape.n_kv_groups} key/value groups, "
+        f"d_model {shape.d_model}, d_mlp {shape.d_mlp}, vocab {shape.d_vocab:,}; {shape.n_params:,} parameters; "
+        f"{shape.n_edges:,} edges ({shape.n_senders:,} senders × {shape.n_receivers:,} receivers)"
+    )
+    print(
+        f"memory plan on {device} in {dtype_name(torch_dtype)}, batches of {batch_size} prompts × {positions} "
+        f"positions (attribution, the heaviest stage):"
+    )
     for name, size in p.rows():
         if size:
             print(f"  {name:<22} {format_bytes(size):>10}")
     fits = largest_batch(shape, budget, torch_dtype, positions, device=device)
     where = f"{memory}" if memory else f"the free {format_bytes(budget)} of {device}"
-    print(f"largest batch that fits {where}: {fits}" if fits else f"does not fit {where}, not even one prompt per batch")
+    print(
+        f"largest batch that fits {where}: {fits}" if fits else f"does not fit {where}, not even one prompt per batch"
+    )
     if torch_dtype in HALF:
         refereed = refereed_total(shape, torch_dtype, batch_size, positions, device)
-        print(f"a search in {dtype_name(torch_dtype)} refereed in float32 (the default; `--no-referee` runs it in "
-              f"{dtype_name(torch_dtype)} alone): the float32 model's plan and this copy of the weights, "
-              f"{format_bytes(refereed)}" + ("" if refereed <= budget else f", more than {where}"))
+        print(
+            f"a search in {dtype_name(torch_dtype)} refereed in float32 (the default; `--no-referee` runs it in "
+            f"{dtype_name(torch_dtype)} alone): the float32 model's plan and this copy of the weights, "
+            f"{format_bytes(refereed)}" + ("" if refereed <= budget else f", more than {where}")
+        )
 
 
 @app.command()
@@ -341,8 +475,10 @@ def models() -> None:
         shape = ModelShape(*spec.shape)
         flag = "cached" if is_cached(name) else "not yet converted"
         default = " (default)" if name == DEFAULT_MODEL else ""
-        print(f"{name}{default}: {spec.hf_id}, {shape.n_layers} layers, {shape.n_heads} heads, "
-              f"{shape.n_kv_groups} kv group{'s' * (shape.n_kv_groups != 1)}, {EdgeGraph(shape).n_edges:,} edges; {flag}")
+        print(
+            f"{name}{default}: {spec.hf_id}, {shape.n_layers} layers, {shape.n_heads} heads, "
+            f"{shape.n_kv_groups} kv group{'s' * (shape.n_kv_groups != 1)}, {EdgeGraph(shape).n_edges:,} edges; {flag}"
+        )
 
 
 @tasks_app.command("list")
@@ -357,7 +493,9 @@ def tasks_list() -> None:
 @tasks_app.command("show")
 def tasks_show(
     name: str = typer.Argument(..., help="A task name or a .jsonl/.csv task file."),
-    model: str = typer.Option("smollm2-135m", "--model", help="Model whose tokenizer builds the prompts and whose baseline is shown."),
+    model: str = typer.Option(
+        "smollm2-135m", "--model", help="Model whose tokenizer builds the prompts and whose baseline is shown."
+    ),
     pairs: int = typer.Option(128, "--pairs", help="Prompt pairs."),
     seed: int = typer.Option(0, "--seed", help="Seed for prompts and split."),
     examples: int = typer.Option(3, "--examples", help="Prompt pairs to print."),
@@ -370,11 +508,15 @@ def tasks_show(
 
     adapter = load_unchecked(model, ConsoleReporter().log)
     task = build_task(name, adapter.tokenizer, n_pairs=pairs, seed=seed)
-    print(f"task {task.name}: {len(task)} pairs ({len(task.indices('discovery'))} discovery, "
-          f"{len(task.indices('heldout'))} held-out), metric {task.metric_name}")
+    print(
+        f"task {task.name}: {len(task)} pairs ({len(task.indices('discovery'))} discovery, "
+        f"{len(task.indices('heldout'))} held-out), metric {task.metric_name}"
+    )
     for text in task.texts[:examples]:
-        print(f"  clean:     {text['clean']!r}\n  corrupted: {text['corrupted']!r}\n"
-              f"  answer: {text['answer']!r}   wrong: {text['wrong']!r}")
+        print(
+            f"  clean:     {text['clean']!r}\n  corrupted: {text['corrupted']!r}\n"
+            f"  answer: {text['answer']!r}   wrong: {text['wrong']!r}"
+        )
     b = CircuitEvaluator(adapter, EdgeGraph(adapter.shape), task, "heldout").baseline
     print(f"baseline on {model} (held-out): {b}")
 
@@ -392,17 +534,29 @@ def compare(
     """Compare two circuits (same model: Jaccard and overlaps; any models: by relative depth and role)."""
     from circuitfinder.graphs.compare import compare as run_compare
 
-    m = run_compare(a, b, out=out, overwrite=overwrite, bins=bins, formats=tuple(f.strip() for f in fmt.split(",")),
-                    max_edges=max_edges)
+    m = run_compare(
+        a,
+        b,
+        out=out,
+        overwrite=overwrite,
+        bins=bins,
+        formats=tuple(f.strip() for f in fmt.split(",")),
+        max_edges=max_edges,
+    )
     if m["same_model_shape"]:
-        print(f"node Jaccard {m['node_jaccard']:.3f}, edge Jaccard {m['edge_jaccard']:.3f}, overlap at equal size "
-              f"{m['overlap_at_equal_size']:.3f} (k={m['equal_size_k']}), weighted overlap {m['weighted_overlap']:.3f} -> {m['out']}")
+        print(
+            f"node Jaccard {m['node_jaccard']:.3f}, edge Jaccard {m['edge_jaccard']:.3f}, overlap at equal size "
+            f"{m['overlap_at_equal_size']:.3f} (k={m['equal_size_k']}), weighted overlap {m['weighted_overlap']:.3f} "
+            f"-> {m['out']}"
+        )
     else:
         print(f"different model shapes: compared by relative depth ({bins} bins) and role -> {m['out']}")
 
 
 @app.command()
-def view(run_dir: Path = typer.Argument(..., help="A run folder (its circuit.html) or a compare folder (its compare.html).")) -> None:
+def view(
+    run_dir: Path = typer.Argument(..., help="A run folder (its circuit.html) or a compare folder (its compare.html)."),
+) -> None:
     """Open a run's explorer page in the browser (or print its path where there is none)."""
     import webbrowser
 
@@ -420,7 +574,8 @@ def roles(
     prompts: int = typer.Option(64, "--prompts", help="Clean prompts of the run's task to measure on."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Measure again over an existing roles.csv."),
 ) -> None:
-    """Score every head's role (previous-token, duplicate, induction, mover) on the run's prompts: roles.csv, and the circuit's heads' attention patterns in circuit.html."""
+    """Score every head's role (previous-token, duplicate, induction, mover) on the run's prompts: roles.csv, and
+    the circuit's heads' attention patterns in circuit.html."""
     from circuitfinder.graphs.circuit import load_circuit
     from circuitfinder.runs.followup import roles_for_run
 
@@ -429,8 +584,11 @@ def roles(
     table = roles_for_run(run_dir, max_prompts=prompts, overwrite=overwrite, reporter=ConsoleReporter())
     record = load_circuit(run_dir)
     labelled = {n: r["role"] for n, r in record.roles.items() if r.get("role")}
-    print(f"{int(table.role.notna().sum())} of {len(table)} heads have a role; in the circuit: "
-          + (", ".join(f"{n} ({r})" for n, r in sorted(labelled.items())) or "none") + f" -> {run_dir / 'roles.csv'}")
+    print(
+        f"{int(table.role.notna().sum())} of {len(table)} heads have a role; in the circuit: "
+        + (", ".join(f"{n} ({r})" for n, r in sorted(labelled.items())) or "none")
+        + f" -> {run_dir / 'roles.csv'}"
+    )
 
 
 @app.command()
@@ -453,7 +611,9 @@ def tables(
 
 @app.command()
 def convert(
-    source: Path = typer.Argument(..., help="A run folder, a circuit.json, a .graphml written by this tool, or an EAP-IG/MIB graph JSON."),
+    source: Path = typer.Argument(
+        ..., help="A run folder, a circuit.json, a .graphml written by this tool, or an EAP-IG/MIB graph JSON."
+    ),
     to: str = typer.Option(..., "--to", help="graphml, mib (EAP-IG/MIB graph JSON) or circuit (circuit.json)."),
     out: Path = typer.Option(..., "--out", help="File to write."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),

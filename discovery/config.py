@@ -10,7 +10,7 @@ options (``circuits discover --help`` shows them in these groups) and ``discover
 flat keywords are generated from these declarations, and a checkpoint's key is made of the
 sections its method declares (:meth:`DiscoverConfig.key`).
 
-This module holds data only; ``circuitfinder.runs.checks.check_config`` checks values against the
+This module holds data only; ``circuitfinder.runs.pipeline.check_config`` checks values against the
 tasks, methods and ablations that exist.
 """
 
@@ -36,8 +36,11 @@ class Prompts:
     title: ClassVar[str] = "Task and prompts"
     n_pairs: int = option(128, "Prompt pairs (half discovery, half held-out).", flag="--pairs")
     seed: int = option(0, "Seed for prompts and their split.")
-    bos: str = option("auto", "auto: the tokenizer's own rule (SmolLM2 adds no BOS token, Gemma does); always: "
-                      "prepend it, as the published EAP-IG code does.")
+    bos: str = option(
+        "auto",
+        "auto: the tokenizer's own rule (SmolLM2 adds no BOS token, Gemma does); always: "
+        "prepend it, as the published EAP-IG code does.",
+    )
     skip_bad_rows: bool = option(False, "Task files: drop invalid rows instead of refusing the file.")
 
 
@@ -46,12 +49,17 @@ class CircuitSize:
     """What a removed edge carries, and how large the circuit is."""
 
     title: ClassVar[str] = "Circuit and size"
-    ablation: str = option("counterfactual", "What a removed edge carries: counterfactual (the corrupted prompt), "
-                           "mean (over the task's prompts) or zero.")
+    ablation: str = option(
+        "counterfactual",
+        "What a removed edge carries: counterfactual (the corrupted prompt), mean (over the task's prompts) or zero.",
+    )
     edges: int | None = option(None, "Keep the top N edges by |score|.")
     threshold: float | None = option(None, "Keep every edge with |score| ≥ T.")
-    target_faithfulness: float = option(0.8, "Without --edges/--threshold: attribution keeps its smallest top N "
-                                        "reaching this; a search keeps it on its prompts (the floor).")
+    target_faithfulness: float = option(
+        0.8,
+        "Without --edges/--threshold: attribution keeps its smallest top N "
+        "reaching this; a search keeps it on its prompts (the floor).",
+    )
 
 
 @dataclass(frozen=True)
@@ -60,8 +68,11 @@ class Attribution:
 
     title: ClassVar[str] = "Attribution (eap-ig, eap-ig-activations)"
     ig_steps: int = option(5, "Interpolation steps of EAP-IG.")
-    ig_rule: str = option("midpoint", "EAP-IG's interpolation points: midpoint ((k+½)/m), left (k/m, k<m: the "
-                          "published code on inputs) or right (k/m, k≥1: on activations).")
+    ig_rule: str = option(
+        "midpoint",
+        "EAP-IG's interpolation points: midpoint ((k+½)/m), left (k/m, k<m: the "
+        "published code on inputs) or right (k/m, k≥1: on activations).",
+    )
 
 
 @dataclass(frozen=True)
@@ -69,20 +80,34 @@ class Search:
     """Options of the patching searches (acdc-groups, acdc, minimize)."""
 
     title: ClassVar[str] = "Search (acdc-groups, acdc, minimize)"
-    seed_method: str = option("eap-ig", "The attribution that orders and bounds the search's candidates; none: "
-                              "every edge, in graph order (textbook ACDC).")
-    seed_faithfulness: float | None = option(None, "The seed is attribution's smallest top N reaching this on the "
-                                             "discovery prompts (default: halfway from --target-faithfulness to "
-                                             "1), which leaves the search room above the floor.")
-    tau: float | None = option(None, "Keep a removal when the distance grows by less than τ (default: 1% of the "
-                               "empty circuit's distance).")
-    acdc_metric: str = option("task", "Distance from the clean run: task (|change of the mean metric|), prompt "
-                              "(mean per-prompt |change|, which cannot cancel across prompts) or kl (ACDC's own).")
-    floor: bool = option(True, "A removal also needs the circuit to keep --target-faithfulness on the search "
-                         "prompts (ACDC's rule alone bounds each removal's growth, not their sum); --no-floor: "
-                         "Conmy et al.'s rule alone.")
-    search_prompts: int = option(32, "Discovery prompts each candidate is evaluated on (held-out faithfulness "
-                                 "is measured on the others).")
+    seed_method: str = option(
+        "eap-ig",
+        "The attribution that orders and bounds the search's candidates; none: "
+        "every edge, in graph order (textbook ACDC).",
+    )
+    seed_faithfulness: float | None = option(
+        None,
+        "The seed is attribution's smallest top N reaching this on the "
+        "discovery prompts (default: halfway from --target-faithfulness to "
+        "1), which leaves the search room above the floor.",
+    )
+    tau: float | None = option(
+        None, "Keep a removal when the distance grows by less than τ (default: 1% of the empty circuit's distance)."
+    )
+    acdc_metric: str = option(
+        "task",
+        "Distance from the clean run: task (|change of the mean metric|), prompt "
+        "(mean per-prompt |change|, which cannot cancel across prompts) or kl (ACDC's own).",
+    )
+    floor: bool = option(
+        True,
+        "A removal also needs the circuit to keep --target-faithfulness on the search "
+        "prompts (ACDC's rule alone bounds each removal's growth, not their sum); --no-floor: "
+        "Conmy et al.'s rule alone.",
+    )
+    search_prompts: int = option(
+        32, "Discovery prompts each candidate is evaluated on (held-out faithfulness is measured on the others)."
+    )
     chain: int = option(16, "acdc, minimize: the most candidates evaluated together (speculatively) per chain.")
 
 
@@ -92,17 +117,25 @@ class Execution:
 
     title: ClassVar[str] = "Execution"
     device: str = option("auto", "auto (a GPU when there is one), cpu, cuda, cuda:N or mps.")
-    dtype: str = option("auto", "The model's dtype: auto (float32 for a search; for attribution alone bfloat16 "
-                        "where the device computes it natively, the circuit re-measured in float32), float32, "
-                        "bfloat16, float16 or float64.")
-    referee: bool = option(True, "A search in bfloat16/float16: float32 scores the seed, re-decides the removals "
-                           "within half precision's error of the threshold and measures the circuit.")
+    dtype: str = option(
+        "auto",
+        "The model's dtype: auto (float32 for a search; for attribution alone bfloat16 "
+        "where the device computes it natively, the circuit re-measured in float32), float32, "
+        "bfloat16, float16 or float64.",
+    )
+    referee: bool = option(
+        True,
+        "A search in bfloat16/float16: float32 scores the seed, re-decides the removals "
+        "within half precision's error of the threshold and measures the circuit.",
+    )
     batch_size: int = option(16, "Prompts per forward pass.")
-    workers: int = option(0, "Ray actors with a model replica each: attribution split by prompt batches, a "
-                          "search's circuits scored on them (0: in this process).")
+    workers: int = option(
+        0,
+        "Ray actors with a model replica each: attribution split by prompt batches, a "
+        "search's circuits scored on them (0: in this process).",
+    )
     address: str | None = option(None, "Join an existing Ray cluster at this address (with --workers).")
-    check_model: bool = option(True, "Verify at load that patching is exact on the model "
-                               "(--no-check-model skips it).")
+    check_model: bool = option(True, "Verify at load that patching is exact on the model (--no-check-model skips it).")
     force: bool = option(False, "Search even when the model does not show the behaviour.")
 
 
@@ -111,14 +144,24 @@ class Outputs:
     """What a run measures beyond its circuit."""
 
     title: ClassVar[str] = "Outputs"
-    curve: bool | None = option(None, "Faithfulness at the MIB edge fractions (CPR, CMD); by default for "
-                                "attribution's top N, not after a search (the curve ranks by attribution).")
-    roles: bool = option(True, "Measure every head's role on the run's prompts (seconds): roles.csv, and the "
-                         "circuit's heads by role.")
+    curve: bool | None = option(
+        None,
+        "Faithfulness at the MIB edge fractions (CPR, CMD); by default for "
+        "attribution's top N, not after a search (the curve ranks by attribution).",
+    )
+    roles: bool = option(
+        True, "Measure every head's role on the run's prompts (seconds): roles.csv, and the circuit's heads by role."
+    )
 
 
-SECTIONS: dict[str, type] = {"prompts": Prompts, "size": CircuitSize, "attribution": Attribution,
-                             "search": Search, "execution": Execution, "outputs": Outputs}
+SECTIONS: dict[str, type] = {
+    "prompts": Prompts,
+    "size": CircuitSize,
+    "attribution": Attribution,
+    "search": Search,
+    "execution": Execution,
+    "outputs": Outputs,
+}
 DEFAULT_METHOD = "acdc-groups"
 
 
@@ -132,9 +175,12 @@ class DiscoverConfig:
 
     task: str = option("ioi", "Task name (`circuits tasks list`), or a .jsonl/.csv task file.")
     model: str = option("smollm2-135m", "Bundled model name, Hugging Face id or local folder.")
-    method: str = option(DEFAULT_METHOD, "acdc-groups (the minimal faithful circuit), acdc or minimize (patching "
-                         "searches seeded by --seed-method); eap-ig (attribution's top N: the quick look), eap, "
-                         "eap-ig-activations; see `circuits methods`.")
+    method: str = option(
+        DEFAULT_METHOD,
+        "acdc-groups (the minimal faithful circuit), acdc or minimize (patching "
+        "searches seeded by --seed-method); eap-ig (attribution's top N: the quick look), eap, "
+        "eap-ig-activations; see `circuits methods`.",
+    )
     prompts: Prompts = field(default_factory=Prompts)
     size: CircuitSize = field(default_factory=CircuitSize)
     attribution: Attribution = field(default_factory=Attribution)
@@ -188,23 +234,32 @@ class DiscoverConfig:
         the prompts, the batch size (it moves float sums), those sections, and ``extra``."""
         if extra.keys() & (set(SECTIONS) | {"task", "model", "batch_size"}):
             raise ValueError(f"a key's extra names a part of the key: {sorted(extra)}")
-        return {"task": self.task, "model": self.model, "prompts": dataclasses.asdict(self.prompts),
-                "batch_size": self.execution.batch_size,
-                **{name: dataclasses.asdict(getattr(self, name)) for name in sections}, **extra}
+        return {
+            "task": self.task,
+            "model": self.model,
+            "prompts": dataclasses.asdict(self.prompts),
+            "batch_size": self.execution.batch_size,
+            **{name: dataclasses.asdict(getattr(self, name)) for name in sections},
+            **extra,
+        }
 
     def matching_published(self) -> "DiscoverConfig":
         """This configuration with every choice the published EAP-IG code makes (hannamw/EAP-IG):
         the BOS token always prepended, and its interpolation points (``left`` on the inputs,
         ``right`` on activations). Its scores then equal that code's (divided by the prompt count)."""
         rule = "right" if self.method == "eap-ig-activations" else "left"
-        return dataclasses.replace(self, prompts=dataclasses.replace(self.prompts, bos="always"),
-                                   attribution=dataclasses.replace(self.attribution, ig_rule=rule))
+        return dataclasses.replace(
+            self,
+            prompts=dataclasses.replace(self.prompts, bos="always"),
+            attribution=dataclasses.replace(self.attribution, ig_rule=rule),
+        )
 
 
 def flat_fields() -> dict[str, tuple[str | None, dataclasses.Field]]:
     """Every field by its flat name: ``(its section's name, or None at the top level; the field)``."""
     out: dict[str, tuple[str | None, dataclasses.Field]] = {
-        f.name: (None, f) for f in dataclasses.fields(DiscoverConfig) if f.name not in SECTIONS}
+        f.name: (None, f) for f in dataclasses.fields(DiscoverConfig) if f.name not in SECTIONS
+    }
     for name, section in SECTIONS.items():
         out |= {f.name: (name, f) for f in dataclasses.fields(section)}
     return out

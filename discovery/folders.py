@@ -51,7 +51,7 @@ def remove_stale_partials(out: Path) -> list[Path]:
     if not out.parent.is_dir():
         return removed
     for folder in out.parent.glob(f"{prefix}*@*"):
-        pid, _, rest = folder.name[len(prefix):].partition("@")
+        pid, _, rest = folder.name[len(prefix) :].partition("@")
         if pid.isdigit() and rest.rsplit("-", 1)[0] == host and not _alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)

@@ -109,7 +109,10 @@ def check_edge(graph: EdgeGraph, sender: str, receiver: str) -> str | None:
     if r.kind == "input" or (r.kind == "attn" and not r.slot):
         return f"{receiver!r} is not a receiver (a{{l}}.h{{h}}<q>, a{{l}}.g{{g}}<k|v>, m{{l}} or logits)"
     if r.kind == "attn" and (r.slot == "q") != (r.head is not None):
-        return f"{receiver!r}: a query input names its head (a{{l}}.h{{h}}<q>), a key/value input its group (a{{l}}.g{{g}}<k>)"
+        return (
+            f"{receiver!r}: a query input names its head (a{{l}}.h{{h}}<q>), a key/value input its group "
+            f"(a{{l}}.g{{g}}<k>)"
+        )
     for p, name in ((s, sender), (r, receiver)):
         if p.layer is not None and p.layer >= n_layers:
             return f"{name!r}: layer {p.layer} but the model has {n_layers}"
@@ -137,6 +140,38 @@ def _values(graph: EdgeGraph, values: torch.Tensor | None) -> torch.Tensor:
     if tuple(values.shape) != shape:
         raise ValueError(f"edge values must have shape {shape} [senders, receivers], got {tuple(values.shape)}")
     return torch.where(graph.allowed, values, torch.tensor(math.nan, dtype=torch.float64, device="cpu"))
+
+
+def _checked_edges(graph: EdgeGraph, edges, source: str) -> list[dict]:
+    """A circuit file's ``edges``, each a known edge of ``graph`` once, with finite numbers."""
+    if not isinstance(edges, list):
+        raise CircuitFileError(f"{source}: 'edges' must be a list")
+    seen = set()
+    for k, e in enumerate(edges):
+        if not isinstance(e, dict) or not {"sender", "receiver", "score"} <= set(e):
+            raise CircuitFileError(f"{source}: edge {k} needs sender, receiver and score")
+        name = f"{e['sender']}->{e['receiver']}"
+        problem = check_edge(graph, e["sender"], e["receiver"])
+        if problem:
+            raise CircuitFileError(f"{source}: edge {k} ({name}): {problem}")
+        for key in ("score", "necessity"):
+            if key in e and not (_number(e[key]) or key == "necessity" and e[key] is None):
+                raise CircuitFileError(f"{source}: edge {k} ({name}): {key} must be a finite number, got {e[key]!r}")
+        if name in seen:
+            raise CircuitFileError(f"{source}: edge {k} ({name}) appears twice")
+        seen.add(name)
+    return edges
+
+
+def _checked_roles(roles, n_layers: int, n_heads: int, source: str) -> dict[str, dict]:
+    """A circuit file's ``roles``: head names of this model, each with a ``role`` entry first."""
+    if not isinstance(roles, dict) or not all(isinstance(v, dict) for v in roles.values()):
+        raise CircuitFileError(f"{source}: 'roles' must map head names to objects")
+    for name in roles:
+        p = parse_name(name)
+        if p.kind != "attn" or p.head is None or p.slot or p.layer >= n_layers or p.head >= n_heads:
+            raise CircuitFileError(f"{source}: roles: {name!r} is not a head of this model")
+    return {k: {"role": v.get("role"), **{s: x for s, x in v.items() if s != "role"}} for k, v in roles.items()}
 
 
 @dataclass(frozen=True, eq=False)
@@ -171,7 +206,9 @@ class Circuit:
     def __post_init__(self) -> None:
         mask = torch.as_tensor(self.mask, device="cpu").to(torch.bool)
         if tuple(mask.shape) != tuple(self.graph.allowed.shape):
-            raise ValueError(f"mask must have shape {tuple(self.graph.allowed.shape)} [senders, receivers], got {tuple(mask.shape)}")
+            raise ValueError(
+                f"mask must have shape {tuple(self.graph.allowed.shape)} [senders, receivers], got {tuple(mask.shape)}"
+            )
         object.__setattr__(self, "mask", mask & self.graph.allowed)
         object.__setattr__(self, "scores", _values(self.graph, self.scores))
         if self.necessity is not None:
@@ -211,7 +248,9 @@ class Circuit:
         """A copy with some fields changed (``mask``, ``roles``, ``metadata``, ...). A copy with
         other edges leaves out what was measured on these (necessity, faithfulness)."""
         mask = changes.get("mask")
-        if mask is not None and not torch.equal(torch.as_tensor(mask, device="cpu").bool() & self.graph.allowed, self.mask):
+        if mask is not None and not torch.equal(
+            torch.as_tensor(mask, device="cpu").bool() & self.graph.allowed, self.mask
+        ):
             changes.setdefault("necessity", None)
             changes.setdefault("metadata", {k: v for k, v in self.metadata.items() if k not in self.MEASURED})
         return dataclasses.replace(self, **changes)
@@ -248,8 +287,11 @@ class Circuit:
         """The kept edges in the graph's order, each ``{"sender", "receiver", "score"[, "necessity"]}``."""
         out = []
         for s, r in torch.nonzero(self.mask).tolist():
-            e = {"sender": self.graph.sender_names[s], "receiver": self.graph.receiver_names[r],
-                 "score": float(self.scores[s, r])}
+            e = {
+                "sender": self.graph.sender_names[s],
+                "receiver": self.graph.receiver_names[r],
+                "score": float(self.scores[s, r]),
+            }
             if self.necessity is not None and not math.isnan(self.necessity[s, r]):
                 e["necessity"] = float(self.necessity[s, r])
             out.append(e)
@@ -271,8 +313,10 @@ class Circuit:
         nodes = self.nodes()
         units = sum(1 for n in nodes if n not in ("input", "logits"))
         faith = self.metadata.get("faithfulness")
-        return (f"Circuit({self.task} · {self.model} · {self.method}: {self.n_edges:,} of {self.graph.n_edges:,} edges, "
-                f"{units} heads and MLPs" + ("" if faith is None else f", faithfulness {faith:.3f}") + ")")
+        return (
+            f"Circuit({self.task} · {self.model} · {self.method}: {self.n_edges:,} of {self.graph.n_edges:,} edges, "
+            f"{units} heads and MLPs" + ("" if faith is None else f", faithfulness {faith:.3f}") + ")"
+        )
 
     # ---- other circuits from this one ---------------------------------------------------------
 
@@ -292,7 +336,9 @@ class Circuit:
         """Only edges on input → logits paths of kept edges: the same metric, exactly
         (``circuitfinder.engine.masks.prune``; ``ablation_is_run=False`` under mean or zero ablation)."""
         # the metric is unchanged, so what was measured on the circuit still holds
-        return self.replace(mask=prune(self.graph, self.mask, ablation_is_run), metadata=self.metadata, necessity=self.necessity)
+        return self.replace(
+            mask=prune(self.graph, self.mask, ablation_is_run), metadata=self.metadata, necessity=self.necessity
+        )
 
     def with_roles(self, table) -> "Circuit":
         """A copy with the role labels and scores of its heads (from ``measure_roles``'s DataFrame,
@@ -346,13 +392,17 @@ class Circuit:
         except json.JSONDecodeError as exc:
             raise CircuitFileError(f"{source} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
         except (ValueError, RecursionError) as exc:  # an integer too long to parse, nesting too deep
-            raise CircuitFileError(f"{source} is not valid JSON ({str(exc).split(';')[0] or 'nested too deeply'})") from None
+            raise CircuitFileError(
+                f"{source} is not valid JSON ({str(exc).split(';')[0] or 'nested too deeply'})"
+            ) from None
         if not isinstance(data, dict) or data.get("schema") != SCHEMA:
             hint = " (an EAP-IG/MIB graph? use `circuits convert`)" if isinstance(data, dict) and "cfg" in data else ""
             raise CircuitFileError(f"{source} is not a circuit file (schema must be {SCHEMA!r}){hint}")
         if data.get("version") != VERSION:
             raise CircuitFileError(f"{source} has schema version {data.get('version')!r}; this tool reads {VERSION}")
-        missing = [k for k in ("model", "task", "method", "n_layers", "n_heads", "n_kv_groups", "edges") if k not in data]
+        missing = [
+            k for k in ("model", "task", "method", "n_layers", "n_heads", "n_kv_groups", "edges") if k not in data
+        ]
         if missing:
             raise CircuitFileError(f"{source} lacks the field(s) {', '.join(missing)}")
         for k in ("n_layers", "n_heads", "n_kv_groups"):
@@ -372,35 +422,28 @@ class Circuit:
                 raise CircuitFileError(f"{source}: {k!r} must be a string, got {data[k]!r}")
         if not isinstance(data.get("metadata", {}), dict):
             raise CircuitFileError(f"{source}: 'metadata' must be an object")
-        graph = EdgeGraph(ModelShape(L, H, G, d_model=d_model, post_norm=data.get("post_norm", False),
-                                     parallel=data.get("parallel", False), shared_qk_norm=data.get("shared_qk_norm", False)))
-        edges = data["edges"]
-        if not isinstance(edges, list):
-            raise CircuitFileError(f"{source}: 'edges' must be a list")
-        seen = set()
-        for k, e in enumerate(edges):
-            if not isinstance(e, dict) or not {"sender", "receiver", "score"} <= set(e):
-                raise CircuitFileError(f"{source}: edge {k} needs sender, receiver and score")
-            name = f"{e['sender']}->{e['receiver']}"
-            problem = check_edge(graph, e["sender"], e["receiver"])
-            if problem:
-                raise CircuitFileError(f"{source}: edge {k} ({name}): {problem}")
-            for key in ("score", "necessity"):
-                if key in e and not (_number(e[key]) or key == "necessity" and e[key] is None):
-                    raise CircuitFileError(f"{source}: edge {k} ({name}): {key} must be a finite number, got {e[key]!r}")
-            if name in seen:
-                raise CircuitFileError(f"{source}: edge {k} ({name}) appears twice")
-            seen.add(name)
-        roles = data.get("roles", {})
-        if not isinstance(roles, dict) or not all(isinstance(v, dict) for v in roles.values()):
-            raise CircuitFileError(f"{source}: 'roles' must map head names to objects")
-        for name in roles:
-            p = parse_name(name)
-            if p.kind != "attn" or p.head is None or p.slot or p.layer >= L or p.head >= H:
-                raise CircuitFileError(f"{source}: roles: {name!r} is not a head of this model")
-        roles = {k: {"role": v.get("role"), **{s: x for s, x in v.items() if s != "role"}} for k, v in roles.items()}
-        return cls.from_edges(graph, edges, model=data["model"], task=data["task"], method=data["method"],
-                              metadata=data.get("metadata", {}), roles=roles)
+        graph = EdgeGraph(
+            ModelShape(
+                L,
+                H,
+                G,
+                d_model=d_model,
+                post_norm=data.get("post_norm", False),
+                parallel=data.get("parallel", False),
+                shared_qk_norm=data.get("shared_qk_norm", False),
+            )
+        )
+        edges = _checked_edges(graph, data["edges"], source)
+        roles = _checked_roles(data.get("roles", {}), L, H, source)
+        return cls.from_edges(
+            graph,
+            edges,
+            model=data["model"],
+            task=data["task"],
+            method=data["method"],
+            metadata=data.get("metadata", {}),
+            roles=roles,
+        )
 
     def save(self, path: Path) -> None:
         Path(path).write_text(self.to_json())
@@ -413,7 +456,9 @@ class Circuit:
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
-            raise CircuitFileError(f"{path} is not a circuit file (not UTF-8 text: {exc.reason} at byte {exc.start})") from None
+            raise CircuitFileError(
+                f"{path} is not a circuit file (not UTF-8 text: {exc.reason} at byte {exc.start})"
+            ) from None
         except OSError as exc:
             raise CircuitFileError(f"cannot read {path} ({exc.strerror})") from None
         return cls.from_json(text, source=str(path))
@@ -423,10 +468,19 @@ class Circuit:
     def to_networkx(self) -> nx.DiGraph:
         """The circuit merged to node level, losslessly (see the module docstring)."""
         shape = self.graph.shape
-        graph = nx.DiGraph(model=self.model, task=self.task, method=self.method, n_layers=shape.n_layers,
-                           n_heads=shape.n_heads, n_kv_groups=shape.n_kv_groups, parallel=shape.parallel,
-                           post_norm=shape.post_norm, shared_qk_norm=shape.shared_qk_norm, d_model=shape.d_model,
-                           metadata=dict(self.metadata))
+        graph = nx.DiGraph(
+            model=self.model,
+            task=self.task,
+            method=self.method,
+            n_layers=shape.n_layers,
+            n_heads=shape.n_heads,
+            n_kv_groups=shape.n_kv_groups,
+            parallel=shape.parallel,
+            post_norm=shape.post_norm,
+            shared_qk_norm=shape.shared_qk_norm,
+            d_model=shape.d_model,
+            metadata=dict(self.metadata),
+        )
 
         def add_node(name: str) -> None:
             if name in graph:
@@ -437,7 +491,9 @@ class Circuit:
             graph.add_node(name, kind=p.kind, layer=layer, head=p.head, role=info.pop("role", None), **info)
 
         targets = receiver_targets(self.graph, self.mask)
-        for e, (s, r) in sorted(zip(self.edges, torch.nonzero(self.mask).tolist()), key=lambda x: (x[0]["sender"], x[0]["receiver"])):
+        for e, (s, r) in sorted(
+            zip(self.edges, torch.nonzero(self.mask).tolist()), key=lambda x: (x[0]["sender"], x[0]["receiver"])
+        ):
             add_node(e["sender"])
             slot = parse_name(e["receiver"]).slot
             score, necessity = e["score"], e.get("necessity")
@@ -458,8 +514,15 @@ class Circuit:
                         d[f"necessity_{slot}"] = necessity
         return graph
 
-    def draw(self, path: Path | None = None, formats=("svg",), style: str = "default", level: str = "edge",
-             max_edges: int = 200, max_nodes: int = 30):
+    def draw(
+        self,
+        path: Path | None = None,
+        formats=("svg",),
+        style: str = "default",
+        level: str = "edge",
+        max_edges: int = 200,
+        max_nodes: int = 30,
+    ):
         """The Graphviz diagram (``circuitfinder.graphs.render``); written to ``path.svg`` … when given.
 
         Returns:
@@ -490,15 +553,29 @@ def from_networkx(graph: nx.DiGraph, like: Circuit | None = None) -> Circuit:
     g = graph.graph
     about = {} if like is not None else {"metadata": dict(g.get("metadata") or {})}  # the graph's own, then
     if like is None:
-        shape = ModelShape(int(g["n_layers"]), int(g["n_heads"]), int(g["n_kv_groups"]), d_model=int(g.get("d_model") or 0),
-                           post_norm=bool(g.get("post_norm", False)), parallel=bool(g.get("parallel", False)),
-                           shared_qk_norm=bool(g.get("shared_qk_norm", False)))
-        like = Circuit.from_scores(EdgeGraph(shape), None, model=g["model"], task=g["task"], method=g["method"],
-                                   metadata=dict(g.get("metadata") or {}))
+        shape = ModelShape(
+            int(g["n_layers"]),
+            int(g["n_heads"]),
+            int(g["n_kv_groups"]),
+            d_model=int(g.get("d_model") or 0),
+            post_norm=bool(g.get("post_norm", False)),
+            parallel=bool(g.get("parallel", False)),
+            shared_qk_norm=bool(g.get("shared_qk_norm", False)),
+        )
+        like = Circuit.from_scores(
+            EdgeGraph(shape),
+            None,
+            model=g["model"],
+            task=g["task"],
+            method=g["method"],
+            metadata=dict(g.get("metadata") or {}),
+        )
     edges: dict[str, dict] = {}
     for u, v, d in graph.edges(data=True):
         t = graph.nodes[v]
-        parts = [(s, d[f"score_{s}"], d.get(f"necessity_{s}")) for s in (d.get("slot") or "")] or [(None, d["score"], d.get("necessity"))]
+        parts = [(s, d[f"score_{s}"], d.get(f"necessity_{s}")) for s in (d.get("slot") or "")] or [
+            (None, d["score"], d.get("necessity"))
+        ]
         for slot, score, necessity in parts:
             if slot is None:
                 receiver = v
@@ -517,8 +594,13 @@ def from_networkx(graph: nx.DiGraph, like: Circuit | None = None) -> Circuit:
             roles[n] = {"role": d.get("role"), **scores}
     rebuilt = Circuit.from_edges(like.graph, list(edges.values()))
     known = ~like.scores.isnan() & ~rebuilt.mask
-    return like.replace(mask=rebuilt.mask, scores=torch.where(known, like.scores, rebuilt.scores),
-                        necessity=rebuilt.necessity, roles=roles, **about)
+    return like.replace(
+        mask=rebuilt.mask,
+        scores=torch.where(known, like.scores, rebuilt.scores),
+        necessity=rebuilt.necessity,
+        roles=roles,
+        **about,
+    )
 
 
 def load_circuit(source: Path) -> Circuit:
@@ -549,9 +631,12 @@ def summary_graph(circuit: Circuit, max_nodes: int = 30, max_links: int | None =
     input → logits paths (:meth:`Circuit.prune`).
     """
     graph = circuit.to_networkx()
-    weight = {n: sum(d["abs_score"] for *_, d in graph.in_edges(n, data=True))
-              + sum(d["abs_score"] for *_, d in graph.out_edges(n, data=True))
-              for n, k in graph.nodes(data="kind") if k in ("attn", "mlp")}
+    weight = {
+        n: sum(d["abs_score"] for *_, d in graph.in_edges(n, data=True))
+        + sum(d["abs_score"] for *_, d in graph.out_edges(n, data=True))
+        for n, k in graph.nodes(data="kind")
+        if k in ("attn", "mlp")
+    }
     keep = sorted(weight, key=lambda n: (-weight[n], n))[:max_nodes] + ["input", "logits"]
     sub = graph.subgraph([n for n in keep if n in graph])
     links = sorted(sub.edges(data="abs_score"), key=lambda e: (-e[2], e[0], e[1]))[: max_links or 2 * max_nodes]

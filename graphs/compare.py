@@ -121,19 +121,28 @@ def depth_table(a: Circuit, b: Circuit, bins: int = 5) -> pd.DataFrame:
     rows = []
     for k, (x, y) in enumerate(zip(ba, bb)):
         ra, rb = set(x["roles"]), set(y["roles"])
-        rows.append({
-            "depth": bin_label(k, bins),
-            "A_heads": x["heads"], "B_heads": y["heads"], "A_mlps": x["mlps"], "B_mlps": y["mlps"],
-            "A_score_share": x["sent"] / ta, "B_score_share": y["sent"] / tb,
-            "A_roles": _counts(x["roles"]), "B_roles": _counts(y["roles"]),
-            "shared_roles": ", ".join(sorted(ra & rb)),
-            "only_A_roles": ", ".join(sorted(ra - rb)), "only_B_roles": ", ".join(sorted(rb - ra)),
-        })
+        rows.append(
+            {
+                "depth": bin_label(k, bins),
+                "A_heads": x["heads"],
+                "B_heads": y["heads"],
+                "A_mlps": x["mlps"],
+                "B_mlps": y["mlps"],
+                "A_score_share": x["sent"] / ta,
+                "B_score_share": y["sent"] / tb,
+                "A_roles": _counts(x["roles"]),
+                "B_roles": _counts(y["roles"]),
+                "shared_roles": ", ".join(sorted(ra & rb)),
+                "only_A_roles": ", ".join(sorted(ra - rb)),
+                "only_B_roles": ", ".join(sorted(rb - ra)),
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def role_table(a: Circuit, b: Circuit) -> pd.DataFrame:
     """Per role: the heads of each circuit with it, and their relative depth (layer / n_layers)."""
+
     def heads(record: Circuit) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         graph = record.to_networkx()
@@ -143,10 +152,19 @@ def role_table(a: Circuit, b: Circuit) -> pd.DataFrame:
         return out
 
     ha, hb = heads(a), heads(b)
-    return pd.DataFrame([{"role": r, "A_count": len(ha.get(r, [])), "B_count": len(hb.get(r, [])),
-                          "A_heads": ", ".join(ha.get(r, [])), "B_heads": ", ".join(hb.get(r, []))}
-                         for r in sorted(set(ha) | set(hb))],
-                        columns=["role", "A_count", "B_count", "A_heads", "B_heads"])
+    return pd.DataFrame(
+        [
+            {
+                "role": r,
+                "A_count": len(ha.get(r, [])),
+                "B_count": len(hb.get(r, [])),
+                "A_heads": ", ".join(ha.get(r, [])),
+                "B_heads": ", ".join(hb.get(r, [])),
+            }
+            for r in sorted(set(ha) | set(hb))
+        ],
+        columns=["role", "A_count", "B_count", "A_heads", "B_heads"],
+    )
 
 
 def _status(in_a: bool, in_b: bool) -> str:
@@ -183,12 +201,15 @@ def diff_graph(a: Circuit, b: Circuit, max_edges: int = 150) -> nx.DiGraph:
             if n not in out:
                 d = dict(ga.nodes[n] if n in ga else gb.nodes[n])
                 ra, rb = ", ".join(_roles_of(a, n)), ", ".join(_roles_of(b, n))
-                d["role"] = ra if ra == rb else " / ".join(x for x in (f"A: {ra}" if ra else "", f"B: {rb}" if rb else "") if x)
+                d["role"] = (
+                    ra if ra == rb else " / ".join(x for x in (f"A: {ra}" if ra else "", f"B: {rb}" if rb else "") if x)
+                )
                 d["role"] = d["role"] or None
                 out.add_node(n, **d, status=_status(n in ga, n in gb))
-        slots = (ga.edges[u, v].get("slot") if ga.has_edge(u, v) else None) or (gb.edges[u, v].get("slot") if gb.has_edge(u, v) else None)
-        out.add_edge(u, v, weight=weights[u, v], status=status[u, v],
-                     label=",".join(slots or ""))
+        slots = (ga.edges[u, v].get("slot") if ga.has_edge(u, v) else None) or (
+            gb.edges[u, v].get("slot") if gb.has_edge(u, v) else None
+        )
+        out.add_edge(u, v, weight=weights[u, v], status=status[u, v], label=",".join(slots or ""))
     # pruned as one circuit to input → logits paths: the union of the edges of A and B the links stand for
     part_a = from_networkx(ga.edge_subgraph([e for e in keep if ga.has_edge(*e)]).copy(), like=a)
     part_b = from_networkx(gb.edge_subgraph([e for e in keep if gb.has_edge(*e)]).copy(), like=b)
@@ -198,6 +219,7 @@ def diff_graph(a: Circuit, b: Circuit, max_edges: int = 150) -> nx.DiGraph:
 
 def depth_diff_graph(a: Circuit, b: Circuit, bins: int = 5) -> nx.DiGraph:
     """Two circuits merged to units of (depth bin, kind), each unit and link marked shared, A or B."""
+
     def unit(record: Circuit, node: str) -> str:
         p = parse_name(node)
         return node if p.kind in ("input", "logits") else f"{p.kind}@{depth_bin(p.layer, record.n_layers, bins)}"
@@ -222,13 +244,22 @@ def depth_diff_graph(a: Circuit, b: Circuit, bins: int = 5) -> nx.DiGraph:
         what = {"attn": "heads", "mlp": "MLPs"}.get(kind, u)
         label = u if u in ("input", "logits") else f"{what} {bin_label(layer, bins)}\nA {na[u]} · B {nb[u]}"
         roles_a, roles_b = ra.get(u, Counter()), rb.get(u, Counter())
-        role = " / ".join(x for x in (f"A: {_counts(roles_a)}" if roles_a else "", f"B: {_counts(roles_b)}" if roles_b else "") if x)
-        out.add_node(u, kind=kind if kind in ("attn", "mlp") else u, layer=layer, label=label, role=role or None,
-                     status=_status(u in na, u in nb))
+        role = " / ".join(
+            x for x in (f"A: {_counts(roles_a)}" if roles_a else "", f"B: {_counts(roles_b)}" if roles_b else "") if x
+        )
+        out.add_node(
+            u,
+            kind=kind if kind in ("attn", "mlp") else u,
+            layer=layer,
+            label=label,
+            role=role or None,
+            status=_status(u in na, u in nb),
+        )
     ta, tb = sum(la.values()) or 1, sum(lb.values()) or 1
     for e in sorted(set(la) | set(lb)):
-        out.add_edge(*e, weight=max(la[e] / ta, lb[e] / tb), status=_status(e in la, e in lb),
-                     label=f"A {la[e]} · B {lb[e]}")
+        out.add_edge(
+            *e, weight=max(la[e] / ta, lb[e] / tb), status=_status(e in la, e in lb), label=f"A {la[e]} · B {lb[e]}"
+        )
     return out
 
 
@@ -259,17 +290,27 @@ class Comparison:
 
     def __repr__(self) -> str:
         m = self.metrics
-        shared = (f"node Jaccard {m['node_jaccard']:.2f}, edge Jaccard {m['edge_jaccard']:.2f}"
-                  if m["same_model_shape"] else "different shapes: compared by relative depth")
-        return f"Comparison(A: {self.names[0]}; B: {self.names[1]}; {m['A_edges']:,} vs {m['B_edges']:,} edges; {shared})"
+        shared = (
+            f"node Jaccard {m['node_jaccard']:.2f}, edge Jaccard {m['edge_jaccard']:.2f}"
+            if m["same_model_shape"]
+            else "different shapes: compared by relative depth"
+        )
+        return (
+            f"Comparison(A: {self.names[0]}; B: {self.names[1]}; {m['A_edges']:,} vs {m['B_edges']:,} edges; {shared})"
+        )
 
     def _repr_svg_(self) -> str | None:
         import shutil
 
         return self.diagram.pipe(format="svg").decode() if shutil.which("dot") else None
 
-    def save(self, out: Path, overwrite: bool = False, formats: tuple[str, ...] = ("svg", "png"),
-             circuits: tuple[Circuit, Circuit] | None = None) -> Path:
+    def save(
+        self,
+        out: Path,
+        overwrite: bool = False,
+        formats: tuple[str, ...] = ("svg", "png"),
+        circuits: tuple[Circuit, Circuit] | None = None,
+    ) -> Path:
         """Write ``comparison.json``, ``metrics.csv``, ``depth.csv``, ``roles.csv``, ``comparison.md``
         and ``diff.{format}`` into ``out``, whole or not at all; given the two ``circuits``, also
         ``compare.html`` (both on one layout in the browser, the table beside them)."""
@@ -285,13 +326,18 @@ class Comparison:
         metrics = self.metrics
         with atomic_dir(out, overwrite) as tmp:
             (tmp / "comparison.json").write_text(json.dumps(metrics, indent=1) + "\n")
-            table = pd.DataFrame({"metric": list(metrics), "value": [("" if v is None else v) for v in metrics.values()]})
+            table = pd.DataFrame(
+                {"metric": list(metrics), "value": [("" if v is None else v) for v in metrics.values()]}
+            )
             table.to_csv(tmp / "metrics.csv", index=False)
             self.depth.to_csv(tmp / "depth.csv", index=False)
             self.roles.to_csv(tmp / "roles.csv", index=False)
-            markdown = (f"# Circuit comparison\n\n- A: {self.names[0]}\n- B: {self.names[1]}\n\n## Metrics\n\n{to_markdown(table)}\n\n"
-                        f"## By relative depth\n\n{to_markdown(self.depth, floatfmt='.2f')}\n\n## By role\n\n"
-                        f"{to_markdown(self.roles) if len(self.roles) else '(no roles)'}{self.notes}\n")
+            markdown = (
+                f"# Circuit comparison\n\n- A: {self.names[0]}\n- B: {self.names[1]}\n\n"
+                f"## Metrics\n\n{to_markdown(table)}\n\n"
+                f"## By relative depth\n\n{to_markdown(self.depth, floatfmt='.2f')}\n\n## By role\n\n"
+                f"{to_markdown(self.roles) if len(self.roles) else '(no roles)'}{self.notes}\n"
+            )
             (tmp / "comparison.md").write_text(markdown)
             write_diagram(self.diagram, tmp / "diff", formats)
             if circuits is not None:
@@ -299,8 +345,9 @@ class Comparison:
         return out
 
 
-def compare_circuits(a: Circuit, b: Circuit, bins: int = 5, max_edges: int = 150,
-                     names: tuple[str, str] | None = None) -> Comparison:
+def compare_circuits(
+    a: Circuit, b: Circuit, bins: int = 5, max_edges: int = 150, names: tuple[str, str] | None = None
+) -> Comparison:
     """Compare two circuits in memory (see the module docstring for the measures).
 
     Args:
@@ -323,25 +370,51 @@ def compare_circuits(a: Circuit, b: Circuit, bins: int = 5, max_edges: int = 150
             raise UserError(f"circuit {which} is empty: nothing to compare")
     names = names or tuple(f"{c.task} · {c.model} · {c.method}" for c in (a, b))
     comparable = same_shape(a, b)
-    metrics = {"A": names[0], "B": names[1], "A_edges": a.n_edges, "B_edges": b.n_edges,
-               "A_nodes": len(units(a)), "B_nodes": len(units(b)), "same_model_shape": comparable,
-               "depth_bins": bins}
-    metrics |= same_model_metrics(a, b) if comparable else {
-        k: None for k in ("node_jaccard", "edge_jaccard", "overlap_at_equal_size", "equal_size_k", "weighted_overlap")}
+    metrics = {
+        "A": names[0],
+        "B": names[1],
+        "A_edges": a.n_edges,
+        "B_edges": b.n_edges,
+        "A_nodes": len(units(a)),
+        "B_nodes": len(units(b)),
+        "same_model_shape": comparable,
+        "depth_bins": bins,
+    }
+    metrics |= (
+        same_model_metrics(a, b)
+        if comparable
+        else {
+            k: None
+            for k in ("node_jaccard", "edge_jaccard", "overlap_at_equal_size", "equal_size_k", "weighted_overlap")
+        }
+    )
     if comparable:
         title = f"A: {names[0]}\nB: {names[1]}\nnode links of the union, the {max_edges} strongest; edge label: q/k/v"
         dot = diff_to_dot(diff_graph(a, b, max_edges), ("A", "B"), title)
     else:
-        title = (f"A: {names[0]}\nB: {names[1]}\nby relative depth (layer / layers, {bins} bins); "
-                 "node and edge labels: counts in A and B")
+        title = (
+            f"A: {names[0]}\nB: {names[1]}\nby relative depth (layer / layers, {bins} bins); "
+            "node and edge labels: counts in A and B"
+        )
         dot = diff_to_dot(depth_diff_graph(a, b, bins), ("A", "B"), title, tick_label=lambda k: bin_label(k, bins))
     missing = [x for x, c in (("A", a), ("B", b)) if not c.roles]
-    notes = ("\n\nNo head roles for " + " and ".join(missing) + ": run `circuits roles RUN_DIR` to measure them.") if missing else ""
+    notes = (
+        ("\n\nNo head roles for " + " and ".join(missing) + ": run `circuits roles RUN_DIR` to measure them.")
+        if missing
+        else ""
+    )
     return Comparison(names, metrics, depth_table(a, b, bins), role_table(a, b), dot, notes)
 
 
-def compare(source_a: Path, source_b: Path, out: Path | None = None, overwrite: bool = False, bins: int = 5,
-            formats: tuple[str, ...] = ("svg", "png"), max_edges: int = 150) -> dict:
+def compare(
+    source_a: Path,
+    source_b: Path,
+    out: Path | None = None,
+    overwrite: bool = False,
+    bins: int = 5,
+    formats: tuple[str, ...] = ("svg", "png"),
+    max_edges: int = 150,
+) -> dict:
     """Compare two saved circuits (run folders or ``circuit.json`` files) and write the comparison
     into ``out`` (:meth:`Comparison.save`).
 

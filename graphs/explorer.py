@@ -68,8 +68,20 @@ from circuitfinder.graphs.circuit import Circuit, load_circuit, parse_name
 ASSETS = Path(__file__).with_name("assets")
 LIBRARIES = ("cytoscape.min.js", "cytoscape-dagre.min.js")
 FULL_EDGES = 2000  # edges embedded in full precision; the rest compact, parsed on demand
-SUMMARY_KEYS = ("faithfulness", "metric", "ablation", "edges_total", "edges_kept", "nodes_kept", "target_faithfulness",
-                "meets_target", "cpr", "cmd", "accuracy_clean", "prompts_heldout")
+SUMMARY_KEYS = (
+    "faithfulness",
+    "metric",
+    "ablation",
+    "edges_total",
+    "edges_kept",
+    "nodes_kept",
+    "target_faithfulness",
+    "meets_target",
+    "cpr",
+    "cmd",
+    "accuracy_clean",
+    "prompts_heldout",
+)
 
 
 def _script_json(data) -> str:
@@ -107,8 +119,15 @@ def _read_csv(path: Path) -> pd.DataFrame | None:
 
 def _about(circuit: Circuit) -> dict:
     """The model's shape and what made the circuit."""
-    return {"model": circuit.model, "task": circuit.task, "method": circuit.method, "n_layers": circuit.n_layers,
-            "n_heads": circuit.n_heads, "n_kv_groups": circuit.n_kv_groups, "parallel": circuit.parallel}
+    return {
+        "model": circuit.model,
+        "task": circuit.task,
+        "method": circuit.method,
+        "n_layers": circuit.n_layers,
+        "n_heads": circuit.n_heads,
+        "n_kv_groups": circuit.n_kv_groups,
+        "parallel": circuit.parallel,
+    }
 
 
 def _ranked_scores(run_dir: Path, circuit: Circuit) -> tuple[pd.DataFrame, str]:
@@ -149,11 +168,17 @@ def _roles(run_dir: Path, circuit: Circuit) -> tuple[dict, list[str]]:
         for row in table.to_dict("records"):
             role = row.get("role")
             entry = {"role": role if isinstance(role, str) and role else None}
-            entry |= {k: _finite(v) for k, v in row.items() if k not in ("node", "layer", "head", "role") and _finite(v) is not None}
+            entry |= {
+                k: _finite(v)
+                for k, v in row.items()
+                if k not in ("node", "layer", "head", "role") and _finite(v) is not None
+            }
             roles[str(row["node"])] = entry
     if not roles:
-        roles = {k: {kk: (vv if kk == "role" or _finite(vv) is None else _finite(vv)) for kk, vv in v.items()}
-                 for k, v in circuit.roles.items()}
+        roles = {
+            k: {kk: (vv if kk == "role" or _finite(vv) is None else _finite(vv)) for kk, vv in v.items()}
+            for k, v in circuit.roles.items()
+        }
     columns = sorted({k for v in roles.values() for k in v if k != "role"})
     return roles, columns
 
@@ -167,8 +192,14 @@ def _curve(run_dir: Path) -> list[dict]:
     for row in table.sort_values("top_n").to_dict("records"):
         top_n, faith = _finite(row.get("top_n")), _finite(row.get("faithfulness"))
         if top_n is not None and faith is not None:
-            rows.append({"top_n": int(top_n), "faithfulness": faith, "edges_kept": _finite(row.get("edges_kept")),
-                         "percent": _finite(row.get("percent"))})
+            rows.append(
+                {
+                    "top_n": int(top_n),
+                    "faithfulness": faith,
+                    "edges_kept": _finite(row.get("edges_kept")),
+                    "percent": _finite(row.get("percent")),
+                }
+            )
     return rows
 
 
@@ -208,11 +239,16 @@ def check_attention(attention: dict | None) -> dict:
         for k, (toks, pattern) in enumerate(zip(tokens, patterns)):
             toks, pattern = [str(t) for t in plain(toks)], [plain(r) for r in plain(pattern)]
             if not pattern or len(pattern) > len(toks) or any(len(r) != len(toks) for r in pattern):
-                raise ValueError(f"attention[{head!r}]: prompt {k} has {len(toks)} tokens, so its pattern must have "
-                                 f"at most {len(toks)} rows of {len(toks)} weights [query][key]")
+                raise ValueError(
+                    f"attention[{head!r}]: prompt {k} has {len(toks)} tokens, so its pattern must have "
+                    f"at most {len(toks)} rows of {len(toks)} weights [query][key]"
+                )
             rows.append([[round(float(w), 3) for w in r] for r in pattern])
-        out[head] = {"tokens": [[str(t) for t in plain(x)] for x in tokens], "patterns": rows,
-                     "labels": [str(x) for x in labels]}
+        out[head] = {
+            "tokens": [[str(t) for t in plain(x)] for x in tokens],
+            "patterns": rows,
+            "labels": [str(x) for x in labels],
+        }
     return out
 
 
@@ -237,24 +273,38 @@ def explorer_data(run_dir: Path, attention: dict | None = None, full_edges: int 
     index = {e: k for k, e in enumerate(ranked["edge"])}
     k = min(full_edges, len(v))
     own = sorted(index[n] for n in circuit.edge_names())
-    necessity = {n: e["necessity"] for n, e in zip(circuit.edge_names(), circuit.edges) if e.get("necessity") is not None}
+    necessity = {
+        n: e["necessity"] for n, e in zip(circuit.edge_names(), circuit.edges) if e.get("necessity") is not None
+    }
     roles, role_columns = _roles(run_dir, circuit)
     faith = _finite(summary.get("faithfulness", circuit.metadata.get("faithfulness")))
     data = {
         "kind": "run",
-        "about": _about(circuit) | {"scores_source": source, "n_scored": len(v), "faithfulness": faith,
-                                   "min_abs": min((abs(x) for x in v if x), default=None),
-                                   "faithfulness_source": "summary.json" if "faithfulness" in summary else "circuit.json",
-                                   "summary": {key: summary[key] for key in SUMMARY_KEYS if key in summary},
-                                   "name": run_dir.resolve().name},
-        "senders": senders, "receivers": receivers,
+        "about": _about(circuit)
+        | {
+            "scores_source": source,
+            "n_scored": len(v),
+            "faithfulness": faith,
+            "min_abs": min((abs(x) for x in v if x), default=None),
+            "faithfulness_source": "summary.json" if "faithfulness" in summary else "circuit.json",
+            "summary": {key: summary[key] for key in SUMMARY_KEYS if key in summary},
+            "name": run_dir.resolve().name,
+        },
+        "senders": senders,
+        "receivers": receivers,
         "top": {"s": s[:k], "r": r[:k], "v": v[:k]},
         "n_rest": len(v) - k,
-        "circuit": {"i": own, "s": [s[i] for i in own], "r": [r[i] for i in own], "v": [v[i] for i in own],
-                    "necessity": [necessity.get(ranked["edge"][i]) for i in own]},
+        "circuit": {
+            "i": own,
+            "s": [s[i] for i in own],
+            "r": [r[i] for i in own],
+            "v": [v[i] for i in own],
+            "necessity": [necessity.get(ranked["edge"][i]) for i in own],
+        },
         "necessity": _per_edge(run_dir, "necessity.csv", ("metric_drop", "distance_rise"), index),
         "validation": _per_edge(run_dir, "validation.csv", ("exact_effect",), index),
-        "roles": roles, "role_columns": role_columns,
+        "roles": roles,
+        "role_columns": role_columns,
         "curve": _curve(run_dir),
         "attention": check_attention(attention),
     }
@@ -276,8 +326,11 @@ def _node_key(name: str) -> tuple:
 def _page(data: dict, rest: dict | None = None, side_html: str = "") -> str:
     """The HTML page: template, vendored libraries, the app's script and the data, all inlined."""
     template = (ASSETS / "explorer.html").read_text(encoding="utf-8")
-    libraries = "\n".join(f"<script>/* {name}: see README.md of circuitfinder/graphs/assets */\n"
-                          f"{(ASSETS / name).read_text(encoding='utf-8')}\n</script>" for name in LIBRARIES)
+    libraries = "\n".join(
+        f"<script>/* {name}: see README.md of circuitfinder/graphs/assets */\n"
+        f"{(ASSETS / name).read_text(encoding='utf-8')}\n</script>"
+        for name in LIBRARIES
+    )
     about = data.get("about") or {}
     title = data.get("title") or f"{about.get('task')} circuit · {about.get('model')} · {about.get('method')}"
     parts = {
@@ -285,7 +338,7 @@ def _page(data: dict, rest: dict | None = None, side_html: str = "") -> str:
         "/*__CSS__*/": (ASSETS / "explorer.css").read_text(encoding="utf-8"),
         "<!--__LIBRARIES__-->": libraries,
         "<!--__DATA__-->": f'<script type="application/json" id="cf-data">{_script_json(data)}</script>\n'
-                           f'<script type="application/json" id="cf-rest">{_script_json(rest or {})}</script>',
+        f'<script type="application/json" id="cf-rest">{_script_json(rest or {})}</script>',
         "<!--__SIDE__-->": side_html,
         "/*__APP__*/": (ASSETS / "explorer.js").read_text(encoding="utf-8"),
     }
@@ -328,6 +381,7 @@ def write_explorer(run_dir: Path, out_path: Path | None = None, attention: dict 
 
 # ---- comparing two circuits ---------------------------------------------------------------------
 
+
 def markdown_to_html(text: str) -> str:
     """A small Markdown subset as HTML: ``#`` headings, ``-`` lists, pipe tables, paragraphs (all escaped)."""
     out, table, items = [], [], []
@@ -342,9 +396,13 @@ def markdown_to_html(text: str) -> str:
         if table:
             rows = [cells(x) for x in table if not re.fullmatch(r"\|?[\s:|-]+\|?", x.strip())]
             head, body = rows[0], rows[1:]
-            out.append("<table><thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr></thead><tbody>"
-                       + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
-                       + "</tbody></table>")
+            out.append(
+                "<table><thead><tr>"
+                + "".join(f"<th>{html.escape(c)}</th>" for c in head)
+                + "</tr></thead><tbody>"
+                + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+                + "</tbody></table>"
+            )
             table.clear()
 
     for line in text.splitlines():
@@ -376,7 +434,10 @@ def _as_circuit(source) -> tuple[Circuit, str]:
         return source, f"{source.task} · {source.model} · {source.method}"
     circuit = load_circuit(Path(source))
     path = Path(source).resolve()
-    return circuit, f"{circuit.task} · {circuit.model} · {circuit.method} ({path.name if path.is_dir() else path.parent.name})"
+    return (
+        circuit,
+        f"{circuit.task} · {circuit.model} · {circuit.method} ({path.name if path.is_dir() else path.parent.name})",
+    )
 
 
 def _default_table(a: Circuit, b: Circuit, names: tuple[str, str]) -> str:
@@ -385,18 +446,32 @@ def _default_table(a: Circuit, b: Circuit, names: tuple[str, str]) -> str:
     from circuitfinder.graphs.tables import to_markdown
 
     comparison = compare_circuits(a, b, names=names)
-    metrics = pd.DataFrame({"metric": list(comparison.metrics),
-                            "value": ["" if x is None else str(x) if not isinstance(x, float) else f"{x:.4g}"
-                                      for x in comparison.metrics.values()]})
-    return f"## Metrics\n\n{to_markdown(metrics)}\n\n## By relative depth\n\n{to_markdown(comparison.depth, floatfmt='.2f')}\n"
+    metrics = pd.DataFrame(
+        {
+            "metric": list(comparison.metrics),
+            "value": [
+                "" if x is None else str(x) if not isinstance(x, float) else f"{x:.4g}"
+                for x in comparison.metrics.values()
+            ],
+        }
+    )
+    return (
+        f"## Metrics\n\n{to_markdown(metrics)}\n\n"
+        f"## By relative depth\n\n{to_markdown(comparison.depth, floatfmt='.2f')}\n"
+    )
 
 
 def _circuit_part(circuit: Circuit) -> dict:
     """One side of a comparison: shape, edges (sender, receiver, score) and head roles."""
     edges = sorted(circuit.edges, key=lambda e: -abs(e["score"]))
-    return {"about": _about(circuit), "edges": [[e["sender"], e["receiver"], e["score"]] for e in edges],
-            "roles": {k: {kk: vv for kk, vv in v.items() if kk == "role" or _finite(vv) is not None}
-                      for k, v in circuit.roles.items()}}
+    return {
+        "about": _about(circuit),
+        "edges": [[e["sender"], e["receiver"], e["score"]] for e in edges],
+        "roles": {
+            k: {kk: vv for kk, vv in v.items() if kk == "role" or _finite(vv) is not None}
+            for k, v in circuit.roles.items()
+        },
+    }
 
 
 def write_compare_page(a_run_or_circuit, b_run_or_circuit, out_path: Path, table_markdown: str | None = None) -> Path:
@@ -420,7 +495,13 @@ def write_compare_page(a_run_or_circuit, b_run_or_circuit, out_path: Path, table
     if table_markdown is None:
         table_markdown = _default_table(a, b, (name_a, name_b))
     same = (a.n_layers, a.n_heads, a.n_kv_groups) == (b.n_layers, b.n_heads, b.n_kv_groups)
-    data = {"kind": "compare", "title": f"A: {name_a} — B: {name_b}", "names": [name_a, name_b], "same_shape": same,
-            "a": _circuit_part(a), "b": _circuit_part(b)}
+    data = {
+        "kind": "compare",
+        "title": f"A: {name_a} — B: {name_b}",
+        "names": [name_a, name_b],
+        "same_shape": same,
+        "a": _circuit_part(a),
+        "b": _circuit_part(b),
+    }
     side = f'<section id="cf-table"><h2>Comparison</h2>{markdown_to_html(table_markdown)}</section>'
     return _write(out_path, _page(data, None, side))

@@ -40,8 +40,7 @@ _NONE_DEFAULTS = ("head", "role", "slot")
 def save_graphml(graph: nx.DiGraph, path: Path) -> None:
     """Write a circuit graph as GraphML (None-valued attributes are left out)."""
     g = nx.DiGraph()
-    g.graph.update({k: (json.dumps(v) if k == "metadata" else v)
-                    for k, v in graph.graph.items() if v is not None})
+    g.graph.update({k: (json.dumps(v) if k == "metadata" else v) for k, v in graph.graph.items() if v is not None})
     for n, d in graph.nodes(data=True):
         g.add_node(n, **{k: v for k, v in d.items() if v is not None})
     for u, v, d in graph.edges(data=True):
@@ -70,6 +69,7 @@ def load_graphml(path: Path) -> nx.DiGraph:
 # ---------------------------------------------------------------------------------------------
 # EAP-IG / MIB graph JSON
 # ---------------------------------------------------------------------------------------------
+
 
 def _split(score: float, n: int) -> list[float]:
     """``n`` parts of ``score`` whose left-to-right float sum is exactly ``score``.
@@ -126,7 +126,9 @@ def to_mib(record: Circuit, scores: dict[str, float] | None = None, d_model: int
         parts = _split(float(all_scores[name]), len(targets))
         extra = _split(necessity[name], len(targets)) if name in necessity else [None] * len(targets)
         for target, part, nec in zip(targets, parts, extra):
-            edges[f"{sender}->{target}"] = {"score": part, "in_graph": name in kept} | ({} if nec is None else {"necessity": nec})
+            edges[f"{sender}->{target}"] = {"score": part, "in_graph": name in kept} | (
+                {} if nec is None else {"necessity": nec}
+            )
     graph = record.to_networkx()
     nodes = {"input": {"in_graph": True}}
     for layer in range(record.n_layers):
@@ -134,16 +136,46 @@ def to_mib(record: Circuit, scores: dict[str, float] | None = None, d_model: int
             nodes[f"a{layer}.h{h}"] = {"in_graph": f"a{layer}.h{h}" in graph}
         nodes[f"m{layer}"] = {"in_graph": f"m{layer}" in graph}
     nodes["logits"] = {"in_graph": True}
-    cfg = {"n_layers": record.n_layers, "n_heads": record.n_heads, "parallel_attn_mlp": False,
-           "n_key_value_heads": record.n_kv_groups}
+    cfg = {
+        "n_layers": record.n_layers,
+        "n_heads": record.n_heads,
+        "parallel_attn_mlp": False,
+        "n_key_value_heads": record.n_kv_groups,
+    }
     if d_model is not None:
         cfg["d_model"] = int(d_model)
-    return {"cfg": cfg, "nodes": nodes, "edges": edges,
-            "circuits": {"model": record.model, "task": record.task, "method": record.method, "metadata": record.metadata}}
+    return {
+        "cfg": cfg,
+        "nodes": nodes,
+        "edges": edges,
+        "circuits": {"model": record.model, "task": record.task, "method": record.method, "metadata": record.metadata},
+    }
 
 
-def from_mib(data: dict, source: str = "graph file", model: str | None = None, task: str | None = None,
-             method: str | None = None) -> Circuit:
+def _merged(groups: dict[str, list[tuple]]) -> tuple[list[dict], int]:
+    """One edge per key/value group from EAP-IG's per-head edges: kept when any of its heads' edges
+    is in the graph, with their scores (and necessities) summed; and how many groups were split."""
+    kept, partial = [], 0
+    for name, parts in sorted(groups.items()):
+        flags = {flag for _, flag, _ in parts}
+        partial += len(flags) > 1
+        if True in flags:
+            score, necessity = 0.0, None
+            for s, _, nec in parts:
+                score += s
+                if isinstance(nec, (int, float)) and not isinstance(nec, bool):
+                    necessity = (necessity or 0.0) + nec
+            sender, _, receiver = name.partition("->")
+            kept.append(
+                {"sender": sender, "receiver": receiver, "score": score}
+                | ({} if necessity is None else {"necessity": necessity})
+            )
+    return kept, partial
+
+
+def from_mib(
+    data: dict, source: str = "graph file", model: str | None = None, task: str | None = None, method: str | None = None
+) -> Circuit:
     """Read an EAP-IG / MIB graph JSON object: the edges with ``in_graph`` true become the circuit.
 
     Raises:
@@ -178,7 +210,9 @@ def from_mib(data: dict, source: str = "graph file", model: str | None = None, t
             raise CircuitFileError(f"{source}: edge {name!r}: {exc}") from None
         if r.kind == "attn" and r.slot in ("k", "v"):
             if r.head is None:
-                raise CircuitFileError(f"{source}: edge {name!r}: EAP-IG names key/value inputs by head (a{{l}}.h{{h}}<k>)")
+                raise CircuitFileError(
+                    f"{source}: edge {name!r}: EAP-IG names key/value inputs by head (a{{l}}.h{{h}}<k>)"
+                )
             if r.head >= H:
                 raise CircuitFileError(f"{source}: edge {name!r}: head {r.head} but the model has {H} per layer")
             receiver = f"a{r.layer}.g{graph.group_of(r.head)}<{r.slot}>"
@@ -188,28 +222,24 @@ def from_mib(data: dict, source: str = "graph file", model: str | None = None, t
         score = info.get("score", 0.0)
         if score is None or isinstance(score, bool) or not isinstance(score, (int, float)):
             raise CircuitFileError(f"{source}: edge {name!r}: score must be a number, got {score!r}")
-        groups.setdefault(f"{sender}->{receiver}", []).append((float(score), bool(info["in_graph"]), info.get("necessity")))
-    kept, partial = [], 0
-    for name, parts in sorted(groups.items()):
-        flags = {flag for _, flag, _ in parts}
-        partial += len(flags) > 1
-        if True in flags:
-            score, necessity = 0.0, None
-            for s, _, nec in parts:
-                score += s
-                if isinstance(nec, (int, float)) and not isinstance(nec, bool):
-                    necessity = (necessity or 0.0) + nec
-            sender, _, receiver = name.partition("->")
-            kept.append({"sender": sender, "receiver": receiver, "score": score}
-                        | ({} if necessity is None else {"necessity": necessity}))
+        groups.setdefault(f"{sender}->{receiver}", []).append(
+            (float(score), bool(info["in_graph"]), info.get("necessity"))
+        )
+    kept, partial = _merged(groups)
     info = data.get("circuits", {}) if isinstance(data.get("circuits"), dict) else {}
     metadata = dict(info.get("metadata") or {})
     if partial:
         metadata["mib_partial_groups"] = partial
     if "d_model" in cfg and "d_model" not in metadata and not info:
         metadata["d_model"] = cfg["d_model"]
-    return Circuit.from_edges(graph, kept, model=model or info.get("model", "unknown"), task=task or info.get("task", "unknown"),
-                              method=method or info.get("method", "unknown"), metadata=metadata)
+    return Circuit.from_edges(
+        graph,
+        kept,
+        model=model or info.get("model", "unknown"),
+        task=task or info.get("task", "unknown"),
+        method=method or info.get("method", "unknown"),
+        metadata=metadata,
+    )
 
 
 def save_mib(record: Circuit, path: Path, scores: dict[str, float] | None = None, d_model: int | None = None) -> None:

@@ -172,8 +172,19 @@ def grade(graph: EdgeGraph, reference: Mask, circuit: Mask | None = None, scores
     }
 
 
-COLUMNS = ("reference", "circuit", "shared", "precision", "recall", "f1", "roc_auc", "top_k_precision", "top_k_recall",
-           "top_k_f1", "r_precision")
+COLUMNS = (
+    "reference",
+    "circuit",
+    "shared",
+    "precision",
+    "recall",
+    "f1",
+    "roc_auc",
+    "top_k_precision",
+    "top_k_recall",
+    "top_k_f1",
+    "r_precision",
+)
 
 
 def default_reference(task: str) -> str:
@@ -207,7 +218,10 @@ def grade_circuit(circuit: Circuit, reference: str | None = None, scored_by: str
     ref = load_reference(reference or default_reference(circuit.task))
     graph = circuit.graph
     known = not circuit.scores[graph.allowed].isnan().any()
-    scores, scores_name = (torch.nan_to_num(circuit.scores) if known else None), f"scores.parquet ({scored_by or circuit.method})"
+    scores, scores_name = (
+        (torch.nan_to_num(circuit.scores) if known else None),
+        f"scores.parquet ({scored_by or circuit.method})",
+    )
     notes = []
     if not known:
         notes.append("no scores.parquet: the circuit is graded, ROC-AUC and top-k need every edge's score")
@@ -219,11 +233,16 @@ def grade_circuit(circuit: Circuit, reference: str | None = None, scored_by: str
     if ref.model not in circuit.model.lower():
         notes.append(f"the run's model is {circuit.model!r}; the reference is for {ref.model} (same shape)")
     return {
-        "reference": ref.name, "reference_title": ref.title, "citation": ref.citation,
-        "model": circuit.model, "task": circuit.task, "method": circuit.method,
+        "reference": ref.name,
+        "reference_title": ref.title,
+        "citation": ref.citation,
+        "model": circuit.model,
+        "task": circuit.task,
+        "method": circuit.method,
         "scores": scores_name if known else None,
         **grade(graph, reference_mask(ref, graph), circuit.mask, scores),
-        "published": ref.published, "notes": notes,
+        "published": ref.published,
+        "notes": notes,
     }
 
 
@@ -269,8 +288,18 @@ def grade_run(source: Path, reference: str | None = None, overwrite: bool = Fals
 
 def format_table(result: dict) -> str:
     """The grade as a small text table (what ``circuits grade`` prints)."""
-    shown = {"reference": "reference", "circuit": "circuit", "shared": "shared", "precision": "precision", "recall": "recall",
-             "f1": "F1", "roc_auc": "ROC-AUC", "top_k_precision": "top-k P", "top_k_recall": "top-k R", "r_precision": "R-prec"}
+    shown = {
+        "reference": "reference",
+        "circuit": "circuit",
+        "shared": "shared",
+        "precision": "precision",
+        "recall": "recall",
+        "f1": "F1",
+        "roc_auc": "ROC-AUC",
+        "top_k_precision": "top-k P",
+        "top_k_recall": "top-k R",
+        "r_precision": "R-prec",
+    }
     heads = ("level", *shown.values())
 
     def cell(v) -> str:
@@ -281,8 +310,10 @@ def format_table(result: dict) -> str:
     lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(heads, widths)))]
     lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     e, n = result["edges"], result["nodes"]
-    top = (f"{result['reference']} ({result['reference_title']}): {e['reference']:,} of {e['total']:,} edges, "
-           f"{n['reference']} of {n['total']} heads and MLPs")
+    top = (
+        f"{result['reference']} ({result['reference_title']}): {e['reference']:,} of {e['total']:,} edges, "
+        f"{n['reference']} of {n['total']} heads and MLPs"
+    )
     published = result["published"].get("acdc_edge_roc_auc")
     tail = [f"published for comparison: ACDC edge ROC-AUC {published}"] if published is not None else []
     return "\n".join([top, *lines, *tail, *(f"note: {x}" for x in result["notes"])])

@@ -44,9 +44,9 @@ import torch
 from jaxtyping import Bool
 
 from circuitfinder.engine.adapter import ModelShape
-from circuitfinder.errors import UserError
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.masks import circuit_nodes
+from circuitfinder.errors import UserError
 from circuitfinder.graphs.circuit import parse_name
 from circuitfinder.graphs.references import read
 
@@ -100,15 +100,27 @@ def load_reference(name: str) -> Reference:
     if data.get("schema") != SCHEMA or data.get("version") != 1:
         raise ValueError(f"reference {name}: not a {SCHEMA} version 1 file")
     groups = {k: tuple(v) for k, v in data["groups"].items()}
-    connections = tuple(Connection(_names(c["from"]), _names(c["to"]), c.get("slots", "qkv")) for c in data["connections"])
+    connections = tuple(
+        Connection(_names(c["from"]), _names(c["to"]), c.get("slots", "qkv")) for c in data["connections"]
+    )
     for c in connections:
         unknown = [g for g in c.senders + c.receivers if g not in groups]
         if unknown or not set(c.slots) <= set("qkv"):
             raise ValueError(f"reference {name}: bad connection {c} (unknown groups {unknown})")
-    return Reference(name=data["name"], task=data["task"], model=data["model"], n_layers=data["n_layers"],
-                     n_heads=data["n_heads"], n_kv_groups=data["n_kv_groups"], title=data["title"],
-                     citation=data["citation"], classes=tuple(data["classes"]), groups=groups,
-                     connections=connections, published=data.get("published", {}))
+    return Reference(
+        name=data["name"],
+        task=data["task"],
+        model=data["model"],
+        n_layers=data["n_layers"],
+        n_heads=data["n_heads"],
+        n_kv_groups=data["n_kv_groups"],
+        title=data["title"],
+        citation=data["citation"],
+        classes=tuple(data["classes"]),
+        groups=groups,
+        connections=connections,
+        published=data.get("published", {}),
+    )
 
 
 def check_shape(reference: Reference, shape: ModelShape | EdgeGraph) -> EdgeGraph:
@@ -119,7 +131,9 @@ def check_shape(reference: Reference, shape: ModelShape | EdgeGraph) -> EdgeGrap
     if (s.n_layers, s.n_heads, s.n_kv_groups) != want:
         raise UserError(
             f"reference {reference.name} is for {reference.model} ({want[0]} layers, {want[1]} heads, {want[2]} "
-            f"key/value groups); this model has {s.n_layers} layers, {s.n_heads} heads, {s.n_kv_groups} key/value groups")
+            f"key/value groups); this model has {s.n_layers} layers, {s.n_heads} heads, {s.n_kv_groups} key/value "
+            f"groups"
+        )
     return graph
 
 

@@ -40,14 +40,26 @@ LEVELS = ("edge", "node")
 
 STYLES: dict[str, dict[str, str]] = {
     "default": {
-        "font": "Helvetica", "support": "#2166ac", "oppose": "#b2182b",
-        "support_style": "solid", "oppose_style": "solid",
-        "attn_fill": "#fff2cc", "mlp_fill": "#d9ead3", "io_fill": "#eeeeee", "node_style": "filled",
+        "font": "Helvetica",
+        "support": "#2166ac",
+        "oppose": "#b2182b",
+        "support_style": "solid",
+        "oppose_style": "solid",
+        "attn_fill": "#fff2cc",
+        "mlp_fill": "#d9ead3",
+        "io_fill": "#eeeeee",
+        "node_style": "filled",
     },
     "paper": {
-        "font": "Helvetica", "support": "black", "oppose": "gray45",
-        "support_style": "solid", "oppose_style": "dashed",
-        "attn_fill": "white", "mlp_fill": "white", "io_fill": "white", "node_style": "filled",  # white, hides edges behind nodes
+        "font": "Helvetica",
+        "support": "black",
+        "oppose": "gray45",
+        "support_style": "solid",
+        "oppose_style": "dashed",
+        "attn_fill": "white",
+        "mlp_fill": "white",
+        "io_fill": "white",
+        "node_style": "filled",  # white, hides edges behind nodes
     },
 }
 
@@ -73,13 +85,18 @@ def _add_legend(dot: graphviz.Digraph, s: dict[str, str], level: str = "edge") -
     line = {"solid": "———", "dashed": "– – –"}
     key = "".join(
         f'<TR><TD ALIGN="LEFT"><FONT COLOR="{s[k]}"><B>{line[s[k + "_style"]]}</B></FONT> {text}</TD></TR>'
-        for k, text in (("support", "supports the behaviour (score &lt; 0)"), ("oppose", "opposes it (score &gt; 0)")))
+        for k, text in (("support", "supports the behaviour (score &lt; 0)"), ("oppose", "opposes it (score &gt; 0)"))
+    )
     if level == "node":
-        key += ('<TR><TD ALIGN="LEFT">line width grows with the summed |score| of the edges it stands for</TD></TR>'
-                '<TR><TD ALIGN="LEFT">edge label ×n: n circuit edges (q/k/v inputs, MLP input) merged</TD></TR>')
+        key += (
+            '<TR><TD ALIGN="LEFT">line width grows with the summed |score| of the edges it stands for</TD></TR>'
+            '<TR><TD ALIGN="LEFT">edge label ×n: n circuit edges (q/k/v inputs, MLP input) merged</TD></TR>'
+        )
     else:
-        key += ('<TR><TD ALIGN="LEFT">line width grows with |score|</TD></TR>'
-                '<TR><TD ALIGN="LEFT">edge label q / k / v: query / key / value input of the receiving head</TD></TR>')
+        key += (
+            '<TR><TD ALIGN="LEFT">line width grows with |score|</TD></TR>'
+            '<TR><TD ALIGN="LEFT">edge label q / k / v: query / key / value input of the receiving head</TD></TR>'
+        )
     key += '<TR><TD ALIGN="LEFT"><I>italic</I> under a head: its role on the task\'s prompts</TD></TR>'
     with dot.subgraph(name="cluster_legend") as leg:
         leg.attr(label="legend", fontsize="10", style="rounded", color="gray60", fontname=s["font"])
@@ -88,14 +105,27 @@ def _add_legend(dot: graphviz.Digraph, s: dict[str, str], level: str = "edge") -
         leg.node("_lg_attn", "attention head\naL.hH", shape="ellipse", fillcolor=s["attn_fill"], **fill)
         leg.node("_lg_mlp", "MLP\nmL", shape="box", fillcolor=s["mlp_fill"], **fill)
         leg.node("_lg_out", "logits", shape=_SHAPES["logits"], fillcolor=s["io_fill"], **fill)
-        leg.node("_lg_key", f'<<TABLE BORDER="0" CELLSPACING="0" CELLPADDING="1">{key}</TABLE>>',
-                 shape="plaintext", fontsize="9")
+        leg.node(
+            "_lg_key",
+            f'<<TABLE BORDER="0" CELLSPACING="0" CELLPADDING="1">{key}</TABLE>>',
+            shape="plaintext",
+            fontsize="9",
+        )
 
 
 def _new_dot(font: str, title: str | None) -> graphviz.Digraph:
     dot = graphviz.Digraph("circuit")
-    dot.attr(rankdir="BT", splines="true", concentrate="false", newrank="true", nodesep="0.3",
-             ranksep="0.55", outputorder="edgesfirst", fontname=font, fontsize="12")
+    dot.attr(
+        rankdir="BT",
+        splines="true",
+        concentrate="false",
+        newrank="true",
+        nodesep="0.3",
+        ranksep="0.55",
+        outputorder="edgesfirst",
+        fontname=font,
+        fontsize="12",
+    )
     if title:
         dot.attr(label=title, labelloc="t", labeljust="c", fontsize="14")
     dot.attr("node", fontname=font, fontsize="11", margin="0.08,0.03", height="0.35")
@@ -129,7 +159,9 @@ def _add_ranks(dot: graphviz.Digraph, graph: nx.DiGraph, node_attrs, tick_label=
         previous = tick
 
 
-def to_dot(graph: nx.DiGraph, style: str = "default", title: str | None = None, level: str = "edge") -> graphviz.Digraph:
+def to_dot(
+    graph: nx.DiGraph, style: str = "default", title: str | None = None, level: str = "edge"
+) -> graphviz.Digraph:
     """Build the Graphviz diagram of a circuit.
 
     Args:
@@ -153,14 +185,20 @@ def to_dot(graph: nx.DiGraph, style: str = "default", title: str | None = None, 
     s = STYLES[style]
     if title is None and graph.graph.get("task"):
         g = graph.graph
-        title = f"{g['task']} circuit · {g.get('model', '?')} · {g.get('method', '?')} · {graph.number_of_edges()} edges"
+        title = (
+            f"{g['task']} circuit · {g.get('model', '?')} · {g.get('method', '?')} · {graph.number_of_edges()} edges"
+        )
     dot = _new_dot(s["font"], title)
     fills = {"input": s["io_fill"], "logits": s["io_fill"], "attn": s["attn_fill"], "mlp": s["mlp_fill"]}
 
     def node_attrs(name: str, data: dict) -> dict:
         kind = data.get("kind", "attn")
-        return {"label": _label(name, data.get("role")), "shape": _SHAPES.get(kind, "ellipse"),
-                "style": s["node_style"], "fillcolor": fills.get(kind, "white")}
+        return {
+            "label": _label(name, data.get("role")),
+            "shape": _SHAPES.get(kind, "ellipse"),
+            "style": s["node_style"],
+            "fillcolor": fills.get(kind, "white"),
+        }
 
     _add_ranks(dot, graph, node_attrs)
 
@@ -179,8 +217,16 @@ def to_dot(graph: nx.DiGraph, style: str = "default", title: str | None = None, 
         else:
             label = ",".join(x for x in "qkv" if x in (data.get("slot") or ""))
             tip = f"{u} -> {v}: score {score:+.4g}"
-        dot.edge(u, v, label=label, color=s[sign], fontcolor=s[sign], style=s[f"{sign}_style"],
-                 penwidth=f"{0.5 + 3.5 * weight(data) / top:.2f}", tooltip=tip)
+        dot.edge(
+            u,
+            v,
+            label=label,
+            color=s[sign],
+            fontcolor=s[sign],
+            style=s[f"{sign}_style"],
+            penwidth=f"{0.5 + 3.5 * weight(data) / top:.2f}",
+            tooltip=tip,
+        )
 
     _add_legend(dot, s, level)
     return dot
@@ -194,8 +240,9 @@ DIFF = {
 }
 
 
-def diff_to_dot(graph: nx.DiGraph, names: tuple[str, str], title: str | None = None,
-                tick_label=lambda layer: f"L{layer}") -> graphviz.Digraph:
+def diff_to_dot(
+    graph: nx.DiGraph, names: tuple[str, str], title: str | None = None, tick_label=lambda layer: f"L{layer}"
+) -> graphviz.Digraph:
     """The diagram of a comparison: nodes and edges carry ``status`` ``shared``, ``A`` or ``B``.
 
     Nodes may carry a ``label`` (shown instead of their name) and ``role``; edges a ``weight``
@@ -208,23 +255,48 @@ def diff_to_dot(graph: nx.DiGraph, names: tuple[str, str], title: str | None = N
     def node_attrs(name: str, data: dict) -> dict:
         d = DIFF[data.get("status", "shared")]
         kind = data.get("kind", "attn")
-        return {"label": _label(data.get("label", name), data.get("role")), "shape": _SHAPES.get(kind, "ellipse"),
-                "style": f"filled,{d['style']}", "color": d["color"], "fillcolor": d["fill"], "penwidth": "1.3"}
+        return {
+            "label": _label(data.get("label", name), data.get("role")),
+            "shape": _SHAPES.get(kind, "ellipse"),
+            "style": f"filled,{d['style']}",
+            "color": d["color"],
+            "fillcolor": d["fill"],
+            "penwidth": "1.3",
+        }
 
     _add_ranks(dot, graph, node_attrs, tick_label)
     top = max((float(d.get("weight", 1.0)) for *_, d in graph.edges(data=True)), default=1.0) or 1.0
     for u, v, data in sorted(graph.edges(data=True), key=lambda e: (float(e[2].get("weight", 1.0)), e[0], e[1])):
         d = DIFF[data.get("status", "shared")]
-        dot.edge(u, v, label=str(data.get("label", "")), color=d["color"], fontcolor=d["color"], style=d["style"],
-                 penwidth=f"{0.6 + 3.0 * float(data.get('weight', 1.0)) / top:.2f}")
+        dot.edge(
+            u,
+            v,
+            label=str(data.get("label", "")),
+            color=d["color"],
+            fontcolor=d["color"],
+            style=d["style"],
+            penwidth=f"{0.6 + 3.0 * float(data.get('weight', 1.0)) / top:.2f}",
+        )
     text = {"shared": "in both", "A": f"only in {html.escape(names[0])}", "B": f"only in {html.escape(names[1])}"}
     with dot.subgraph(name="cluster_legend") as leg:
         leg.attr(label="legend", fontsize="10", style="rounded", color="gray60", fontname="Helvetica", rank="same")
         for status, d in reversed(DIFF.items()):
-            leg.node(f"_lg_{status}", f"<{text[status]}>", shape="box", style=f"filled,rounded,{d['style']}",
-                     color=d["color"], fillcolor=d["fill"], fontsize="9", penwidth="1.3")
-        leg.node("_lg_key", "<ellipse: attention head(s) · box: MLP(s)<BR/>line width: |score| · label: see title>",
-                 shape="plaintext", fontsize="9")
+            leg.node(
+                f"_lg_{status}",
+                f"<{text[status]}>",
+                shape="box",
+                style=f"filled,rounded,{d['style']}",
+                color=d["color"],
+                fillcolor=d["fill"],
+                fontsize="9",
+                penwidth="1.3",
+            )
+        leg.node(
+            "_lg_key",
+            "<ellipse: attention head(s) · box: MLP(s)<BR/>line width: |score| · label: see title>",
+            shape="plaintext",
+            fontsize="9",
+        )
     return dot
 
 
@@ -264,15 +336,23 @@ def write_diagram(dot: graphviz.Digraph, out_path: Path, formats: tuple[str, ...
             try:
                 data = dot.pipe(format=fmt, quiet=True)
             except graphviz.ExecutableNotFound:
-                raise RuntimeError("the Graphviz 'dot' program is not on PATH; install Graphviz "
-                                   "(e.g. apt-get install graphviz) to draw circuits") from None
+                raise RuntimeError(
+                    "the Graphviz 'dot' program is not on PATH; install Graphviz "
+                    "(e.g. apt-get install graphviz) to draw circuits"
+                ) from None
         _write_atomic(target, data)
         written.append(target)
     return written
 
 
-def render_circuit(graph: nx.DiGraph, out_path: Path, formats: tuple[str, ...] | list[str] = ("svg",),
-                   style: str = "default", title: str | None = None, level: str = "edge") -> list[Path]:
+def render_circuit(
+    graph: nx.DiGraph,
+    out_path: Path,
+    formats: tuple[str, ...] | list[str] = ("svg",),
+    style: str = "default",
+    title: str | None = None,
+    level: str = "edge",
+) -> list[Path]:
     """Draw a circuit to one file per format.
 
     Args:
@@ -298,8 +378,9 @@ def render_circuit(graph: nx.DiGraph, out_path: Path, formats: tuple[str, ...] |
     return write_diagram(to_dot(graph, style=style, title=title, level=level), out_path, formats)
 
 
-def circuit_dot(circuit, style: str = "default", level: str = "edge", max_edges: int = 200,
-                max_nodes: int = 30) -> graphviz.Digraph:
+def circuit_dot(
+    circuit, style: str = "default", level: str = "edge", max_edges: int = 200, max_nodes: int = 30
+) -> graphviz.Digraph:
     """The diagram of a circuit (``Circuit.draw`` writes it); large circuits by their strongest parts.
 
     At edge level, circuits of more than ``max_edges`` edges are drawn by their ``max_edges``
@@ -322,8 +403,11 @@ def circuit_dot(circuit, style: str = "default", level: str = "edge", max_edges:
         graph = summary_graph(circuit, max_nodes)
         units = len(circuit.nodes() - {"input", "logits"})
         shown = sum(1 for _, k in graph.nodes(data="kind") if k in ("attn", "mlp"))
-        title += (f": node level, {shown} of {units} heads and MLPs" + (" (the heaviest)" if shown < units else "")
-                  + f", {graph.number_of_edges()} links")
+        title += (
+            f": node level, {shown} of {units} heads and MLPs"
+            + (" (the heaviest)" if shown < units else "")
+            + f", {graph.number_of_edges()} links"
+        )
     else:
         shown = circuit if circuit.n_edges <= max_edges else circuit.strongest(max_edges)
         graph = shown.prune().to_networkx()

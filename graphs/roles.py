@@ -101,8 +101,9 @@ def induction(pattern: Pattern, tokens: Tokens, lengths=None) -> Float[torch.Ten
     return _masked_score(pattern, target, _valid(tokens, lengths))
 
 
-def answer_attention(pattern: Pattern, tokens: Tokens, end: Int[torch.Tensor, " batch"],
-                     answer: Int[torch.Tensor, " batch"]) -> Float[torch.Tensor, "batch heads"]:
+def answer_attention(
+    pattern: Pattern, tokens: Tokens, end: Int[torch.Tensor, " batch"], answer: Int[torch.Tensor, " batch"]
+) -> Float[torch.Tensor, "batch heads"]:
     """Attention from each prompt's read position ``end`` to earlier positions holding its answer token."""
     rows = torch.arange(tokens.shape[0], device=tokens.device)
     k = torch.arange(tokens.shape[1], device=tokens.device)
@@ -111,7 +112,9 @@ def answer_attention(pattern: Pattern, tokens: Tokens, end: Int[torch.Tensor, " 
     return torch.where(target.any(-1)[:, None], mass, torch.full_like(mass, math.nan))
 
 
-def direct_effects(full: Float[torch.Tensor, "batch 2"], ablated: Float[torch.Tensor, "batch n 2"]) -> Float[torch.Tensor, "batch n"]:
+def direct_effects(
+    full: Float[torch.Tensor, "batch 2"], ablated: Float[torch.Tensor, "batch n 2"]
+) -> Float[torch.Tensor, "batch n"]:
     """Logit difference (answer − wrong) of the full stream minus that of each ablated stream."""
     return (full[:, 0] - full[:, 1])[:, None] - (ablated[..., 0] - ablated[..., 1])
 
@@ -126,6 +129,7 @@ def nanmean(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
 
 def label(scores: dict[str, float]) -> str | None:
     """The role label(s) of a head from its scores (see the module docstring), or None."""
+
     def ok(v):
         return v is not None and not math.isnan(v)
 
@@ -147,6 +151,7 @@ def label(scores: dict[str, float]) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # On a model (through circuitfinder.engine.adapter only)
 # ---------------------------------------------------------------------------------------------
+
 
 def measure_roles(adapter, task, max_prompts: int = 64, batch_size: int = 16):
     """Role scores of every head of a model on a task's clean prompts.
@@ -184,12 +189,26 @@ def measure_roles(adapter, task, max_prompts: int = 64, batch_size: int = 16):
             cache = adapter.cache(tokens, names)
             rows = torch.arange(take, device="cpu")
             lengths = end + 1
-            for key, fn in (("previous_token", previous_token), ("duplicate_token", duplicate_token), ("induction", induction)):
-                per_prompt[key].append(torch.cat([fn(cache[f"blocks.{l}.attn.hook_pattern"].cpu().double(), tokens, lengths)
-                                                  for l in range(L)], 1))  # [batch, L*H]
-            per_prompt["answer_attention"].append(torch.cat([
-                answer_attention(cache[f"blocks.{l}.attn.hook_pattern"].cpu().double(), tokens, end, answer)
-                for l in range(L)], 1))
+            for key, fn in (
+                ("previous_token", previous_token),
+                ("duplicate_token", duplicate_token),
+                ("induction", induction),
+            ):
+                per_prompt[key].append(
+                    torch.cat(
+                        [fn(cache[f"blocks.{l}.attn.hook_pattern"].cpu().double(), tokens, lengths) for l in range(L)],
+                        1,
+                    )
+                )  # [batch, L*H]
+            per_prompt["answer_attention"].append(
+                torch.cat(
+                    [
+                        answer_attention(cache[f"blocks.{l}.attn.hook_pattern"].cpu().double(), tokens, end, answer)
+                        for l in range(L)
+                    ],
+                    1,
+                )
+            )
             resid = cache[adapter.RECEIVER_LOGITS][rows, end]  # [batch, d_model]
             # each head's sender value: what it adds to the residual stream (its share of the
             # post-normed output on Gemma-3), as the edge graph defines it
@@ -204,7 +223,9 @@ def measure_roles(adapter, task, max_prompts: int = 64, batch_size: int = 16):
             clean_diff.append(full[:, 0] - full[:, 1])
     means = {k: nanmean(torch.cat(v, 0)) for k, v in per_prompt.items()}
     diff = float(torch.cat(clean_diff).mean())
-    means["direct_effect_share"] = means["direct_effect"] / abs(diff) if diff else torch.full((L * H,), math.nan, device="cpu")
+    means["direct_effect_share"] = (
+        means["direct_effect"] / abs(diff) if diff else torch.full((L * H,), math.nan, device="cpu")
+    )
     rows = []
     for i in range(L * H):
         scores = {k: float(means[k][i]) for k in SCORES}
@@ -230,8 +251,12 @@ def attention_patterns(adapter, task, heads: list[str], n_prompts: int = 3) -> d
     out = {}
     for name, p in wanted:
         pattern = cache[f"blocks.{p.layer}.attn.hook_pattern"][:, p.head].float().cpu()  # [batch, q, k]
-        out[name] = {"tokens": words,
-                     "patterns": [[[round(w, 4) for w in row] for row in pattern[b, : int(n), : int(n)].tolist()]
-                                  for b, n in enumerate(lengths)],  # 4 decimals: the page shows 3
-                     "labels": [f"clean prompt {b}" for b in range(len(words))]}
+        out[name] = {
+            "tokens": words,
+            "patterns": [
+                [[round(w, 4) for w in row] for row in pattern[b, : int(n), : int(n)].tolist()]
+                for b, n in enumerate(lengths)
+            ],  # 4 decimals: the page shows 3
+            "labels": [f"clean prompt {b}" for b in range(len(words))],
+        }
     return out

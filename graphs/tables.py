@@ -27,14 +27,16 @@ def scores_table(circuit: Circuit) -> pd.DataFrame:
     rank[torch.sort(values.abs(), descending=True, stable=True).indices] = torch.arange(1, len(s) + 1, device="cpu")
     senders = [graph.sender_names[i] for i in s.tolist()]
     receivers = [graph.receiver_names[i] for i in r.tolist()]
-    return pd.DataFrame({
-        "edge": [f"{a}->{b}" for a, b in zip(senders, receivers)],
-        "sender": senders,
-        "receiver": receivers,
-        "score": values.numpy(),
-        "rank": rank.numpy(),
-        "in_circuit": circuit.mask[s, r].numpy(),
-    })
+    return pd.DataFrame(
+        {
+            "edge": [f"{a}->{b}" for a, b in zip(senders, receivers)],
+            "sender": senders,
+            "receiver": receivers,
+            "score": values.numpy(),
+            "rank": rank.numpy(),
+            "in_circuit": circuit.mask[s, r].numpy(),
+        }
+    )
 
 
 def read_scores(path: Path, graph: EdgeGraph) -> torch.Tensor:
@@ -51,7 +53,9 @@ def read_scores(path: Path, graph: EdgeGraph) -> torch.Tensor:
     except KeyError as exc:
         raise UserError(f"{path} scores an edge this model does not have ({exc.args[0]})") from None
     scores = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.float64, device="cpu")
-    scores[[i for i, _ in index], [j for _, j in index]] = torch.tensor(table["score"].to_numpy(dtype="float64"), device="cpu")
+    scores[[i for i, _ in index], [j for _, j in index]] = torch.tensor(
+        table["score"].to_numpy(dtype="float64"), device="cpu"
+    )
     if not torch.isfinite(scores[graph.allowed]).all():
         raise UserError(f"{path} holds scores that are not finite numbers")
     return scores
@@ -62,12 +66,14 @@ def nodes_table(circuit: Circuit) -> pd.DataFrame:
     from circuitfinder.methods.attribution import node_scores
 
     values = node_scores(circuit.graph, torch.nan_to_num(circuit.scores))
-    return pd.DataFrame({
-        "node": values.index,
-        "score": values.to_numpy(),
-        "rank": values.abs().rank(ascending=False, method="first").astype(int).to_numpy(),
-        "in_circuit": circuit.mask.any(1).numpy(),
-    })
+    return pd.DataFrame(
+        {
+            "node": values.index,
+            "score": values.to_numpy(),
+            "rank": values.abs().rank(ascending=False, method="first").astype(int).to_numpy(),
+            "in_circuit": circuit.mask.any(1).numpy(),
+        }
+    )
 
 
 def _fmt(value, floatfmt: str) -> str:
@@ -82,8 +88,7 @@ def to_markdown(frame: pd.DataFrame, floatfmt: str = ".4g") -> str:
     """A GitHub-flavoured Markdown table (numbers right-aligned; empty cells for None and NaN)."""
     cols = list(frame.columns)
     numeric = [pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c]) for c in cols]
-    lines = ["| " + " | ".join(map(str, cols)) + " |",
-             "|" + "|".join("---:" if n else ":---" for n in numeric) + "|"]
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "|".join("---:" if n else ":---" for n in numeric) + "|"]
     for row in frame.itertuples(index=False):
         lines.append("| " + " | ".join(_fmt(v, floatfmt) for v in row) + " |")
     return "\n".join(lines)
@@ -105,15 +110,17 @@ def layer_table(record: Circuit) -> pd.DataFrame:
         heads = sorted((d["head"], n) for n, d in graph.nodes(data=True) if d["kind"] == "attn" and d["layer"] == layer)
         e_in = [e for e in record.edges if parse_name(e["receiver"]).layer == layer]
         e_out = [e for e in record.edges if e["sender"] != "input" and parse_name(e["sender"]).layer == layer]
-        rows.append({
-            "layer": layer,
-            "heads": len(heads),
-            "head_names": ", ".join(n + (f" ({_role(record, n)})" if _role(record, n) else "") for _, n in heads),
-            "mlp": f"m{layer}" in graph,
-            "edges_in": len(e_in),
-            "edges_out": len(e_out),
-            "abs_score_in": sum(abs(float(e["score"])) for e in e_in),
-        })
+        rows.append(
+            {
+                "layer": layer,
+                "heads": len(heads),
+                "head_names": ", ".join(n + (f" ({_role(record, n)})" if _role(record, n) else "") for _, n in heads),
+                "mlp": f"m{layer}" in graph,
+                "edges_in": len(e_in),
+                "edges_out": len(e_out),
+                "abs_score_in": sum(abs(float(e["score"])) for e in e_in),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -124,13 +131,16 @@ def top_edges_table(record: Circuit, n: int = 20) -> pd.DataFrame:
     for rank, e in enumerate(ranked, 1):
         r = parse_name(e["receiver"])
         receiver_node = f"a{r.layer}.h{r.head}" if r.kind == "attn" and r.head is not None else e["receiver"]
-        rows.append({
-            "rank": rank,
-            "edge": f"{e['sender']}->{e['receiver']}",
-            "score": float(e["score"]),
-            "sender_role": _role(record, e["sender"]),
-            "receiver_role": _role(record, receiver_node),
-        } | ({"necessity": e["necessity"]} if "necessity" in e else {}))
+        rows.append(
+            {
+                "rank": rank,
+                "edge": f"{e['sender']}->{e['receiver']}",
+                "score": float(e["score"]),
+                "sender_role": _role(record, e["sender"]),
+                "receiver_role": _role(record, receiver_node),
+            }
+            | ({"necessity": e["necessity"]} if "necessity" in e else {})
+        )
     return pd.DataFrame(rows)
 
 
@@ -140,8 +150,10 @@ def write_tables(record: Circuit, folder: Path, top: int = 20, prefix: str = "")
     folder.mkdir(parents=True, exist_ok=True)
     title = f"{record.task} circuit of {record.model} ({record.method}, {record.n_edges:,} edges)"
     written = []
-    for name, frame, heading in (("layers", layer_table(record), "per layer"),
-                                 ("top_edges", top_edges_table(record, top), f"the {top} strongest edges")):
+    for name, frame, heading in (
+        ("layers", layer_table(record), "per layer"),
+        ("top_edges", top_edges_table(record, top), f"the {top} strongest edges"),
+    ):
         csv, md = folder / f"{prefix}{name}.csv", folder / f"{prefix}{name}.md"
         frame.to_csv(csv, index=False)
         md.write_text(f"# {title}: {heading}\n\n{to_markdown(frame)}\n")

@@ -22,23 +22,30 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 START, END = "<!-- architectures: start (scripts/architectures.py) -->", "<!-- architectures: end -->"
-SHORT_START, SHORT_END = "<!-- architectures summary: start (scripts/architectures.py) -->", "<!-- architectures summary: end -->"
+SHORT_START, SHORT_END = (
+    "<!-- architectures summary: start (scripts/architectures.py) -->",
+    "<!-- architectures summary: end -->",
+)
 PAGE = "docs/architectures.md"
 
 
 def table() -> tuple[str, str]:
     """The detailed table and the short one (both in docs/architectures.md)."""
     from architectures import ARCHITECTURES, build, load_dtype
+    from tiny_models import tiny_tokenizer
+
     from circuitfinder.engine.adapter import ModelAdapter
     from circuitfinder.engine.checks import check_model
-    from circuitfinder.errors import UserError
     from circuitfinder.engine.graph import EdgeGraph
-    from tiny_models import tiny_tokenizer
+    from circuitfinder.errors import UserError
 
     tokenizer = tiny_tokenizer(Path(tempfile.mkdtemp(prefix="arch-tok-")))
     groups: dict[str, list[str]] = {}
-    rows = ["| architecture | Hugging Face class | result | blocks | tested in (working precision) | key/value groups | edges (3 layers, 4 heads) | largest difference / tolerance |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| architecture | Hugging Face class | result | blocks | tested in (working precision) | key/value groups "
+        "| edges (3 layers, 4 heads) | largest difference / tolerance |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name in ARCHITECTURES:
         dtype = load_dtype(name)
         model = build(name, dtype=dtype)
@@ -54,26 +61,33 @@ def table() -> tuple[str, str]:
         shape = adapter.shape
         precision = str(dtype).removeprefix("torch.") + f" ({str(adapter.working_dtype).removeprefix('torch.')})"
         experts = getattr(model.config, "num_local_experts", 0)
-        rows.append(f"| {name} | `{cls}` | exact | {'parallel' if shape.parallel else 'sequential'}"
-                    f"{', post-norm' if shape.post_norm else ''}{f', {experts} experts (one MLP node)' if experts else ''}"
-                    f" | {precision} | {shape.n_kv_groups} | {EdgeGraph(shape).n_edges:,} | {worst:.1e} |")
+        rows.append(
+            f"| {name} | `{cls}` | exact | {'parallel' if shape.parallel else 'sequential'}"
+            f"{', post-norm' if shape.post_norm else ''}{f', {experts} experts (one MLP node)' if experts else ''}"
+            f" | {precision} | {shape.n_kv_groups} | {EdgeGraph(shape).n_edges:,} | {worst:.1e} |"
+        )
         groups.setdefault(f"exact, {'parallel' if shape.parallel else 'sequential'} blocks", []).append(name)
     short = ["| result | families |", "|---|---|"]
-    short += [f"| {result} ({len(names)}) | {', '.join(names)} |" for result, names in sorted(groups.items(), key=lambda kv: (not kv[0].startswith("exact"), kv[0]))]
+    short += [
+        f"| {result} ({len(names)}) | {', '.join(names)} |"
+        for result, names in sorted(groups.items(), key=lambda kv: (not kv[0].startswith("exact"), kv[0]))
+    ]
     return "\n".join(rows), "\n".join(short)
 
 
-CAUSES = (("no attention heads", "blocks without attention heads (state-space, recurrent, hybrid)"),
-          ("not the sum", "residual stream not a sum of head and MLP outputs"),
-          ("do not act as", "the bridge's q/k/v inputs do not act as the model's"),
-          ("query/key/value", "no per-head query/key/value inputs"),
-          ("post-norm", "post-norm blocks"),
-          ("fails in", "no kernel in float64"),
-          ("applied repeatedly", "layers run several times per pass"),
-          ("embed_positions", "its TransformerLens adapter needs a rotary table this transformers version moved"),
-          ("normalises both", "one norm read before and after the layers"),
-          ("new decoder architecture", "a fused grouped q/k/v layout TransformerLens splits wrongly"),
-          ("never fires", "q/k/v inputs the bridge's attention does not read"))
+CAUSES = (
+    ("no attention heads", "blocks without attention heads (state-space, recurrent, hybrid)"),
+    ("not the sum", "residual stream not a sum of head and MLP outputs"),
+    ("do not act as", "the bridge's q/k/v inputs do not act as the model's"),
+    ("query/key/value", "no per-head query/key/value inputs"),
+    ("post-norm", "post-norm blocks"),
+    ("fails in", "no kernel in float64"),
+    ("applied repeatedly", "layers run several times per pass"),
+    ("embed_positions", "its TransformerLens adapter needs a rotary table this transformers version moved"),
+    ("normalises both", "one norm read before and after the layers"),
+    ("new decoder architecture", "a fused grouped q/k/v layout TransformerLens splits wrongly"),
+    ("never fires", "q/k/v inputs the bridge's attention does not read"),
+)
 
 
 def _cause(why: str) -> str:
@@ -92,7 +106,9 @@ def main() -> None:
         for start, end, text in ((START, END, detailed), (SHORT_START, SHORT_END, short)):
             if start not in body:
                 sys.exit(f"{PAGE} has no {start} marker")
-            body = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _m: f"{start}\n{text}\n{end}", body, flags=re.S)
+            body = re.sub(
+                re.escape(start) + ".*?" + re.escape(end), lambda _m: f"{start}\n{text}\n{end}", body, flags=re.S
+            )
         path.write_text(body)
 
 

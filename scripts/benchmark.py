@@ -40,10 +40,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from circuitfinder.engine.adapter import load_unchecked  # noqa: E402
-from circuitfinder.methods.attribution import attribute_batch, ig_alphas, input_hook  # noqa: E402
-from circuitfinder.engine.masks import prune, top_edges  # noqa: E402
 from circuitfinder.engine.graph import EdgeGraph  # noqa: E402
+from circuitfinder.engine.masks import prune, top_edges  # noqa: E402
 from circuitfinder.engine.patching import patched_logits, run_recording_senders  # noqa: E402
+from circuitfinder.methods.attribution import attribute_batch, ig_alphas, input_hook  # noqa: E402
 from circuitfinder.tasks import build_task  # noqa: E402
 
 
@@ -109,14 +109,23 @@ def pool_rates(adapter, graph, task, model: str) -> dict:
     base = prune(graph, top_edges(graph, torch.rand(graph.allowed.shape, generator=g), 3000))
     circuits = acdc_chains(graph, base)
     n = len(circuits)
-    out = {"prompts": prompts, "circuits": n, "edges_per_circuit": int(base.sum()) - 1,
-           "chains": "up to 8 circuits each, one edge removed from the same receiver in layers 27, 15, 3"}
+    out = {
+        "prompts": prompts,
+        "circuits": n,
+        "edges_per_circuit": int(base.sum()) - 1,
+        "chains": "up to 8 circuits each, one edge removed from the same receiver in layers 27, 15, 3",
+    }
     one = CircuitEvaluator(adapter, graph, task, "discovery", prompts, limit=prompts, distance="kl", max_rows=prompts)
-    stacked = CircuitEvaluator(adapter, graph, task, "discovery", prompts, limit=prompts, distance="kl", max_rows=MAX_ROWS)
+    stacked = CircuitEvaluator(
+        adapter, graph, task, "discovery", prompts, limit=prompts, distance="kl", max_rows=MAX_ROWS
+    )
     t_one = best_of(lambda: one.evaluate(circuits), 0)
     t_stacked = best_of(lambda: stacked.evaluate(circuits), 0)
-    out |= {"one_per_pass_per_second": round(n / t_one, 3), "stacked_per_second": round(n / t_stacked, 3),
-            "stacked_speedup": round(t_one / t_stacked, 2)}
+    out |= {
+        "one_per_pass_per_second": round(n / t_one, 3),
+        "stacked_per_second": round(n / t_stacked, 3),
+        "stacked_speedup": round(t_one / t_stacked, 2),
+    }
     chunk = 4  # half a chain: two workers share each chain
     pool = InProcessPool(stacked, chunk)
     out["in_process_chunk4_per_second"] = round(n / best_of(lambda: pool(circuits), 0), 3)
@@ -139,7 +148,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ig-steps", type=int, default=5)
     parser.add_argument("--skip-run", action="store_true", help="skip timing the default discover command")
-    parser.add_argument("--skip-pool", action="store_true", help="skip the ACDC scorer pool timings (in-process and Ray)")
+    parser.add_argument(
+        "--skip-pool", action="store_true", help="skip the ACDC scorer pool timings (in-process and Ray)"
+    )
     args = parser.parse_args()
 
     adapter = load_unchecked(args.model)
@@ -171,7 +182,9 @@ def main() -> None:
     circuit = prune(graph, top_edges(graph, scores, graph.n_edges // 10))
     removed = (~circuit).float()
     with torch.no_grad():
-        t_patched = best_of(lambda: patched_logits(adapter, graph, batch.clean, corrupted_senders, removed), args.repeats)
+        t_patched = best_of(
+            lambda: patched_logits(adapter, graph, batch.clean, corrupted_senders, removed), args.repeats
+        )
 
     result = {
         "model": args.model,
@@ -196,8 +209,20 @@ def main() -> None:
     if not args.skip_run:
         with tempfile.TemporaryDirectory() as scratch:
             start = time.perf_counter()
-            subprocess.run([str(ROOT / ".venv" / "bin" / "circuits"), "discover", "--task", "ioi", "--model", args.model,
-                            "--out", str(Path(scratch) / "run")], check=True, capture_output=True)
+            subprocess.run(
+                [
+                    str(ROOT / ".venv" / "bin" / "circuits"),
+                    "discover",
+                    "--task",
+                    "ioi",
+                    "--model",
+                    args.model,
+                    "--out",
+                    str(Path(scratch) / "run"),
+                ],
+                check=True,
+                capture_output=True,
+            )
             result["discover_ioi_seconds"] = round(time.perf_counter() - start, 1)
             result["discover_ioi_summary"] = json.loads((Path(scratch) / "run" / "summary.json").read_text())
         result["discover_ioi_peak_rss_mb"] = round(peak_rss_mb(resource.RUSAGE_CHILDREN), 1)

@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from circuitfinder.engine.adapter import load_unchecked  # noqa: E402
-from circuitfinder.methods.registry import METHODS  # noqa: E402
 from circuitfinder.engine.faithfulness import CircuitEvaluator, faithfulness_curve  # noqa: E402
 from circuitfinder.engine.graph import EdgeGraph  # noqa: E402
+from circuitfinder.methods.registry import METHODS  # noqa: E402
 from circuitfinder.methods.validation import correlations, exact_edge_effects, pick_edges  # noqa: E402
 from circuitfinder.tasks import build_task  # noqa: E402
 
@@ -48,15 +48,25 @@ def main() -> None:
     adapter = load_unchecked(args.model)
     graph = EdgeGraph(adapter.shape)
     task = build_task(args.task, adapter.tokenizer, n_pairs=args.pairs, seed=0)
-    result = {"model": args.model, "task": args.task, "pairs": args.pairs, "ig_steps": args.steps,
-              "edges": graph.n_edges, "threads": torch.get_num_threads()}
+    result = {
+        "model": args.model,
+        "task": args.task,
+        "pairs": args.pairs,
+        "ig_steps": args.steps,
+        "edges": graph.n_edges,
+        "threads": torch.get_num_threads(),
+    }
 
     evaluators = {}
     for kind in ("counterfactual", "mean", "zero"):
         start = time.perf_counter()
         evaluators[kind] = CircuitEvaluator(adapter, graph, task, "heldout", args.batch_size, ablation=kind)
         b = evaluators[kind].baseline
-        result[f"baseline_{kind}"] = {"clean": b.clean, "empty": b.corrupted, "seconds": round(time.perf_counter() - start, 1)}
+        result[f"baseline_{kind}"] = {
+            "clean": b.clean,
+            "empty": b.corrupted,
+            "seconds": round(time.perf_counter() - start, 1),
+        }
         print(kind, result[f"baseline_{kind}"], flush=True)
 
     scores = {}
@@ -89,11 +99,19 @@ def main() -> None:
         evaluator.memory_budget = budget
         start = time.perf_counter()
         curve = faithfulness_curve(evaluator, scores["eap-ig-activations"])
-        timings[label] = (round(time.perf_counter() - start, 1), [f for *_, f in curve.points], curve.cpr, curve.cmd,
-                          evaluator.circuits_per_pass())
+        timings[label] = (
+            round(time.perf_counter() - start, 1),
+            [f for *_, f in curve.points],
+            curve.cpr,
+            curve.cmd,
+            evaluator.circuits_per_pass(),
+        )
     result["curve_eap_ig_activations"] = timings["batched"][1]
     result["cpr_cmd_eap_ig_activations"] = timings["batched"][2:4]
-    result["curve_seconds_batched"], result["curve_seconds_one_per_pass"] = timings["batched"][0], timings["one_per_pass"][0]
+    result["curve_seconds_batched"], result["curve_seconds_one_per_pass"] = (
+        timings["batched"][0],
+        timings["one_per_pass"][0],
+    )
     result["curve_circuits_per_pass"] = timings["batched"][4]
     result["curve_max_difference"] = max(abs(a - b) for a, b in zip(timings["batched"][1], timings["one_per_pass"][1]))
 

@@ -48,8 +48,12 @@ def child(model: str, heap: bool, passes: int) -> dict:
     for _ in range(passes):
         metric = float(evaluator.evaluate(circuit[None]).metric[0])
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return {"seconds_per_evaluation": (time.perf_counter() - started) / passes, "minor_faults_per_evaluation":
-            (usage.ru_minflt - faults) / passes, "peak_rss_bytes": usage.ru_maxrss * 1024, "metric": metric}
+    return {
+        "seconds_per_evaluation": (time.perf_counter() - started) / passes,
+        "minor_faults_per_evaluation": (usage.ru_minflt - faults) / passes,
+        "peak_rss_bytes": usage.ru_maxrss * 1024,
+        "metric": metric,
+    }
 
 
 def main() -> None:
@@ -65,21 +69,34 @@ def main() -> None:
     runs = {"default": [], "heap": []}
     for r in range(args.rounds):
         for mode in runs:
-            out = subprocess.run([sys.executable, __file__, "--child", mode, "--model", args.model, "--passes",
-                                  str(args.passes)], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", mode, "--model", args.model, "--passes", str(args.passes)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"round {r + 1} {mode}: {runs[mode][-1]}", flush=True)
     median = {m: statistics.median(x["seconds_per_evaluation"] for x in v) for m, v in runs.items()}
-    result = {"model": args.model, "dtype": "float32", "prompts": 32, "passes": args.passes, "rounds": runs,
-              "median_seconds": median, "heap_over_default": median["heap"] / median["default"],
-              "same_metric": len({x["metric"] for v in runs.values() for x in v}) == 1,
-              "machine": {"cpu": platform.processor() or platform.machine(), "cores": __import__("os").cpu_count()},
-              "when": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    result = {
+        "model": args.model,
+        "dtype": "float32",
+        "prompts": 32,
+        "passes": args.passes,
+        "rounds": runs,
+        "median_seconds": median,
+        "heap_over_default": median["heap"] / median["default"],
+        "same_metric": len({x["metric"] for v in runs.values() for x in v}) == 1,
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": __import__("os").cpu_count()},
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     path = ROOT / "outputs" / "benchmarks" / f"allocator-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"heap / default: {result['heap_over_default']:.3f} (median s/evaluation {median}); same metric: "
-          f"{result['same_metric']} -> {path}")
+    print(
+        f"heap / default: {result['heap_over_default']:.3f} (median s/evaluation {median}); same metric: "
+        f"{result['same_metric']} -> {path}"
+    )
 
 
 if __name__ == "__main__":

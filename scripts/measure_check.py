@@ -54,15 +54,36 @@ def main() -> None:
             patched_logits(adapter, graph, clean, corr, removed)
             direct_patched_logits(adapter, graph, clean, corr, removed)
             step.append(time.perf_counter() - start)
-        results.append({"model": name, "edges": graph.n_edges, "check_seconds": whole, "check_min": min(whole),
-                        "sparse_step_seconds": step, "sparse_step_min": min(step),
-                        "sparse_step_share": min(step) / min(whole), "worst_over_tolerance": worst})
-        print(f"{name}: check at load {min(whole):.2f} s (min of {args.repeats}), of which the random sparse circuit "
-              f"{min(step):.2f} s ({min(step) / min(whole):.0%})")
+        results.append(
+            {
+                "model": name,
+                "edges": graph.n_edges,
+                "check_seconds": whole,
+                "check_min": min(whole),
+                "sparse_step_seconds": step,
+                "sparse_step_min": min(step),
+                "sparse_step_share": min(step) / min(whole),
+                "worst_over_tolerance": worst,
+            }
+        )
+        print(
+            f"{name}: check at load {min(whole):.2f} s (min of {args.repeats}), of which the random sparse circuit "
+            f"{min(step):.2f} s ({min(step) / min(whole):.0%})"
+        )
         del adapter
     out = ROOT / "outputs" / "benchmarks" / f"check-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}.json"
-    out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
-                               "python": sys.version.split()[0], "results": results}, indent=1) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "machine": platform.processor() or platform.machine(),
+                "torch_threads": torch.get_num_threads(),
+                "python": sys.version.split()[0],
+                "results": results,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"wrote {out.relative_to(ROOT)}")
 
 

@@ -26,13 +26,13 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 def main() -> None:
     import torch
-
     from benchmark import write_result
+
     from circuitfinder.engine.adapter import load_unchecked
-    from circuitfinder.methods.attribution import eap_ig
-    from circuitfinder.engine.masks import prune, top_edges
     from circuitfinder.engine.faithfulness import CircuitEvaluator
     from circuitfinder.engine.graph import EdgeGraph
+    from circuitfinder.engine.masks import prune, top_edges
+    from circuitfinder.methods.attribution import eap_ig
     from circuitfinder.tasks import build_task
 
     parser = argparse.ArgumentParser()
@@ -41,9 +41,13 @@ def main() -> None:
     parser.add_argument("--search-prompts", type=int, default=16)
     parser.add_argument("--start-edges", type=int, default=2112)
     parser.add_argument("--minutes", type=float, default=8.0)
-    parser.add_argument("--rule", choices=("floor", "tau"), default="floor",
-                        help="floor: keep the target faithfulness; tau: ACDC's rule on groups, a removal stands "
-                             "when |m − m(full)| grows by less than τ = --tau × |m(full) − m(∅)|")
+    parser.add_argument(
+        "--rule",
+        choices=("floor", "tau"),
+        default="floor",
+        help="floor: keep the target faithfulness; tau: ACDC's rule on groups, a removal stands "
+        "when |m − m(full)| grows by less than τ = --tau × |m(full) − m(∅)|",
+    )
     parser.add_argument("--tau", type=float, default=0.01)
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -97,21 +101,35 @@ def main() -> None:
             break
         try_remove([e for e in candidates[k : k + args.group] if current[e]])
         tried = min(k + args.group, len(candidates))
-        print(f"{tried}/{len(candidates)} tried, {int(current.sum())} kept, {evaluations} evaluations, "
-              f"{time.perf_counter() - t_search:.0f} s", flush=True)
+        print(
+            f"{tried}/{len(candidates)} tried, {int(current.sum())} kept, {evaluations} evaluations, "
+            f"{time.perf_counter() - t_search:.0f} s",
+            flush=True,
+        )
     search_seconds = time.perf_counter() - t_search
     final = prune(graph, current)
     heldout = CircuitEvaluator(model, graph, task, "heldout")
     result = {
-        "model": "smollm2-135m", "task": "ioi", "method": "group-wise removal with bisection (prototype)",
-        "start_edges": int(start.sum()), "start_faithfulness_heldout": float(heldout.faithfulness(start)),
-        "group": args.group, "rule": args.rule, "tau_fraction": args.tau if args.rule == "tau" else None,
+        "model": "smollm2-135m",
+        "task": "ioi",
+        "method": "group-wise removal with bisection (prototype)",
+        "start_edges": int(start.sum()),
+        "start_faithfulness_heldout": float(heldout.faithfulness(start)),
+        "group": args.group,
+        "rule": args.rule,
+        "tau_fraction": args.tau if args.rule == "tau" else None,
         "target_on_search_prompts": args.target if args.rule == "floor" else None,
-        "faithfulness_search_prompts": (current_metric - empty) / (full - empty), "search_prompts": args.search_prompts,
-        "candidates_tried": tried, "candidates": len(candidates), "evaluations": evaluations,
-        "edges_kept": int(final.sum()), "faithfulness_heldout": float(heldout.faithfulness(final)),
-        "seconds_scores": round(t_scores, 1), "seconds_search": round(search_seconds, 1),
-        "seconds_total": round(time.perf_counter() - t0, 1), "note": "2 CPU threads, nothing else heavy running",
+        "faithfulness_search_prompts": (current_metric - empty) / (full - empty),
+        "search_prompts": args.search_prompts,
+        "candidates_tried": tried,
+        "candidates": len(candidates),
+        "evaluations": evaluations,
+        "edges_kept": int(final.sum()),
+        "faithfulness_heldout": float(heldout.faithfulness(final)),
+        "seconds_scores": round(t_scores, 1),
+        "seconds_search": round(search_seconds, 1),
+        "seconds_total": round(time.perf_counter() - t0, 1),
+        "note": "2 CPU threads, nothing else heavy running",
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_result(result, "group-removal")

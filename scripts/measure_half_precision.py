@@ -27,25 +27,48 @@ DTYPES = ("float32", "bfloat16")
 
 def run(dtype: str, edges: int, out: Path) -> dict:
     start = time.perf_counter()
-    subprocess.run([str(ROOT / ".venv" / "bin" / "circuits"), "discover", "--task", "ioi", "--method", "eap-ig",
-                    "--edges", str(edges), "--no-curve", "--no-roles", "--dtype", dtype, "--out", str(out)],
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            str(ROOT / ".venv" / "bin" / "circuits"),
+            "discover",
+            "--task",
+            "ioi",
+            "--method",
+            "eap-ig",
+            "--edges",
+            str(edges),
+            "--no-curve",
+            "--no-roles",
+            "--dtype",
+            dtype,
+            "--out",
+            str(out),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     summary = json.loads((out / "summary.json").read_text())
-    return {"dtype": dtype, "wall_s": round(time.perf_counter() - start, 1), "run_s": summary["seconds"],
-            "peak_memory_mb": summary["peak_memory_mb"], "faithfulness_heldout": summary["faithfulness"],
-            "edges_kept": summary["edges_kept"], "out": out}
+    return {
+        "dtype": dtype,
+        "wall_s": round(time.perf_counter() - start, 1),
+        "run_s": summary["seconds"],
+        "peak_memory_mb": summary["peak_memory_mb"],
+        "faithfulness_heldout": summary["faithfulness"],
+        "edges_kept": summary["edges_kept"],
+        "out": out,
+    }
 
 
 def main() -> None:
     import pandas as pd
     import torch
 
+    from circuitfinder.config import DiscoverConfig
     from circuitfinder.engine.adapter import load_unchecked
     from circuitfinder.engine.faithfulness import CircuitEvaluator
     from circuitfinder.engine.graph import EdgeGraph
     from circuitfinder.graphs.circuit import load_circuit
     from circuitfinder.graphs.tables import read_scores
-    from circuitfinder.config import DiscoverConfig
     from circuitfinder.runs.pipeline import build_run_task
 
     parser = argparse.ArgumentParser()
@@ -69,12 +92,17 @@ def main() -> None:
         top = 1000
         top_a, top_b = set(a.abs().topk(top).indices.tolist()), set(b.abs().topk(top).indices.tolist())
         result = {
-            "what": __doc__.split("\n\n")[0], "date": time.strftime("%Y-%m-%d"), "model": "smollm2-135m", "task": "ioi",
+            "what": __doc__.split("\n\n")[0],
+            "date": time.strftime("%Y-%m-%d"),
+            "model": "smollm2-135m",
+            "task": "ioi",
             "edges": args.edges,
             "runs": [{k: v for k, v in r.items() if k != "out"} for r in runs],
-            "scores": {"pearson": float(pd.Series(a.numpy()).corr(pd.Series(b.numpy()))),
-                       "spearman": float(pd.Series(a.numpy()).rank().corr(pd.Series(b.numpy()).rank())),  # Pearson of ranks
-                       f"top_{top}_overlap": len(top_a & top_b) / top},
+            "scores": {
+                "pearson": float(pd.Series(a.numpy()).corr(pd.Series(b.numpy()))),
+                "spearman": float(pd.Series(a.numpy()).rank().corr(pd.Series(b.numpy()).rank())),  # Pearson of ranks
+                f"top_{top}_overlap": len(top_a & top_b) / top,
+            },
             "circuits_shared_edges": int((masks["float32"] & masks["bfloat16"]).sum()),
             "faithfulness_heldout": faithfulness,
         }

@@ -25,11 +25,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 def main() -> None:
     import torch
-
     from benchmark import write_result
+
     from circuitfinder.engine.adapter import load_unchecked
-    from circuitfinder.methods.attribution import eap_ig
     from circuitfinder.engine.graph import EdgeGraph
+    from circuitfinder.methods.attribution import eap_ig
     from circuitfinder.methods.validation import correlations, exact_edge_effects, pick_edges
     from circuitfinder.tasks import build_task
 
@@ -43,8 +43,11 @@ def main() -> None:
     graph = EdgeGraph(model.shape)
     plain = build_task("ioi", model.tokenizer, n_pairs=args.pairs, seed=0)
     tasks = {"tokenizer's own (no BOS)": plain, "BOS prepended": plain.with_bos(model.tokenizer.bos_token_id)}
-    scores = {(prompts, rule): eap_ig(model, graph, task, steps=args.steps, ig_rule=rule)
-              for prompts, task in tasks.items() for rule in ("midpoint", "left")}
+    scores = {
+        (prompts, rule): eap_ig(model, graph, task, steps=args.steps, ig_rule=rule)
+        for prompts, task in tasks.items()
+        for rule in ("midpoint", "left")
+    }
     print(f"scores: {time.perf_counter() - started:.0f} s", flush=True)
     edges, _ = pick_edges(graph, scores[("tokenizer's own (no BOS)", "midpoint")], top=40, random=80, seed=0)
     rows = []
@@ -59,14 +62,23 @@ def main() -> None:
         return set(torch.topk(x[graph.allowed].abs(), k).indices.tolist())
 
     default, published = scores[("tokenizer's own (no BOS)", "midpoint")], scores[("BOS prepended", "left")]
-    apart = {**correlations(default[graph.allowed], published[graph.allowed]),
-             "top_1000_in_common": len(top(default) & top(published))}
-    result = {"model": "smollm2-135m", "task": "ioi", "discovery_prompts": len(plain.indices("discovery")),
-              "steps": args.steps, "edges": len(edges), "edge_sample": "top 40 by default scores + 80 random (seed 0)",
-              "against_exact_patching": rows, "default_vs_published_choices": apart,
-              "seconds": round(time.perf_counter() - started, 1),
-              "note": "2 CPU threads; nothing else heavy running",
-              "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    apart = {
+        **correlations(default[graph.allowed], published[graph.allowed]),
+        "top_1000_in_common": len(top(default) & top(published)),
+    }
+    result = {
+        "model": "smollm2-135m",
+        "task": "ioi",
+        "discovery_prompts": len(plain.indices("discovery")),
+        "steps": args.steps,
+        "edges": len(edges),
+        "edge_sample": "top 40 by default scores + 80 random (seed 0)",
+        "against_exact_patching": rows,
+        "default_vs_published_choices": apart,
+        "seconds": round(time.perf_counter() - started, 1),
+        "note": "2 CPU threads; nothing else heavy running",
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     write_result(result, "ig-rules")
 
 

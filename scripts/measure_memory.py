@@ -62,16 +62,15 @@ class Sampler:
 def one(model_name: str, batch: int, dtype_name: str = "float32") -> dict:
     """Measure one (model, dtype, batch) in this process."""
     import torch
+    import transformer_lens.model_bridge  # noqa: F401  (the plan's libraries: imported before the load)
+    import transformers  # noqa: F401
 
     import circuitfinder as cf
     from circuitfinder.engine.graph import EdgeGraph
-    from circuitfinder.engine.plan import memory_plan, shape_from_config
     from circuitfinder.engine.models import cache_root
-    from circuitfinder.methods.attribution import eap_ig
-
+    from circuitfinder.engine.plan import memory_plan, shape_from_config
     from circuitfinder.engine.precision import parse_dtype
-    import transformer_lens.model_bridge  # noqa: F401  (the plan's libraries: imported before the load)
-    import transformers  # noqa: F401
+    from circuitfinder.methods.attribution import eap_ig
 
     before_load = rss()
     with Sampler() as loading:
@@ -89,16 +88,28 @@ def one(model_name: str, batch: int, dtype_name: str = "float32") -> dict:
     seconds = time.perf_counter() - start
     measured = running.max - base  # the process started with next to nothing resident (~10 MB)
     peak = max(loading.max, running.max)
-    return {"model": model_name, "batch": batch, "positions": positions, "dtype": str(model.dtype).removeprefix("torch."),
-            "seconds": round(seconds, 2), "threads": torch.get_num_threads(),
-            "libraries_measured_bytes": before_load, "libraries_planned_bytes": plan.terms["libraries"],
-            "weights_loaded_bytes": loaded - before_load, "weights_planned_bytes": plan.loaded,
-            "load_peak_bytes": loading.max - before_load,
-            "load_peak_over_loaded": round((loading.max - before_load) / (loaded - before_load), 3),
-            "working_measured_bytes": measured, "working_planned_bytes": plan.working,
-            "planned_over_measured": round(plan.working / measured, 3),
-            "attribution_peak_bytes": running.max, "process_peak_bytes": peak, "planned_total_bytes": plan.total,
-            "total_planned_over_measured": round(plan.total / peak, 3), "terms": plan.terms}
+    return {
+        "model": model_name,
+        "batch": batch,
+        "positions": positions,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "seconds": round(seconds, 2),
+        "threads": torch.get_num_threads(),
+        "libraries_measured_bytes": before_load,
+        "libraries_planned_bytes": plan.terms["libraries"],
+        "weights_loaded_bytes": loaded - before_load,
+        "weights_planned_bytes": plan.loaded,
+        "load_peak_bytes": loading.max - before_load,
+        "load_peak_over_loaded": round((loading.max - before_load) / (loaded - before_load), 3),
+        "working_measured_bytes": measured,
+        "working_planned_bytes": plan.working,
+        "planned_over_measured": round(plan.working / measured, 3),
+        "attribution_peak_bytes": running.max,
+        "process_peak_bytes": peak,
+        "planned_total_bytes": plan.total,
+        "total_planned_over_measured": round(plan.total / peak, 3),
+        "terms": plan.terms,
+    }
 
 
 def main() -> int:
@@ -113,21 +124,38 @@ def main() -> int:
         return 0
     rows = []
     for model, dtype, batch in [(m, d, b) for m in args.models for d in args.dtypes for b in args.batches]:
-        out = subprocess.run([sys.executable, __file__, "--one", model, str(batch), dtype], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--one", model, str(batch), dtype], capture_output=True, text=True, check=True
+        )
         row = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(row)
-        print(f"{model} {dtype} batch {batch} ({row['positions']} positions): libraries {row['libraries_measured_bytes'] / 1e6:,.0f} MB, "
-              f"planned {row['libraries_planned_bytes'] / 1e6:,.0f} MB; working memory measured "
-              f"{row['working_measured_bytes'] / 1e6:,.0f} MB, planned {row['working_planned_bytes'] / 1e6:,.0f} MB "
-              f"(ratio {row['planned_over_measured']}); weights loaded {row['weights_loaded_bytes'] / 1e6:,.0f} MB, "
-              f"planned {row['weights_planned_bytes'] / 1e6:,.0f} MB, peak while loading {row['load_peak_bytes'] / 1e6:,.0f} MB; process peak {row['process_peak_bytes'] / 1e6:,.0f} MB, "
-              f"planned total {row['planned_total_bytes'] / 1e6:,.0f} MB (ratio {row['total_planned_over_measured']})", flush=True)
+        print(
+            f"{model} {dtype} batch {batch} ({row['positions']} positions): "
+            f"libraries {row['libraries_measured_bytes'] / 1e6:,.0f} MB, "
+            f"planned {row['libraries_planned_bytes'] / 1e6:,.0f} MB; working memory measured "
+            f"{row['working_measured_bytes'] / 1e6:,.0f} MB, planned {row['working_planned_bytes'] / 1e6:,.0f} MB "
+            f"(ratio {row['planned_over_measured']}); weights loaded {row['weights_loaded_bytes'] / 1e6:,.0f} MB, "
+            f"planned {row['weights_planned_bytes'] / 1e6:,.0f} MB, "
+            f"peak while loading {row['load_peak_bytes'] / 1e6:,.0f} MB; "
+            f"process peak {row['process_peak_bytes'] / 1e6:,.0f} MB, "
+            f"planned total {row['planned_total_bytes'] / 1e6:,.0f} MB (ratio {row['total_planned_over_measured']})",
+            flush=True,
+        )
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     path = ROOT / "outputs" / "benchmarks" / f"memory-{stamp}.json"
-    path.write_text(json.dumps({"when": stamp, "what": "EAP-IG (5 steps), one IOI batch, fresh process per row; "
-                                "working memory = peak resident memory above the memory before attribution; "
-                                "process peak = the largest resident memory over the load and attribution",
-                                "rows": rows}, indent=1) + "\n")
+    path.write_text(
+        json.dumps(
+            {
+                "when": stamp,
+                "what": "EAP-IG (5 steps), one IOI batch, fresh process per row; "
+                "working memory = peak resident memory above the memory before attribution; "
+                "process peak = the largest resident memory over the load and attribution",
+                "rows": rows,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"wrote {path}")
     return 0
 

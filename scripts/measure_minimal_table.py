@@ -47,27 +47,45 @@ def measure(run_dir: Path, adapters: dict) -> dict:
     found = search_size(heldout, scores, reached)
     smallest = heldout.prune(top_edges(graph, scores, found.n_edges))
     return {
-        "run": str(run_dir), "task": config.task, "model": config.model, "method": config.method,
-        "edges": edges, "nodes": summary["nodes_kept"], "faithfulness_heldout": reached,
-        "meets_target": summary["meets_target"], "minutes": round(summary["seconds"] / 60, 1),
-        "top_n_same_size": {"top_n": edges, "edges_kept": int(same_size.sum()),
-                            "faithfulness_heldout": heldout.faithfulness(same_size)},
-        "top_n_same_faithfulness": {"top_n": found.n_edges, "edges_kept": int(smallest.sum()), "reached": found.reached,
-                                    "faithfulness_heldout": heldout.faithfulness(smallest)},
+        "run": str(run_dir),
+        "task": config.task,
+        "model": config.model,
+        "method": config.method,
+        "edges": edges,
+        "nodes": summary["nodes_kept"],
+        "faithfulness_heldout": reached,
+        "meets_target": summary["meets_target"],
+        "minutes": round(summary["seconds"] / 60, 1),
+        "top_n_same_size": {
+            "top_n": edges,
+            "edges_kept": int(same_size.sum()),
+            "faithfulness_heldout": heldout.faithfulness(same_size),
+        },
+        "top_n_same_faithfulness": {
+            "top_n": found.n_edges,
+            "edges_kept": int(smallest.sum()),
+            "reached": found.reached,
+            "faithfulness_heldout": heldout.faithfulness(smallest),
+        },
     }
 
 
 def row(r: dict) -> str:
     same, small = r["top_n_same_size"], r["top_n_same_faithfulness"]
     flag = "" if r["meets_target"] else " (below the target)"
-    reach = f"{small['edges_kept']:,} edges ({small['faithfulness_heldout']:.3f})" if small["reached"] else "none reaches it"
-    return (f"| {r['task']} | {r['model']} | {r['edges']:,} | {r['nodes']} | {r['faithfulness_heldout']:.3f}{flag} | "
-            f"{r['minutes']:.0f} | {same['faithfulness_heldout']:.3f} | {reach} |")
+    reach = (
+        f"{small['edges_kept']:,} edges ({small['faithfulness_heldout']:.3f})"
+        if small["reached"]
+        else "none reaches it"
+    )
+    return (
+        f"| {r['task']} | {r['model']} | {r['edges']:,} | {r['nodes']} | {r['faithfulness_heldout']:.3f}{flag} | "
+        f"{r['minutes']:.0f} | {same['faithfulness_heldout']:.3f} | {reach} |"
+    )
 
 
 def main() -> None:
     import torch
-
     from benchmark import write_result
 
     parser = argparse.ArgumentParser()
@@ -77,8 +95,10 @@ def main() -> None:
     adapters: dict = {}
     results = [measure(run, adapters) for run in args.runs]
     write_result({"runs": results}, "minimal-table")
-    print("| task | model | edges | nodes | held-out faithfulness | minutes | attribution's top-N of the same size | "
-          "attribution's smallest top-N at the same faithfulness |")
+    print(
+        "| task | model | edges | nodes | held-out faithfulness | minutes | attribution's top-N of the same size | "
+        "attribution's smallest top-N at the same faithfulness |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         print(row(r))

@@ -53,12 +53,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "scripts")]
 
 
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Callable  # noqa: E402
+
 import torch  # noqa: E402
 
 from circuitfinder.engine.graph import EdgeGraph  # noqa: E402
 from circuitfinder.engine.masks import Mask, prune  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Callable  # noqa: E402
 
 Attribute = Callable[[Mask], tuple[torch.Tensor, float]]  # circuit -> (scores at it, its metric)
 Measure = Callable[[Mask], float]  # circuit -> its metric, exactly
@@ -75,8 +76,13 @@ class PruningState:
 
     def to_json(self) -> dict:
         edges = torch.nonzero(self.circuit).tolist()
-        return {"edges": edges, "shape": list(self.circuit.shape), "metric": self.metric,
-                "fraction": self.fraction, "rounds": self.rounds}
+        return {
+            "edges": edges,
+            "shape": list(self.circuit.shape),
+            "metric": self.metric,
+            "fraction": self.fraction,
+            "rounds": self.rounds,
+        }
 
     @classmethod
     def from_json(cls, data: dict, graph: EdgeGraph) -> "PruningState":
@@ -111,10 +117,17 @@ def removal(circuit: Mask, scores: torch.Tensor, most: int, low: float, high: fl
 MARGIN = 0.5  # of the room left in the band that a round's estimated change may use
 
 
-def iterative_pruning(graph: EdgeGraph, attribute: Attribute, measure: Measure, start: Mask, band: tuple[float, float],
-                      fraction: float = 0.5, state: PruningState | None = None,
-                      on_round: Callable[[PruningState], None] | None = None,
-                      ablation_is_run: bool = True) -> tuple[PruningState, torch.Tensor]:
+def iterative_pruning(
+    graph: EdgeGraph,
+    attribute: Attribute,
+    measure: Measure,
+    start: Mask,
+    band: tuple[float, float],
+    fraction: float = 0.5,
+    state: PruningState | None = None,
+    on_round: Callable[[PruningState], None] | None = None,
+    ablation_is_run: bool = True,
+) -> tuple[PruningState, torch.Tensor]:
     """Prune ``start`` while its metric stays within ``band`` (see the module docstring).
 
     Returns:
@@ -153,13 +166,12 @@ def iterative_pruning(graph: EdgeGraph, attribute: Attribute, measure: Measure, 
 
 def main() -> None:
     import torch
-
     from benchmark import write_result
+
     from circuitfinder.engine.adapter import load_unchecked
     from circuitfinder.engine.faithfulness import CircuitEvaluator
     from circuitfinder.engine.graph import EdgeGraph
-    from circuitfinder.engine.masks import node_count
-    from circuitfinder.engine.masks import top_edges
+    from circuitfinder.engine.masks import node_count, top_edges
     from circuitfinder.methods.attribution import attribute_circuit, eap_ig
     from circuitfinder.tasks import build_task
 
@@ -170,7 +182,9 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.5)
     parser.add_argument("--n-pairs", type=int, default=128)
     parser.add_argument("--prompts", type=int, default=None, help="discovery prompts measured (default all)")
-    parser.add_argument("--attribute-prompts", type=int, default=None, help="discovery prompts attributed (default all)")
+    parser.add_argument(
+        "--attribute-prompts", type=int, default=None, help="discovery prompts attributed (default all)"
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--start-edges", type=int, default=None, help="start from EAP-IG's top N (default: every edge)")
     args = parser.parse_args()
@@ -181,8 +195,11 @@ def main() -> None:
     task = build_task(args.task, model.tokenizer, n_pairs=args.n_pairs, seed=0)
     t_load = time.perf_counter() - t0
     discovery = CircuitEvaluator(model, graph, task, "discovery", args.batch_size, limit=args.prompts)
-    attributing = discovery if args.attribute_prompts is None else CircuitEvaluator(
-        model, graph, task, "discovery", args.batch_size, limit=args.attribute_prompts)
+    attributing = (
+        discovery
+        if args.attribute_prompts is None
+        else CircuitEvaluator(model, graph, task, "discovery", args.batch_size, limit=args.attribute_prompts)
+    )
     heldout = CircuitEvaluator(model, graph, task, "heldout", args.batch_size)
     b = discovery.baseline
     slack = (1 - args.target) * abs(b.clean - b.corrupted)
@@ -205,8 +222,11 @@ def main() -> None:
     def on_round(state):
         r = state.rounds[-1]
         f = (r["metric"] - b.corrupted) / (b.clean - b.corrupted)
-        print(f"{time.perf_counter() - t0:6.0f} s  {r['edges']:>6,} → {r['tried']:>6,}: faithfulness {f:.3f} "
-              f"{'kept' if r['accepted'] else 'refused'}", flush=True)
+        print(
+            f"{time.perf_counter() - t0:6.0f} s  {r['edges']:>6,} → {r['tried']:>6,}: faithfulness {f:.3f} "
+            f"{'kept' if r['accepted'] else 'refused'}",
+            flush=True,
+        )
 
     start = graph.allowed.clone()
     if args.start_edges:
@@ -217,14 +237,25 @@ def main() -> None:
     t_search = time.perf_counter() - t1
     held = heldout.faithfulness(state.circuit)
     result = {
-        "model": args.model, "task": args.task, "target": args.target, "fraction": args.fraction,
-        "prompts_discovery": discovery.n, "prompts_heldout": heldout.n,
-        "start_edges": args.start_edges, "attribute_prompts": args.attribute_prompts, "edges": int(state.circuit.sum()), "nodes": node_count(graph, state.circuit),
+        "model": args.model,
+        "task": args.task,
+        "target": args.target,
+        "fraction": args.fraction,
+        "prompts_discovery": discovery.n,
+        "prompts_heldout": heldout.n,
+        "start_edges": args.start_edges,
+        "attribute_prompts": args.attribute_prompts,
+        "edges": int(state.circuit.sum()),
+        "nodes": node_count(graph, state.circuit),
         "faithfulness_discovery": (state.metric - b.corrupted) / (b.clean - b.corrupted),
-        "faithfulness_heldout": held, "rounds": len(state.rounds),
-        "seconds_load": round(t_load, 1), "seconds_search": round(t_search, 1),
-        "seconds_attribute": round(timing["attribute"], 1), "seconds_measure": round(timing["measure"], 1),
-        "seconds_total": round(time.perf_counter() - t0, 1), "log": state.rounds,
+        "faithfulness_heldout": held,
+        "rounds": len(state.rounds),
+        "seconds_load": round(t_load, 1),
+        "seconds_search": round(t_search, 1),
+        "seconds_attribute": round(timing["attribute"], 1),
+        "seconds_measure": round(timing["measure"], 1),
+        "seconds_total": round(time.perf_counter() - t0, 1),
+        "log": state.rounds,
     }
     write_result(result, f"pruning-{args.model}-{args.task}")
 

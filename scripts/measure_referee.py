@@ -26,20 +26,34 @@ from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = {"float32": ["--dtype", "float32"], "bfloat16": ["--dtype", "bfloat16"],
-            "bfloat16-alone": ["--dtype", "bfloat16", "--no-referee"]}
+VARIANTS = {
+    "float32": ["--dtype", "float32"],
+    "bfloat16": ["--dtype", "bfloat16"],
+    "bfloat16-alone": ["--dtype", "bfloat16", "--no-referee"],
+}
 
 
 def record(run_dir: Path, wall: float | None) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     search = summary["search"] or {}
-    edges = sorted(f"{e['sender']}->{e['receiver']}" for e in json.loads((run_dir / "circuit.json").read_text())["edges"])
-    return {"edges_kept": summary["edges_kept"], "nodes_kept": summary["nodes_kept"],
-            "faithfulness_heldout": summary["faithfulness"], "faithfulness_dtype": summary["dtype"],
-            "tau": search.get("tau"), "circuits_evaluated": search.get("circuits_evaluated"),
-            "search_s": search.get("seconds"), "run_s": summary["seconds"], "wall_s": wall,
-            "peak_memory_mb": summary["peak_memory_mb"], "precision": summary.get("precision"),
-            "referee": search.get("referee"), "edges": edges}
+    edges = sorted(
+        f"{e['sender']}->{e['receiver']}" for e in json.loads((run_dir / "circuit.json").read_text())["edges"]
+    )
+    return {
+        "edges_kept": summary["edges_kept"],
+        "nodes_kept": summary["nodes_kept"],
+        "faithfulness_heldout": summary["faithfulness"],
+        "faithfulness_dtype": summary["dtype"],
+        "tau": search.get("tau"),
+        "circuits_evaluated": search.get("circuits_evaluated"),
+        "search_s": search.get("seconds"),
+        "run_s": summary["seconds"],
+        "wall_s": wall,
+        "peak_memory_mb": summary["peak_memory_mb"],
+        "precision": summary.get("precision"),
+        "referee": search.get("referee"),
+        "edges": edges,
+    }
 
 
 def main() -> None:
@@ -58,24 +72,50 @@ def main() -> None:
                 continue
             out = Path(scratch) / variant
             start = time.perf_counter()
-            subprocess.run([str(ROOT / ".venv" / "bin" / "circuits"), "discover", "--task", "ioi", *VARIANTS[variant],
-                            *extra, "--out", str(out)], check=True, stdout=subprocess.DEVNULL, cwd=scratch)
+            subprocess.run(
+                [
+                    str(ROOT / ".venv" / "bin" / "circuits"),
+                    "discover",
+                    "--task",
+                    "ioi",
+                    *VARIANTS[variant],
+                    *extra,
+                    "--out",
+                    str(out),
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                cwd=scratch,
+            )
             results[variant] = record(out, round(time.perf_counter() - start, 1)) | {"measured": "this script"}
             print(variant, {k: v for k, v in results[variant].items() if k != "edges"}, flush=True)
     reference = set(results["float32"]["edges"]) if "float32" in results else None
     for r in results.values():
         r["same_circuit_as_float32"] = None if reference is None else set(r["edges"]) == reference
-        r["faithfulness_minus_float32"] = (None if reference is None else
-                                           r["faithfulness_heldout"] - results["float32"]["faithfulness_heldout"])
+        r["faithfulness_minus_float32"] = (
+            None if reference is None else r["faithfulness_heldout"] - results["float32"]["faithfulness_heldout"]
+        )
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     path = ROOT / "outputs" / "benchmarks" / f"referee-{stamp}.json"
-    path.write_text(json.dumps({
-        "what": "The default search (SmolLM2 IOI, acdc-groups) in float32, in bfloat16 refereed in float32, and in "
-                "bfloat16 alone; each in a process of its own, one after another",
-        "date": stamp, "tau": args.tau, "runs": results}, indent=1) + "\n")
+    path.write_text(
+        json.dumps(
+            {
+                "what": "The default search (SmolLM2 IOI, acdc-groups) in float32, in bfloat16 refereed in float32, "
+                "and in bfloat16 alone; each in a process of its own, one after another",
+                "date": stamp,
+                "tau": args.tau,
+                "runs": results,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     for name, r in results.items():
-        print(f"{name:<15} {r['edges_kept']:>4} edges  faithfulness {r['faithfulness_heldout']:.4f} ({r['faithfulness_dtype']})"
-              f"  same as float32: {r['same_circuit_as_float32']}  run {r['run_s']:.0f} s  peak {r['peak_memory_mb']:.0f} MB")
+        print(
+            f"{name:<15} {r['edges_kept']:>4} edges  faithfulness {r['faithfulness_heldout']:.4f} "
+            f"({r['faithfulness_dtype']})  same as float32: {r['same_circuit_as_float32']}  run {r['run_s']:.0f} s  "
+            f"peak {r['peak_memory_mb']:.0f} MB"
+        )
     print(f"wrote {path}")
 
 

@@ -7,8 +7,9 @@ tracr-P --method M``; 32 pairs, float64, counterfactual patching, the check at l
 search without scores of its own is graded by its circuit alone), precision, recall, the circuit's
 size and its held-out faithfulness. Each run is graded twice: against the true circuit (the
 edges that carry the input) and against every edge the weights connect (``tracr-P-weights``,
-position-fixed attention patterns included: the kind of reference ACDC's published figures use). ACDC is run as Conmy et al. ran it, over the whole graph
-(``--seed-method none``), and seeded by EAP-IG as the product runs it.
+position-fixed attention patterns included: the kind of reference ACDC's published figures use).
+ACDC is run as Conmy et al. ran it, over the whole graph (``--seed-method none``), and seeded by
+EAP-IG as the product runs it.
 
 Writes ``outputs/benchmarks/tracr-table-TIME.json`` and prints the Markdown table.
 
@@ -37,21 +38,37 @@ METHODS = {  # label: DiscoverConfig settings
 
 
 def measure(program: str, settings: dict, scratch: Path) -> dict:
-    from circuitfinder.graphs.grading import grade_circuit
     from circuitfinder.config import DiscoverConfig
+    from circuitfinder.graphs.grading import grade_circuit
     from circuitfinder.runs.run import run_config
 
-    config = DiscoverConfig.from_options(task=program, model=program, n_pairs=32, batch_size=16, dtype="float64", roles=False,
-                            search_prompts=16, **settings)
+    config = DiscoverConfig.from_options(
+        task=program,
+        model=program,
+        n_pairs=32,
+        batch_size=16,
+        dtype="float64",
+        roles=False,
+        search_prompts=16,
+        **settings,
+    )
     start = time.perf_counter()
     run = run_config(config, out=scratch / f"{program}-{settings['method']}-{settings.get('seed_method', '')}")
     seconds = time.perf_counter() - start
-    row = {"program": program, **settings, "seconds": round(seconds, 2), "edges": run.summary.edges_kept,
-           "faithfulness_heldout": run.summary.faithfulness}
+    row = {
+        "program": program,
+        **settings,
+        "seconds": round(seconds, 2),
+        "edges": run.summary.edges_kept,
+        "faithfulness_heldout": run.summary.faithfulness,
+    }
     for reference, prefix in ((program, ""), (f"{program}-weights", "weights_")):
         graded = grade_circuit(run.circuit, reference)
-        row |= {f"{prefix}{level}_{k}": graded[level].get(k) for level in ("edges", "nodes")
-                for k in ("roc_auc", "precision", "recall")}
+        row |= {
+            f"{prefix}{level}_{k}": graded[level].get(k)
+            for level in ("edges", "nodes")
+            for k in ("roc_auc", "precision", "recall")
+        }
     return row
 
 
@@ -86,8 +103,10 @@ def print_table(rows: list[dict], prefix: str) -> None:
         cells = []
         for p in programs:
             r = next(r for r in rows if r["label"] == label and r["program"] == p)
-            cell = (f"{fmt(r[prefix + 'edges_roc_auc'])} / {fmt(r[prefix + 'nodes_roc_auc'])} "
-                    f"(P {r[prefix + 'edges_precision']:.2f}, R {r[prefix + 'edges_recall']:.2f}")
+            cell = (
+                f"{fmt(r[prefix + 'edges_roc_auc'])} / {fmt(r[prefix + 'nodes_roc_auc'])} "
+                f"(P {r[prefix + 'edges_precision']:.2f}, R {r[prefix + 'edges_recall']:.2f}"
+            )
             cells.append(cell + (f"; {r['edges']} edges, F {r['faithfulness_heldout']:.3f})" if not prefix else ")"))
         print(f"| {label} | " + " | ".join(cells) + " |")
 

@@ -44,14 +44,30 @@ def main() -> int:
         start = time.perf_counter()
         got = ray_scores(partial(load_model, args.model, check=False), eap_ig, task, 8, workers, steps=args.steps)
         diff = float((got - want).abs().max()) / scale
-        rows.append({"workers": workers, "seconds": round(time.perf_counter() - start, 1), "max_relative_difference": diff})
-        print(f"{workers} worker(s): max |difference| / max |score| = {diff:.2e}, {rows[-1]['seconds']} s "
-              f"(one process: {rows[0]['seconds']} s)", flush=True)
+        rows.append(
+            {"workers": workers, "seconds": round(time.perf_counter() - start, 1), "max_relative_difference": diff}
+        )
+        print(
+            f"{workers} worker(s): max |difference| / max |score| = {diff:.2e}, {rows[-1]['seconds']} s "
+            f"(one process: {rows[0]['seconds']} s)",
+            flush=True,
+        )
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     path = ROOT / "outputs" / "benchmarks" / f"workers-{stamp}.json"
-    path.write_text(json.dumps({"when": stamp, "model": args.model, "pairs": args.pairs, "steps": args.steps,
-                                "what": "EAP-IG, IOI discovery prompts, batches of 8; Ray times include start-up and loading",
-                                "rows": rows}, indent=1) + "\n")
+    path.write_text(
+        json.dumps(
+            {
+                "when": stamp,
+                "model": args.model,
+                "pairs": args.pairs,
+                "steps": args.steps,
+                "what": "EAP-IG, IOI discovery prompts, batches of 8; Ray times include start-up and loading",
+                "rows": rows,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"wrote {path}")
     return 0
 

@@ -27,16 +27,25 @@ def main() -> int:
     chromium = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
     driver_path = shutil.which("chromedriver")
     if not (chromium and driver_path) or not args.page.is_file():
-        print("needs chromium, chromedriver and an existing page" if args.page.is_file() else f"{args.page}: no such page",
-              file=sys.stderr)
+        print(
+            "needs chromium, chromedriver and an existing page"
+            if args.page.is_file()
+            else f"{args.page}: no such page",
+            file=sys.stderr,
+        )
         return 2
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                f"--window-size={args.width},{args.height}"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        f"--window-size={args.width},{args.height}",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     try:
@@ -48,7 +57,9 @@ def main() -> int:
                 return 1
             time.sleep(0.1)
         if args.node:
-            driver.execute_script("const n = window.explorer.cy.getElementById(arguments[0]); n.emit('tap');", args.node)
+            driver.execute_script(
+                "const n = window.explorer.cy.getElementById(arguments[0]); n.emit('tap');", args.node
+            )
             time.sleep(0.5)
         driver.save_screenshot(str(args.out))
     finally:

@@ -25,8 +25,9 @@ up to a relative var(r)/(2E) ≈ |x|²/(D·E), below 1e-11 for E = 1e12. This ho
 combination of senders, patched, zeroed or averaged, so every ablation sees tracr's function.
 The MLPs use ``relu``; W_Q and b_Q carry tracr's 1/sqrt(key_size) times sqrt(head_dim), undoing
 GPT-2's own 1/sqrt(head_dim) (with ``scale_attn_weights`` off and the scale in W_Q alone, the
-model matched tracr but ran differently through TransformerLens's bridge; see docs/measurements/ground-truth.md); heads are zero-padded to head_dim; the unembedding is untied: the
-logit of output token t reads tracr's output dimension for t (categorical), and the logit of the
+model matched tracr but ran differently through TransformerLens's bridge; see
+docs/measurements/ground-truth.md); heads are zero-padded to head_dim; the unembedding is untied:
+the logit of output token t reads tracr's output dimension for t (categorical), and the logit of the
 token ``=`` reads a numerical output. Causal attention (tracr's ``causal=True``).
 
 **True circuit** (the rule, applied to tracr's weights in its residual basis): a sender writes the
@@ -40,8 +41,9 @@ embedding's dimensions that are the same on every input of the task's length are
 then all it writes varies. An edge s → r (slot) is true when r's slot reads a varying dimension
 that s writes, and it lies on a path to the logits. A categorical variable (one-hot over its
 values) whose value rows in a reader's weights are all equal is not read: its read is the same
-whatever the value (reverse's ``length`` selector, Select(tokens, tokens, TRUE), reads tokens so). This keeps the edges that carry the input,
-the circuit that patching and attribution can see; the edges of attention patterns fixed by
+whatever the value (reverse's ``length`` selector, Select(tokens, tokens, TRUE), reads tokens so).
+This keeps the edges that carry the input, the circuit that patching and attribution can see; the
+edges of attention patterns fixed by
 position alone (e.g. frac_prevs' query and key, reading ``one``, ``indices`` and ``tokens:BOS``)
 are left out. ACDC's tracr references (Conmy et al. 2023, from zero-ablation runs) keep them;
 auto-circuit's (Miller et al. 2024) leave them out, as here. The count of edges without the
@@ -94,20 +96,31 @@ def _reverse():
 
 
 PROGRAMS = {
-    "frac_prevs": (lambda: lib.make_frac_prevs(rasp.tokens == "x"), ["w", "x", "y", "z"],
-                   "tracr make_frac_prevs(tokens == 'x'): the fraction of the tokens so far that are x (ACDC's tracr-proportion)"),
-    "reverse": (_reverse, [1, 2, 3],
-                "Aggregate(Select(indices, length - indices - 1, EQ), tokens), length = SelectorWidth (ACDC's tracr-reverse); causal"),
-    "pair_balance": (lambda: lib.make_pair_balance(rasp.tokens, "(", ")"), ["(", ")", "a"],
-                     "tracr make_pair_balance(tokens, '(', ')'): frac_prevs of '(' minus frac_prevs of ')'"),
+    "frac_prevs": (
+        lambda: lib.make_frac_prevs(rasp.tokens == "x"),
+        ["w", "x", "y", "z"],
+        "tracr make_frac_prevs(tokens == 'x'): the fraction of the tokens so far that are x (ACDC's tracr-proportion)",
+    ),
+    "reverse": (
+        _reverse,
+        [1, 2, 3],
+        "Aggregate(Select(indices, length - indices - 1, EQ), tokens), length = SelectorWidth (ACDC's tracr-reverse); "
+        "causal",
+    ),
+    "pair_balance": (
+        lambda: lib.make_pair_balance(rasp.tokens, "(", ")"),
+        ["(", ")", "a"],
+        "tracr make_pair_balance(tokens, '(', ')'): frac_prevs of '(' minus frac_prevs of ')'",
+    ),
 }
 
 
 def compile_program(name: str):
     make, vocab, _ = PROGRAMS[name]
     program = make()
-    model = compiling.compile_rasp_to_model(program, vocab=set(vocab), max_seq_len=MAX_SEQ_LEN, compiler_bos="BOS",
-                                            causal=True)
+    model = compiling.compile_rasp_to_model(
+        program, vocab=set(vocab), max_seq_len=MAX_SEQ_LEN, compiler_bos="BOS", causal=True
+    )
     model.output_space_label = program.label  # the output's residual labels are named after it
     return model
 
@@ -142,7 +155,7 @@ def convert(model) -> tuple[GPT2Config, dict, dict]:
 
     def write(w):  # a writer [.., d] -> [.., D]: [w, -w, 0]
         out = np.zeros(w.shape[:-1] + (D,))
-        out[..., :d], out[..., d:2 * d] = w, -w
+        out[..., :d], out[..., d : 2 * d] = w, -w
         return out
 
     def read(w):  # a reader [d, k] -> [D, k]: the + half
@@ -157,7 +170,7 @@ def convert(model) -> tuple[GPT2Config, dict, dict]:
 
     sd = {}
     wte = np.zeros((V, D))
-    wte[:P["token_embed"]["embeddings"].shape[0]] = write(P["token_embed"]["embeddings"])
+    wte[: P["token_embed"]["embeddings"].shape[0]] = write(P["token_embed"]["embeddings"])
     sd["transformer.wte.weight"] = wte
     sd["transformer.wpe.weight"] = write(P["pos_embed"]["embeddings"])
     gamma = math.sqrt(EPSILON)
@@ -187,11 +200,25 @@ def convert(model) -> tuple[GPT2Config, dict, dict]:
     for value, index in outputs.items():
         lm[words[value], index] = 1.0
     sd["lm_head.weight"] = lm
-    config = GPT2Config(n_layer=L, n_head=H, n_embd=D, n_inner=hidden, n_positions=MAX_SEQ_LEN + 1, vocab_size=V,
-                        activation_function="relu", layer_norm_epsilon=EPSILON,
-                        tie_word_embeddings=False, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
-                        bos_token_id=words["BOS"], eos_token_id=words["BOS"], pad_token_id=words["compiler_pad"],
-                        architectures=["GPT2LMHeadModel"], torch_dtype="float64")
+    config = GPT2Config(
+        n_layer=L,
+        n_head=H,
+        n_embd=D,
+        n_inner=hidden,
+        n_positions=MAX_SEQ_LEN + 1,
+        vocab_size=V,
+        activation_function="relu",
+        layer_norm_epsilon=EPSILON,
+        tie_word_embeddings=False,
+        attn_pdrop=0.0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        bos_token_id=words["BOS"],
+        eos_token_id=words["BOS"],
+        pad_token_id=words["compiler_pad"],
+        architectures=["GPT2LMHeadModel"],
+        torch_dtype="float64",
+    )
     return config, {k: torch.tensor(v, dtype=torch.float64) for k, v in sd.items()}, words
 
 
@@ -230,11 +257,19 @@ def true_edges(model, vary_filter: bool = True) -> list[tuple[str, str, str]]:
         a = f"transformer/layer_{l}/attn/"
         for h in range(H):
             cols = slice(h * dk, (h + 1) * dk)
-            qk = P[a + "query"]["w"][:, cols] @ P[a + "key"]["w"][:, cols].T  # [query dim, key dim]: the scores' bilinear form
-            reads = {"q": informative_rows(qk), "k": informative_rows(qk.T), "v": informative_rows(P[a + "value"]["w"][:, cols])}
+            qk = (
+                P[a + "query"]["w"][:, cols] @ P[a + "key"]["w"][:, cols].T
+            )  # [query dim, key dim]: the scores' bilinear form
+            reads = {
+                "q": informative_rows(qk),
+                "k": informative_rows(qk.T),
+                "v": informative_rows(P[a + "value"]["w"][:, cols]),
+            }
             components.append((f"a{l}.h{h}", reads, nonzero_cols(P[a + "linear"]["w"][cols])))
         f = f"transformer/layer_{l}/mlp/"
-        components.append((f"m{l}", {"": informative_rows(P[f + "linear_1"]["w"])}, nonzero_cols(P[f + "linear_2"]["w"])))
+        components.append(
+            (f"m{l}", {"": informative_rows(P[f + "linear_1"]["w"])}, nonzero_cols(P[f + "linear_2"]["w"]))
+        )
     components.append(("logits", {"": set(outputs.values())}, set()))
     edges = []
     for name, reads, writes in components:
@@ -260,22 +295,40 @@ def reference_json(name: str, model, n_heads: int, by_weights: bool = False) -> 
     edges, weights_only = true_edges(model), true_edges(model, vary_filter=False)
     shown = weights_only if by_weights else edges
     nodes = sorted({n for e in shown for n in e[:2]})
-    rule = ("an edge connects a residual dimension its sender writes to one its receiver reads, on a path to the logits "
-            "(varying or not: attention patterns fixed by position included, as in ACDC's references)" if by_weights else
-            "an edge carries a residual dimension that varies between inputs of one length, on a path to the logits")
+    rule = (
+        "an edge connects a residual dimension its sender writes to one its receiver reads, on a path to the logits "
+        "(varying or not: attention patterns fixed by position included, as in ACDC's references)"
+        if by_weights
+        else "an edge carries a residual dimension that varies between inputs of one length, on a path to the logits"
+    )
     return {
-        "schema": "circuits/reference", "version": 1, "name": f"tracr-{name}" + ("-weights" if by_weights else ""),
-        "task": f"tracr-{name}", "model": f"tracr-{name}", "n_layers": model.model_config.num_layers,
-        "n_heads": n_heads, "n_kv_groups": n_heads,
-        "title": (f"tracr {name}: every edge its compiled weights connect ({len(shown)} edges)" if by_weights else
-                  f"tracr {name}: the circuit compiled from its RASP program ({len(shown)} edges)"),
-        "citation": ("Lindner et al. 2023, Tracr: Compiled Transformers as a Laboratory for Interpretability "
-                     "(arXiv:2301.05062); edges by the rule of scripts/tracr_compile.py"
-                     + (" without the varying filter" if by_weights else " (the edges that carry the input)")),
-        "classes": [], "groups": {n: [n] for n in nodes},
+        "schema": "circuits/reference",
+        "version": 1,
+        "name": f"tracr-{name}" + ("-weights" if by_weights else ""),
+        "task": f"tracr-{name}",
+        "model": f"tracr-{name}",
+        "n_layers": model.model_config.num_layers,
+        "n_heads": n_heads,
+        "n_kv_groups": n_heads,
+        "title": (
+            f"tracr {name}: every edge its compiled weights connect ({len(shown)} edges)"
+            if by_weights
+            else f"tracr {name}: the circuit compiled from its RASP program ({len(shown)} edges)"
+        ),
+        "citation": (
+            "Lindner et al. 2023, Tracr: Compiled Transformers as a Laboratory for Interpretability "
+            "(arXiv:2301.05062); edges by the rule of scripts/tracr_compile.py"
+            + (" without the varying filter" if by_weights else " (the edges that carry the input)")
+        ),
+        "classes": [],
+        "groups": {n: [n] for n in nodes},
         "connections": [{"from": s, "to": r, "slots": slot or "qkv"} for s, r, slot in shown],
-        "published": {"weights_only_edges": len(weights_only), "true_edges": len(edges), "program": PROGRAMS[name][2],
-                      "rule": rule},
+        "published": {
+            "weights_only_edges": len(weights_only),
+            "true_edges": len(edges),
+            "program": PROGRAMS[name][2],
+            "rule": rule,
+        },
     }
 
 
@@ -286,17 +339,22 @@ def tracr_outputs(model, vocab) -> list[dict]:
     for length in range(1, MAX_SEQ_LEN):
         for seq in itertools.product(vocab, repeat=length):
             residual = np.asarray(model.apply(["BOS", *seq]).transformer_output, dtype=np.float64)[0]
-            rows.append({"input": [str(t) for t in seq],
-                         "outputs": {v: residual[:, i].tolist() for v, i in outputs.items()},
-                         "decoded": [None if x is None else str(x) for x in model.apply(["BOS", *seq]).decoded[1:]]})
+            rows.append(
+                {
+                    "input": [str(t) for t in seq],
+                    "outputs": {v: residual[:, i].tolist() for v, i in outputs.items()},
+                    "decoded": [None if x is None else str(x) for x in model.apply(["BOS", *seq]).decoded[1:]],
+                }
+            )
     return rows
 
 
 def tokenizer(words: dict, folder: Path) -> None:
     tk = Tokenizer(models.WordLevel(words, unk_token="compiler_pad"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="BOS", pad_token="compiler_pad",
-                            unk_token="compiler_pad").save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="BOS", pad_token="compiler_pad", unk_token="compiler_pad"
+    ).save_pretrained(folder)
 
 
 def main(names: list[str]) -> None:
@@ -310,19 +368,33 @@ def main(names: list[str]) -> None:
         tokenizer(words, folder)
         kind, outputs = output_dims(model)
         vocab = PROGRAMS[name][1]
-        program = {"program": name, "description": PROGRAMS[name][2], "vocabulary": [str(v) for v in vocab],
-                   "max_seq_len": MAX_SEQ_LEN, "output": kind, "output_tokens": list(outputs),
-                   "residual_labels": [str(label) for label in model.residual_labels],
-                   "layer_norm_epsilon": EPSILON, "tracr": tracr_outputs(model, vocab)}
+        program = {
+            "program": name,
+            "description": PROGRAMS[name][2],
+            "vocabulary": [str(v) for v in vocab],
+            "max_seq_len": MAX_SEQ_LEN,
+            "output": kind,
+            "output_tokens": list(outputs),
+            "residual_labels": [str(label) for label in model.residual_labels],
+            "layer_norm_epsilon": EPSILON,
+            "tracr": tracr_outputs(model, vocab),
+        }
         (folder / "program.json").write_text(json.dumps(program, indent=1) + "\n")
         ref = reference_json(name, model, model.model_config.num_heads)
         (ROOT / "graphs" / "references" / f"tracr-{name}.json").write_text(json.dumps(ref, indent=1) + "\n")
         by_weights = reference_json(name, model, model.model_config.num_heads, by_weights=True)
-        (ROOT / "graphs" / "references" / f"tracr-{name}-weights.json").write_text(json.dumps(by_weights, indent=1) + "\n")
-        print(f"{name}: {config.n_layer} layers, {config.n_head} heads, d_model {config.n_embd}; "
-              f"{len(program['tracr'])} inputs; true circuit {len(ref['connections'])} edges "
-              f"({ref['published']['weights_only_edges']} by weights alone): "
-              + ", ".join(f"{c['from']}->{c['to']}" + (f"<{c['slots']}>" if c['slots'] != 'qkv' else "") for c in ref["connections"]))
+        (ROOT / "graphs" / "references" / f"tracr-{name}-weights.json").write_text(
+            json.dumps(by_weights, indent=1) + "\n"
+        )
+        print(
+            f"{name}: {config.n_layer} layers, {config.n_head} heads, d_model {config.n_embd}; "
+            f"{len(program['tracr'])} inputs; true circuit {len(ref['connections'])} edges "
+            f"({ref['published']['weights_only_edges']} by weights alone): "
+            + ", ".join(
+                f"{c['from']}->{c['to']}" + (f"<{c['slots']}>" if c["slots"] != "qkv" else "")
+                for c in ref["connections"]
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -10,12 +10,12 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
+from circuitfinder.compiled import compiled_programs
 from circuitfinder.tasks.base import Task, TaskError
 from circuitfinder.tasks.from_file import load_task_file
 from circuitfinder.tasks.greater_than import make_greater_than
 from circuitfinder.tasks.induction import make_induction
 from circuitfinder.tasks.ioi import make_ioi
-from circuitfinder.compiled import compiled_programs
 from circuitfinder.tasks.tracr import make_tracr
 
 TaskBuilder = Callable[..., Task]  # (tokenizer, n_pairs, seed) -> Task
@@ -27,8 +27,10 @@ DESCRIPTIONS = {
     "ioi": "Indirect object identification (Wang et al. 2022): logit(IO) − logit(S), ABC corruption",
     "induction": "Repeated random words (Olsson et al. 2022): log p(the token to copy); second half not repeated",
     "greater-than": "Years (Hanna et al. 2023): p(later years) − p(earlier years); start year XX01",
-} | {name: f"tracr program {name[6:]} on its compiled model (--model {name}): its output at the last position"
-     for name in COMPILED}
+} | {
+    name: f"tracr program {name[6:]} on its compiled model (--model {name}): its output at the last position"
+    for name in COMPILED
+}
 FILE_SUFFIXES = (".jsonl", ".csv")
 
 

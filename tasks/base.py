@@ -73,7 +73,9 @@ def _set_sum(values: Float[torch.Tensor, "batch vocab"], ids: torch.Tensor) -> F
     return (picked * (ids >= 0).to(values.device, values.dtype)).sum(-1)
 
 
-def probability_difference(logits: Float[torch.Tensor, "batch vocab"], batch: TaskBatch) -> Float[torch.Tensor, " batch"]:
+def probability_difference(
+    logits: Float[torch.Tensor, "batch vocab"], batch: TaskBatch
+) -> Float[torch.Tensor, " batch"]:
     """Σ p(correct answers) − Σ p(wrong answers), per prompt (Hanna et al. 2023's greater-than metric).
 
     Uses ``answer_sets``/``wrong_sets`` when the batch has them, else the single ``answer``/``wrong``.
@@ -167,8 +169,10 @@ class Task:
     def __repr__(self) -> str:
         n_disc = sum(s == "discovery" for s in self.split)
         example = f", e.g. {self.texts[0]['clean']!r} → {self.texts[0]['answer']!r}" if self.texts else ""
-        return (f"Task({self.name}: {len(self)} prompt pairs ({n_disc} discovery, {len(self) - n_disc} held-out) "
-                f"of {self.clean.shape[1]} tokens, metric {self.metric_name}{example})")
+        return (
+            f"Task({self.name}: {len(self)} prompt pairs ({n_disc} discovery, {len(self) - n_disc} held-out) "
+            f"of {self.clean.shape[1]} tokens, metric {self.metric_name}{example})"
+        )
 
     def with_bos(self, bos_id: int) -> "Task":
         """The same pairs with ``bos_id`` prepended to every prompt, unless every prompt starts with it.
@@ -181,9 +185,13 @@ class Task:
             return self
         column = torch.full((len(self), 1), bos_id, dtype=self.clean.dtype, device="cpu")
         return dataclasses.replace(
-            self, clean=torch.cat([column, self.clean], 1), corrupted=torch.cat([column, self.corrupted], 1),
-            lengths=self.lengths + 1, positions={k: v + 1 for k, v in self.positions.items()},
-            notes=(*self.notes, f"BOS token {bos_id} prepended to every prompt"))
+            self,
+            clean=torch.cat([column, self.clean], 1),
+            corrupted=torch.cat([column, self.corrupted], 1),
+            lengths=self.lengths + 1,
+            positions={k: v + 1 for k, v in self.positions.items()},
+            notes=(*self.notes, f"BOS token {bos_id} prepended to every prompt"),
+        )
 
     def indices(self, split: str | None = None) -> list[int]:
         """Indices of the pairs in ``split`` (all pairs when None)."""
@@ -212,7 +220,9 @@ def pad_id_of(tokenizer) -> int:
     return next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
 
 
-def stack_pairs(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def stack_pairs(
+    pairs: list[tuple[list[int], list[int]]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad lists of (clean ids, corrupted ids) into two ``[n, pos]`` tensors and their lengths.
 
     Raises:

@@ -31,7 +31,16 @@ from pathlib import Path
 
 import torch
 
-from circuitfinder.tasks.base import Task, TaskError, logit_difference, pad_id_of, pad_sets, probability_difference, split_labels, stack_pairs
+from circuitfinder.tasks.base import (
+    Task,
+    TaskError,
+    logit_difference,
+    pad_id_of,
+    pad_sets,
+    probability_difference,
+    split_labels,
+    stack_pairs,
+)
 
 FIELDS = ("clean", "corrupted", "answer", "wrong")
 SPLITS = ("discovery", "heldout")
@@ -53,7 +62,9 @@ def _read_jsonl(path: Path, problems: list) -> list[tuple[int, dict]]:
                 problems.append((line_no, f"invalid JSON: {str(exc).split(';')[0] or 'nested too deeply'}"))
                 continue
             if not isinstance(row, dict):
-                problems.append((line_no, f"expected a JSON object with fields {', '.join(FIELDS)}; got {type(row).__name__}"))
+                problems.append(
+                    (line_no, f"expected a JSON object with fields {', '.join(FIELDS)}; got {type(row).__name__}")
+                )
                 continue
             rows.append((line_no, row))
     return rows
@@ -76,17 +87,25 @@ def _read_csv(path: Path, problems: list) -> list[tuple[int, dict]]:
             header = reader.fieldnames or []
             missing = [c for c in FIELDS if c not in header]
             if header and missing:
-                problems.append((1, f"missing column {', '.join(map(repr, missing))}; columns present: {', '.join(header)}"))
+                problems.append(
+                    (1, f"missing column {', '.join(map(repr, missing))}; columns present: {', '.join(header)}")
+                )
                 return []
             rows = []
             for row in reader:
                 if None in row:
-                    problems.append((reader.line_num, f"{len(header) + len(row[None])} cells for {len(header)} columns"))
+                    problems.append(
+                        (reader.line_num, f"{len(header) + len(row[None])} cells for {len(header)} columns")
+                    )
                     continue
                 if not any((v or "").strip() for v in row.values()):
                     continue
-                rows.append((reader.line_num, {k: _csv_list(v) if k in ("answer", "wrong") and v is not None else v
-                                               for k, v in row.items()}))
+                rows.append(
+                    (
+                        reader.line_num,
+                        {k: _csv_list(v) if k in ("answer", "wrong") and v is not None else v for k, v in row.items()},
+                    )
+                )
             return rows
         except csv.Error as exc:  # e.g. a cell over the csv module's size limit: the rest cannot be read
             raise TaskError(f"{path}:{max(reader.line_num, 1)}: not readable as CSV ({exc})") from None
@@ -152,8 +171,9 @@ def load_task_file(
     if with_split:
         split = tuple(r["split"] for _, r, *_ in good)
         if len(set(split)) < 2 and len(good) > 1:
-            raise TaskError(f"{path}: every row's split is {split[0]!r}; faithfulness needs rows in both "
-                            f"'discovery' and 'heldout'")
+            raise TaskError(
+                f"{path}: every row's split is {split[0]!r}; faithfulness needs rows in both 'discovery' and 'heldout'"
+            )
     else:
         split = split_labels(len(good), heldout_fraction, torch.Generator().manual_seed(seed))
     return _file_task(path, tokenizer, good, split, notes)
@@ -239,13 +259,18 @@ def _agree_on_split(good: list[tuple], problems: list[tuple[int, str]]) -> tuple
     """
     with_split = sum(r.get("split") not in (None, "") for _, r, *_ in good)
     if 0 < with_split < len(good):
-        problems += [(line, "no split, while other rows have one; give every row a split or none")
-                     for line, r, *_ in good if r.get("split") in (None, "")]
+        problems += [
+            (line, "no split, while other rows have one; give every row a split or none")
+            for line, r, *_ in good
+            if r.get("split") in (None, "")
+        ]
         good = [g for g in good if g[1].get("split") not in (None, "")]
     return good, with_split
 
 
-def _skip_or_fail(path: Path, problems: list[tuple[int, str]], good: list[tuple], skip_bad_rows: bool) -> tuple[str, ...]:
+def _skip_or_fail(
+    path: Path, problems: list[tuple[int, str]], good: list[tuple], skip_bad_rows: bool
+) -> tuple[str, ...]:
     """The task's notes on skipped rows.
 
     Raises:
@@ -260,7 +285,9 @@ def _skip_or_fail(path: Path, problems: list[tuple[int, str]], good: list[tuple]
     return (f"skipped {len(bad_lines)} bad row(s) of {len(bad_lines) + len(good)}: {shown}",)
 
 
-def _sample(good: list[tuple], n_pairs: int | None, rng: random.Random, notes: tuple[str, ...]) -> tuple[list[tuple], tuple[str, ...]]:
+def _sample(
+    good: list[tuple], n_pairs: int | None, rng: random.Random, notes: tuple[str, ...]
+) -> tuple[list[tuple], tuple[str, ...]]:
     """At most ``n_pairs`` of the rows (a seeded random sample, in file order), and the notes."""
     if n_pairs is not None and len(good) > n_pairs:
         keep = set(rng.sample(range(len(good)), n_pairs))
@@ -301,6 +328,9 @@ def _report(path: Path, problems: list[tuple[int, str]], n_good: int) -> str:
     if len(problems) > SHOWN_PROBLEMS:
         lines.append(f"... and {len(problems) - SHOWN_PROBLEMS} more problem(s)")
     n_bad = len({line for line, _ in problems})
-    lines.append(f"{n_bad} bad row(s), {n_good} valid; fix them, or skip bad rows (skip_bad_rows=True)"
-                 if n_good else f"{n_bad} bad row(s) and no valid row")
+    lines.append(
+        f"{n_bad} bad row(s), {n_good} valid; fix them, or skip bad rows (skip_bad_rows=True)"
+        if n_good
+        else f"{n_bad} bad row(s) and no valid row"
+    )
     return "\n".join(lines)

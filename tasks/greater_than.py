@@ -35,7 +35,15 @@ import random
 
 import torch
 
-from circuitfinder.tasks.base import Task, TaskError, pad_id_of, pad_sets, probability_difference, split_labels, stack_pairs
+from circuitfinder.tasks.base import (
+    Task,
+    TaskError,
+    pad_id_of,
+    pad_sets,
+    probability_difference,
+    split_labels,
+    stack_pairs,
+)
 
 TEMPLATE = "The {noun} lasted from the year {xx}{yy} to the year {xx}"
 # Hanna et al.'s event nouns (a selection of their cache/potential_nouns.txt), and their example "war".
@@ -166,4 +174,3 @@ def make_greater_than(tokenizer, n_pairs: int = 128, seed: int = 0, heldout_frac
         answer_sets=pad_sets(good_sets),
         wrong_sets=pad_sets(bad_sets),
     )
-

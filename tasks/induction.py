@@ -117,8 +117,15 @@ def _induction_words(tokenizer, half_length: int, n_words: int | None) -> tuple[
     return words, ids
 
 
-def _induction_pairs(tokenizer, words: dict[int, str], ids: list[int], half_length: int, cuts: list[int],
-                     seq_split: tuple[str, ...], rng: random.Random) -> dict[str, list]:
+def _induction_pairs(
+    tokenizer,
+    words: dict[int, str],
+    ids: list[int],
+    half_length: int,
+    cuts: list[int],
+    seq_split: tuple[str, ...],
+    rng: random.Random,
+) -> dict[str, list]:
     """Draw one sequence per split label and cut its repeat after each of ``cuts`` tokens.
 
     Returns:
@@ -137,8 +144,15 @@ def _induction_pairs(tokenizer, words: dict[int, str], ids: list[int], half_leng
             out["answer"].append(first[cut])
             out["wrong"].append(distractor)
             out["split"].append(seq_split[s])
-            out["texts"].append({"clean": clean_text, "corrupted": corrupted_text, "answer": words[first[cut]],
-                                 "wrong": words[distractor], "sequence": s})
+            out["texts"].append(
+                {
+                    "clean": clean_text,
+                    "corrupted": corrupted_text,
+                    "answer": words[first[cut]],
+                    "wrong": words[distractor],
+                    "sequence": s,
+                }
+            )
     return out
 
 

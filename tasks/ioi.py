@@ -138,8 +138,9 @@ def _ioi_words(tokenizer) -> tuple[list[str], list[str], list[str]]:
     return names, places, objects
 
 
-def _draw_prompt(rng: random.Random, order: str, names: list[str], places: list[str],
-                 objects: list[str]) -> tuple[str, str, str, str, str, str]:
+def _draw_prompt(
+    rng: random.Random, order: str, names: list[str], places: list[str], objects: list[str]
+) -> tuple[str, str, str, str, str, str]:
     """Draw one prompt of ``order`` (``"ABBA"`` or ``"BABA"``).
 
     Returns:
@@ -157,8 +158,9 @@ def _draw_prompt(rng: random.Random, order: str, names: list[str], places: list[
     return template, io, s, c, clean_text, corrupted_text
 
 
-def _tokenize_pair(tokenizer, clean_text: str, corrupted_text: str, io: str, s: str,
-                   c: str) -> tuple[list[int], list[int], tuple[int, list[int]], tuple[int, list[int]]]:
+def _tokenize_pair(
+    tokenizer, clean_text: str, corrupted_text: str, io: str, s: str, c: str
+) -> tuple[list[int], list[int], tuple[int, list[int]], tuple[int, list[int]]]:
     """Tokenize a prompt pair and find its names.
 
     Returns:

@@ -53,11 +53,28 @@ def make_tracr(tokenizer, n_pairs: int = 128, seed: int = 0, heldout_fraction: f
         pairs.append((ids(a), ids(b)))
         answer.append(vocab["="] if numerical else vocab[value(a)])
         wrong.append(vocab["compiler_pad"] if numerical else vocab[value(b)])
-        texts.append({"clean": " ".join(["BOS", *a["input"]]), "corrupted": " ".join(["BOS", *b["input"]]),
-                      "answer": str(value(a)), "wrong": str(value(b))})
+        texts.append(
+            {
+                "clean": " ".join(["BOS", *a["input"]]),
+                "corrupted": " ".join(["BOS", *b["input"]]),
+                "answer": str(value(a)),
+                "wrong": str(value(b)),
+            }
+        )
     clean, corrupted, lengths = stack_pairs(pairs, vocab["compiler_pad"])
     split = split_labels(len(pairs), heldout_fraction, torch.Generator().manual_seed(seed))
-    return Task(name=program, clean=clean, corrupted=corrupted, lengths=lengths, answer=torch.tensor(answer, device="cpu"),
-                wrong=torch.tensor(wrong, device="cpu"), split=split, metric=logit_difference,
-                metric_name="output difference" if not numerical else "program output", pad_id=vocab["compiler_pad"],
-                texts=tuple(texts), positions={"END": lengths - 1}, ranks_answers=not numerical)
+    return Task(
+        name=program,
+        clean=clean,
+        corrupted=corrupted,
+        lengths=lengths,
+        answer=torch.tensor(answer, device="cpu"),
+        wrong=torch.tensor(wrong, device="cpu"),
+        split=split,
+        metric=logit_difference,
+        metric_name="output difference" if not numerical else "program output",
+        pad_id=vocab["compiler_pad"],
+        texts=tuple(texts),
+        positions={"END": lengths - 1},
+        ranks_answers=not numerical,
+    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
@@ -14,6 +13,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: one torch thread per w
 
 # The project is imported as installed (scripts/setup.sh installs it editable): the package is
 # ``circuitfinder``, whose folders discovery/, tasks/ and graphs/ are not importable by those names.
+
 
 @pytest.fixture(autouse=True)
 def no_native_bfloat16(monkeypatch):
@@ -78,7 +78,6 @@ def tiny_model_dir(word_tokenizer, tmp_path_factory):
     """A tiny random Llama saved like a user's model folder (safetensors, config, tokenizer), for
     ``--model FOLDER`` in command-line and subprocess tests. Its vocabulary covers the IOI words."""
     import torch
-
     from tiny_models import tiny_hf_model
 
     folder = tmp_path_factory.mktemp("tiny-llama-folder")

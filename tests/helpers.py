@@ -8,10 +8,10 @@ test module to be used there (``from helpers import tokenizer  # noqa: F401 (fix
 from __future__ import annotations
 
 import pytest
-
 from architectures import ARCHITECTURES, EXPECTED_REFUSAL, build, load_dtype
-from circuitfinder.engine.adapter import ModelAdapter
 from tiny_models import tiny_hf_model, tiny_tokenizer
+
+from circuitfinder.engine.adapter import ModelAdapter
 
 # --------------------------------------------------------------------------------------------
 # The architecture matrix (tests/engine/test_architectures.py, test_sparse_circuits.py, ...)
@@ -19,11 +19,21 @@ from tiny_models import tiny_hf_model, tiny_tokenizer
 
 EXACT = [a for a in ARCHITECTURES if a not in EXPECTED_REFUSAL]
 
-FINAL_NORM = {"gpt2": "transformer.ln_f", "gpt-neox-parallel": "gpt_neox.final_layer_norm",
-              "gpt-neox-sequential": "gpt_neox.final_layer_norm", "phi": "model.final_layernorm", "falcon": "transformer.ln_f", "falcon-sequential": "transformer.ln_f",
-              "bloom": "transformer.ln_f", "gpt-bigcode": "transformer.ln_f", "gptj": "transformer.ln_f",
-              "gpt-neo": "transformer.ln_f", "opt": "model.decoder.final_layer_norm", "xglm": "model.layer_norm",
-              "modernbert-decoder": "model.final_norm"}
+FINAL_NORM = {
+    "gpt2": "transformer.ln_f",
+    "gpt-neox-parallel": "gpt_neox.final_layer_norm",
+    "gpt-neox-sequential": "gpt_neox.final_layer_norm",
+    "phi": "model.final_layernorm",
+    "falcon": "transformer.ln_f",
+    "falcon-sequential": "transformer.ln_f",
+    "bloom": "transformer.ln_f",
+    "gpt-bigcode": "transformer.ln_f",
+    "gptj": "transformer.ln_f",
+    "gpt-neo": "transformer.ln_f",
+    "opt": "model.decoder.final_layer_norm",
+    "xglm": "model.layer_norm",
+    "modernbert-decoder": "model.final_norm",
+}
 
 
 def submodule(model, path: str):
@@ -46,18 +56,57 @@ def adapter_for(name: str, tokenizer) -> ModelAdapter:
     """The tiny model of family ``name``, wrapped once per session (in its load precision)."""
     if name not in _ADAPTERS:
         dtype = load_dtype(name)
-        _ADAPTERS[name] = ModelAdapter.from_hf(build(name, dtype=dtype), tokenizer, name=f"tiny-{name}", hf_id=name, dtype=dtype)
+        _ADAPTERS[name] = ModelAdapter.from_hf(
+            build(name, dtype=dtype), tokenizer, name=f"tiny-{name}", hf_id=name, dtype=dtype
+        )
     return _ADAPTERS[name]
 
 
 # Where each head's query and each group's key and value are computed, on the Hugging Face modules:
 # (decoder layers, pre-attention norm or None where the attention reads the residual stream, attention
 # module, its projection(s), the fused projection's column layout).
-QKV = {name: ("model.layers", "input_layernorm", "self_attn", ("q_proj", "k_proj", "v_proj"), None)
-       for name in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "stablelm", "cohere", "phi",
-                    "olmo", "granite", "starcoder2", "smollm3", "nemotron", "glm", "glm4", "seed-oss", "arcee", "ernie4_5",
-                    "hunyuan-dense", "bitnet", "jais2", "ministral3", "cohere2", "vaultgemma", "olmoe", "granite-moe",
-                    "qwen2-moe", "qwen3-moe", "minimax-m2", "gpt-oss", "ernie4_5-moe", "glm4-moe", "phimoe", "llama4-text")}
+QKV = {
+    name: ("model.layers", "input_layernorm", "self_attn", ("q_proj", "k_proj", "v_proj"), None)
+    for name in (
+        "llama",
+        "mistral",
+        "mixtral",
+        "qwen2",
+        "qwen3",
+        "gemma",
+        "gemma2",
+        "gemma3",
+        "stablelm",
+        "cohere",
+        "phi",
+        "olmo",
+        "granite",
+        "starcoder2",
+        "smollm3",
+        "nemotron",
+        "glm",
+        "glm4",
+        "seed-oss",
+        "arcee",
+        "ernie4_5",
+        "hunyuan-dense",
+        "bitnet",
+        "jais2",
+        "ministral3",
+        "cohere2",
+        "vaultgemma",
+        "olmoe",
+        "granite-moe",
+        "qwen2-moe",
+        "qwen3-moe",
+        "minimax-m2",
+        "gpt-oss",
+        "ernie4_5-moe",
+        "glm4-moe",
+        "phimoe",
+        "llama4-text",
+    )
+}
 QKV["apertus"] = ("model.layers", "attention_layernorm", "self_attn", ("q_proj", "k_proj", "v_proj"), None)
 for _name in ("olmo2", "olmo3", "flex-olmo", "exaone4"):  # the attention reads the residual stream (norms after it)
     QKV[_name] = ("model.layers", None, "self_attn", ("q_proj", "k_proj", "v_proj"), None)
@@ -66,12 +115,30 @@ QKV["gptj"] = ("transformer.h", "ln_1", "attn", ("q_proj", "k_proj", "v_proj"), 
 QKV["gpt-neo"] = ("transformer.h", "ln_1", "attn.attention", ("q_proj", "k_proj", "v_proj"), None)
 QKV["opt"] = ("model.decoder.layers", "self_attn_layer_norm", "self_attn", ("q_proj", "k_proj", "v_proj"), None)
 QKV["xglm"] = ("model.layers", "self_attn_layer_norm", "self_attn", ("q_proj", "k_proj", "v_proj"), None)
-QKV["modernbert-decoder"] = ("model.layers", "attn_norm", "attn", ("q_proj", "k_proj", "v_proj"), None)  # layer 0: Identity
+QKV["modernbert-decoder"] = (
+    "model.layers",
+    "attn_norm",
+    "attn",
+    ("q_proj", "k_proj", "v_proj"),
+    None,
+)  # layer 0: Identity
 QKV["gpt2"] = ("transformer.h", "ln_1", "attn", "c_attn", "q|k|v")
 QKV["phi3"] = ("model.layers", "input_layernorm", "self_attn", "qkv_proj", "q|k|v")
-QKV["gpt-neox-parallel"] = QKV["gpt-neox-sequential"] = ("gpt_neox.layers", "input_layernorm", "attention", "query_key_value", "per-head qkv")
+QKV["gpt-neox-parallel"] = QKV["gpt-neox-sequential"] = (
+    "gpt_neox.layers",
+    "input_layernorm",
+    "attention",
+    "query_key_value",
+    "per-head qkv",
+)
 QKV["bloom"] = ("transformer.h", "input_layernorm", "self_attention", "query_key_value", "per-head qkv")
-QKV["falcon"] = QKV["falcon-sequential"] = ("transformer.h", "input_layernorm", "self_attention", "query_key_value", "q|k|v")  # multi-query: G = 1
+QKV["falcon"] = QKV["falcon-sequential"] = (
+    "transformer.h",
+    "input_layernorm",
+    "self_attention",
+    "query_key_value",
+    "q|k|v",
+)  # multi-query: G = 1
 
 
 def qkv_columns(layout: str | None, kind: str, index: int, H: int, G: int, out_features: int) -> slice:
@@ -100,13 +167,21 @@ ROW = {"clean": CLEAN, "corrupted": CORRUPTED, "answer": " Kate", "wrong": " Joh
 def task_rows(n: int) -> list[dict]:
     """``n`` distinct valid rows."""
     names = ["Kate", "Amy", "Dan", "Anna", "Emma", "Julie", "Alice", "Grace", "Rachel", "Rose"]
-    return [{"clean": CLEAN.replace("Kate", m), "corrupted": CORRUPTED.replace("Kate", m), "answer": " " + m,
-             "wrong": " John"} for m in names[:n]]
+    return [
+        {
+            "clean": CLEAN.replace("Kate", m),
+            "corrupted": CORRUPTED.replace("Kate", m),
+            "answer": " " + m,
+            "wrong": " John",
+        }
+        for m in names[:n]
+    ]
 
 
 # --------------------------------------------------------------------------------------------
 # The tiny IOI model of the run tests (tests/runs/test_run.py, tests/methods/test_reliability.py)
 # --------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny_ioi_model(word_tokenizer):

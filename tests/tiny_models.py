@@ -14,8 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-                          PreTrainedTokenizerFast)
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from circuitfinder.engine.adapter import ModelAdapter
 from circuitfinder.engine.patching import patched_logits, run_recording_senders
@@ -46,19 +53,51 @@ def _randomise(model: torch.nn.Module, seed: int) -> None:
 
 def tiny_hf_model(style: str, seed: int = 0, dtype: torch.dtype = torch.float64, vocab: int = VOCAB):
     if style == "gpt2":
-        config = GPT2Config(n_layer=3, n_head=4, n_embd=16, vocab_size=vocab, n_positions=64, bos_token_id=0, eos_token_id=0,
-                            attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+        config = GPT2Config(
+            n_layer=3,
+            n_head=4,
+            n_embd=16,
+            vocab_size=vocab,
+            n_positions=64,
+            bos_token_id=0,
+            eos_token_id=0,
+            attn_pdrop=0.0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+        )
         model = GPT2LMHeadModel(config)
     elif style == "llama":
-        config = LlamaConfig(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=16,
-                             intermediate_size=32, vocab_size=vocab, max_position_embeddings=64, tie_word_embeddings=False,
-                             bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        config = LlamaConfig(
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            hidden_size=16,
+            intermediate_size=32,
+            vocab_size=vocab,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
         model = LlamaForCausalLM(config)
     elif style == "gemma3":
-        config = Gemma3TextConfig(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=16, head_dim=8,
-                                  intermediate_size=32, vocab_size=vocab, max_position_embeddings=64, query_pre_attn_scalar=8,
-                                  sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-                                  bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        config = Gemma3TextConfig(
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            hidden_size=16,
+            head_dim=8,
+            intermediate_size=32,
+            vocab_size=vocab,
+            max_position_embeddings=64,
+            query_pre_attn_scalar=8,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
         model = Gemma3ForCausalLM(config)
     else:
         raise ValueError(style)
@@ -115,11 +154,24 @@ def assert_exact(adapter: ModelAdapter, got: torch.Tensor, want: torch.Tensor) -
 
     tol = tolerance_for(adapter, want)
     diff = (got - want).abs().max().item()
-    assert got.shape == want.shape and diff <= tol, f"differs by {diff:.3g} > {tol:.3g} ({adapter.name}, working {adapter.working_dtype})"
+    assert got.shape == want.shape and diff <= tol, (
+        f"differs by {diff:.3g} > {tol:.3g} ({adapter.name}, working {adapter.working_dtype})"
+    )
 
 
-def circuit_of(model: str, task: str, method: str, n_layers: int, n_heads: int, n_kv_groups: int, edges: list[dict],
-               metadata: dict | None = None, roles: dict | None = None, parallel: bool = False, post_norm: bool = False):
+def circuit_of(
+    model: str,
+    task: str,
+    method: str,
+    n_layers: int,
+    n_heads: int,
+    n_kv_groups: int,
+    edges: list[dict],
+    metadata: dict | None = None,
+    roles: dict | None = None,
+    parallel: bool = False,
+    post_norm: bool = False,
+):
     """A ``Circuit`` of the named edges on the edge graph of a model of this shape (for tests of the
     circuit layer that need no model)."""
     from circuitfinder.engine.adapter import ModelShape
@@ -127,8 +179,9 @@ def circuit_of(model: str, task: str, method: str, n_layers: int, n_heads: int, 
     from circuitfinder.graphs.circuit import Circuit
 
     shape = ModelShape(n_layers, n_heads, n_kv_groups, d_model=0, post_norm=post_norm, parallel=parallel)
-    return Circuit.from_edges(EdgeGraph(shape), edges, model=model, task=task, method=method,
-                              metadata=metadata or {}, roles=roles or {})
+    return Circuit.from_edges(
+        EdgeGraph(shape), edges, model=model, task=task, method=method, metadata=metadata or {}, roles=roles or {}
+    )
 
 
 def tiny_task(n: int = 4, pos: int = 6, seed: int = 0) -> Task:
@@ -136,8 +189,13 @@ def tiny_task(n: int = 4, pos: int = 6, seed: int = 0) -> Task:
     clean, corrupted = random_pair(n, pos, seed)
     lengths = torch.tensor([pos, pos - 1, pos, pos - 2][:n])
     return Task(
-        name="tiny", clean=clean, corrupted=corrupted, lengths=lengths,
-        answer=torch.tensor([1, 2, 3, 4][:n]), wrong=torch.tensor([5, 6, 7, 8][:n]), split=("discovery",) * n,
+        name="tiny",
+        clean=clean,
+        corrupted=corrupted,
+        lengths=lengths,
+        answer=torch.tensor([1, 2, 3, 4][:n]),
+        wrong=torch.tensor([5, 6, 7, 8][:n]),
+        split=("discovery",) * n,
     )
 
 

@@ -58,14 +58,17 @@ def counterfactual(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch_si
     """Sender outputs of the run on the batch's corrupted prompts (one forward pass per batch)."""
 
     def senders(batch: TaskBatch) -> Buffer:
-        return run_recording_senders(adapter, graph, batch.corrupted.to(adapter.device), batch.last.to(adapter.device))[0]
+        return run_recording_senders(adapter, graph, batch.corrupted.to(adapter.device), batch.last.to(adapter.device))[
+            0
+        ]
 
     return Ablation("counterfactual", senders)
 
 
 @torch.no_grad()
-def sender_means(adapter: ModelAdapter, graph: EdgeGraph, task: Task, split: str = "discovery",
-                 batch_size: int = 16) -> Float[torch.Tensor, "senders pos d_model"]:
+def sender_means(
+    adapter: ModelAdapter, graph: EdgeGraph, task: Task, split: str = "discovery", batch_size: int = 16
+) -> Float[torch.Tensor, "senders pos d_model"]:
     """Each sender's clean output averaged per position over the split's prompts that reach it.
 
     Positions no prompt of the split reaches take the mean over all real positions (see the
@@ -104,7 +107,9 @@ def zero(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch_size: int = 
 
     def senders(batch: TaskBatch) -> Buffer:
         b, p = batch.clean.shape
-        return torch.zeros((), dtype=adapter.dtype, device=adapter.device).expand(graph.n_senders, b, p, graph.shape.d_model)
+        return torch.zeros((), dtype=adapter.dtype, device=adapter.device).expand(
+            graph.n_senders, b, p, graph.shape.d_model
+        )
 
     return Ablation("zero", senders)
 
@@ -116,8 +121,9 @@ ABLATIONS: dict[str, Callable[[ModelAdapter, EdgeGraph, Task, int], Ablation]] =
 }
 
 
-def make_ablation(ablation: str | Ablation, adapter: ModelAdapter, graph: EdgeGraph, task: Task,
-                  batch_size: int = 16) -> Ablation:
+def make_ablation(
+    ablation: str | Ablation, adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch_size: int = 16
+) -> Ablation:
     """The ablation named ``ablation`` for this task (an :class:`Ablation` is returned as is)."""
     if isinstance(ablation, Ablation):
         return ablation

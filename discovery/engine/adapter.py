@@ -73,8 +73,8 @@ from typing import Callable, Iterator
 import torch
 from jaxtyping import Float, Int
 
-from circuitfinder.errors import UserError
 from circuitfinder.engine.models import keep_freed_memory, load_pretrained
+from circuitfinder.errors import UserError
 
 Hook = tuple[str, Callable]
 # Hugging Face class names that TransformerLens's bridge registers under another spelling.
@@ -96,7 +96,9 @@ class ModelShape:
     n_kv_groups: int
     d_model: int
     post_norm: bool = False  # heads share a post-attention norm: each head's value depends on its whole layer
-    parallel: bool = False  # attention and MLP of a layer read the same residual stream (no head -> same-layer MLP edge)
+    parallel: bool = (
+        False  # attention and MLP of a layer read the same residual stream (no head -> same-layer MLP edge)
+    )
     shared_qk_norm: bool = False  # queries (keys) normalised over all heads together: each q/k input reaches every head
 
 
@@ -110,6 +112,16 @@ class OwnAttention:
     v: torch.nn.Linear
     o: torch.nn.Linear  # [d_model, heads · d_head]
     d_head: int
+
+
+def _far(got: torch.Tensor | None, want: torch.Tensor | None) -> bool:
+    """Whether a probed value is missing or differs from ``want`` by more than rounding."""
+    return (
+        got is None
+        or want is None
+        or got.shape != want.shape
+        or (got - want).abs().max().item() > 1e3 * torch.finfo(want.dtype).eps * max(want.abs().max().item(), 1.0)
+    )
 
 
 class ModelAdapter:
@@ -135,7 +147,9 @@ class ModelAdapter:
         if self.post_norm and not all(
             b.ln1_post.uses_rms_norm and getattr(b.attn.o.original_component, "bias", None) is None for b in blocks
         ):
-            raise UserError(f"{name}: a post-attention norm is supported only as RMSNorm without an output bias (Gemma 2/3)")
+            raise UserError(
+                f"{name}: a post-attention norm is supported only as RMSNorm without an output bias (Gemma 2/3)"
+            )
         self.architecture = type(getattr(bridge, "original_model", None)).__name__
         self.shape = ModelShape(
             n_layers=cfg.n_layers,
@@ -145,7 +159,8 @@ class ModelAdapter:
             # heads normalised together: after the attention (Gemma 2/3) or before its output projection (BitNet)
             post_norm=self.post_norm or hasattr(blocks[0].attn.original_component, "attn_sub_norm"),
             parallel=type(blocks[0]).__name__ == "ParallelBlockBridge",  # checked by circuitfinder.engine.checks
-            shared_qk_norm=getattr(blocks[0].attn, "_qk_norm_phase", None) == "pre_reshape",  # OLMo-2: see the module docstring
+            shared_qk_norm=getattr(blocks[0].attn, "_qk_norm_phase", None)
+            == "pre_reshape",  # OLMo-2: see the module docstring
         )
         # Where the bridge cannot split the attention's inputs and outputs itself, the adapter does,
         # at the Hugging Face projections (``own_attention``; module docstring).
@@ -165,11 +180,14 @@ class ModelAdapter:
             mlp_in_fires = self._fires("blocks.0.hook_mlp_in")
         except RuntimeError as e:  # e.g. a mixture-of-experts matmul with no float64 kernel
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise UserError(f"{name} ({self.architecture}): a forward pass fails in {self.dtype} ({reason}); "
-                            "load it in float32") from None
+            raise UserError(
+                f"{name} ({self.architecture}): a forward pass fails in {self.dtype} ({reason}); load it in float32"
+            ) from None
         if not mlp_in_fires:
             subs = blocks[0].submodules or {}
-            self.own_mlp_input = "ln2" if "ln2" in subs else "shared-norm" if self.shape.parallel and "ln1" in subs else None
+            self.own_mlp_input = (
+                "ln2" if "ln2" in subs else "shared-norm" if self.shape.parallel and "ln1" in subs else None
+            )
         if self.own_attention is not None:
             self.own_attention = self._own_attention_plan()
         for p in bridge.parameters():
@@ -177,7 +195,9 @@ class ModelAdapter:
         bridge.eval()
 
     @classmethod
-    def from_hf(cls, hf_model, tokenizer, name: str, hf_id: str | None = None, dtype: torch.dtype = torch.float32) -> "ModelAdapter":
+    def from_hf(
+        cls, hf_model, tokenizer, name: str, hf_id: str | None = None, dtype: torch.dtype = torch.float32
+    ) -> "ModelAdapter":
         """Wrap an in-memory Hugging Face causal LM (no download).
 
         The model's own logits on one short probe prompt are taken first, before the bridge wraps
@@ -193,8 +213,10 @@ class ModelAdapter:
         architecture = (getattr(config, "architectures", None) or [type(hf_model).__name__])[0]
         config.architectures = [BRIDGE_NAMES.get(architecture, architecture)]  # the name the bridge boots from
         vocab = int(getattr(config, "vocab_size", 0) or 0)
-        context = next((int(v) for k in ("n_positions", "max_position_embeddings", "n_ctx")
-                        if (v := getattr(config, k, None))), PROBE_POSITIONS)
+        context = next(
+            (int(v) for k in ("n_positions", "max_position_embeddings", "n_ctx") if (v := getattr(config, k, None))),
+            PROBE_POSITIONS,
+        )
         reference = None
         if vocab > 0:
             tokens = probe_tokens(vocab, min(PROBE_POSITIONS, context)).to(next(hf_model.parameters()).device)
@@ -204,14 +226,18 @@ class ModelAdapter:
             except RuntimeError:  # e.g. no float64 kernel: the adapter reports it below
                 reference = None
         try:
-            bridge = TransformerBridge.boot_transformers(hf_id or name, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype)
+            bridge = TransformerBridge.boot_transformers(
+                hf_id or name, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype
+            )
             return cls(bridge, tokenizer, name, reference)
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - an architecture the bridge or the adapter cannot wrap: one line, not a traceback
             reason = (str(e).strip().splitlines() or [""])[0][:300]
-            raise UserError(f"{name}: {type(hf_model).__name__} is not supported: wrapping it in TransformerLens's bridge "
-                            f"failed ({type(e).__name__}: {reason})") from None
+            raise UserError(
+                f"{name}: {type(hf_model).__name__} is not supported: wrapping it in TransformerLens's bridge "
+                f"failed ({type(e).__name__}: {reason})"
+            ) from None
 
     @property
     def device(self) -> torch.device:
@@ -228,9 +254,13 @@ class ModelAdapter:
 
     def __repr__(self) -> str:
         s = self.shape
-        return (f"ModelAdapter({self.name}: {self.architecture}, {s.n_layers} layers, {s.n_heads} heads, "
-                f"{s.n_kv_groups} key/value groups, d_model {s.d_model}" + (", parallel blocks" if s.parallel else "")
-                + (", post-attention norm" if s.post_norm else "") + ")")
+        return (
+            f"ModelAdapter({self.name}: {self.architecture}, {s.n_layers} layers, {s.n_heads} heads, "
+            f"{s.n_kv_groups} key/value groups, d_model {s.d_model}"
+            + (", parallel blocks" if s.parallel else "")
+            + (", post-attention norm" if s.post_norm else "")
+            + ")"
+        )
 
     @property
     def probe_positions(self) -> int:
@@ -253,7 +283,9 @@ class ModelAdapter:
             return self.dtype
         n = self.probe_positions
         tokens = torch.arange(n, device=self.device).unsqueeze(0) % max(int(self.bridge.cfg.d_vocab), 1)
-        noise = torch.randn((1, n, self.shape.d_model), generator=torch.Generator().manual_seed(0), dtype=torch.float64, device="cpu")
+        noise = torch.randn(
+            (1, n, self.shape.d_model), generator=torch.Generator().manual_seed(0), dtype=torch.float64, device="cpu"
+        )
 
         on_grid: list[dict[str, torch.Tensor]] = []
 
@@ -270,6 +302,7 @@ class ModelAdapter:
                         values = values[values != values.round()]
                         if values.numel() >= 4 and torch.equal(values, values.float().double()):
                             grid[name] = x.detach().clone()
+
                 return observe
 
             handles = [point.register_forward_hook(look(n)) for n, point in self.bridge.hook_dict.items()]
@@ -286,8 +319,12 @@ class ModelAdapter:
         first, second = once - base, twice - base
         linear = first.abs().max() > 0 and (second - 2 * first).abs().max() <= 1e-3 * first.abs().max()
         nudged_once, nudged_twice = on_grid[1], on_grid[2]  # the un-nudged run reads float32-exact weights
-        moving_grid = any(name in nudged_twice and values.shape == nudged_twice[name].shape
-                          and not torch.equal(values, nudged_twice[name]) for name, values in nudged_once.items())
+        moving_grid = any(
+            name in nudged_twice
+            and values.shape == nudged_twice[name].shape
+            and not torch.equal(values, nudged_twice[name])
+            for name, values in nudged_once.items()
+        )
         return torch.float64 if linear and not moving_grid else torch.float32
 
     @cached_property
@@ -318,7 +355,11 @@ class ModelAdapter:
     # Hook names of the edge graph's senders and receivers, by kind and layer.
     def sender_hook(self, kind: str, layer: int) -> str:
         """Where a sender point fires (raw head results on post-norm blocks: record values with ``sender_hooks``)."""
-        return {"input": self.SENDER_INPUT, "attn": f"blocks.{layer}.attn.hook_result", "mlp": f"blocks.{layer}.hook_mlp_out"}[kind]
+        return {
+            "input": self.SENDER_INPUT,
+            "attn": f"blocks.{layer}.attn.hook_result",
+            "mlp": f"blocks.{layer}.hook_mlp_out",
+        }[kind]
 
     def sender_hooks(self, kind: str, layer: int, record: Callable[[torch.Tensor], None]) -> list[Hook]:
         """Hooks that pass a sender point's values to ``record`` once per forward, changing nothing.
@@ -346,12 +387,17 @@ class ModelAdapter:
 
         return [(self.sender_hook(kind, layer), keep), (f"blocks.{layer}.ln1_post.hook_out", share)]
 
-    def head_shares(self, layer: int, result: Float[torch.Tensor, "batch pos heads d_model"],
-                    out: Float[torch.Tensor, "batch pos d_model"]) -> Float[torch.Tensor, "batch pos heads d_model"]:
+    def head_shares(
+        self,
+        layer: int,
+        result: Float[torch.Tensor, "batch pos heads d_model"],
+        out: Float[torch.Tensor, "batch pos d_model"],
+    ) -> Float[torch.Tensor, "batch pos heads d_model"]:
         """Each head's share ``g ⊙ result_h / rms(Σ_h result_h)`` of the post-norm output ``out``.
 
-        Computed in at least float32, in the autograd graph (callers that record detach); the difference between ``out`` and the shares' sum is the
-        norm's own rounding, added to the heads in equal parts so that the shares sum to ``out``.
+        Computed in at least float32, in the autograd graph (callers that record detach); the difference
+        between ``out`` and the shares' sum is the norm's own rounding, added to the heads in equal parts
+        so that the shares sum to ``out``.
         """
         norm = self.bridge.blocks[layer].ln1_post
         module = norm.original_component
@@ -373,9 +419,14 @@ class ModelAdapter:
         }[kind]
 
     def reader_hook(self, kind: str, layer: int) -> str | None:
-        """The first value computed linearly from a receiver: attention scores (q, k), ``z`` (v), the MLP's pre-activation."""
-        return {"q": f"blocks.{layer}.attn.hook_attn_scores", "k": f"blocks.{layer}.attn.hook_attn_scores",
-                "v": f"blocks.{layer}.attn.hook_z", "mlp": f"blocks.{layer}.mlp.hook_pre"}.get(kind)
+        """The first value computed linearly from a receiver: attention scores (q, k), ``z`` (v), the MLP's
+        pre-activation."""
+        return {
+            "q": f"blocks.{layer}.attn.hook_attn_scores",
+            "k": f"blocks.{layer}.attn.hook_attn_scores",
+            "v": f"blocks.{layer}.attn.hook_z",
+            "mlp": f"blocks.{layer}.mlp.hook_pre",
+        }.get(kind)
 
     @contextmanager
     def batch_repeated_from(self, layer: int, k: int) -> Iterator[Hook]:
@@ -406,8 +457,10 @@ class ModelAdapter:
             names = ("attention_mask", "position_embeddings")
             return args, {n: grow(v, hidden.shape[0]) if n in names else v for n, v in kwargs.items()}
 
-        handles = [block.attn.register_forward_pre_hook(partial(match, block=block), with_kwargs=True)
-                   for block in list(self.bridge.blocks)[layer:]]
+        handles = [
+            block.attn.register_forward_pre_hook(partial(match, block=block), with_kwargs=True)
+            for block in list(self.bridge.blocks)[layer:]
+        ]
         try:
             yield (self.layer_entry(layer), repeat)
         finally:
@@ -458,8 +511,12 @@ class ModelAdapter:
         def replay(out, last: bool):
             if not last:  # ignored by the next block, which replays too
                 return lambda *_args, **_kwargs: out
-            fresh = lambda: out.clone() if torch.is_tensor(out) else tuple(  # noqa: E731 - block L may write into its input
-                v.clone() if torch.is_tensor(v) else v for v in out)
+
+            def fresh():  # block L may write into its input
+                return (
+                    out.clone() if torch.is_tensor(out) else tuple(v.clone() if torch.is_tensor(v) else v for v in out)
+                )
+
             return lambda *_args, **_kwargs: fresh()
 
         # on the instance itself: a bridge component passes attribute assignments on to the wrapped module
@@ -509,7 +566,10 @@ class ModelAdapter:
     def _fires(self, name: str) -> bool:
         """Whether a hook point fires in a forward pass (one short prompt)."""
         fired = []
-        with torch.no_grad(), self.bridge.hooks(fwd_hooks=[(name, lambda x, hook=None: fired.append(1))], reset_hooks_end=True):
+        with (
+            torch.no_grad(),
+            self.bridge.hooks(fwd_hooks=[(name, lambda x, hook=None: fired.append(1))], reset_hooks_end=True),
+        ):
             self.bridge(torch.zeros((1, 4), dtype=torch.long, device=self.device), return_type="logits")
         return bool(fired)
 
@@ -535,7 +595,9 @@ class ModelAdapter:
                 return x
 
             if self.own_mlp_input == "ln2":
-                handles.append(block.ln2.register_forward_pre_hook(lambda _m, args, apply=apply: (apply(args[0]), *args[1:])))
+                handles.append(
+                    block.ln2.register_forward_pre_hook(lambda _m, args, apply=apply: (apply(args[0]), *args[1:]))
+                )
                 continue
             kept: dict[str, torch.Tensor] = {}
 
@@ -561,25 +623,37 @@ class ModelAdapter:
         H, G = self.shape.n_heads, self.shape.n_kv_groups
         blocks = list(self.bridge.blocks)
         attn = blocks[0].attn
-        unsupported = (f"{self.name}: {self.architecture} is not supported: TransformerLens's bridge cannot give its "
-                       f"attention ({type(attn).__name__}) separate query/key/value inputs and per-head outputs, which "
-                       "edge patching needs, ")
+        unsupported = (
+            f"{self.name}: {self.architecture} is not supported: TransformerLens's bridge cannot give its "
+            f"attention ({type(attn).__name__}) separate query/key/value inputs and per-head outputs, which "
+            "edge patching needs, "
+        )
         subs = getattr(attn, "submodules", None) or {}
         if "experts" in subs or hasattr(getattr(attn, "original_component", None), "experts"):
-            raise UserError(unsupported + "and the adapter cannot supply them: its queries and outputs come from experts "
-                            "routed per token (a mixture of attention heads), so a head has no fixed query projection")
+            raise UserError(
+                unsupported + "and the adapter cannot supply them: its queries and outputs come from experts "
+                "routed per token (a mixture of attention heads), so a head has no fixed query projection"
+            )
         plan = []
         for layer, block in enumerate(blocks):
             parts = {k: getattr(getattr(block.attn, k, None), "original_component", None) for k in "qkvo"}
             if not all(isinstance(m, torch.nn.Linear) for m in parts.values()):
-                raise UserError(unsupported + "and the adapter supplies them only from separate query, key, value and "
-                                "output projections (Linear layers), which its attention does not have")
+                raise UserError(
+                    unsupported + "and the adapter supplies them only from separate query, key, value and "
+                    "output projections (Linear layers), which its attention does not have"
+                )
             q, k, v, o = parts.values()
             d_head = q.out_features // H
-            if q.out_features != H * d_head or k.out_features != G * d_head or v.out_features != G * d_head \
-                    or o.in_features != H * d_head:
-                raise UserError(unsupported + f"and its projections' sizes ({q.out_features}, {k.out_features}, "
-                                f"{v.out_features}) do not split into {H} heads and {G} key/value groups of one width")
+            if (
+                q.out_features != H * d_head
+                or k.out_features != G * d_head
+                or v.out_features != G * d_head
+                or o.in_features != H * d_head
+            ):
+                raise UserError(
+                    unsupported + f"and its projections' sizes ({q.out_features}, {k.out_features}, "
+                    f"{v.out_features}) do not split into {H} heads and {G} key/value groups of one width"
+                )
             ln1 = getattr(block, "ln1", None) if "ln1" in (block.submodules or {}) else None
             plan.append(OwnAttention(getattr(ln1, "original_component", None), q, k, v, o, d_head))
         self._probe_own_attention(plan, unsupported)
@@ -596,7 +670,10 @@ class ModelAdapter:
 
         def keep_in(key):
             def hook(_module, args):
-                (moved if replay[0] and key[1] == "o" else seen).__setitem__(key[0] if replay[0] else key, args[0].detach())
+                (moved if replay[0] and key[1] == "o" else seen).__setitem__(
+                    key[0] if replay[0] else key, args[0].detach()
+                )
+
             return hook
 
         def keep_out(key):
@@ -604,20 +681,20 @@ class ModelAdapter:
                 if replay[0]:
                     return seen[key]
                 seen[key] = out.detach()
+
             return hook
 
         def resid(layer):
             def hook(x, hook=None):
                 if replay[0]:
                     g = torch.Generator().manual_seed(layer)
-                    return x + 0.5 * x.std() * torch.randn(x.shape, generator=g, dtype=torch.float32).to(x.device, x.dtype)
+                    return x + 0.5 * x.std() * torch.randn(x.shape, generator=g, dtype=torch.float32).to(
+                        x.device, x.dtype
+                    )
                 seen[(layer, "resid")] = x.detach()
                 return x
-            return hook
 
-        def far(got, want) -> bool:
-            return got is None or want is None or got.shape != want.shape or (got - want).abs().max().item() > \
-                1e3 * torch.finfo(want.dtype).eps * max(want.abs().max().item(), 1.0)
+            return hook
 
         handles = []
         for layer, p in enumerate(plan):
@@ -627,29 +704,42 @@ class ModelAdapter:
             handles.append(p.o.register_forward_pre_hook(keep_in((layer, "o"))))
         tokens = probe_tokens(int(self.bridge.cfg.d_vocab), self.probe_positions).to(self.device)
         try:
-            with torch.no_grad(), self.bridge.hooks(fwd_hooks=[(f"blocks.{l}.hook_resid_pre", resid(l)) for l in range(len(plan))],
-                                                    reset_hooks_end=True):
+            with (
+                torch.no_grad(),
+                self.bridge.hooks(
+                    fwd_hooks=[(f"blocks.{l}.hook_resid_pre", resid(l)) for l in range(len(plan))], reset_hooks_end=True
+                ),
+            ):
                 self.bridge(tokens, return_type="logits")
                 for layer, p in enumerate(plan):
                     x = seen.get((layer, "resid"))
                     want = None if x is None else (p.norm(x) if p.norm is not None else x)
                     for kind in "qkv":
-                        if far(seen.get((layer, kind)), want):
-                            raise UserError(unsupported + f"and the adapter cannot supply them: layer {layer}'s {kind} "
-                                            "projection does not read the block's pre-attention norm of its input")
+                        if _far(seen.get((layer, kind)), want):
+                            raise UserError(
+                                unsupported + f"and the adapter cannot supply them: layer {layer}'s {kind} "
+                                "projection does not read the block's pre-attention norm of its input"
+                            )
                 replay[0] = True
                 self.bridge(tokens, return_type="logits")
                 for layer in range(len(plan)):
-                    if far(moved.get(layer), seen.get((layer, "o"))):
-                        raise UserError(unsupported + f"and the adapter cannot supply them: layer {layer}'s attention "
-                                        "reads its input outside the query/key/value projections (an output gate, say), "
-                                        "a path no receiver would carry")
+                    if _far(moved.get(layer), seen.get((layer, "o"))):
+                        raise UserError(
+                            unsupported + f"and the adapter cannot supply them: layer {layer}'s attention "
+                            "reads its input outside the query/key/value projections (an output gate, say), "
+                            "a path no receiver would carry"
+                        )
         finally:
             for handle in handles:
                 handle.remove()
 
-    def _own_attention_hooks(self, inputs: dict[int, dict[str, list[Callable]]], results: dict[int, list[Callable]],
-                             extra: list[Hook], handles: list) -> None:
+    def _own_attention_hooks(
+        self,
+        inputs: dict[int, dict[str, list[Callable]]],
+        results: dict[int, list[Callable]],
+        extra: list[Hook],
+        handles: list,
+    ) -> None:
         """The q/k/v receivers and head senders the bridge does not expose (``own_attention``).
 
         ``inputs`` maps a layer to its hooks on ``hook_q_input``/``hook_k_input``/``hook_v_input``:
@@ -711,8 +801,9 @@ class ModelAdapter:
         """Forward and backward hooks attached right now (for tests that none are left)."""
         return sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in self.bridge.hook_dict.values())
 
-    def logits(self, tokens: Int[torch.Tensor, "batch pos"], positions: Int[torch.Tensor, " batch"] | None = None
-               ) -> Float[torch.Tensor, "batch pos vocab"] | Float[torch.Tensor, "batch vocab"]:
+    def logits(
+        self, tokens: Int[torch.Tensor, "batch pos"], positions: Int[torch.Tensor, " batch"] | None = None
+    ) -> Float[torch.Tensor, "batch pos vocab"] | Float[torch.Tensor, "batch vocab"]:
         """Run the model on token ids (no special tokens added) and return its logits.
 
         With ``positions``, only each prompt's logits at its position are computed (``[batch,
@@ -755,8 +846,9 @@ class ModelAdapter:
         want = logits[:, : ids.shape[1]]
         return bool((got.double() - want.double()).abs().max() <= 1e-4 * max(want.abs().max().item(), 1.0))
 
-    def final_logits(self, resid: Float[torch.Tensor, "batch n d_model"], token_ids: Int[torch.Tensor, "batch t"]
-                     ) -> Float[torch.Tensor, "batch n t"]:
+    def final_logits(
+        self, resid: Float[torch.Tensor, "batch n d_model"], token_ids: Int[torch.Tensor, "batch t"]
+    ) -> Float[torch.Tensor, "batch n t"]:
         """Logits of some tokens for residual-stream vectors at the logits' input (``RECEIVER_LOGITS``).
 
         Applies the final norm and the unembedding to each of ``n`` vectors per prompt, reading only
@@ -771,8 +863,12 @@ class ModelAdapter:
             return out if b_u is None else out + b_u[ids][:, None, :]
 
 
-def load_unchecked(name: str, log: Callable[[str], None] = lambda _msg: None, dtype: torch.dtype = torch.float32,
-                   device: torch.device | str | None = None) -> ModelAdapter:
+def load_unchecked(
+    name: str,
+    log: Callable[[str], None] = lambda _msg: None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> ModelAdapter:
     """Load a bundled model, Hugging Face id or local folder and wrap it for patching, without the
     check at load (``circuitfinder.engine.checks.load_model``, ``cf.load_model``, runs it)."""
     if device is None or torch.device(device).type == "cpu":

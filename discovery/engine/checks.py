@@ -38,10 +38,10 @@ from typing import Callable
 import torch
 
 from circuitfinder.engine.adapter import ModelAdapter, load_unchecked
-from circuitfinder.errors import UserError
 from circuitfinder.engine.graph import EdgeGraph, ReceiverPoint
 from circuitfinder.engine.patching import patched_logits, run_recording_senders
 from circuitfinder.engine.precision import HALF, exact_tolerance, noise_floor_for, tolerance_for
+from circuitfinder.errors import UserError
 
 
 class ModelRefused(UserError):
@@ -52,12 +52,17 @@ class ModelRefused(UserError):
 # (tests/test_architectures.py measures each against the Hugging Face model's own modules).
 KNOWN_INEXACT = {
     "BloomForCausalLM": "the bridge's query/key/value inputs do not act as the model's (an edge into q, k or v "
-                        "moves the logits by up to 0.3 against Hugging Face's own modules)",
+    "moves the logits by up to 0.3 against Hugging Face's own modules)",
 }
 
 
-def load_model(name: str, log: Callable[[str], None] = lambda _msg: None, check: bool = True,
-                       dtype: torch.dtype | str = torch.float32, device: torch.device | str | None = "auto") -> ModelAdapter:
+def load_model(
+    name: str,
+    log: Callable[[str], None] = lambda _msg: None,
+    check: bool = True,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str | None = "auto",
+) -> ModelAdapter:
     """:func:`circuitfinder.engine.adapter.load_unchecked` in ``dtype`` (``auto``, ``float32``, ``bfloat16``, ...)
     on ``device`` (``auto``, ``cpu``, ``cuda``, ...), then :func:`check_model` unless ``check`` is False."""
     from circuitfinder.engine.models import resolve_device
@@ -68,19 +73,25 @@ def load_model(name: str, log: Callable[[str], None] = lambda _msg: None, check:
     adapter = load_unchecked(name, log, dtype, device)
     if check:
         worst = check_model(adapter)
-        log(f"checked {adapter.name}: patching exact (largest difference {worst:.2%} of the "
-            f"{dtype_name(adapter.working_dtype)} tolerance)")
+        log(
+            f"checked {adapter.name}: patching exact (largest difference {worst:.2%} of the "
+            f"{dtype_name(adapter.working_dtype)} tolerance)"
+        )
     return adapter
 
 
 def _refuse(adapter: ModelAdapter, what: str) -> ModelRefused:
-    return ModelRefused(f"{adapter.name} ({adapter.architecture}): {what}; the engine would not be exact on it "
-                        "(`check_model=False` runs it anyway)")
+    return ModelRefused(
+        f"{adapter.name} ({adapter.architecture}): {what}; the engine would not be exact on it "
+        "(`check_model=False` runs it anyway)"
+    )
 
 
 def _random_like(x: torch.Tensor, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.device, x.dtype) * x.detach().std().clamp_min(1e-3)
+    return torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.device, x.dtype) * x.detach().std().clamp_min(
+        1e-3
+    )
 
 
 def check_model(adapter: ModelAdapter, seed: int = 0) -> float:
@@ -128,15 +139,26 @@ class _Probe:
         graph = EdgeGraph(adapter.shape)
         g = torch.Generator().manual_seed(seed)
         vocab = int(adapter.bridge.cfg.d_vocab)
-        clean, corrupted = (torch.randint(0, vocab, (1, adapter.probe_positions), generator=g, device="cpu") for _ in range(2))
+        clean, corrupted = (
+            torch.randint(0, vocab, (1, adapter.probe_positions), generator=g, device="cpu") for _ in range(2)
+        )
         try:
             corr_senders, corr_logits = run_recording_senders(adapter, graph, corrupted)
             clean_senders, clean_logits = run_recording_senders(adapter, graph, clean)
         except RuntimeError as e:  # e.g. a mixture-of-experts matmul with no float64 kernel
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise _refuse(adapter, f"a forward pass fails in {adapter.dtype} ({reason})") from None
-        return cls(adapter, graph, seed, clean, corr_senders, corr_logits, clean_senders, clean_logits,
-                   tolerance_for(adapter, clean_logits))
+        return cls(
+            adapter,
+            graph,
+            seed,
+            clean,
+            corr_senders,
+            corr_logits,
+            clean_senders,
+            clean_logits,
+            tolerance_for(adapter, clean_logits),
+        )
 
     def compare(self, got: torch.Tensor, want: torch.Tensor, what: str) -> float:
         """``|got − want|`` as a fraction of the tolerance; refuses the model above 1 (``what`` says what differs)."""
@@ -174,7 +196,9 @@ def _check_receivers_wired(probe: _Probe) -> None:
             return x + _random_like(x, probe.seed + 1)
 
         with torch.no_grad(), adapter.hooks([(hook_name, nudge)]):
-            moved = (adapter.logits(probe.clean) - probe.clean_logits).abs().max().item() > noise_floor_for(adapter, probe.clean_logits)
+            moved = (adapter.logits(probe.clean) - probe.clean_logits).abs().max().item() > noise_floor_for(
+                adapter, probe.clean_logits
+            )
         if fired and not moved:  # a saturated softmax or ReLU downstream (tracr's hard attention): ask the reader
             moved = _reader_moves(adapter, point, probe.clean, hook_name, nudge)
         if not fired or not moved:
@@ -209,16 +233,23 @@ def _check_block_rule(probe: _Probe) -> None:
         reads_heads = change > (0.0 if adapter.working_dtype in HALF else tolerance_for(adapter, before))
         if reads_heads == adapter.shape.parallel:
             says = "parallel" if adapter.shape.parallel else "sequential"
-            raise _refuse(adapter, f"layer {layer}'s MLP {'reads' if reads_heads else 'does not read'} its own "
-                          f"layer's heads, but the block was taken as {says}")
+            raise _refuse(
+                adapter,
+                f"layer {layer}'s MLP {'reads' if reads_heads else 'does not read'} its own "
+                f"layer's heads, but the block was taken as {says}",
+            )
 
 
 def _check_full_and_empty(probe: _Probe) -> float:
     """3. The full circuit gives the clean run, the empty circuit the corrupted run."""
     graph, patch = probe.graph, partial(patched_logits, probe.adapter, probe.graph, probe.clean, probe.corr_senders)
     none = torch.zeros(graph.n_senders, graph.n_receivers, device="cpu")
-    return max(probe.compare(patch(none), probe.clean_logits, "the full circuit differs from the clean run"),
-               probe.compare(patch(graph.allowed.double()), probe.corr_logits, "the empty circuit differs from the corrupted run"))
+    return max(
+        probe.compare(patch(none), probe.clean_logits, "the full circuit differs from the clean run"),
+        probe.compare(
+            patch(graph.allowed.double()), probe.corr_logits, "the empty circuit differs from the corrupted run"
+        ),
+    )
 
 
 def _check_single_edges(probe: _Probe) -> float:
@@ -241,8 +272,11 @@ def _check_sparse_circuit(probe: _Probe) -> float:
     """5. A random sparse circuit against the direct sum of its removed edges."""
     removed = random_circuit(probe.graph, kept=0.1, seed=probe.seed)
     args = (probe.adapter, probe.graph, probe.clean, probe.corr_senders, removed)
-    return probe.compare(patched_logits(*args), direct_patched_logits(*args),
-                         "a random sparse circuit differs from the direct sum of its removed edges")
+    return probe.compare(
+        patched_logits(*args),
+        direct_patched_logits(*args),
+        "a random sparse circuit differs from the direct sum of its removed edges",
+    )
 
 
 def random_circuit(graph: EdgeGraph, kept: float, seed: int = 0) -> torch.Tensor:
@@ -254,8 +288,9 @@ def random_circuit(graph: EdgeGraph, kept: float, seed: int = 0) -> torch.Tensor
     return ((~keep) & graph.allowed).double()
 
 
-def direct_patched_logits(adapter: ModelAdapter, graph: EdgeGraph, clean: torch.Tensor, corrupted_senders: torch.Tensor,
-                          removed: torch.Tensor) -> torch.Tensor:
+def direct_patched_logits(
+    adapter: ModelAdapter, graph: EdgeGraph, clean: torch.Tensor, corrupted_senders: torch.Tensor, removed: torch.Tensor
+) -> torch.Tensor:
     """The plain definition of a patched run, for checking the engine: each receiver reads its input
     plus ``Σ_{s removed} (corrupted_s − current_s)`` over its removed edges, with ``current_s`` the
     sender's value in this run, recorded as it fires. No running total, stacking or resumed blocks."""
@@ -265,6 +300,7 @@ def direct_patched_logits(adapter: ModelAdapter, graph: EdgeGraph, clean: torch.
         def record(values):
             rows = values.permute(2, 0, 1, 3) if values.dim() == 4 else values.unsqueeze(0)
             current.update({point.start + i: row.detach().clone() for i, row in enumerate(rows)})
+
         return record
 
     def patcher(point: ReceiverPoint):
@@ -280,6 +316,7 @@ def direct_patched_logits(adapter: ModelAdapter, graph: EdgeGraph, clean: torch.
                 else:
                     x += term
             return x
+
         return patch
 
     hooks = [h for p in graph.sender_points for h in adapter.sender_hooks(p.kind, p.layer, recorder(p))]
@@ -297,8 +334,9 @@ def _bridge_tolerance(adapter: ModelAdapter, reference: torch.Tensor) -> float:
     return exact_tolerance(working, adapter.shape.n_layers, reference.abs().max().item())
 
 
-def _reader_moves(adapter: ModelAdapter, point: ReceiverPoint, tokens: torch.Tensor, hook_name: str,
-                  nudge: Callable) -> bool:
+def _reader_moves(
+    adapter: ModelAdapter, point: ReceiverPoint, tokens: torch.Tensor, hook_name: str, nudge: Callable
+) -> bool:
     """Whether ``nudge`` at a receiver moves the first value computed linearly from it (the
     attention scores for q and k, ``z`` for v, the MLP's pre-activation), which no saturation hides."""
     reader = adapter.reader_hook(point.kind, point.layer)
@@ -344,9 +382,20 @@ def sample_edges(graph: EdgeGraph) -> list[str]:
     L, H, G = graph.shape.n_layers, graph.shape.n_heads, graph.shape.n_kv_groups
     last, prev = L - 1, max(L - 2, 0)
     head_into_mlp = f"a{last}.h0->m{last}" if not graph.shape.parallel else f"a{prev}.h{H - 1}->m{last}"
-    wanted = ["input->a0.h0<q>", f"input->a{last}.g0<k>", f"input->a{last}.g{G - 1}<v>", f"input->m{last}",
-              f"a{prev}.h0->a{last}.h{H - 1}<q>", f"m{prev}->a{last}.g0<k>", f"a{prev}.h{H - 1}->a{last}.g{G - 1}<v>",
-              head_into_mlp, f"m{prev}->m{last}", f"a{last}.h0->logits", f"m{last}->logits", "input->logits"]
+    wanted = [
+        "input->a0.h0<q>",
+        f"input->a{last}.g0<k>",
+        f"input->a{last}.g{G - 1}<v>",
+        f"input->m{last}",
+        f"a{prev}.h0->a{last}.h{H - 1}<q>",
+        f"m{prev}->a{last}.g0<k>",
+        f"a{prev}.h{H - 1}->a{last}.g{G - 1}<v>",
+        head_into_mlp,
+        f"m{prev}->m{last}",
+        f"a{last}.h0->logits",
+        f"m{last}->logits",
+        "input->logits",
+    ]
     allowed = graph.allowed
     keep = []
     for name in wanted:

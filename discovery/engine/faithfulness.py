@@ -33,10 +33,10 @@ import torch.nn.functional as F
 
 from circuitfinder.engine.ablation import Ablation, make_ablation
 from circuitfinder.engine.adapter import ModelAdapter
-from circuitfinder.engine.masks import Mask, prune, top_edges
-from circuitfinder.errors import UserError
 from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.engine.masks import Mask, prune, top_edges
 from circuitfinder.engine.patching import PassRecord, patched_logits, stack_split, stacked_patched_logits
+from circuitfinder.errors import UserError
 from circuitfinder.tasks.base import Task, TaskBatch
 
 
@@ -98,9 +98,21 @@ class CircuitEvaluator:
             late receivers, skips most of each pass.
     """
 
-    def __init__(self, adapter: ModelAdapter, graph: EdgeGraph, task: Task, split: str = "heldout", batch_size: int = 16,
-                 ablation: str | Ablation = "counterfactual", memory_budget: int = 1 << 30, limit: int | None = None,
-                 distance: str = "task", max_rows: int = 256, reuse: int = 0, shard: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        graph: EdgeGraph,
+        task: Task,
+        split: str = "heldout",
+        batch_size: int = 16,
+        ablation: str | Ablation = "counterfactual",
+        memory_budget: int = 1 << 30,
+        limit: int | None = None,
+        distance: str = "task",
+        max_rows: int = 256,
+        reuse: int = 0,
+        shard: tuple[int, int] | None = None,
+    ):
         if distance not in DISTANCES:
             raise ValueError(f"unknown distance {distance!r}: use one of {', '.join(DISTANCES)}")
         self.adapter, self.graph, self.task = adapter, graph, task
@@ -133,7 +145,9 @@ class CircuitEvaluator:
         self.blocks_run = 0  # blocks computed by passes of one circuit (the rest were reused)
         self.clean_metric = clean_sum / self.n
         if not math.isfinite(self.clean_metric):
-            raise MetricError(f"the clean metric is {self.clean_metric} on the {split} prompts; check the task's answers")
+            raise MetricError(
+                f"the clean metric is {self.clean_metric} on the {split} prompts; check the task's answers"
+            )
         empty = float(self.evaluate(torch.zeros_like(graph.allowed)[None]).metric[0])  # raises when not finite
         self.baseline = Baseline(self.clean_metric, empty, correct / self.n if task.ranks_answers else None, self.n)
         if abs(self.baseline.clean - self.baseline.corrupted) < 1e-6:
@@ -176,7 +190,9 @@ class CircuitEvaluator:
         every one patched (the full and the empty circuit too)."""
         k = circuits.shape[0]
         metric_sum = torch.zeros(k, dtype=torch.float64, device="cpu")
-        distance_sum = torch.zeros(k, dtype=torch.float64, device="cpu")  # Σ KL, or for "prompt" Σ |m_i(C) − m_i(clean)|
+        distance_sum = torch.zeros(
+            k, dtype=torch.float64, device="cpu"
+        )  # Σ KL, or for "prompt" Σ |m_i(C) − m_i(clean)|
         removed = (~circuits.bool()).to(self.adapter.dtype)  # [k, s, r]
         for index, (batch, senders) in enumerate(zip(self.batches, self._ablated)):
             start = 0
@@ -185,7 +201,9 @@ class CircuitEvaluator:
                 if g == 1:
                     logits = self._alone(index, removed[start])
                 else:
-                    logits = stacked_patched_logits(self.adapter, self.graph, batch.clean, senders, removed[start : start + g], batch.last)
+                    logits = stacked_patched_logits(
+                        self.adapter, self.graph, batch.clean, senders, removed[start : start + g], batch.last
+                    )
                 logits = logits.double()  # the metric and the sums in float64
                 self.forward_passes += g  # one per circuit and batch, as if each had its own pass
                 values = self.task.metric(logits, batch.repeat(g)).view(g, batch.size).cpu()
@@ -200,7 +218,9 @@ class CircuitEvaluator:
         metric = metric_sum / self.n
         bad = [v for v in metric.tolist() if not math.isfinite(v)]
         if bad:
-            raise MetricError(f"a circuit's metric is {bad[0]} on these prompts (NaN or infinite logits); check the task's answers")
+            raise MetricError(
+                f"a circuit's metric is {bad[0]} on these prompts (NaN or infinite logits); check the task's answers"
+            )
         distance = (metric - self.clean_metric).abs() if self.distance == "task" else distance_sum / self.n
         return Scores(metric, distance)
 
@@ -212,9 +232,12 @@ class CircuitEvaluator:
             return patched_logits(self.adapter, self.graph, batch.clean, senders, removed, batch.last)
         removed = removed.to(self.adapter.device) * self.graph.allowed.to(self.adapter.device)
         records = self._records[index]
-        shared, base = max(((r.shared_layers(self.graph, removed), r) for r in records), key=lambda x: x[0], default=(0, None))
-        logits, record = patched_logits(self.adapter, self.graph, batch.clean, senders, removed, batch.last,
-                                        resume=base, record=True)
+        shared, base = max(
+            ((r.shared_layers(self.graph, removed), r) for r in records), key=lambda x: x[0], default=(0, None)
+        )
+        logits, record = patched_logits(
+            self.adapter, self.graph, batch.clean, senders, removed, batch.last, resume=base, record=True
+        )
         self.blocks_run += self.graph.shape.n_layers - shared
         if base is not None:
             records.remove(base)
@@ -344,9 +367,13 @@ class Curve:
         return [{"percent": p, "top_n": n, "edges_kept": k, "faithfulness": f} for p, n, k, f in self.points]
 
 
-def faithfulness_curve(evaluator: CircuitEvaluator, scores: torch.Tensor, percents: tuple[float, ...] = MIB_PERCENTS,
-                       progress: Callable[[int], None] | None = None,
-                       metrics: Callable[[list[Mask]], list[float]] | None = None) -> Curve:
+def faithfulness_curve(
+    evaluator: CircuitEvaluator,
+    scores: torch.Tensor,
+    percents: tuple[float, ...] = MIB_PERCENTS,
+    progress: Callable[[int], None] | None = None,
+    metrics: Callable[[list[Mask]], list[float]] | None = None,
+) -> Curve:
     """Faithfulness of the top-k % edges (pruned) for each k in ``percents``, exactly, by patching.
 
     The circuits are evaluated together, several per forward pass (:meth:`CircuitEvaluator.metrics`),

@@ -44,38 +44,41 @@ HYBRID = {
 
 # A mixer without heads in every layer, attention beside it in some or all of them.
 MIXED = {
-    "FalconH1ForCausalLM": "every layer runs a state-space (Mamba-2) mixer with no attention heads beside its attention",
+    "FalconH1ForCausalLM": "every layer runs a state-space (Mamba-2) mixer with no attention heads beside its "
+    "attention",
     "ZambaForCausalLM": "every layer is a state-space (Mamba) layer with no attention heads, some with a shared "
-                        "attention block added",
+    "attention block added",
     "Zamba2ForCausalLM": "every layer is a state-space (Mamba-2) layer with no attention heads, some with a shared "
-                         "attention block added",
+    "attention block added",
 }
 
 NOT_A_SUM = "so the residual stream is not the sum of the heads' and MLPs' outputs that the edge graph patches"
-POST_NORM = ("its blocks are post-norm (a LayerNorm after each residual addition) and it has no final norm, so the "
-             "residual stream is renormalised inside every block and is not the sum of the heads' and MLPs' outputs "
-             "that the edge graph patches")
+POST_NORM = (
+    "its blocks are post-norm (a LayerNorm after each residual addition) and it has no final norm, so the "
+    "residual stream is renormalised inside every block and is not the sum of the heads' and MLPs' outputs "
+    "that the edge graph patches"
+)
 
 # Other causes, by class.
 OTHER = {
     "OpenAIGPTLMHeadModel": POST_NORM,
     "Gemma4ForCausalLM": "each decoder layer multiplies the whole residual stream by a learned layer_scalar (and on "
-                         "E2B/E4B mixes in per-layer input embeddings), " + NOT_A_SUM,
-    "Gemma4ForConditionalGeneration": "each decoder layer multiplies the whole residual stream by a learned layer_scalar "
-                                      "(and on E2B/E4B mixes in per-layer input embeddings), " + NOT_A_SUM,
+    "E2B/E4B mixes in per-layer input embeddings), " + NOT_A_SUM,
+    "Gemma4ForConditionalGeneration": "each decoder layer multiplies the whole residual stream by a learned "
+    "layer_scalar (and on E2B/E4B mixes in per-layer input embeddings), " + NOT_A_SUM,
     "Gemma4UnifiedForConditionalGeneration": "each decoder layer multiplies the whole residual stream by a learned "
-                                             "layer_scalar, " + NOT_A_SUM,
+    "layer_scalar, " + NOT_A_SUM,
     "Gemma3nForCausalLM": "its residual stream is several AltUp streams combined by learned, input-dependent "
-                          "predictions (and per-layer input embeddings), " + NOT_A_SUM,
+    "predictions (and per-layer input embeddings), " + NOT_A_SUM,
     "Gemma3nForConditionalGeneration": "its residual stream is several AltUp streams combined by learned, "
-                                       "input-dependent predictions (and per-layer input embeddings), " + NOT_A_SUM,
+    "input-dependent predictions (and per-layer input embeddings), " + NOT_A_SUM,
     "DeepseekV4ForCausalLM": "its residual stream is hc_mult streams that hyper-connections (mHC) collapse, expand and "
-                             "mix with weights computed from the stream itself, " + NOT_A_SUM,
+    "mix with weights computed from the stream itself, " + NOT_A_SUM,
     "NanoChatForCausalLM": "one norm module (model.norm) normalises both the embeddings before the first layer and "
-                           "the residual stream before the unembedding, so the final norm's input, the logits' "
-                           "receiver, is read twice per forward pass",
+    "the residual stream before the unembedding, so the final norm's input, the logits' "
+    "receiver, is read twice per forward pass",
     "HrmTextForCausalLM": "its two layer stacks are applied repeatedly in one forward pass (H_cycles x (L_cycles + 1) "
-                          "passes of the same layers), so a head is not one node of a feed-forward edge graph",
+    "passes of the same layers), so a head is not one node of a feed-forward edge graph",
 }
 
 # Words that mark a layer kind (in ``layer_types``, ``layers_block_type`` or ``block_types``) whose
@@ -100,8 +103,10 @@ def refusal(hf_model) -> str | None:
     cls = type(hf_model).__name__
     config = getattr(hf_model, "config", None)
     if cls in NO_ATTENTION:
-        return (f"{cls}: its blocks are {NO_ATTENTION[cls]} layers with no attention heads, so the edge graph of "
-                "heads and MLPs does not exist")
+        return (
+            f"{cls}: its blocks are {NO_ATTENTION[cls]} layers with no attention heads, so the edge graph of "
+            "heads and MLPs does not exist"
+        )
     if cls in MIXED:
         return f"{cls}: {MIXED[cls]}, so the edge graph of heads and MLPs does not cover the model"
     counted = _mixers_without_heads(config) if config is not None else None
@@ -113,20 +118,26 @@ def refusal(hf_model) -> str | None:
             which = f"1 of its {counted[1]} layers is a {kind} layer"
         else:
             which = f"{counted[0]} of its {counted[1]} layers are {kind} layers"
-        return (f"{cls}: {which} with no attention heads (a hybrid stack), so the edge graph of heads and MLPs does not "
-                "cover the model")
+        return (
+            f"{cls}: {which} with no attention heads (a hybrid stack), so the edge graph of heads and MLPs does not "
+            "cover the model"
+        )
     if cls in OTHER:
         return f"{cls}: {OTHER[cls]}"
     if config is not None and getattr(config, "do_layer_norm_before", True) is False:  # OPT-350m
         return f"{cls}: {POST_NORM}"
     if cls == "FalconForCausalLM" and getattr(config, "new_decoder_architecture", False):  # Falcon-40B/180B
-        return (f"{cls}: its new decoder architecture interleaves each key/value group's queries, key and value in "
-                "one fused projection, which TransformerLens 4.3's Falcon adapter splits as if there were one "
-                "key/value head, so the bridge cannot run it")
+        return (
+            f"{cls}: its new decoder architecture interleaves each key/value group's queries, key and value in "
+            "one fused projection, which TransformerLens 4.3's Falcon adapter splits as if there were one "
+            "key/value head, so the bridge cannot run it"
+        )
     if cls == "CodeGenForCausalLM" and _codegen_attention_lacks_rotary_table(hf_model):
-        return (f"{cls}: TransformerLens 4.3's CodeGen attention reads the rotary table embed_positions from each "
-                "attention module, which this transformers version no longer keeps there (it moved to the model's "
-                "rotary embedding), so the bridge cannot run the model")
+        return (
+            f"{cls}: TransformerLens 4.3's CodeGen attention reads the rotary table embed_positions from each "
+            "attention module, which this transformers version no longer keeps there (it moved to the model's "
+            "rotary embedding), so the bridge cannot run the model"
+        )
     return None
 
 

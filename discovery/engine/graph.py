@@ -98,10 +98,18 @@ class EdgeGraph:
                 ReceiverPoint("q", layer, base, base + H, before, True),
                 ReceiverPoint("k", layer, base + H, base + H + G, before, True),
                 ReceiverPoint("v", layer, base + H + G, base + H + 2 * G, before, True),
-                ReceiverPoint("mlp", layer, base + H + 2 * G, base + H + 2 * G + 1,
-                              before if self.shape.parallel else before + H, False),
+                ReceiverPoint(
+                    "mlp",
+                    layer,
+                    base + H + 2 * G,
+                    base + H + 2 * G + 1,
+                    before if self.shape.parallel else before + H,
+                    False,
+                ),
             ]
-        points.append(ReceiverPoint("logits", self.shape.n_layers, self.n_receivers - 1, self.n_receivers, self.n_senders, False))
+        points.append(
+            ReceiverPoint("logits", self.shape.n_layers, self.n_receivers - 1, self.n_receivers, self.n_senders, False)
+        )
         return tuple(points)
 
     @cached_property
@@ -205,8 +213,10 @@ class EdgeGraph:
         H = self.shape.n_heads
         points = [p for p in self.receiver_points for _ in range(p.start, p.stop)]  # one per receiver
         first = [1 + p.layer * (H + 1) for p in points]  # the layer's first head
-        return tuple(tuple(range(f, f + H)) if p.kind in shared else node
-                     for p, f, node in zip(points, first, self.receiver_node))
+        return tuple(
+            tuple(range(f, f + H)) if p.kind in shared else node
+            for p, f, node in zip(points, first, self.receiver_node)
+        )
 
 
 def expected_edge_count(n_layers: int, n_heads: int, n_kv_groups: int, parallel: bool = False) -> int:

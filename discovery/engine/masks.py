@@ -27,12 +27,16 @@ from circuitfinder.engine.graph import EdgeGraph
 Mask = Bool[torch.Tensor, "senders receivers"]
 
 
-def top_edges(graph: EdgeGraph, scores: Float[torch.Tensor, "senders receivers"], n: int, among: Mask | None = None) -> Mask:
+def top_edges(
+    graph: EdgeGraph, scores: Float[torch.Tensor, "senders receivers"], n: int, among: Mask | None = None
+) -> Mask:
     """The ``n`` edges of largest ``|score|`` among ``among`` (default: every edge of the graph);
     ties broken by edge index, so the result is stable."""
     candidates = graph.allowed if among is None else graph.allowed & among
     n = max(0, min(n, int(candidates.sum())))
-    flat = torch.where(candidates, scores.abs().double(), torch.tensor(-1.0, dtype=torch.float64, device="cpu")).flatten()
+    flat = torch.where(
+        candidates, scores.abs().double(), torch.tensor(-1.0, dtype=torch.float64, device="cpu")
+    ).flatten()
     order = torch.sort(flat, descending=True, stable=True).indices[:n]
     mask = torch.zeros(graph.allowed.numel(), dtype=torch.bool, device="cpu")
     mask[order] = True

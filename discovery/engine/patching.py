@@ -53,7 +53,7 @@ class SenderDiff:
     def resumed(cls, earlier: "SenderDiff | None", shared: int, own: torch.Tensor) -> "SenderDiff":
         """Rows ``[0, shared)`` from ``earlier``, the rest in ``own`` ``[senders − shared, …]``."""
         chunks = []
-        for first, rows in (earlier.chunks if earlier is not None and shared else []):
+        for first, rows in earlier.chunks if earlier is not None and shared else []:
             if first >= shared:
                 break
             take = min(len(rows), shared - first)
@@ -98,11 +98,15 @@ class RunningTotal:
         self.value.add_(entries.sum(0))
         self.fired = stop
 
-    def before(self, n: int, rows_of: Callable[[torch.Tensor], torch.Tensor], block: slice = slice(None)) -> torch.Tensor:
+    def before(
+        self, n: int, rows_of: Callable[[torch.Tensor], torch.Tensor], block: slice = slice(None)
+    ) -> torch.Tensor:
         """The total over senders ``[0, n)`` for the prompts ``block``; ``rows_of(indices)`` gives
         those senders' entries ``[len(indices), b, p, d]`` for the same prompts."""
         if n > self.fired:
-            raise RuntimeError(f"a receiver reads senders [0, {n}) but only {self.fired} have fired: the edge graph's order is wrong")
+            raise RuntimeError(
+                f"a receiver reads senders [0, {n}) but only {self.fired} have fired: the edge graph's order is wrong"
+            )
         running = self.value[block]
         if n == self.fired:
             return running
@@ -118,8 +122,14 @@ def sender_buffer(graph: EdgeGraph, batch: int, pos: int, dtype=None, device=Non
     return torch.zeros(graph.n_senders, batch, pos, graph.shape.d_model, dtype=dtype, device=device)
 
 
-def record_senders_hooks(adapter: ModelAdapter, graph: EdgeGraph, buffer: torch.Tensor, sign: float,
-                         total: RunningTotal | None = None, live: list | None = None) -> list:
+def record_senders_hooks(
+    adapter: ModelAdapter,
+    graph: EdgeGraph,
+    buffer: torch.Tensor,
+    sign: float,
+    total: RunningTotal | None = None,
+    live: list | None = None,
+) -> list:
     """Hooks that add ``sign ×`` each sender's output (detached) into ``buffer`` ``[s, b, p, d]``.
 
     With ``total``, each hook then adds the senders' updated buffer entries to it.
@@ -143,7 +153,9 @@ def record_senders_hooks(adapter: ModelAdapter, graph: EdgeGraph, buffer: torch.
 
 @torch.no_grad()
 def run_recording_senders(
-    adapter: ModelAdapter, graph: EdgeGraph, tokens: Int[torch.Tensor, "batch pos"],
+    adapter: ModelAdapter,
+    graph: EdgeGraph,
+    tokens: Int[torch.Tensor, "batch pos"],
     positions: Int[torch.Tensor, " batch"] | None = None,
 ) -> tuple[Float[torch.Tensor, "senders batch pos d_model"], torch.Tensor]:
     """One forward pass returning every sender's output and the logits (at ``positions`` if given)."""
@@ -227,8 +239,14 @@ class _RemovedSendersGradient(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
-def patch_receivers_hooks(adapter: ModelAdapter, graph: EdgeGraph, diff: torch.Tensor, total: RunningTotal,
-                          removed: torch.Tensor, live: list | None = None) -> list:
+def patch_receivers_hooks(
+    adapter: ModelAdapter,
+    graph: EdgeGraph,
+    diff: torch.Tensor,
+    total: RunningTotal,
+    removed: torch.Tensor,
+    live: list | None = None,
+) -> list:
     """Hooks that add the removed edges' ``corrupted − current`` terms to each receiver's input.
 
     The sum over a receiver's removed edges is computed from whichever side is smaller: the
@@ -343,7 +361,11 @@ def patched_logits(
     # corrupted − current: rows of skipped blocks from the resumed pass, the rest written as senders fire
     diff = SenderDiff.resumed(resume.diff if start else None, shared, torch.empty_like(corrupted_senders[shared:]))
     # [b, p, d]: Σ over the fired senders
-    total = RunningTotal(resume.totals[start].clone(), shared) if start else RunningTotal(torch.zeros_like(corrupted_senders[0]))
+    total = (
+        RunningTotal(resume.totals[start].clone(), shared)
+        if start
+        else RunningTotal(torch.zeros_like(corrupted_senders[0]))
+    )
 
     def recorder(point: SenderPoint):
         def record(values):
@@ -357,6 +379,7 @@ def patched_logits(
     hooks += patch_receivers_hooks(adapter, graph, diff, total, removed)
     totals, outputs = ([None] + (resume.totals[1:start] if start else [])), []
     if record:
+
         def snapshot(x, hook=None):
             totals.append(total.value.clone())
             return x
@@ -406,14 +429,36 @@ def stacked_patched_logits(
     k = removed.shape[0]
     removed = removed.to(adapter.device) * graph.allowed.to(adapter.device)
     if not adapter.grows_mid_pass:  # the definition itself: the prompts repeated, one circuit per copy
-        return patched_logits(adapter, graph, clean.repeat(k, 1), corrupted_senders.repeat(1, k, 1, 1), removed,
-                              None if positions is None else positions.repeat(k))
+        return patched_logits(
+            adapter,
+            graph,
+            clean.repeat(k, 1),
+            corrupted_senders.repeat(1, k, 1, 1),
+            removed,
+            None if positions is None else positions.repeat(k),
+        )
     split = stack_split(graph, removed)
     if split is None:  # one circuit k times
         logits = patched_logits(adapter, graph, clean, corrupted_senders, removed[0], positions)
         return logits.repeat(k, *[1] * (logits.dim() - 1))
+    return _stacked_from(adapter, graph, clean, corrupted_senders, removed, positions, split)
+
+
+def _stacked_from(
+    adapter: ModelAdapter,
+    graph: EdgeGraph,
+    clean: torch.Tensor,
+    corrupted_senders: torch.Tensor,
+    removed: torch.Tensor,
+    positions: torch.Tensor | None,
+    split: tuple[int, int],
+) -> torch.Tensor:
+    """:func:`stacked_patched_logits` for circuits that differ from the receivers of layer
+    ``split[0]`` on, whose first ``split[1]`` senders fire before that layer."""
+    k = removed.shape[0]
     layer, shared = split
-    # corrupted − current, written as each sender fires: one per prompt before the split, one per circuit and prompt after
+    # corrupted − current, written as each sender fires: one per prompt before the split, one per circuit and
+    # prompt after
     b = clean.shape[0]
     pre = torch.empty_like(corrupted_senders[:shared])  # [shared, b, p, d]
     post = corrupted_senders.new_empty((corrupted_senders.shape[0] - shared, k * b, *corrupted_senders.shape[2:]))
@@ -428,8 +473,11 @@ def stacked_patched_logits(
             else:
                 entries = post[point.start - shared : point.stop - shared]
                 n = entries.shape[0]
-                torch.sub(corrupted.unsqueeze(1), values.reshape(n, k, b, *values.shape[2:]),
-                          out=entries.view(n, k, b, *entries.shape[2:]))
+                torch.sub(
+                    corrupted.unsqueeze(1),
+                    values.reshape(n, k, b, *values.shape[2:]),
+                    out=entries.view(n, k, b, *entries.shape[2:]),
+                )
             total.add(entries, point.stop)
 
         return record
@@ -439,7 +487,8 @@ def stacked_patched_logits(
         return repeat(x)
 
     def gather(rows: torch.Tensor, block: slice) -> torch.Tensor:
-        """Entries of senders ``rows`` for the prompts ``block``: shared ones before the split, the block's own after."""
+        """Entries of senders ``rows`` for the prompts ``block``: shared ones before the split, the block's own
+        after."""
         early = rows < shared
         parts = [pre.index_select(0, rows[early])] if bool(early.any()) else []
         if not bool(early.all()):

@@ -51,30 +51,79 @@ from circuitfinder.errors import UserError
 # config.json values of models a researcher plans for without the hub (published configurations).
 KNOWN_CONFIGS: dict[str, dict] = {
     "meta-llama/Meta-Llama-3-8B": dict(
-        model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=4096, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
-        max_position_embeddings=8192, tie_word_embeddings=False, rope_theta=500000.0),
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+        rope_theta=500000.0,
+    ),
     "google/gemma-2-2b": dict(
-        model_type="gemma2", architectures=["Gemma2ForCausalLM"], hidden_size=2304, num_hidden_layers=26,
-        num_attention_heads=8, num_key_value_heads=4, head_dim=256, intermediate_size=9216, vocab_size=256000,
-        max_position_embeddings=8192, tie_word_embeddings=True, query_pre_attn_scalar=256, sliding_window=4096),
-    "gpt2": dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=768, n_layer=12, n_head=12,
-                 n_positions=1024, vocab_size=50257),
+        model_type="gemma2",
+        architectures=["Gemma2ForCausalLM"],
+        hidden_size=2304,
+        num_hidden_layers=26,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        intermediate_size=9216,
+        vocab_size=256000,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        query_pre_attn_scalar=256,
+        sliding_window=4096,
+    ),
+    "gpt2": dict(
+        model_type="gpt2",
+        architectures=["GPT2LMHeadModel"],
+        n_embd=768,
+        n_layer=12,
+        n_head=12,
+        n_positions=1024,
+        vocab_size=50257,
+    ),
 }
 # The bundled models' own configs, for planning before their first conversion.
 KNOWN_CONFIGS["smollm2-135m"] = dict(
-    model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
-    num_key_value_heads=3, head_dim=64, intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True)
+    model_type="llama",
+    architectures=["LlamaForCausalLM"],
+    hidden_size=576,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    intermediate_size=1536,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+)
 KNOWN_CONFIGS["gemma3-270m"] = dict(
-    model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], hidden_size=640, num_hidden_layers=18,
-    num_attention_heads=4, num_key_value_heads=1, head_dim=256, intermediate_size=2048, vocab_size=262144,
-    tie_word_embeddings=True, query_pre_attn_scalar=256, sliding_window=512)
+    model_type="gemma3_text",
+    architectures=["Gemma3ForCausalLM"],
+    hidden_size=640,
+    num_hidden_layers=18,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=256,
+    intermediate_size=2048,
+    vocab_size=262144,
+    tie_word_embeddings=True,
+    query_pre_attn_scalar=256,
+    sliding_window=512,
+)
 ALIASES = {"llama-3-8b": "meta-llama/Meta-Llama-3-8B", "gemma-2-2b": "google/gemma-2-2b", "gpt2-small": "gpt2"}
 # Families whose attention and MLP read the same residual stream (no head -> same-layer MLP edge).
 PARALLEL_TYPES = {"gptj", "phi", "cohere", "cohere2", "gpt_neox", "falcon"}
 BYTES = {torch.float32: 4, torch.float64: 8, torch.bfloat16: 2, torch.float16: 2}
-ACTIVATION_MARGIN = 1.2  # planned/measured working memory 0.99-1.14, both bundled models, batches 8-32 (docs/measurements/memory.md)
-LIBRARIES = 460_000_000  # resident after importing torch, transformers, TransformerLens's bridge, circuitfinder (0.458 GB measured)
+ACTIVATION_MARGIN = (
+    1.2  # planned/measured working memory 0.99-1.14, both bundled models, batches 8-32 (docs/measurements/memory.md)
+)
+# resident after importing torch, transformers, TransformerLens's bridge, circuitfinder (0.458 GB measured)
+LIBRARIES = 460_000_000
 TOKENIZER_BYTES = 2_250  # a fast tokenizer's resident bytes per vocabulary entry (2,133 and 2,244 measured)
 
 
@@ -136,8 +185,18 @@ def shape_from_config(name: str, config: dict) -> PlanShape:
     parallel = model_type in PARALLEL_TYPES and getattr(text, "use_parallel_residual", True) is not False
     if model_type == "falcon":
         parallel = bool(getattr(text, "parallel_attn", False) or getattr(text, "new_decoder_architecture", False))
-    return PlanShape(name, int(text.num_hidden_layers), heads, groups, int(text.hidden_size), int(d_mlp),
-                     int(text.vocab_size), n_params, parallel, int(d_head))
+    return PlanShape(
+        name,
+        int(text.num_hidden_layers),
+        heads,
+        groups,
+        int(text.hidden_size),
+        int(d_mlp),
+        int(text.vocab_size),
+        n_params,
+        parallel,
+        int(d_head),
+    )
 
 
 def plan_shape(model: str) -> PlanShape:
@@ -159,8 +218,10 @@ def plan_shape(model: str) -> PlanShape:
             return shape_from_config(name, json.loads(path.read_text()))
     if name in KNOWN_CONFIGS:
         return shape_from_config(name, KNOWN_CONFIGS[name])
-    choices = (f"use a local folder with a config.json, one of {', '.join([*ALIASES, *KNOWN_CONFIGS])}, or a shape by "
-               f"hand (layers=32,heads=32,groups=8,d_model=4096,d_mlp=14336,vocab=128256)")
+    choices = (
+        f"use a local folder with a config.json, one of {', '.join([*ALIASES, *KNOWN_CONFIGS])}, or a shape by "
+        f"hand (layers=32,heads=32,groups=8,d_model=4096,d_mlp=14336,vocab=128256)"
+    )
     if "/" not in name:
         raise UserError(f"unknown model {model!r}: {choices}")
     try:
@@ -170,8 +231,9 @@ def plan_shape(model: str) -> PlanShape:
         hub_logging.set_verbosity_error()  # no retry lines: the one error line below says what happened
         config = AutoConfig.from_pretrained(name).to_dict()
     except (OSError, ValueError) as exc:
-        raise UserError(f"no config for {model!r} (the hub is unreachable or has no such model: {type(exc).__name__}): "
-                        f"{choices}") from None
+        raise UserError(
+            f"no config for {model!r} (the hub is unreachable or has no such model: {type(exc).__name__}): {choices}"
+        ) from None
     return shape_from_config(name, config)
 
 
@@ -184,14 +246,17 @@ def parse_shape(text: str) -> PlanShape:
     except ValueError:
         values = None
     if not values or not {"layers", "heads", "d_model"} <= set(values) or set(values) - keys:
-        raise UserError(f"{text!r} is not a shape: give layers=,heads=,d_model= (and groups=, d_mlp=, vocab=, params=, "
-                        f"parallel=0|1) separated by commas")
+        raise UserError(
+            f"{text!r} is not a shape: give layers=,heads=,d_model= (and groups=, d_mlp=, vocab=, params=, "
+            f"parallel=0|1) separated by commas"
+        )
     L, H, d = values["layers"], values["heads"], values["d_model"]
     G, d_mlp, vocab = values.get("groups", H), values.get("d_mlp", 4 * d), values.get("vocab", 50257)
     d_head = d // H
     llama_params = 2 * vocab * d + L * (2 * d * H * d_head + 2 * d * G * d_head + 3 * d * d_mlp + 2 * d) + d
-    return PlanShape(text, L, H, G, d, d_mlp, vocab, values.get("params", llama_params), bool(values.get("parallel", 0)),
-                     d_head)
+    return PlanShape(
+        text, L, H, G, d, d_mlp, vocab, values.get("params", llama_params), bool(values.get("parallel", 0)), d_head
+    )
 
 
 @dataclass(frozen=True)
@@ -222,8 +287,13 @@ class MemoryPlan:
         return [*self.terms.items(), ("total", self.total)]
 
 
-def memory_plan(shape: PlanShape, dtype: torch.dtype = torch.float32, batch: int = 16, positions: int = 24,
-                device: torch.device | str = "cpu") -> MemoryPlan:
+def memory_plan(
+    shape: PlanShape,
+    dtype: torch.dtype = torch.float32,
+    batch: int = 16,
+    positions: int = 24,
+    device: torch.device | str = "cpu",
+) -> MemoryPlan:
     """The memory plan of attribution (the heaviest stage: a forward and a backward with every
     sender kept) on batches of ``batch`` prompts of ``positions`` tokens, on ``device``."""
     e = BYTES[dtype]
@@ -232,8 +302,9 @@ def memory_plan(shape: PlanShape, dtype: torch.dtype = torch.float32, batch: int
     dh = shape.d_head or d // H
     tokens = batch * positions
     island = max(e, 4)  # float32 islands: norms, rotary and softmax compute in float32 in any dtype
-    per_layer_token = (((H + 2 * G) * d + H * d + (H + 2 * G) * dh + H * dh + 3 * shape.d_mlp) * e
-                       + (4 * (H + G) * dh + 2 * H * positions + 8 * d) * island)
+    per_layer_token = ((H + 2 * G) * d + H * d + (H + 2 * G) * dh + H * dh + 3 * shape.d_mlp) * e + (
+        4 * (H + G) * dh + 2 * H * positions + 8 * d
+    ) * island
     terms = {
         "weights": shape.n_params * e,
         "tokenizer": TOKENIZER_BYTES * shape.d_vocab if host else 0,
@@ -246,20 +317,28 @@ def memory_plan(shape: PlanShape, dtype: torch.dtype = torch.float32, batch: int
     return MemoryPlan(shape, dtype, batch, positions, terms)
 
 
-def refereed_total(shape: PlanShape, half: torch.dtype, batch: int = 16, positions: int = 24,
-                   device: torch.device | str = "cpu") -> int:
+def refereed_total(
+    shape: PlanShape, half: torch.dtype, batch: int = 16, positions: int = 24, device: torch.device | str = "cpu"
+) -> int:
     """The bytes of a half-precision search refereed in float32 (``circuitfinder.methods.search``):
     the float32 run's plan, and the half-precision copy of the weights its passes run on."""
     return memory_plan(shape, torch.float32, batch, positions, device).total + shape.n_params * BYTES[half]
 
 
-def largest_batch(shape: PlanShape, free_bytes: int, dtype: torch.dtype = torch.float32, positions: int = 24,
-                  most: int = 1024, device: torch.device | str = "cpu") -> int:
+def largest_batch(
+    shape: PlanShape,
+    free_bytes: int,
+    dtype: torch.dtype = torch.float32,
+    positions: int = 24,
+    most: int = 1024,
+    device: torch.device | str = "cpu",
+) -> int:
     """The largest batch whose plan on ``device`` fits in ``free_bytes`` (0 if not even one prompt does)."""
+
     def fits_in(b: int) -> bool:
         return memory_plan(shape, dtype, b, positions, device).total <= free_bytes
 
-    fits = [b for b in (2 ** k for k in range(int(math.log2(most)) + 1)) if fits_in(b)]
+    fits = [b for b in (2**k for k in range(int(math.log2(most)) + 1)) if fits_in(b)]
     if not fits:
         return 0
     low, high = fits[-1], min(2 * fits[-1], most + 1)

@@ -24,7 +24,8 @@ Tolerance, for an absolute difference of logits (or any output of magnitude ``sc
 ties everywhere and moves the logits (scale 8) by 4.6e-6, about 1.6 ulp · scale per layer; the
 tiny GPT-2 (no island, float64 throughout) reproduces the corrupted run to 1.3e-15. A real
 fault moves logits by far more: one wrongly wired edge moves the tiny models' logits by 1e-3 to
-1, and the tests check that their circuits differ by more than 1e-3. This formula is stated for float32 and float64 working dtypes.
+1, and the tests check that their circuits differ by more than 1e-3. This formula is stated for float32
+and float64 working dtypes.
 
 **Half precision** (bfloat16, float16) is measured instead of bounded: a forward pass in 8 or 11
 bits of mantissa is itself noisy, and the formula's bound (``64 · L · eps``, 7.5 times the logits'
@@ -113,8 +114,16 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def parse_dtype(text: str) -> torch.dtype:
     """``float32``/``fp32``, ``bfloat16``/``bf16``, ``float16``/``fp16``/``half``, ``float64``: the dtype."""
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "float64": torch.float64}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "half": torch.float16,
+        "float64": torch.float64,
+    }
     if text not in names:
         raise UserError(f"unknown dtype {text!r}: use float32, bfloat16, float16 or float64")
     return names[text]
@@ -143,12 +152,18 @@ class PrecisionPlan:
     why: str = ""
 
     def to_json(self) -> dict:
-        return {"model": dtype_name(self.model), "passes": dtype_name(self.passes), "referee": self.referee,
-                "remeasure": self.remeasure, "why": self.why}
+        return {
+            "model": dtype_name(self.model),
+            "passes": dtype_name(self.passes),
+            "referee": self.referee,
+            "remeasure": self.remeasure,
+            "why": self.why,
+        }
 
 
-def plan_precision(requested: str, device: torch.device, model: str, searching: bool, referee: bool,
-                   batch_size: int = 16) -> PrecisionPlan:
+def plan_precision(
+    requested: str, device: torch.device, model: str, searching: bool, referee: bool, batch_size: int = 16
+) -> PrecisionPlan:
     """The precision of a run that loads ``model`` on ``device`` with ``dtype=requested``.
 
     * ``auto`` resolves by :func:`resolve_dtype`. Where it lands in half precision, attribution runs
@@ -161,19 +176,36 @@ def plan_precision(requested: str, device: torch.device, model: str, searching: 
     dtype = resolve_dtype(requested, device, model)
     half = dtype in HALF
     if requested == "auto" and half and searching:
-        return PrecisionPlan(torch.float32, torch.float32, why=(
-            f"auto: float32 on {device} for a search (bfloat16's rounding moves a removal's change of distance by "
-            "about half of ACDC's τ; `dtype='bfloat16'` runs the passes it can settle in bfloat16)"))
+        return PrecisionPlan(
+            torch.float32,
+            torch.float32,
+            why=(
+                f"auto: float32 on {device} for a search (bfloat16's rounding moves a removal's change of distance by "
+                "about half of ACDC's τ; `dtype='bfloat16'` runs the passes it can settle in bfloat16)"
+            ),
+        )
     if requested == "auto" and half:
-        return PrecisionPlan(dtype, dtype, remeasure=True, why=(
-            f"{dtype_name(dtype)} on {device}, chosen by auto: this device computes it natively; the circuit is "
-            "re-measured in float32"))
+        return PrecisionPlan(
+            dtype,
+            dtype,
+            remeasure=True,
+            why=(
+                f"{dtype_name(dtype)} on {device}, chosen by auto: this device computes it natively; the circuit is "
+                "re-measured in float32"
+            ),
+        )
     if half and searching and referee:
         no_room = _no_room_for_referee(model, dtype, device, batch_size)
         if no_room is None:
-            return PrecisionPlan(torch.float32, dtype, referee=True, why=(
-                f"float32 on {device}; the search's passes in {dtype_name(dtype)} where they can settle its removals, "
-                "refereed in float32"))
+            return PrecisionPlan(
+                torch.float32,
+                dtype,
+                referee=True,
+                why=(
+                    f"float32 on {device}; the search's passes in {dtype_name(dtype)} where they can settle its "
+                    "removals, refereed in float32"
+                ),
+            )
         return PrecisionPlan(dtype, dtype, why=no_room)
     return PrecisionPlan(dtype, dtype, why=f"{dtype_name(dtype)} on {device}")
 
@@ -181,9 +213,16 @@ def plan_precision(requested: str, device: torch.device, model: str, searching: 
 def given_precision(dtype: torch.dtype, searching: bool) -> PrecisionPlan:
     """The precision of a run given a model already loaded in ``dtype``: it runs in that dtype alone."""
     alone = searching and dtype in HALF
-    return PrecisionPlan(dtype, dtype, why=(
-        f"the search runs in {dtype_name(dtype)} alone, without a float32 referee (the model was given loaded in "
-        "it; give its name to have float32 referee the search)" if alone else f"{dtype_name(dtype)}, as given"))
+    return PrecisionPlan(
+        dtype,
+        dtype,
+        why=(
+            f"the search runs in {dtype_name(dtype)} alone, without a float32 referee (the model was given loaded in "
+            "it; give its name to have float32 referee the search)"
+            if alone
+            else f"{dtype_name(dtype)}, as given"
+        ),
+    )
 
 
 def _no_room_for_referee(model: str, half: torch.dtype, device: torch.device, batch_size: int) -> str | None:
@@ -200,6 +239,8 @@ def _no_room_for_referee(model: str, half: torch.dtype, device: torch.device, ba
     if need <= free:
         return None
     smaller = next((b for b in range(batch_size - 1, 0, -1) if refereed_total(shape, half, b, 32, device) <= free), 0)
-    return (f"no float32 referee: the float32 model and a {dtype_name(half)} copy need {format_bytes(need)} for "
-            f"batches of {batch_size}, {device} has {format_bytes(free)} free; the search runs in {dtype_name(half)} "
-            "alone" + (f" (`batch_size={smaller}` leaves room for the referee)" if smaller else ""))
+    return (
+        f"no float32 referee: the float32 model and a {dtype_name(half)} copy need {format_bytes(need)} for "
+        f"batches of {batch_size}, {device} has {format_bytes(free)} free; the search runs in {dtype_name(half)} "
+        "alone" + (f" (`batch_size={smaller}` leaves room for the referee)" if smaller else "")
+    )

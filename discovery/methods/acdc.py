@@ -70,16 +70,15 @@ decision would go to float32, and the caller runs the passes in float32 instead
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-import math
-
 import torch
 
-from circuitfinder.engine.masks import Mask, prune
-from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.faithfulness import Scores
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.engine.masks import Mask, prune
 
 Evaluate = Callable[[torch.Tensor], Scores]  # circuits [k, S, R] -> their scores
 GUESS_BINS = 10
@@ -127,9 +126,15 @@ class SearchState:
         return len(self.decided)
 
     def to_json(self) -> dict:
-        return {"current": list(self.current), "decided": "".join(map(str, self.decided)), "rows": self.rows,
-                "wasted_rows": self.wasted_rows, "chains": self.chains, "trials": self.trials,
-                "guessed": "".join(map(str, self.guessed))}
+        return {
+            "current": list(self.current),
+            "decided": "".join(map(str, self.decided)),
+            "rows": self.rows,
+            "wasted_rows": self.wasted_rows,
+            "chains": self.chains,
+            "trials": self.trials,
+            "guessed": "".join(map(str, self.guessed)),
+        }
 
     @classmethod
     def from_json(cls, data: dict, start: Mask, candidates: list[tuple[int, int]]) -> "SearchState":
@@ -144,8 +149,9 @@ class SearchState:
         guessed = [int(c) for c in data.get("guessed", "2" * len(decided))]
         if len(trials) != len(decided) or len(guessed) != len(decided):
             raise ValueError("checkpoint does not fit this search")
-        return cls(circuit, tuple(data["current"]), decided, guessed, trials, data["rows"], data["wasted_rows"],
-                   data["chains"])
+        return cls(
+            circuit, tuple(data["current"]), decided, guessed, trials, data["rows"], data["wasted_rows"], data["chains"]
+        )
 
 
 def _guesser(candidates: list[tuple[int, int]], scores: torch.Tensor, state: SearchState) -> Callable[[int], bool]:
@@ -178,7 +184,7 @@ def _guesser(candidates: list[tuple[int, int]], scores: torch.Tensor, state: Sea
 def chain_length(state: SearchState, layer: int, n_layers: int, longest: int) -> int:
     """The chain length, up to ``longest``, with the least expected cost per decision when the
     chain's first receiver is in ``layer`` (see the module docstring)."""
-    recent = [g for g in state.guessed[-4 * GUESS_WINDOW:] if g != 2][-GUESS_WINDOW:]
+    recent = [g for g in state.guessed[-4 * GUESS_WINDOW :] if g != 2][-GUESS_WINDOW:]
     q = min((sum(recent) + 3) / (len(recent) + 4), 0.995)
     per_row, shared = n_layers - layer + 1, OVERHEAD + layer
     return min(range(1, longest + 1), key=lambda c: (shared + c * per_row) * (1 - q) / (1 - q**c))
@@ -199,8 +205,7 @@ class AcdcRule:
     floor: float | None = None
 
     def __call__(self, new: tuple[float, float], current: tuple[float, float]) -> bool:
-        return ((self.tau is None or new[1] - current[1] < self.tau)
-                and (self.floor is None or new[0] >= self.floor))
+        return (self.tau is None or new[1] - current[1] < self.tau) and (self.floor is None or new[0] >= self.floor)
 
     def margin(self, new: tuple[float, float], current: tuple[float, float], error: tuple[float, float]) -> float:
         """How far this decision is from going the other way, in units of the evaluations' ``error``:
@@ -238,11 +243,15 @@ class Referee:
     def unprofitable(self, half: str = "half precision") -> str | None:
         """Why refereed passes in ``half`` would cost more than float32's alone, or None."""
         if not self.rule.resolves(self.error, self.margin):
-            return (f"{half} cannot settle removals under τ = {self.rule.tau:.3g} "
-                    f"({self.margin:g} × {self.error[1]:.2g} ≥ τ)")
+            return (
+                f"{half} cannot settle removals under τ = {self.rule.tau:.3g} "
+                f"({self.margin:g} × {self.error[1]:.2g} ≥ τ)"
+            )
         if self.speedup < REFEREE_SPEEDUP:
-            return (f"{half} passes are {self.speedup:.2f}× as fast as float32's, under the {REFEREE_SPEEDUP:g}× "
-                    "a referee needs (about half the decisions go to float32)")
+            return (
+                f"{half} passes are {self.speedup:.2f}× as fast as float32's, under the {REFEREE_SPEEDUP:g}× "
+                "a referee needs (about half the decisions go to float32)"
+            )
         return None
 
     def near(self, new: tuple[float, float], current: tuple[float, float]) -> bool:
@@ -263,10 +272,12 @@ class Referee:
         return new, current
 
 
-def _decider(accept: Callable[[tuple[float, float], tuple[float, float]], bool], referee: Referee | None,
-             state: SearchState) -> Callable[[Mask, tuple[float, float]], tuple[bool, list]]:
+def _decider(
+    accept: Callable[[tuple[float, float], tuple[float, float]], bool], referee: Referee | None, state: SearchState
+) -> Callable[[Mask, tuple[float, float]], tuple[bool, list]]:
     """``decide(trial, new)`` → (whether removing down to ``trial``, scored ``new``, stands; the
     trial's record): ``accept`` on the pass's scores, or the referee's float32 verdict when near."""
+
     def decide(trial: Mask, new: tuple[float, float]) -> tuple[bool, list]:
         record = [*new, *state.current]
         if referee is None or not referee.near(new, state.current):
@@ -346,7 +357,7 @@ def iterative_removal(
 def group_size(state: SearchState, largest: int = GROUP_MAX) -> int:
     """The next group's size: the largest power of two up to ``ln 2 / p`` (at most ``largest``), p
     the share kept among the last ``GROUP_WINDOW`` candidates decided by a pass (with a prior)."""
-    recent = [d for d in state.decided[-4 * GROUP_WINDOW:] if d != 2][-GROUP_WINDOW:]
+    recent = [d for d in state.decided[-4 * GROUP_WINDOW :] if d != 2][-GROUP_WINDOW:]
     p = (recent.count(0) + 1) / (len(recent) + GROUP_PRIOR)
     return max(1, min(largest, 2 ** int(math.floor(math.log2(max(1.0, math.log(2) / p))))))
 
@@ -435,14 +446,26 @@ class SearchResult:
 
 
 def removal_order(graph: EdgeGraph, start: Mask, scores: torch.Tensor) -> list[tuple[int, int]]:
-    """The start circuit's edges weakest |score| first, over the whole graph (the order of the group search and of minimisation)."""
+    """The start circuit's edges weakest |score| first, over the whole graph (the order of the group search and
+    of minimisation)."""
     edges = torch.nonzero(start)
     key = scores[edges[:, 0], edges[:, 1]].abs().double()
     return [tuple(map(int, e)) for e in edges[torch.sort(key, stable=True).indices]]
 
 
-def _search(graph: EdgeGraph, evaluate: Evaluate, scores: torch.Tensor, start: Mask, order, accept, chain: int,
-            state: SearchState | None, on_chain, grouped: bool = False, referee: Referee | None = None) -> SearchResult:
+def _search(
+    graph: EdgeGraph,
+    evaluate: Evaluate,
+    scores: torch.Tensor,
+    start: Mask,
+    order,
+    accept,
+    chain: int,
+    state: SearchState | None,
+    on_chain,
+    grouped: bool = False,
+    referee: Referee | None = None,
+) -> SearchResult:
     """Prune ``start``, order its edges, score it once (unless resuming) and decide every edge,
     one at a time in speculative chains or (``grouped``) by group tests."""
     start = prune(graph, start)
@@ -453,14 +476,24 @@ def _search(graph: EdgeGraph, evaluate: Evaluate, scores: torch.Tensor, start: M
     if grouped:
         state = group_removal(graph, candidates, state, evaluate, accept, on_chain, referee=referee)
     else:
-        state = iterative_removal(graph, candidates, state, evaluate, accept, _guesser(candidates, scores, state), chain,
-                                  on_chain, referee)
+        state = iterative_removal(
+            graph, candidates, state, evaluate, accept, _guesser(candidates, scores, state), chain, on_chain, referee
+        )
     return SearchResult(prune(graph, state.circuit), state, candidates)
 
 
-def acdc(graph: EdgeGraph, evaluate: Evaluate, scores: torch.Tensor, start: Mask, tau: float, chain: int = 8,
-         state: SearchState | None = None, on_chain: Callable[[SearchState], None] | None = None,
-         floor: float | None = None, referee: Referee | None = None) -> SearchResult:
+def acdc(
+    graph: EdgeGraph,
+    evaluate: Evaluate,
+    scores: torch.Tensor,
+    start: Mask,
+    tau: float,
+    chain: int = 8,
+    state: SearchState | None = None,
+    on_chain: Callable[[SearchState], None] | None = None,
+    floor: float | None = None,
+    referee: Referee | None = None,
+) -> SearchResult:
     """ACDC over the edges of ``start`` (see the module docstring).
 
     A removal stands when the distance from the clean run grows by less than ``tau`` (and the
@@ -468,26 +501,55 @@ def acdc(graph: EdgeGraph, evaluate: Evaluate, scores: torch.Tensor, start: Mask
     ``state`` resumes an interrupted search (from :meth:`SearchState.from_json`).
     ``referee`` decides again in float32 the removals near the threshold (:class:`Referee`).
     """
-    return _search(graph, evaluate, scores, start, candidate_order, AcdcRule(tau, floor), chain, state, on_chain,
-                   referee=referee)
+    return _search(
+        graph, evaluate, scores, start, candidate_order, AcdcRule(tau, floor), chain, state, on_chain, referee=referee
+    )
 
 
-def acdc_groups(graph: EdgeGraph, evaluate: Evaluate, scores: torch.Tensor, start: Mask, tau: float,
-                state: SearchState | None = None, on_chain: Callable[[SearchState], None] | None = None,
-                floor: float | None = None, referee: Referee | None = None) -> SearchResult:
+def acdc_groups(
+    graph: EdgeGraph,
+    evaluate: Evaluate,
+    scores: torch.Tensor,
+    start: Mask,
+    tau: float,
+    state: SearchState | None = None,
+    on_chain: Callable[[SearchState], None] | None = None,
+    floor: float | None = None,
+    referee: Referee | None = None,
+) -> SearchResult:
     """ACDC's rule (:class:`AcdcRule`) on groups of edges, weakest |score| first over the whole
     seed, bisected when a group's removal does not stand (see the module docstring)."""
-    return _search(graph, evaluate, scores, start, removal_order, AcdcRule(tau, floor), 0, state, on_chain,
-                   grouped=True, referee=referee)
+    return _search(
+        graph,
+        evaluate,
+        scores,
+        start,
+        removal_order,
+        AcdcRule(tau, floor),
+        0,
+        state,
+        on_chain,
+        grouped=True,
+        referee=referee,
+    )
 
 
-def minimize(graph: EdgeGraph, evaluate: Evaluate, scores: torch.Tensor, start: Mask, floor: float, chain: int = 8,
-             state: SearchState | None = None, on_chain: Callable[[SearchState], None] | None = None,
-             referee: Referee | None = None) -> SearchResult:
+def minimize(
+    graph: EdgeGraph,
+    evaluate: Evaluate,
+    scores: torch.Tensor,
+    start: Mask,
+    floor: float,
+    chain: int = 8,
+    state: SearchState | None = None,
+    on_chain: Callable[[SearchState], None] | None = None,
+    referee: Referee | None = None,
+) -> SearchResult:
     """Remove edges of ``start`` (weakest |score| first overall) while the metric stays ≥ ``floor``.
 
     With ``floor`` = m(∅) + target · (m(full) − m(∅)) this keeps faithfulness ≥ target on the
     evaluated prompts: the pruning step of a minimal faithful circuit.
     """
-    return _search(graph, evaluate, scores, start, removal_order, AcdcRule(None, floor), chain, state, on_chain,
-                   referee=referee)
+    return _search(
+        graph, evaluate, scores, start, removal_order, AcdcRule(None, floor), chain, state, on_chain, referee=referee
+    )

@@ -42,7 +42,12 @@ from jaxtyping import Float
 from circuitfinder.engine.ablation import Ablation, make_ablation
 from circuitfinder.engine.adapter import ModelAdapter
 from circuitfinder.engine.graph import EdgeGraph, ReceiverPoint, SenderPoint
-from circuitfinder.engine.patching import RunningTotal, patch_receivers_hooks, record_senders_hooks, run_recording_senders
+from circuitfinder.engine.patching import (
+    RunningTotal,
+    patch_receivers_hooks,
+    record_senders_hooks,
+    run_recording_senders,
+)
 from circuitfinder.tasks.base import Task, TaskBatch
 
 if TYPE_CHECKING:
@@ -54,13 +59,25 @@ Scores = Float[torch.Tensor, "senders receivers"]
 
 
 class AttributionMethod(Protocol):
-    def __call__(self, adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch_size: int = 16,
-                 progress: Callable[[int], None] | None = None, steps: int = 5,
-                 ablation: str | Ablation = "counterfactual") -> Scores: ...
+    def __call__(
+        self,
+        adapter: ModelAdapter,
+        graph: EdgeGraph,
+        task: Task,
+        batch_size: int = 16,
+        progress: Callable[[int], None] | None = None,
+        steps: int = 5,
+        ablation: str | Ablation = "counterfactual",
+    ) -> Scores: ...
 
 
-def _gradient_hooks(adapter: ModelAdapter, graph: EdgeGraph, diff: torch.Tensor, scores: torch.Tensor,
-                    senders: SenderPoint | None = None) -> list:
+def _gradient_hooks(
+    adapter: ModelAdapter,
+    graph: EdgeGraph,
+    diff: torch.Tensor,
+    scores: torch.Tensor,
+    senders: SenderPoint | None = None,
+) -> list:
     """Hooks that, in the backward pass, add ``diff · grad`` for every edge into each receiver.
 
     With ``senders``, only the edges from that hook point's senders (into receivers after it).
@@ -106,8 +123,16 @@ def score_matrix(adapter: ModelAdapter, graph: EdgeGraph) -> Scores:
     return torch.zeros(graph.n_senders, graph.n_receivers, dtype=dtype, device=adapter.device)
 
 
-def attribute_batch(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch: TaskBatch, scores: torch.Tensor,
-                    weight: float, alphas: tuple[float, ...] = (1.0,), ablated: torch.Tensor | None = None) -> None:
+def attribute_batch(
+    adapter: ModelAdapter,
+    graph: EdgeGraph,
+    task: Task,
+    batch: TaskBatch,
+    scores: torch.Tensor,
+    weight: float,
+    alphas: tuple[float, ...] = (1.0,),
+    ablated: torch.Tensor | None = None,
+) -> None:
     """Add one batch's scores, times ``weight``, into ``scores``: Δsender · mean gradient over ``alphas``.
 
     ``ablated`` is the batch's ablated sender buffer ``[senders, batch, pos, d]`` (by default the
@@ -136,8 +161,16 @@ def attribute_batch(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch: 
             (metric.sum() * weight / len(alphas)).backward()
 
 
-def attribute_circuit_batch(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch: TaskBatch, removed: torch.Tensor,
-                            scores: torch.Tensor, weight: float, ablated: torch.Tensor) -> torch.Tensor:
+def attribute_circuit_batch(
+    adapter: ModelAdapter,
+    graph: EdgeGraph,
+    task: Task,
+    batch: TaskBatch,
+    removed: torch.Tensor,
+    scores: torch.Tensor,
+    weight: float,
+    ablated: torch.Tensor,
+) -> torch.Tensor:
     """Add one batch's attribution *at a circuit* into ``scores`` (times ``weight``); return the
     batch's metric values in that circuit ``[batch]``.
 
@@ -167,7 +200,9 @@ def attribute_circuit(evaluator: "CircuitEvaluator", removed: torch.Tensor) -> t
     scores = score_matrix(adapter, graph)
     metric = 0.0
     for batch, ablated in evaluator.ablated_batches():
-        values = attribute_circuit_batch(adapter, graph, evaluator.task, batch, removed, scores, 1.0 / evaluator.n, ablated)
+        values = attribute_circuit_batch(
+            adapter, graph, evaluator.task, batch, removed, scores, 1.0 / evaluator.n, ablated
+        )
         metric += float(values.double().sum()) / evaluator.n
     return (scores * graph.allowed.to(scores.device)).cpu(), metric
 
@@ -183,9 +218,16 @@ def _output_hook(adapter: ModelAdapter, point: SenderPoint, value: torch.Tensor)
     return (adapter.sender_hook(point.kind, point.layer), hook)
 
 
-def attribute_batch_activations(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch: TaskBatch,
-                                scores: torch.Tensor, weight: float, alphas: tuple[float, ...],
-                                ablated: torch.Tensor | None = None) -> None:
+def attribute_batch_activations(
+    adapter: ModelAdapter,
+    graph: EdgeGraph,
+    task: Task,
+    batch: TaskBatch,
+    scores: torch.Tensor,
+    weight: float,
+    alphas: tuple[float, ...],
+    ablated: torch.Tensor | None = None,
+) -> None:
     """Add one batch's EAP-IG-activations scores, times ``weight``, into ``scores``.
 
     For each sender hook point (the input, each layer's attention heads together, each MLP) and
@@ -208,9 +250,17 @@ def attribute_batch_activations(adapter: ModelAdapter, graph: EdgeGraph, task: T
                 (metric.sum() * weight / len(alphas)).backward()
 
 
-def _attribute(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch_size: int,
-               progress: Callable[[int], None] | None, alphas: tuple[float, ...], ablation: str | Ablation,
-               per_batch=attribute_batch, shard: tuple[int, int] = (0, 1)) -> Scores:
+def _attribute(
+    adapter: ModelAdapter,
+    graph: EdgeGraph,
+    task: Task,
+    batch_size: int,
+    progress: Callable[[int], None] | None,
+    alphas: tuple[float, ...],
+    ablation: str | Ablation,
+    per_batch=attribute_batch,
+    shard: tuple[int, int] = (0, 1),
+) -> Scores:
     """The scores summed over the discovery batches; with ``shard = (k, n)`` only over batches
     ``k, k + n, …`` (one worker's share: the shares' sum is the whole, ``methods.pool.ray_scores``)."""
     ablation = make_ablation(ablation, adapter, graph, task, batch_size)
@@ -227,9 +277,17 @@ def _attribute(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch_size: 
     return (scores * graph.allowed.to(scores.device)).cpu()
 
 
-def eap(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch_size: int = 16,
-        progress: Callable[[int], None] | None = None, steps: int = 1,
-        ablation: str | Ablation = "counterfactual", ig_rule: str = "midpoint", shard: tuple[int, int] = (0, 1)) -> Scores:
+def eap(
+    adapter: ModelAdapter,
+    graph: EdgeGraph,
+    task: Task,
+    batch_size: int = 16,
+    progress: Callable[[int], None] | None = None,
+    steps: int = 1,
+    ablation: str | Ablation = "counterfactual",
+    ig_rule: str = "midpoint",
+    shard: tuple[int, int] = (0, 1),
+) -> Scores:
     """EAP scores of every edge on the task's discovery prompts: the gradient at the clean run.
 
     ``steps`` and ``ig_rule`` are ignored (EAP takes one gradient); they are there so every method
@@ -257,9 +315,17 @@ def ig_alphas(steps: int, rule: str = "midpoint") -> tuple[float, ...]:
     return tuple((k + offset) / steps for k in range(steps))
 
 
-def eap_ig(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch_size: int = 16,
-           progress: Callable[[int], None] | None = None, steps: int = 5,
-           ablation: str | Ablation = "counterfactual", ig_rule: str = "midpoint", shard: tuple[int, int] = (0, 1)) -> Scores:
+def eap_ig(
+    adapter: ModelAdapter,
+    graph: EdgeGraph,
+    task: Task,
+    batch_size: int = 16,
+    progress: Callable[[int], None] | None = None,
+    steps: int = 5,
+    ablation: str | Ablation = "counterfactual",
+    ig_rule: str = "midpoint",
+    shard: tuple[int, int] = (0, 1),
+) -> Scores:
     """EAP-IG scores (Hanna, Pezzelle & Belinkov 2024, "Have Faith in Faithfulness", arXiv 2403.17806).
 
     Integrated gradients on the inputs: the gradient at each receiver is averaged over ``steps``
@@ -275,10 +341,17 @@ def eap_ig(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch_size: int 
     return _attribute(adapter, graph, task, batch_size, progress, ig_alphas(steps, ig_rule), ablation, shard=shard)
 
 
-def eap_ig_activations(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batch_size: int = 16,
-                       progress: Callable[[int], None] | None = None, steps: int = 5,
-                       ablation: str | Ablation = "counterfactual", ig_rule: str = "midpoint",
-                       shard: tuple[int, int] = (0, 1)) -> Scores:
+def eap_ig_activations(
+    adapter: ModelAdapter,
+    graph: EdgeGraph,
+    task: Task,
+    batch_size: int = 16,
+    progress: Callable[[int], None] | None = None,
+    steps: int = 5,
+    ablation: str | Ablation = "counterfactual",
+    ig_rule: str = "midpoint",
+    shard: tuple[int, int] = (0, 1),
+) -> Scores:
     """EAP-IG on the activations (MIB's "EAP-IG-activations", Mueller et al. 2025, arXiv 2504.13151).
 
     Instead of the embedding, the output of each sender hook point u (the input; the heads of a
@@ -299,8 +372,17 @@ def eap_ig_activations(adapter: ModelAdapter, graph: EdgeGraph, task: Task, batc
     passes unrelated to it. Here an edge takes its gradients only from its own sender's passes.
     Cost: ``(2L + 1) · m`` forward and backward passes per batch; memory does not grow with m.
     """
-    return _attribute(adapter, graph, task, batch_size, progress, ig_alphas(steps, ig_rule), ablation,
-                      per_batch=attribute_batch_activations, shard=shard)
+    return _attribute(
+        adapter,
+        graph,
+        task,
+        batch_size,
+        progress,
+        ig_alphas(steps, ig_rule),
+        ablation,
+        per_batch=attribute_batch_activations,
+        shard=shard,
+    )
 
 
 def node_scores(graph: EdgeGraph, scores: Scores) -> "pd.Series":

@@ -19,8 +19,8 @@ from typing import Callable
 import torch
 
 from circuitfinder.engine.adapter import ModelAdapter
-from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.faithfulness import CircuitEvaluator, Scores
+from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.tasks.base import Task
 
 
@@ -39,8 +39,17 @@ class EvaluatorSpec:
 
     def build(self, adapter: ModelAdapter | None = None) -> CircuitEvaluator:
         adapter = adapter if adapter is not None else self.load()
-        return CircuitEvaluator(adapter, EdgeGraph(adapter.shape), self.task, "discovery", self.batch_size,
-                                limit=self.limit, distance=self.distance, max_rows=self.max_rows, reuse=self.reuse)
+        return CircuitEvaluator(
+            adapter,
+            EdgeGraph(adapter.shape),
+            self.task,
+            "discovery",
+            self.batch_size,
+            limit=self.limit,
+            distance=self.distance,
+            max_rows=self.max_rows,
+            reuse=self.reuse,
+        )
 
 
 def _concat(parts: list[Scores]) -> Scores:
@@ -60,7 +69,9 @@ class InProcessPool:
         return self.scorer.forward_passes
 
     def __call__(self, circuits: torch.Tensor) -> Scores:
-        return _concat([self.scorer.evaluate(circuits[i : i + self.chunk]) for i in range(0, len(circuits), self.chunk)])
+        return _concat(
+            [self.scorer.evaluate(circuits[i : i + self.chunk]) for i in range(0, len(circuits), self.chunk)]
+        )
 
     def close(self) -> None:
         pass
@@ -112,7 +123,11 @@ class RayPool:
         self.chunk, self.workers = chunk, workers
         self._started_ray = not ray.is_initialized()
         if self._started_ray:
-            kwargs = {"address": address} if address else {"address": "local", "num_cpus": workers, "include_dashboard": False}
+            kwargs = (
+                {"address": address}
+                if address
+                else {"address": "local", "num_cpus": workers, "include_dashboard": False}
+            )
             ray.init(log_to_driver=False, configure_logging=False, **kwargs)
         actor = ray.remote(num_cpus=threads, max_restarts=-1, max_task_retries=-1)(_Actor)
         self.actors = [actor.remote(spec, threads) for _ in range(workers)]
@@ -147,22 +162,36 @@ class _Replica:
     def scores(self, method: Callable, task: Task, batch_size: int, shard: tuple[int, int], **options) -> torch.Tensor:
         return method(self.adapter, EdgeGraph(self.adapter.shape), task, batch_size, shard=shard, **options)
 
-    def metrics(self, task: Task, split: str, batch_size: int, ablation: str, shard: tuple[int, int],
-                packed: torch.Tensor, shape: tuple[int, ...]) -> tuple[list[float], int]:
+    def metrics(
+        self,
+        task: Task,
+        split: str,
+        batch_size: int,
+        ablation: str,
+        shard: tuple[int, int],
+        packed: torch.Tensor,
+        shape: tuple[int, ...],
+    ) -> tuple[list[float], int]:
         """Each circuit's mean metric on this shard's prompts, and how many prompts that is."""
         graph = EdgeGraph(self.adapter.shape)
         evaluator = CircuitEvaluator(self.adapter, graph, task, split, batch_size, ablation, shard=shard)
         return evaluator.metrics(list(_unpack(packed, shape))), evaluator.n
 
 
-def _on_replicas(load: Callable[[], ModelAdapter], workers: int, address: str | None, threads: int, call: Callable) -> list:
+def _on_replicas(
+    load: Callable[[], ModelAdapter], workers: int, address: str | None, threads: int, call: Callable
+) -> list:
     """``call(actor, k)`` on each of ``workers`` :class:`_Replica` actors (one GPU each where the
     cluster has a GPU for each), their results in order; Ray is started here unless it runs."""
     import ray
 
     started = not ray.is_initialized()
     if started:
-        kwargs = {"address": address} if address else {"address": "local", "num_cpus": workers * threads, "include_dashboard": False}
+        kwargs = (
+            {"address": address}
+            if address
+            else {"address": "local", "num_cpus": workers * threads, "include_dashboard": False}
+        )
         ray.init(log_to_driver=False, configure_logging=False, **kwargs)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= workers else 0
     actor = ray.remote(num_cpus=threads, num_gpus=gpus)(_Replica)
@@ -176,22 +205,40 @@ def _on_replicas(load: Callable[[], ModelAdapter], workers: int, address: str | 
             ray.shutdown()
 
 
-def ray_scores(load: Callable[[], ModelAdapter], method: Callable, task: Task, batch_size: int, workers: int,
-               address: str | None = None, threads: int = 1, **options) -> torch.Tensor:
+def ray_scores(
+    load: Callable[[], ModelAdapter],
+    method: Callable,
+    task: Task,
+    batch_size: int,
+    workers: int,
+    address: str | None = None,
+    threads: int = 1,
+    **options,
+) -> torch.Tensor:
     """Attribution split by prompt batches over ``workers`` Ray actors (each loads its own model
     replica): actor k sums batches k, k + workers, … (``shard``), and their scores are added here.
     ``method`` is an attribution function (``eap``, ``eap_ig``, ...); ``options`` its keywords
     (``steps``, ``ablation`` by name, ``ig_rule``)."""
-    parts = _on_replicas(load, workers, address, threads,
-                         lambda a, k: a.scores.remote(method, task, batch_size, (k, workers), **options))
+    parts = _on_replicas(
+        load, workers, address, threads, lambda a, k: a.scores.remote(method, task, batch_size, (k, workers), **options)
+    )
     total = parts[0].clone()
     for part in parts[1:]:
         total += part
     return total
 
 
-def ray_metrics(load: Callable[[], ModelAdapter], task: Task, split: str, batch_size: int, workers: int,
-                address: str | None, ablation: str, circuits: list[torch.Tensor], threads: int = 1) -> list[float]:
+def ray_metrics(
+    load: Callable[[], ModelAdapter],
+    task: Task,
+    split: str,
+    batch_size: int,
+    workers: int,
+    address: str | None,
+    ablation: str,
+    circuits: list[torch.Tensor],
+    threads: int = 1,
+) -> list[float]:
     """Each circuit's mean metric on ``split``'s prompts, split by prompt batches over ``workers``
     Ray actors as :func:`ray_scores` splits attribution: actor k evaluates every circuit on batches
     k, k + workers, …, and the shares' means are weighted by their prompt counts here (the
@@ -199,7 +246,12 @@ def ray_metrics(load: Callable[[], ModelAdapter], task: Task, split: str, batch_
     workers = min(workers, len(list(task.batches(split, batch_size))))  # no actor without prompts
     stack = torch.stack([c.to("cpu", torch.bool) for c in circuits])
     packed, shape = _pack(stack), tuple(stack.shape)
-    parts = _on_replicas(load, workers, address, threads, lambda a, k: a.metrics.remote(
-        task, split, batch_size, ablation, (k, workers), packed, shape))
+    parts = _on_replicas(
+        load,
+        workers,
+        address,
+        threads,
+        lambda a, k: a.metrics.remote(task, split, batch_size, ablation, (k, workers), packed, shape),
+    )
     n = sum(count for _, count in parts)
     return [sum(means[i] * count for means, count in parts) / n for i in range(len(circuits))]

@@ -19,10 +19,10 @@ method's name, and a new method is one entry.
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import torch
@@ -125,8 +125,10 @@ class Method:
     def refusal(self, name: str, ablation: str, post_norm: bool) -> str | None:
         """Why this method cannot run with ``ablation`` on a model with/without a shared post-norm, or None."""
         if ablation not in self.ablations:
-            return (f"method {name!r} patches from the {' or '.join(self.ablations)} run only, not the {ablation} ablation: "
-                    f"use `ablation={self.ablations[0]!r}`")
+            return (
+                f"method {name!r} patches from the {' or '.join(self.ablations)} run only, not the {ablation} "
+                f"ablation: use `ablation={self.ablations[0]!r}`"
+            )
         if post_norm and not self.post_norm:
             return f"method {name!r} is not defined yet for models whose heads share a post-attention norm"
         return None
@@ -146,12 +148,15 @@ def select(problem: Problem, scores: torch.Tensor, target: float | None = None) 
         return top_edges(graph, scores, s.edges), None, 0
     if s.threshold is not None:
         return edges_above(graph, scores, s.threshold), None, 0
-    discovery = CircuitEvaluator(problem.adapter, graph, problem.task, "discovery", problem.config.execution.batch_size,
-                                 problem.ablation)
+    discovery = CircuitEvaluator(
+        problem.adapter, graph, problem.task, "discovery", problem.config.execution.batch_size, problem.ablation
+    )
     with reporter.progress(f"size search (target faithfulness {target})", 0) as advance:
+
         def step(n, kept, f):
             reporter.log(f"  top {n:>6,} edges → {kept:>6,} after pruning: faithfulness {f:.3f} (discovery)")
             advance(1)
+
         search = search_size(discovery, scores, target, progress=step)
     if not search.reached:
         reporter.log(f"no circuit reached faithfulness {target}; keeping the best size found")
@@ -168,12 +173,29 @@ def _scores(problem: Problem, name: str) -> tuple[torch.Tensor, int]:
 
         problem.reporter.log(f"{name} scores on {e.workers} Ray worker(s)" + (f" at {e.address}" if e.address else ""))
         load = partial(load_model, problem.config.model, check=False, dtype=problem.adapter.dtype, device=e.device)
-        scores = ray_scores(load, method.score, problem.task, e.batch_size, e.workers, e.address,
-                            steps=a.ig_steps, ablation=problem.config.size.ablation, ig_rule=a.ig_rule)
+        scores = ray_scores(
+            load,
+            method.score,
+            problem.task,
+            e.batch_size,
+            e.workers,
+            e.address,
+            steps=a.ig_steps,
+            ablation=problem.config.size.ablation,
+            ig_rule=a.ig_rule,
+        )
         return scores, method.forwards_per_batch(a.ig_steps, problem.graph) * n_batches
     with problem.reporter.progress(f"{name} scores", len(problem.task.indices("discovery"))) as advance:
-        scores = method.score(problem.adapter, problem.graph, problem.task, e.batch_size, progress=advance,
-                              steps=a.ig_steps, ablation=problem.ablation, ig_rule=a.ig_rule)
+        scores = method.score(
+            problem.adapter,
+            problem.graph,
+            problem.task,
+            e.batch_size,
+            progress=advance,
+            steps=a.ig_steps,
+            ablation=problem.ablation,
+            ig_rule=a.ig_rule,
+        )
     return scores, method.forwards_per_batch(a.ig_steps, problem.graph) * n_batches
 
 
@@ -194,8 +216,11 @@ def seed_key(problem: Problem) -> dict:
     """What decides a search's seed (scores and start circuit): kept in ``.checkpoints`` after the
     run, so a search with another τ or prompt count reuses them."""
     s = problem.config.search
-    return problem.key(METHODS[s.seed_method].sections if s.seed_method in METHODS else ("size",),
-                       seed_method=s.seed_method, seed_faithfulness=s.seed_faithfulness)
+    return problem.key(
+        METHODS[s.seed_method].sections if s.seed_method in METHODS else ("size",),
+        seed_method=s.seed_method,
+        seed_faithfulness=s.seed_faithfulness,
+    )
 
 
 def seed_target(config: DiscoverConfig) -> float:
@@ -213,7 +238,13 @@ def _seed(problem: Problem, store: Checkpoint) -> tuple[torch.Tensor, Mask, Size
     if saved is not None:
         reporter.log(f"reusing {name} scores and start circuit saved in {store.dir}")
         size_search = store.load_json("size_search")
-        return saved["scores"], saved["chosen"].bool(), SizeSearch(**size_search) if size_search else None, 0, name != UNSEEDED
+        return (
+            saved["scores"],
+            saved["chosen"].bool(),
+            SizeSearch(**size_search) if size_search else None,
+            0,
+            name != UNSEEDED,
+        )
     if name == UNSEEDED:  # textbook ACDC: every edge a candidate, senders in graph order
         reporter.log("unseeded: every edge of the graph is a candidate, tried in the graph's order")
         return torch.zeros(graph.allowed.shape, device="cpu"), graph.allowed.clone(), None, 0, False
@@ -235,40 +266,66 @@ def _search(problem: Problem, criterion: str) -> Found:
     except KeyboardInterrupt:
         problem.reporter.log(f"interrupted: progress is saved in {checkpoint.dir}; rerun the same command to resume")
         raise
-    return Found(scores, chosen, outcome.circuit, passes + outcome.forward_passes, size_search, outcome, ranked, checkpoint)
+    return Found(
+        scores, chosen, outcome.circuit, passes + outcome.forward_passes, size_search, outcome, ranked, checkpoint
+    )
 
 
 _IG = "--ig-steps m"
 _ATTRIBUTION = ("size", "attribution")
 _SEARCH = ("size", "attribution", "search")  # the seed's attribution options too
 METHODS: dict[str, Method] = {
-    "eap": Method(partial(_attribution, name="eap"), "EAP (Syed et al. 2023): gradient at the clean run",
-                  "2 forward passes and 1 backward per batch", score=eap, forwards_per_batch=lambda steps, graph: 2),
-    "eap-ig": Method(partial(_attribution, name="eap-ig"),
-                     "EAP-IG on inputs (Hanna et al. 2024): gradient averaged over --ig-steps",
-                     f"2 + m forward passes and m backward per batch ({_IG})", score=eap_ig,
-                     forwards_per_batch=lambda steps, graph: 2 + steps, sections=_ATTRIBUTION),
-    "eap-ig-activations": Method(partial(_attribution, name="eap-ig-activations"),
-                                 "EAP-IG on activations (MIB): each layer's output interpolated in turn, --ig-steps each",
-                                 f"2 + (2L + 1)·m forward passes and as many backward per batch ({_IG})",
-                                 post_norm=False, score=eap_ig_activations,
-                                 forwards_per_batch=lambda steps, graph: 2 + len(graph.sender_points) * steps,
-                                 sections=_ATTRIBUTION),
-    "acdc": Method(partial(_search, criterion="acdc"),
-                   "ACDC (Conmy et al. 2023), seeded by --seed-method: keep a removal when the distance grows by less than τ "
-                   "(and, with --floor, the default, the circuit keeps the target faithfulness)",
-                   "the seed's, then one patched forward per candidate edge (several stacked per pass)",
-                   ablations=("counterfactual",), seeded=True, sections=_SEARCH),
-    "acdc-groups": Method(partial(_search, criterion="acdc-groups"),
-                          "ACDC on groups of edges, seeded by --seed-method: weak edges removed many at a time "
-                          "while the distance grows by less than τ and the circuit keeps the target (--floor), groups "
-                          "bisected when a removal does not stand: the minimal faithful circuit",
-                          "the seed's, then one patched forward per group tried (groups long among weak edges)",
-                          ablations=("counterfactual",), seeded=True, sections=_SEARCH),
-    "minimize": Method(partial(_search, criterion="minimize"),
-                       "Minimisation, seeded by --seed-method: remove edges while the target faithfulness holds",
-                       "the seed's, then one patched forward per candidate edge (several stacked per pass)",
-                       ablations=("counterfactual",), seeded=True, sections=_SEARCH),
+    "eap": Method(
+        partial(_attribution, name="eap"),
+        "EAP (Syed et al. 2023): gradient at the clean run",
+        "2 forward passes and 1 backward per batch",
+        score=eap,
+        forwards_per_batch=lambda steps, graph: 2,
+    ),
+    "eap-ig": Method(
+        partial(_attribution, name="eap-ig"),
+        "EAP-IG on inputs (Hanna et al. 2024): gradient averaged over --ig-steps",
+        f"2 + m forward passes and m backward per batch ({_IG})",
+        score=eap_ig,
+        forwards_per_batch=lambda steps, graph: 2 + steps,
+        sections=_ATTRIBUTION,
+    ),
+    "eap-ig-activations": Method(
+        partial(_attribution, name="eap-ig-activations"),
+        "EAP-IG on activations (MIB): each layer's output interpolated in turn, --ig-steps each",
+        f"2 + (2L + 1)·m forward passes and as many backward per batch ({_IG})",
+        post_norm=False,
+        score=eap_ig_activations,
+        forwards_per_batch=lambda steps, graph: 2 + len(graph.sender_points) * steps,
+        sections=_ATTRIBUTION,
+    ),
+    "acdc": Method(
+        partial(_search, criterion="acdc"),
+        "ACDC (Conmy et al. 2023), seeded by --seed-method: keep a removal when the distance grows by less than τ "
+        "(and, with --floor, the default, the circuit keeps the target faithfulness)",
+        "the seed's, then one patched forward per candidate edge (several stacked per pass)",
+        ablations=("counterfactual",),
+        seeded=True,
+        sections=_SEARCH,
+    ),
+    "acdc-groups": Method(
+        partial(_search, criterion="acdc-groups"),
+        "ACDC on groups of edges, seeded by --seed-method: weak edges removed many at a time "
+        "while the distance grows by less than τ and the circuit keeps the target (--floor), groups "
+        "bisected when a removal does not stand: the minimal faithful circuit",
+        "the seed's, then one patched forward per group tried (groups long among weak edges)",
+        ablations=("counterfactual",),
+        seeded=True,
+        sections=_SEARCH,
+    ),
+    "minimize": Method(
+        partial(_search, criterion="minimize"),
+        "Minimisation, seeded by --seed-method: remove edges while the target faithfulness holds",
+        "the seed's, then one patched forward per candidate edge (several stacked per pass)",
+        ablations=("counterfactual",),
+        seeded=True,
+        sections=_SEARCH,
+    ),
 }
 ATTRIBUTION = tuple(name for name, m in METHODS.items() if m.score is not None)
 
@@ -283,7 +340,9 @@ def check_method(name: str, seed_method: str, ablation: str) -> None:
         raise UserError(f"unknown method {name!r}: use one of {', '.join(METHODS)}", "method")
     method = METHODS[name]
     if method.seeded and seed_method not in ATTRIBUTION + (UNSEEDED,):
-        raise UserError(f"unknown `seed_method` {seed_method!r}: use one of {', '.join(ATTRIBUTION + (UNSEEDED,))}", "seed_method")
+        raise UserError(
+            f"unknown `seed_method` {seed_method!r}: use one of {', '.join(ATTRIBUTION + (UNSEEDED,))}", "seed_method"
+        )
     problem = method.refusal(name, ablation, post_norm=False)
     if problem:
         raise UserError(problem, "ablation")

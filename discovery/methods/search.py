@@ -1,8 +1,8 @@
 """The iterative phase of a run: ACDC or minimisation on a pool, checkpointed, with a certificate.
 
 Given attribution scores and a start circuit, this builds the scorer pool (in process or on Ray),
-runs :func:`circuitfinder.methods.acdc.acdc` or :func:`circuitfinder.methods.acdc.minimize` with a checkpoint saved after
-every chain, and measures each kept edge's necessity: the change in metric and distance when it
+runs :func:`circuitfinder.methods.acdc.acdc` or :func:`circuitfinder.methods.acdc.minimize` with a checkpoint saved
+after every chain, and measures each kept edge's necessity: the change in metric and distance when it
 alone is removed from the final circuit (on the same prompts as the search).
 
 A half-precision search (``Problem.precision.referee``) runs its passes on a bfloat16 (or float16)
@@ -31,8 +31,18 @@ from circuitfinder.engine.checks import load_model
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.masks import Mask, prune
 from circuitfinder.engine.precision import dtype_name
-from circuitfinder.methods.acdc import (GROUP_MAX, AcdcRule, Referee, SearchResult, SearchState, acdc, acdc_groups,
-                                       candidate_order, minimize, removal_order)
+from circuitfinder.methods.acdc import (
+    GROUP_MAX,
+    AcdcRule,
+    Referee,
+    SearchResult,
+    SearchState,
+    acdc,
+    acdc_groups,
+    candidate_order,
+    minimize,
+    removal_order,
+)
 from circuitfinder.methods.pool import EvaluatorSpec, InProcessPool, RayPool
 
 if TYPE_CHECKING:
@@ -40,7 +50,13 @@ if TYPE_CHECKING:
 
 MAX_ROWS = 256  # sequences per forward pass in the search, once the batch is repeated per circuit
 REUSE = 2  # passes kept per batch: a trial runs only the blocks from where it differs from one of them
-CALIBRATION = (0.5, 0.8, 0.9, 0.95, 0.98)  # shares of the removal order taken out of the seed to measure half precision's error
+CALIBRATION = (
+    0.5,
+    0.8,
+    0.9,
+    0.95,
+    0.98,
+)  # shares of the removal order taken out of the seed to measure half precision's error
 
 
 @dataclass(frozen=True)
@@ -82,8 +98,9 @@ class _Passes:
         """Give up the half-precision passes: score every circuit on the float32 model."""
         e, adapter = problem.config.execution, problem.adapter
         self.pool.close()
-        self.spec = dataclasses.replace(self.spec, load=partial(load_model, problem.config.model, check=False,
-                                                                dtype=adapter.dtype, device=e.device))
+        self.spec = dataclasses.replace(
+            self.spec, load=partial(load_model, problem.config.model, check=False, dtype=adapter.dtype, device=e.device)
+        )
         self.pool = self.float32 if not e.workers else _pool(e, adapter, self.spec, self.chunk)
         self.float32 = None
 
@@ -93,10 +110,22 @@ def _passes(problem: "Problem", distance: str, batches: tuple) -> _Passes:
     config, adapter, e = problem.config, problem.adapter, problem.config.execution
     passes_model = adapter
     if problem.precision is not None and problem.precision.referee:  # half-precision passes, refereed by float32
-        passes_model = load_model(config.model, problem.reporter.log, check=e.check_model,
-                                  dtype=problem.precision.passes, device=adapter.device)
-    spec = EvaluatorSpec(partial(load_model, config.model, check=False, dtype=passes_model.dtype, device=e.device),
-                         problem.task, e.batch_size, config.search.search_prompts, distance, MAX_ROWS, REUSE)
+        passes_model = load_model(
+            config.model,
+            problem.reporter.log,
+            check=e.check_model,
+            dtype=problem.precision.passes,
+            device=adapter.device,
+        )
+    spec = EvaluatorSpec(
+        partial(load_model, config.model, check=False, dtype=passes_model.dtype, device=e.device),
+        problem.task,
+        e.batch_size,
+        config.search.search_prompts,
+        distance,
+        MAX_ROWS,
+        REUSE,
+    )
     chunk = max(1, MAX_ROWS // max(b.size for b in batches))
     if e.workers:
         problem.reporter.log(f"starting {e.workers} Ray worker(s)" + (f" on {e.address}" if e.address else ""))
@@ -122,11 +151,15 @@ def _label(problem: "Problem", criterion: str, rule: dict, n_prompts: int) -> st
     target = problem.config.size.target_faithfulness
     if criterion == "minimize":
         return f"minimising (faithfulness ≥ {target} on {n_prompts} prompts)"
-    return (f"ACDC{' on groups of edges' if criterion == 'acdc-groups' else ''} (τ = {rule['tau']:.3g}, "
-            f"{rule['distance']}" + (f", faithfulness ≥ {target}" if problem.config.search.floor else "") + ")")
+    return (
+        f"ACDC{' on groups of edges' if criterion == 'acdc-groups' else ''} (τ = {rule['tau']:.3g}, "
+        f"{rule['distance']}" + (f", faithfulness ≥ {target}" if problem.config.search.floor else "") + ")"
+    )
 
 
-def run_search(problem: "Problem", criterion: str, scores: torch.Tensor, start: Mask, checkpoint: Checkpoint) -> SearchOutcome:
+def run_search(
+    problem: "Problem", criterion: str, scores: torch.Tensor, start: Mask, checkpoint: Checkpoint
+) -> SearchOutcome:
     """ACDC (``criterion="acdc"``: τ on ``search.acdc_metric``, and with ``search.floor`` the
     target faithfulness kept on the search prompts; ``"acdc-groups"``: the same rule on groups of
     edges) or minimisation to ``size.target_faithfulness`` (``"minimize"``), from the circuit
@@ -135,8 +168,10 @@ def run_search(problem: "Problem", criterion: str, scores: torch.Tensor, start: 
         raise ValueError(f"unknown search criterion {criterion!r}: use one of {', '.join(CRITERIA)}")
     graph, reporter, s = problem.graph, problem.reporter, problem.config.search
     started = time.perf_counter()
-    batches = tuple(b.to("cpu") for b in problem.task.batches("discovery", problem.config.execution.batch_size,
-                                                                limit=s.search_prompts))
+    batches = tuple(
+        b.to("cpu")
+        for b in problem.task.batches("discovery", problem.config.execution.batch_size, limit=s.search_prompts)
+    )
     distance = "task" if criterion == "minimize" else s.acdc_metric
     passes = _passes(problem, distance, batches)
     ray_seconds = time.perf_counter() - started if problem.config.execution.workers else None
@@ -149,25 +184,59 @@ def run_search(problem: "Problem", criterion: str, scores: torch.Tensor, start: 
         candidates = (candidate_order if criterion == "acdc" else removal_order)(graph, start, scores)
         referee = _calibrate(problem, passes, ends_stack, start, candidates, search_rule, rule)
         n_prompts = sum(b.size for b in batches)
-        result, sittings, before = _decide(problem, criterion, passes, scores, start, candidates, search_rule, referee,
-                                           checkpoint, _label(problem, criterion, rule, n_prompts), n_prompts, started)
+        result, sittings, before = _decide(
+            problem,
+            criterion,
+            passes,
+            scores,
+            start,
+            candidates,
+            search_rule,
+            referee,
+            checkpoint,
+            _label(problem, criterion, rule, n_prompts),
+            n_prompts,
+            started,
+        )
         if "referee" in rule:
             rule["referee"] |= refereed(result.state, search_rule)
         if referee is not None:
-            reporter.log(f"float32 referee: {rule['referee']['decided']:,} of {result.evaluated:,} candidates decided "
-                         f"in float32, {rule['referee']['overruled']:,} of them against the "
-                         f"{rule['referee']['passes_dtype']} verdict")
+            reporter.log(
+                f"float32 referee: {rule['referee']['decided']:,} of {result.evaluated:,} candidates decided "
+                f"in float32, {rule['referee']['overruled']:,} of them against the "
+                f"{rule['referee']['passes_dtype']} verdict"
+            )
         necessity, base = _necessity(problem, passes.pool, result.circuit, scores)
-        rule |= {"metric_empty": empty[0], "metric_full": full[0], "metric_circuit": float(base.metric[0]),
-                 "distance_circuit": float(base.distance[0]), "prompts": n_prompts}
-        return SearchOutcome(result.circuit, result, rule, necessity, before[0] + passes.forward_passes,
-                             before[1] + time.perf_counter() - started, ray_seconds, sittings)
+        rule |= {
+            "metric_empty": empty[0],
+            "metric_full": full[0],
+            "metric_circuit": float(base.metric[0]),
+            "distance_circuit": float(base.distance[0]),
+            "prompts": n_prompts,
+        }
+        return SearchOutcome(
+            result.circuit,
+            result,
+            rule,
+            necessity,
+            before[0] + passes.forward_passes,
+            before[1] + time.perf_counter() - started,
+            ray_seconds,
+            sittings,
+        )
     finally:
         passes.pool.close()
 
 
-def _calibrate(problem: "Problem", passes: _Passes, ends_stack: torch.Tensor, start: Mask, candidates: list,
-               search_rule: AcdcRule, rule: dict) -> Referee | None:
+def _calibrate(
+    problem: "Problem",
+    passes: _Passes,
+    ends_stack: torch.Tensor,
+    start: Mask,
+    candidates: list,
+    search_rule: AcdcRule,
+    rule: dict,
+) -> Referee | None:
     """A refereed search's referee, after measuring half precision's error (recorded in ``rule``);
     None, and the passes moved to float32, where half precision cannot settle the removals or
     is not faster."""
@@ -176,11 +245,19 @@ def _calibrate(problem: "Problem", passes: _Passes, ends_stack: torch.Tensor, st
     reporter = problem.reporter
     referee = _referee(passes.pool, passes.float32, ends_stack, start, candidates, search_rule)
     half = dtype_name(problem.precision.passes)
-    rule["referee"] = {"dtype": "float32", "passes_dtype": half, "error_metric": referee.error[0],
-                       "error_distance_change": referee.error[1], "margin": referee.margin, "speedup": referee.speedup}
-    reporter.log(f"{half} against float32 on {2 * len(CALIBRATION) + 2} circuits: the metric differs by up to "
-                 f"{referee.error[0]:.2g}, a removal's change of distance by up to {referee.error[1]:.2g}; "
-                 f"its passes take {1 / referee.speedup:.2f} of float32's time")
+    rule["referee"] = {
+        "dtype": "float32",
+        "passes_dtype": half,
+        "error_metric": referee.error[0],
+        "error_distance_change": referee.error[1],
+        "margin": referee.margin,
+        "speedup": referee.speedup,
+    }
+    reporter.log(
+        f"{half} against float32 on {2 * len(CALIBRATION) + 2} circuits: the metric differs by up to "
+        f"{referee.error[0]:.2g}, a removal's change of distance by up to {referee.error[1]:.2g}; "
+        f"its passes take {1 / referee.speedup:.2f} of float32's time"
+    )
     why = referee.unprofitable(half)
     if why:
         reporter.log(f"{why}: the search's passes run in float32")
@@ -191,9 +268,20 @@ def _calibrate(problem: "Problem", passes: _Passes, ends_stack: torch.Tensor, st
     return referee
 
 
-def _decide(problem: "Problem", criterion: str, passes: _Passes, scores: torch.Tensor, start: Mask, candidates: list,
-            search_rule: AcdcRule, referee: Referee | None, checkpoint: Checkpoint, label: str, n_prompts: int,
-            started: float) -> tuple[SearchResult, int, tuple[int, float]]:
+def _decide(
+    problem: "Problem",
+    criterion: str,
+    passes: _Passes,
+    scores: torch.Tensor,
+    start: Mask,
+    candidates: list,
+    search_rule: AcdcRule,
+    referee: Referee | None,
+    checkpoint: Checkpoint,
+    label: str,
+    n_prompts: int,
+    started: float,
+) -> tuple[SearchResult, int, tuple[int, float]]:
     """Decide every candidate, from the checkpoint's state when there is one, saving it after every
     chain. Returns the result, the sittings, and the passes and seconds of the sittings before."""
     reporter, chain, graph = problem.reporter, problem.config.search.chain, problem.graph
@@ -207,7 +295,9 @@ def _decide(problem: "Problem", criterion: str, passes: _Passes, scores: torch.T
     before = (earlier.get("forward_passes", 0), earlier.get("seconds", 0.0))
     sittings = earlier.get("sittings", 1) + 1 if state is not None else 1
     if state is not None:
-        reporter.log(f"resuming from checkpoint {checkpoint.dir}: {state.position:,} of {len(candidates):,} candidates decided")
+        reporter.log(
+            f"resuming from checkpoint {checkpoint.dir}: {state.position:,} of {len(candidates):,} candidates decided"
+        )
     per = f"groups of up to {GROUP_MAX}" if criterion == "acdc-groups" else f"up to {chain} per chain"
     reporter.log(f"{label}: {len(candidates):,} candidate edges, {n_prompts} prompts, {per}")
     with reporter.progress(label, len(candidates)) as advance:
@@ -216,15 +306,23 @@ def _decide(problem: "Problem", criterion: str, passes: _Passes, scores: torch.T
             advance(done[0])
 
         def on_chain(st: SearchState) -> None:
-            checkpoint.save_json("search", st.to_json() | {
-                "forward_passes": before[0] + passes.forward_passes, "sittings": sittings,
-                "seconds": before[1] + time.perf_counter() - started})
+            checkpoint.save_json(
+                "search",
+                st.to_json()
+                | {
+                    "forward_passes": before[0] + passes.forward_passes,
+                    "sittings": sittings,
+                    "seconds": before[1] + time.perf_counter() - started,
+                },
+            )
             advance(st.position - done[0])
             done[0] = st.position
             if st.chains % 50 == 0:
-                reporter.log(f"  {st.position:,}/{len(candidates):,} decided, {int(st.circuit.sum()):,} edges left, "
-                             f"metric {st.current[0]:.3f}, distance {st.current[1]:.4f}, "
-                             f"{st.rows:,} circuits evaluated ({st.wasted_rows:,} on wrong guesses)")
+                reporter.log(
+                    f"  {st.position:,}/{len(candidates):,} decided, {int(st.circuit.sum()):,} edges left, "
+                    f"metric {st.current[0]:.3f}, distance {st.current[1]:.4f}, "
+                    f"{st.rows:,} circuits evaluated ({st.wasted_rows:,} on wrong guesses)"
+                )
 
         tau, floor, pool = search_rule.tau, search_rule.floor, passes.pool
         if criterion == "acdc":
@@ -251,15 +349,21 @@ def _necessity(problem: "Problem", pool, circuit: Mask, scores: torch.Tensor) ->
                 trials[j, s, r] = False
             scored = pool(trials)
             for j, (s, r) in enumerate(kept[i : i + 64]):
-                necessity.append({"edge": graph.edge_name(s, r), "score": float(scores[s, r]),
-                                  "metric_drop": float(base.metric[0] - scored.metric[j]),
-                                  "distance_rise": float(scored.distance[j] - base.distance[0])})
+                necessity.append(
+                    {
+                        "edge": graph.edge_name(s, r),
+                        "score": float(scores[s, r]),
+                        "metric_drop": float(base.metric[0] - scored.metric[j]),
+                        "distance_rise": float(scored.distance[j] - base.distance[0]),
+                    }
+                )
             advance(len(trials))
     return necessity, base
 
 
-def _referee(pool, float32: InProcessPool, ends: torch.Tensor, start: Mask, candidates: list[tuple[int, int]],
-             rule: AcdcRule) -> Referee:
+def _referee(
+    pool, float32: InProcessPool, ends: torch.Tensor, start: Mask, candidates: list[tuple[int, int]], rule: AcdcRule
+) -> Referee:
     """A float32 referee for ``pool``'s half-precision passes. Their error is measured on the seed
     and on the seed less the first :data:`CALIBRATION` shares of its removal order, each alone and
     less its next 8 candidates (a removal like the search's): the largest metric difference, and
@@ -307,13 +411,39 @@ def decisions_table(graph: EdgeGraph, outcome: SearchOutcome, scores: torch.Tens
     for step, ((s, r), decided, trial) in enumerate(zip(outcome.result.order, state.decided, state.trials), 1):
         trial = list(trial or []) + [None] * (8 - len(trial or []))
         after_m, after_d, before_m, before_d, *float32 = trial
-        rows.append({"step": step, "edge": graph.edge_name(s, r), "score": float(scores[s, r]),
-                     "decision": DECISION[decided], "metric_before": before_m, "metric_removed": after_m,
-                     "distance_before": before_d, "distance_removed": after_d,
-                     **dict(zip(FLOAT32_COLUMNS, float32))})
-    return pd.DataFrame(rows, columns=["step", "edge", "score", "decision", "metric_before", "metric_removed",
-                                       "distance_before", "distance_removed", *FLOAT32_COLUMNS])
+        rows.append(
+            {
+                "step": step,
+                "edge": graph.edge_name(s, r),
+                "score": float(scores[s, r]),
+                "decision": DECISION[decided],
+                "metric_before": before_m,
+                "metric_removed": after_m,
+                "distance_before": before_d,
+                "distance_removed": after_d,
+                **dict(zip(FLOAT32_COLUMNS, float32)),
+            }
+        )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "step",
+            "edge",
+            "score",
+            "decision",
+            "metric_before",
+            "metric_removed",
+            "distance_before",
+            "distance_removed",
+            *FLOAT32_COLUMNS,
+        ],
+    )
 
 
 # a refereed decision's trial in float32 (empty where the half-precision pass decided alone)
-FLOAT32_COLUMNS = ("metric_removed_float32", "distance_removed_float32", "metric_before_float32", "distance_before_float32")
+FLOAT32_COLUMNS = (
+    "metric_removed_float32",
+    "distance_removed_float32",
+    "metric_before_float32",
+    "distance_before_float32",
+)

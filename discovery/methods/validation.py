@@ -22,7 +22,9 @@ from circuitfinder.engine.patching import run_recording_senders
 from circuitfinder.tasks.base import Task
 
 
-def _patch_copies_hooks(adapter: ModelAdapter, graph: EdgeGraph, edges: list[tuple[int, int]], delta: torch.Tensor, batch_size: int) -> list:
+def _patch_copies_hooks(
+    adapter: ModelAdapter, graph: EdgeGraph, edges: list[tuple[int, int]], delta: torch.Tensor, batch_size: int
+) -> list:
     """Hooks adding ``delta[s]`` (``[senders, batch, pos, d]``) to receiver r of copy j for each edge j = (s, r)."""
     hooks = []
     for point in graph.receiver_points:
@@ -45,10 +47,17 @@ def _patch_copies_hooks(adapter: ModelAdapter, graph: EdgeGraph, edges: list[tup
 
 
 @torch.no_grad()
-def exact_edge_effects(adapter: ModelAdapter, graph: EdgeGraph, task: Task, edges: list[tuple[int, int]],
-                       split: str = "discovery", batch_size: int = 16, edges_per_pass: int = 8,
-                       progress: Callable[[int], None] | None = None,
-                       ablation: str | Ablation = "counterfactual") -> torch.Tensor:
+def exact_edge_effects(
+    adapter: ModelAdapter,
+    graph: EdgeGraph,
+    task: Task,
+    edges: list[tuple[int, int]],
+    split: str = "discovery",
+    batch_size: int = 16,
+    edges_per_pass: int = 8,
+    progress: Callable[[int], None] | None = None,
+    ablation: str | Ablation = "counterfactual",
+) -> torch.Tensor:
     """``m(edge patched) − m(clean)`` for each ``(sender, receiver)`` edge, mean over the split's prompts.
 
     Returns:
@@ -77,7 +86,9 @@ def exact_edge_effects(adapter: ModelAdapter, graph: EdgeGraph, task: Task, edge
     return effects / n
 
 
-def pick_edges(graph: EdgeGraph, scores: torch.Tensor, top: int, random: int, seed: int = 0) -> tuple[list[tuple[int, int]], list[str]]:
+def pick_edges(
+    graph: EdgeGraph, scores: torch.Tensor, top: int, random: int, seed: int = 0
+) -> tuple[list[tuple[int, int]], list[str]]:
     """The ``top`` edges by |score| and ``random`` others drawn uniformly (seeded), with their group labels."""
     s, r = torch.nonzero(graph.allowed, as_tuple=True)
     order = torch.sort(scores[s, r].abs(), descending=True, stable=True).indices

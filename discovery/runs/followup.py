@@ -20,8 +20,14 @@ from circuitfinder.runs.pipeline import build_run_task
 from circuitfinder.runs.run import figure, load_run_config
 
 
-def validate_run(run_dir: Path, top: int = 40, random: int = 60, overwrite: bool = False,
-                 reporter: Reporter = Reporter(), adapter: ModelAdapter | None = None) -> dict:
+def validate_run(
+    run_dir: Path,
+    top: int = 40,
+    random: int = 60,
+    overwrite: bool = False,
+    reporter: Reporter = Reporter(),
+    adapter: ModelAdapter | None = None,
+) -> dict:
     """Compare a run's attribution scores with exact single-edge effects on the same prompts.
 
     Writes ``validation.csv`` (edge, group, score, exact effect), ``validation.json`` (Pearson and
@@ -44,25 +50,49 @@ def validate_run(run_dir: Path, top: int = 40, random: int = 60, overwrite: bool
     graph = EdgeGraph(adapter.shape)
     scores = read_scores(run_dir / "scores.parquet", graph)
     edges, groups = pick_edges(graph, scores, top, random, seed=config.prompts.seed)
-    with reporter.progress(f"exact effects of {len(edges)} edges", len(edges) * len(list(task.batches("discovery", config.execution.batch_size)))) as advance:
-        effects = exact_edge_effects(adapter, graph, task, edges, "discovery", config.execution.batch_size, progress=advance,
-                                     ablation=config.size.ablation)
-    frame = pd.DataFrame({
-        "edge": [graph.edge_name(s, r) for s, r in edges], "group": groups,
-        "score": [float(scores[s, r]) for s, r in edges], "exact_effect": effects.numpy(),
-    })
-    result = {"method": config.method, "edges": len(edges), "all": correlations(torch.tensor(frame.score, device="cpu"), effects)}
+    with reporter.progress(
+        f"exact effects of {len(edges)} edges",
+        len(edges) * len(list(task.batches("discovery", config.execution.batch_size))),
+    ) as advance:
+        effects = exact_edge_effects(
+            adapter,
+            graph,
+            task,
+            edges,
+            "discovery",
+            config.execution.batch_size,
+            progress=advance,
+            ablation=config.size.ablation,
+        )
+    frame = pd.DataFrame(
+        {
+            "edge": [graph.edge_name(s, r) for s, r in edges],
+            "group": groups,
+            "score": [float(scores[s, r]) for s, r in edges],
+            "exact_effect": effects.numpy(),
+        }
+    )
+    result = {
+        "method": config.method,
+        "edges": len(edges),
+        "all": correlations(torch.tensor(frame.score, device="cpu"), effects),
+    }
     for group in ("top", "random"):
         part = frame[frame.group == group]
         if len(part) >= 3:
-            result[group] = correlations(torch.tensor(part.score.to_numpy(), device="cpu"), torch.tensor(part.exact_effect.to_numpy(), device="cpu"))
+            result[group] = correlations(
+                torch.tensor(part.score.to_numpy(), device="cpu"),
+                torch.tensor(part.exact_effect.to_numpy(), device="cpu"),
+            )
     _scatter(frame, result, run_dir / ".validation.png.tmp")
     frame.to_csv(run_dir / ".validation.csv.tmp", index=False)
     (run_dir / ".validation.json.tmp").write_text(json.dumps(result, indent=1) + "\n")
     for t in targets:
         os.replace(t.with_name(f".{t.name}.tmp"), t)
-    reporter.log(f"{config.method} against exact single-edge patching on {len(edges)} edges: "
-                 f"Pearson {result['all']['pearson']:.3f}, Spearman {result['all']['spearman']:.3f}")
+    reporter.log(
+        f"{config.method} against exact single-edge patching on {len(edges)} edges: "
+        f"Pearson {result['all']['pearson']:.3f}, Spearman {result['all']['spearman']:.3f}"
+    )
     return result
 
 
@@ -76,7 +106,9 @@ def _scatter(frame: pd.DataFrame, result: dict, path: Path) -> None:
     ax.plot([low, high], [low, high], color="grey", lw=0.8, ls="--", label="score = effect")
     ax.set_xlabel("exact effect: m(edge patched) − m(clean)")
     ax.set_ylabel(f"{result['method']} score")
-    ax.set_title(f"{result['method']}: Pearson {result['all']['pearson']:.2f}, Spearman {result['all']['spearman']:.2f}")
+    ax.set_title(
+        f"{result['method']}: Pearson {result['all']['pearson']:.2f}, Spearman {result['all']['spearman']:.2f}"
+    )
     ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, format="png")
@@ -108,7 +140,9 @@ def roles_for_run(run_dir, max_prompts: int = 64, overwrite: bool = False, repor
     labelled = table[table.role.notna()]
     (run_dir / "roles.md").write_text(
         f"# Head roles: {config.task} on {config.model} ({min(max_prompts, len(task))} clean prompts)\n\n"
-        + to_markdown(labelled, floatfmt=".3f") + "\n")
+        + to_markdown(labelled, floatfmt=".3f")
+        + "\n"
+    )
     attention = attention_patterns(adapter, task, load_circuit(run_dir).heads())
     (run_dir / "attention.json").write_text(json.dumps(attention) + "\n")
     write_explorer(run_dir)

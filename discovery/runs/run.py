@@ -34,8 +34,14 @@ from circuitfinder.runs.summary import Summary
 from circuitfinder.tasks import Task
 
 
-def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool = False,
-               reporter: Reporter | None = None, adapter: ModelAdapter | None = None, task: Task | None = None) -> "Run":
+def run_config(
+    config: DiscoverConfig,
+    out: Path | None = None,
+    overwrite: bool = False,
+    reporter: Reporter | None = None,
+    adapter: ModelAdapter | None = None,
+    task: Task | None = None,
+) -> "Run":
     """Run discovery as ``config`` says; write the run folder when ``out`` is given.
 
     Args:
@@ -69,8 +75,16 @@ def run_config(config: DiscoverConfig, out: Path | None = None, overwrite: bool 
     return run
 
 
-def discover(model: "str | ModelAdapter" = "smollm2-135m", task: "str | Task" = "ioi", method: str = DiscoverConfig.method, *,
-             out: Path | None = None, overwrite: bool = False, reporter: Reporter | None = None, **options) -> "Run":
+def discover(
+    model: "str | ModelAdapter" = "smollm2-135m",
+    task: "str | Task" = "ioi",
+    method: str = DiscoverConfig.method,
+    *,
+    out: Path | None = None,
+    overwrite: bool = False,
+    reporter: Reporter | None = None,
+    **options,
+) -> "Run":
     """Find the circuit of ``task`` in ``model`` and check it by exact patching on held-out prompts.
 
     Args:
@@ -96,8 +110,12 @@ def discover(model: "str | ModelAdapter" = "smollm2-135m", task: "str | Task" = 
     """
     adapter = None if isinstance(model, str) else model
     built = None if isinstance(task, str) else task
-    config = DiscoverConfig.from_options(model=model if adapter is None else adapter.name,
-                                         task=task if built is None else built.name, method=method, **options)
+    config = DiscoverConfig.from_options(
+        model=model if adapter is None else adapter.name,
+        task=task if built is None else built.name,
+        method=method,
+        **options,
+    )
     return run_config(config, out=out, overwrite=overwrite, reporter=reporter, adapter=adapter, task=built)
 
 
@@ -115,6 +133,7 @@ class RunFile:
 
 def _table(name: str, kind: str, holds: str) -> RunFile:
     """One of the run's ``tables``, saved as ``name.kind`` (``json`` or ``csv``) when present."""
+
     def write(run: "Run", path: Path) -> None:
         if name in run.tables:
             if kind == "csv":
@@ -137,7 +156,9 @@ def _read_summary(path: Path, parts: dict) -> None:
 
 def _read_scores(path: Path, parts: dict) -> None:
     circuit = parts["circuit"]
-    parts["circuit"] = circuit.replace(scores=torch.where(circuit.mask, circuit.scores, read_scores(path, circuit.graph)))
+    parts["circuit"] = circuit.replace(
+        scores=torch.where(circuit.mask, circuit.scores, read_scores(path, circuit.graph))
+    )
 
 
 def _write_curve(run: "Run", path: Path) -> None:
@@ -148,8 +169,11 @@ def _write_curve(run: "Run", path: Path) -> None:
 
 def _read_curve(path: Path, parts: dict) -> None:
     rows = pd.read_csv(path)
-    parts["curve"] = Curve(tuple((float(r.percent), int(r.top_n), int(r.edges_kept), float(r.faithfulness))
-                                 for r in rows.itertuples()), parts["summary"].cpr, parts["summary"].cmd)
+    parts["curve"] = Curve(
+        tuple((float(r.percent), int(r.top_n), int(r.edges_kept), float(r.faithfulness)) for r in rows.itertuples()),
+        parts["summary"].cpr,
+        parts["summary"].cmd,
+    )
 
 
 def _write_prompts(run: "Run", path: Path) -> None:
@@ -162,20 +186,47 @@ def _read_prompts(path: Path, parts: dict) -> None:
 
 
 RUN_FILES: tuple[RunFile, ...] = (  # in the order written and read; circuit.html last, from the files before it
-    RunFile("config.json", "the configuration (DiscoverConfig, in sections)",
-            lambda run, path: path.write_text(json.dumps(run.config.to_json(), indent=1) + "\n"),
-            lambda path, parts: parts.update(config=load_run_config(path.parent))),
-    RunFile("summary.json", "the figures: size, held-out faithfulness, baseline, precision, cost (Summary)",
-            lambda run, path: path.write_text(json.dumps(run.summary.to_json(), indent=1) + "\n"), _read_summary),
-    RunFile("circuit.json", "the circuit: edges, scores of its edges, node roles",
-            lambda run, path: run.circuit.save(path),
-            lambda path, parts: parts.update(circuit=_load_circuit(path.parent))),
-    RunFile("scores.parquet", "every edge's score and rank", lambda run, path: scores_table(run.circuit).to_parquet(path, index=False),
-            _read_scores),
-    RunFile("nodes.csv", "the circuit's nodes with their weights", lambda run, path: nodes_table(run.circuit).to_csv(path, index=False)),
+    RunFile(
+        "config.json",
+        "the configuration (DiscoverConfig, in sections)",
+        lambda run, path: path.write_text(json.dumps(run.config.to_json(), indent=1) + "\n"),
+        lambda path, parts: parts.update(config=load_run_config(path.parent)),
+    ),
+    RunFile(
+        "summary.json",
+        "the figures: size, held-out faithfulness, baseline, precision, cost (Summary)",
+        lambda run, path: path.write_text(json.dumps(run.summary.to_json(), indent=1) + "\n"),
+        _read_summary,
+    ),
+    RunFile(
+        "circuit.json",
+        "the circuit: edges, scores of its edges, node roles",
+        lambda run, path: run.circuit.save(path),
+        lambda path, parts: parts.update(circuit=_load_circuit(path.parent)),
+    ),
+    RunFile(
+        "scores.parquet",
+        "every edge's score and rank",
+        lambda run, path: scores_table(run.circuit).to_parquet(path, index=False),
+        _read_scores,
+    ),
+    RunFile(
+        "nodes.csv",
+        "the circuit's nodes with their weights",
+        lambda run, path: nodes_table(run.circuit).to_csv(path, index=False),
+    ),
     RunFile("prompts.jsonl", "every prompt pair as text, with its split", _write_prompts, _read_prompts),
-    RunFile("circuit.svg", "the diagram (circuit.dot without Graphviz)", lambda run, path: _render(run.circuit, path.with_suffix(""))),
-    RunFile("curve.csv", "with a curve: held-out faithfulness at the MIB edge fractions (and curve.png)", _write_curve, _read_curve),
+    RunFile(
+        "circuit.svg",
+        "the diagram (circuit.dot without Graphviz)",
+        lambda run, path: _render(run.circuit, path.with_suffix("")),
+    ),
+    RunFile(
+        "curve.csv",
+        "with a curve: held-out faithfulness at the MIB edge fractions (and curve.png)",
+        _write_curve,
+        _read_curve,
+    ),
     _table("certificate", "json", "after a search: its rule, τ, floor, cost and referee"),
     _table("necessity", "csv", "after a search: each kept edge's metric drop when it alone is removed"),
     _table("decisions", "csv", "after a search: every candidate in the order decided"),
@@ -214,18 +265,36 @@ class Run:
     out: Path | None = None
 
     @classmethod
-    def made(cls, config: DiscoverConfig, prepared: "stage.Prepared", found, measured: "stage.Measured",
-             summary: Summary) -> "Run":
+    def made(
+        cls, config: DiscoverConfig, prepared: "stage.Prepared", found, measured: "stage.Measured", summary: Summary
+    ) -> "Run":
         """The run the stages produced."""
-        circuit = Circuit(prepared.graph, found.circuit, found.scores, model=config.model, task=config.task,
-                          method=config.method, metadata={"faithfulness": measured.faithfulness,
-                                                          "edges_total": prepared.graph.n_edges})
+        circuit = Circuit(
+            prepared.graph,
+            found.circuit,
+            found.scores,
+            model=config.model,
+            task=config.task,
+            method=config.method,
+            metadata={"faithfulness": measured.faithfulness, "edges_total": prepared.graph.n_edges},
+        )
         tables = {}
         if found.search is not None:
-            tables = {"certificate": certificate(summary, found.search), "necessity": pd.DataFrame(found.search.necessity),
-                      "decisions": decisions_table(prepared.graph, found.search, found.scores)}
-        return cls(config, circuit, summary, prepared.baseline, measured.curve, stage.prompt_rows(prepared.task), tables,
-                   prepared.task)
+            tables = {
+                "certificate": certificate(summary, found.search),
+                "necessity": pd.DataFrame(found.search.necessity),
+                "decisions": decisions_table(prepared.graph, found.search, found.scores),
+            }
+        return cls(
+            config,
+            circuit,
+            summary,
+            prepared.baseline,
+            measured.curve,
+            stage.prompt_rows(prepared.task),
+            tables,
+            prepared.task,
+        )
 
     @property
     def scores(self) -> torch.Tensor:
@@ -259,14 +328,18 @@ class Run:
         self.tables["roles"] = table
         self.tables["attention"] = attention_patterns(model, task, self.circuit.heads())
         self.summary.heads_by_role = heads_by_role(self.circuit)
-        reporter.log("heads by role: " + ("; ".join(f"{r} {', '.join(h)}" for r, h in self.summary.heads_by_role.items())
-                                          or "none labelled"))
+        reporter.log(
+            "heads by role: "
+            + ("; ".join(f"{r} {', '.join(h)}" for r, h in self.summary.heads_by_role.items()) or "none labelled")
+        )
         return table
 
     def __repr__(self) -> str:
         where = f", {self.out}" if self.out else ""
-        return (f"Run({self.config.task} · {self.config.model} · {self.config.method}: {self.circuit.n_edges:,} of "
-                f"{self.circuit.graph.n_edges:,} edges, faithfulness {self.faithfulness:.3f} held-out{where})")
+        return (
+            f"Run({self.config.task} · {self.config.model} · {self.config.method}: {self.circuit.n_edges:,} of "
+            f"{self.circuit.graph.n_edges:,} edges, faithfulness {self.faithfulness:.3f} held-out{where})"
+        )
 
     def save(self, out: Path, overwrite: bool = False, reporter: Reporter | None = None) -> Path:
         """Write the run folder whole or not at all (``circuitfinder.folders.atomic_dir``): the files
@@ -302,13 +375,26 @@ class Run:
         parts: dict[str, Any] = {"tables": {}, "prompts": [], "curve": None}
         for file in RUN_FILES:
             path = run_dir / file.name
-            if file.read is not None and (path.is_file() or file.name in ("config.json", "summary.json", "circuit.json")):
+            if file.read is not None and (
+                path.is_file() or file.name in ("config.json", "summary.json", "circuit.json")
+            ):
                 file.read(path, parts)
         summary = parts["summary"]
         summary.out = str(run_dir)
-        baseline = Baseline(summary.metric_clean, summary.metric_corrupted, summary.accuracy_clean, summary.prompts_heldout)
-        return cls(parts["config"], parts["circuit"], summary, baseline, parts["curve"], parts["prompts"], parts["tables"],
-                   None, run_dir)
+        baseline = Baseline(
+            summary.metric_clean, summary.metric_corrupted, summary.accuracy_clean, summary.prompts_heldout
+        )
+        return cls(
+            parts["config"],
+            parts["circuit"],
+            summary,
+            baseline,
+            parts["curve"],
+            parts["prompts"],
+            parts["tables"],
+            None,
+            run_dir,
+        )
 
 
 def _load_circuit(run_dir: Path) -> Circuit:
@@ -318,11 +404,16 @@ def _load_circuit(run_dir: Path) -> Circuit:
 
 
 def certificate(summary: Summary, outcome) -> dict:
-    """``certificate.json``: what the circuit is certified to do: exact faithfulness, size, and each edge's necessity."""
+    """``certificate.json``: what the circuit is certified to do: exact faithfulness, size, and each edge's
+    necessity."""
     return {
-        "model": summary.model, "task": summary.task, "method": summary.method,
-        "faithfulness_heldout": summary.faithfulness, "prompts_heldout": summary.prompts_heldout,
-        "edges": summary.edges_kept, "nodes": summary.nodes_kept,
+        "model": summary.model,
+        "task": summary.task,
+        "method": summary.method,
+        "faithfulness_heldout": summary.faithfulness,
+        "prompts_heldout": summary.prompts_heldout,
+        "edges": summary.edges_kept,
+        "nodes": summary.nodes_kept,
         "search": summary.search,
         "necessity": sorted(outcome.necessity, key=lambda e: -abs(e["metric_drop"])),
     }
@@ -334,7 +425,7 @@ def heads_by_role(circuit: Circuit) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for head in circuit.heads():
         role = (circuit.roles.get(head) or {}).get("role")
-        for label in (role.split(", ") if role else ()):
+        for label in role.split(", ") if role else ():
             out.setdefault(label, []).append(head)
     return dict(sorted(out.items()))
 
@@ -375,5 +466,3 @@ def plot_curve(curve, title: str, path: Path) -> None:
     ax.set_title(f"{title}: CPR {curve.cpr:.3f}, CMD {curve.cmd:.3f}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, format="png")
-
-

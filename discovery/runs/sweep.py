@@ -22,17 +22,46 @@ from typing import Iterator
 
 import pandas as pd
 
-from circuitfinder.errors import UserError
 from circuitfinder.config import DiscoverConfig
+from circuitfinder.errors import UserError
+from circuitfinder.graphs.tables import to_markdown
 from circuitfinder.methods.registry import Reporter
 from circuitfinder.runs.pipeline import check_config, run_name
 from circuitfinder.runs.run import run_config
-from circuitfinder.graphs.tables import to_markdown
 
-COLUMNS = ("task", "model", "method", "status", "metric", "metric_clean", "metric_corrupted", "accuracy_clean",
-           "edges_total", "edges_kept", "edges_pct", "nodes_kept", "faithfulness", "cpr", "cmd", "seconds", "run", "error")
-FROM_SUMMARY = ("metric", "metric_clean", "metric_corrupted", "accuracy_clean", "edges_total", "edges_kept",
-                "nodes_kept", "faithfulness", "cpr", "cmd", "seconds")
+COLUMNS = (
+    "task",
+    "model",
+    "method",
+    "status",
+    "metric",
+    "metric_clean",
+    "metric_corrupted",
+    "accuracy_clean",
+    "edges_total",
+    "edges_kept",
+    "edges_pct",
+    "nodes_kept",
+    "faithfulness",
+    "cpr",
+    "cmd",
+    "seconds",
+    "run",
+    "error",
+)
+FROM_SUMMARY = (
+    "metric",
+    "metric_clean",
+    "metric_corrupted",
+    "accuracy_clean",
+    "edges_total",
+    "edges_kept",
+    "nodes_kept",
+    "faithfulness",
+    "cpr",
+    "cmd",
+    "seconds",
+)
 INTEGERS = ("edges_total", "edges_kept", "nodes_kept")
 NOT_SETTINGS = ("workers", "address")  # where a run executes, not what it computes
 
@@ -77,8 +106,10 @@ def finished_summary(run_dir: Path, config: DiscoverConfig) -> dict | None:
     want = _settings(config)
     if want != have:
         differ = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
-        raise UserError(f"{run_dir} holds a finished run with other settings ({', '.join(differ)}): "
-                        "use another `out`, or pass `overwrite=True`")
+        raise UserError(
+            f"{run_dir} holds a finished run with other settings ({', '.join(differ)}): "
+            "use another `out`, or pass `overwrite=True`"
+        )
     return summary
 
 
@@ -105,12 +136,18 @@ def _in_process(jobs, overwrite, started) -> Iterator[tuple[DiscoverConfig, Path
         yield config, path, run_one(config, path, overwrite)
 
 
-def _on_ray(jobs, overwrite, started, workers: int, cpus: int, address: str | None) -> Iterator[tuple[DiscoverConfig, Path, dict]]:
+def _on_ray(
+    jobs, overwrite, started, workers: int, cpus: int, address: str | None
+) -> Iterator[tuple[DiscoverConfig, Path, dict]]:
     import ray
 
     own = not ray.is_initialized()
     if own:
-        kwargs = {"address": address} if address else {"address": "local", "num_cpus": workers * cpus, "include_dashboard": False}
+        kwargs = (
+            {"address": address}
+            if address
+            else {"address": "local", "num_cpus": workers * cpus, "include_dashboard": False}
+        )
         ray.init(log_to_driver=False, configure_logging=False, **kwargs)
     remote = ray.remote(num_cpus=cpus)(run_one)
     queue, pending = list(jobs), {}
@@ -138,16 +175,35 @@ def row(config: DiscoverConfig, status: str, result: dict) -> dict:
     """One line of the table: the run's settings, status and the figures of its summary."""
     values = {k: result.get(k) for k in FROM_SUMMARY}
     kept, total = values["edges_kept"], values["edges_total"]
-    return {"task": config.task, "model": config.model, "method": config.method, "status": status} | values | {
-        "edges_pct": 100 * kept / total if kept is not None and total else None,
-        "run": run_name(config), "error": result.get("error", ""),
-    }
+    return (
+        {"task": config.task, "model": config.model, "method": config.method, "status": status}
+        | values
+        | {
+            "edges_pct": 100 * kept / total if kept is not None and total else None,
+            "run": run_name(config),
+            "error": result.get("error", ""),
+        }
+    )
 
 
 def table(rows: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
-    return frame.astype({k: "Int64" for k in INTEGERS} | {k: "float64" for k in ("metric_clean", "metric_corrupted",
-                         "accuracy_clean", "edges_pct", "faithfulness", "cpr", "cmd", "seconds")})
+    return frame.astype(
+        {k: "Int64" for k in INTEGERS}
+        | {
+            k: "float64"
+            for k in (
+                "metric_clean",
+                "metric_corrupted",
+                "accuracy_clean",
+                "edges_pct",
+                "faithfulness",
+                "cpr",
+                "cmd",
+                "seconds",
+            )
+        }
+    )
 
 
 def _clock(seconds: float) -> str:
@@ -160,16 +216,20 @@ def write_table(frame: pd.DataFrame, out: Path, base: DiscoverConfig) -> tuple[P
     shared = {k: v for k, v in base.flat().items() if k not in ("task", "model", "method") + NOT_SETTINGS}
     links = []
     for r in frame.itertuples():
-        files = [f"[{label}]({r.run}/{name})" for name, label in
-                 (("circuit.svg", "diagram"), ("circuit.dot", "diagram (dot)"), ("curve.png", "curve"))
-                 if r.status != "failed" and (out / r.run / name).is_file()]
+        files = [
+            f"[{label}]({r.run}/{name})"
+            for name, label in (("circuit.svg", "diagram"), ("circuit.dot", "diagram (dot)"), ("curve.png", "curve"))
+            if r.status != "failed" and (out / r.run / name).is_file()
+        ]
         if files:
             links.append(f"- {r.run}: {', '.join(files)}")
-    md = (f"# Sweep (tasks × models × methods: {frame.task.nunique()} × {frame.model.nunique()} × "
-          f"{frame.method.nunique()})\n\n"
-          f"Settings of every run: {', '.join(f'{k}={v}' for k, v in shared.items())}.\n"
-          "faithfulness, cpr and cmd are held-out and exact; edges_pct is edges_kept / edges_total in %.\n\n"
-          f"{to_markdown(frame)}\n\n## Diagrams\n\n" + ("\n".join(links) or "(none)") + "\n")
+    md = (
+        f"# Sweep (tasks × models × methods: {frame.task.nunique()} × {frame.model.nunique()} × "
+        f"{frame.method.nunique()})\n\n"
+        f"Settings of every run: {', '.join(f'{k}={v}' for k, v in shared.items())}.\n"
+        "faithfulness, cpr and cmd are held-out and exact; edges_pct is edges_kept / edges_total in %.\n\n"
+        f"{to_markdown(frame)}\n\n## Diagrams\n\n" + ("\n".join(links) or "(none)") + "\n"
+    )
     csv, markdown = out / "sweep.csv", out / "sweep.md"
     frame.to_csv(out / ".sweep.csv.tmp", index=False)
     (out / ".sweep.md.tmp").write_text(md)
@@ -178,9 +238,18 @@ def write_table(frame: pd.DataFrame, out: Path, base: DiscoverConfig) -> tuple[P
     return csv, markdown
 
 
-def sweep(tasks: list[str], models: list[str], methods: list[str] = ("eap-ig",), out: Path = Path("outputs/sweep"),
-          base: DiscoverConfig = DiscoverConfig(), workers: int = 0, cpus: int = 1, address: str | None = None,
-          overwrite: bool = False, reporter: Reporter = Reporter()) -> pd.DataFrame:
+def sweep(
+    tasks: list[str],
+    models: list[str],
+    methods: list[str] = ("eap-ig",),
+    out: Path = Path("outputs/sweep"),
+    base: DiscoverConfig = DiscoverConfig(),
+    workers: int = 0,
+    cpus: int = 1,
+    address: str | None = None,
+    overwrite: bool = False,
+    reporter: Reporter = Reporter(),
+) -> pd.DataFrame:
     """Run discovery for every (task, model, method) and write the comparison table.
 
     Args:
@@ -215,7 +284,9 @@ def sweep(tasks: list[str], models: list[str], methods: list[str] = ("eap-ig",),
             continue
         if summary is not None:
             rows[path.name] = row(config, "skipped", summary)
-            reporter.log(f"{stamp()} skipped  {path.name}: finished earlier (faithfulness {summary['faithfulness']:.3f})")
+            reporter.log(
+                f"{stamp()} skipped  {path.name}: finished earlier (faithfulness {summary['faithfulness']:.3f})"
+            )
         else:
             jobs.append((config, path))
     count = iter(range(1, len(jobs) + 1))
@@ -225,7 +296,9 @@ def sweep(tasks: list[str], models: list[str], methods: list[str] = ("eap-ig",),
         started_at[path.name] = time.perf_counter()
         reporter.log(f"{stamp()} started  {path.name} ({next(count)}/{len(jobs)})")
 
-    runs = _on_ray(jobs, overwrite, started, workers, cpus, address) if workers else _in_process(jobs, overwrite, started)
+    runs = (
+        _on_ray(jobs, overwrite, started, workers, cpus, address) if workers else _in_process(jobs, overwrite, started)
+    )
     for config, path, result in runs:
         took = _clock(time.perf_counter() - started_at[path.name])
         if "error" in result:
@@ -233,8 +306,10 @@ def sweep(tasks: list[str], models: list[str], methods: list[str] = ("eap-ig",),
             reporter.log(f"{stamp()} failed   {path.name} after {took}: {result['error']}")
         else:
             rows[path.name] = row(config, "finished", result)
-            reporter.log(f"{stamp()} finished {path.name} in {took}: faithfulness {result['faithfulness']:.3f}, "
-                         f"{result['edges_kept']:,} of {result['edges_total']:,} edges")
+            reporter.log(
+                f"{stamp()} finished {path.name} in {took}: faithfulness {result['faithfulness']:.3f}, "
+                f"{result['edges_kept']:,} of {result['edges_total']:,} edges"
+            )
     frame = table([rows[run_name(c)] for c in configs])
     csv, md = write_table(frame, out, base)
     reporter.log(f"{stamp()} wrote {csv} and {md}")

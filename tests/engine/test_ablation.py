@@ -2,16 +2,16 @@
 
 import pytest
 import torch
+from tiny_models import VOCAB, assert_exact, skip_post_norm, tiny, tiny_hf_model, tiny_task  # noqa: F401 (fixture)
 
 from circuitfinder.engine.ablation import make_ablation, sender_means
-from circuitfinder.methods.attribution import eap
-from circuitfinder.engine.masks import prune
 from circuitfinder.engine.faithfulness import CircuitEvaluator
 from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.engine.masks import prune
 from circuitfinder.engine.patching import patched_logits, run_recording_senders
 from circuitfinder.engine.precision import tolerance_for
+from circuitfinder.methods.attribution import eap
 from circuitfinder.tasks.base import Task, logit_difference
-from tiny_models import assert_exact, skip_post_norm, VOCAB, tiny, tiny_hf_model, tiny_task  # noqa: F401 (fixture)
 
 KINDS = ("counterfactual", "mean", "zero")
 
@@ -46,7 +46,9 @@ def test_the_empty_circuit_differs_between_ablations(tiny):
     assert min(abs(a - b) for i, a in enumerate(empty) for b in empty[i + 1 :]) > 1e-3
     (batch,) = task.batches("discovery", batch_size=len(task))
     corrupted_run = float(logit_difference(tiny.logits(batch.corrupted, batch.last), batch).mean())
-    assert baselines["counterfactual"].corrupted == pytest.approx(corrupted_run, abs=tolerance_for(tiny, torch.tensor(corrupted_run)))
+    assert baselines["counterfactual"].corrupted == pytest.approx(
+        corrupted_run, abs=tolerance_for(tiny, torch.tensor(corrupted_run))
+    )
 
 
 def _bias_only_logits(tiny, tokens, keep_input: bool) -> torch.Tensor:
@@ -88,9 +90,15 @@ def test_mean_ablation_is_the_per_position_mean_over_the_prompts_that_reach_it(t
     prompt (reached by a longer held-out prompt) take the mean over all real positions."""
     g = torch.Generator().manual_seed(7)
     clean = torch.randint(0, VOCAB, (4, 6), generator=g)
-    task = Task(name="lengths", clean=clean, corrupted=clean.flip(0), lengths=torch.tensor([4, 5, 3, 6]),
-                answer=torch.tensor([1, 2, 3, 4]), wrong=torch.tensor([5, 6, 7, 8]),
-                split=("discovery", "discovery", "discovery", "heldout"))
+    task = Task(
+        name="lengths",
+        clean=clean,
+        corrupted=clean.flip(0),
+        lengths=torch.tensor([4, 5, 3, 6]),
+        answer=torch.tensor([1, 2, 3, 4]),
+        wrong=torch.tensor([5, 6, 7, 8]),
+        split=("discovery", "discovery", "discovery", "heldout"),
+    )
     graph = EdgeGraph(tiny.shape)
     means = sender_means(tiny, graph, task, batch_size=2)  # two batches, padded to their longest prompt
     alone = [run_recording_senders(tiny, graph, clean[i : i + 1, :n])[0][:, 0] for i, n in enumerate([4, 5, 3])]

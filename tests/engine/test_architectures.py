@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from architectures import ARCHITECTURES, EXPECTED_REFUSAL, FLOAT32_ONLY, build, load_dtype
+from helpers import EXACT, FINAL_NORM, QKV, adapter_for, qkv_columns, submodule, tokenizer  # noqa: F401 (fixture)
+from tiny_models import patching_derivative, random_pair, tiny_task
+
 from circuitfinder.engine.adapter import ModelAdapter
-from circuitfinder.methods.attribution import eap
 from circuitfinder.engine.checks import check_model
-from circuitfinder.errors import UserError
 from circuitfinder.engine.graph import EdgeGraph, expected_edge_count
 from circuitfinder.engine.patching import patched_logits, run_recording_senders
 from circuitfinder.engine.precision import exact_tolerance, tolerance_for
-from helpers import EXACT, FINAL_NORM, QKV, adapter_for, qkv_columns, submodule, tokenizer  # noqa: F401 (fixture)
-from tiny_models import patching_derivative, random_pair, tiny_task
+from circuitfinder.errors import UserError
+from circuitfinder.methods.attribution import eap
 
 PARALLEL = {"gpt-neox-parallel", "falcon", "phi", "cohere", "cohere2", "gptj"}
 
@@ -32,18 +32,32 @@ PARALLEL = {"gpt-neox-parallel", "falcon", "phi", "cohere", "cohere2", "gptj"}
 # OLMo-2's MLP reads the residual stream itself (no pre-MLP norm); parallel blocks with one shared
 # norm are in SHARED_NORM (the layer's input, normalised by that norm, replaces the MLP's input).
 # (decoder layers, the shared norm's attribute).
-SHARED_NORM = {"phi": ("model.layers", "input_layernorm"), "falcon": ("transformer.h", "input_layernorm"),
-               "cohere": ("model.layers", "input_layernorm"), "cohere2": ("model.layers", "input_layernorm"),
-               "gptj": ("transformer.h", "ln_1")}
+SHARED_NORM = {
+    "phi": ("model.layers", "input_layernorm"),
+    "falcon": ("transformer.h", "input_layernorm"),
+    "cohere": ("model.layers", "input_layernorm"),
+    "cohere2": ("model.layers", "input_layernorm"),
+    "gptj": ("transformer.h", "ln_1"),
+}
 MLP_READS = {
-    "gpt2": ("transformer.h", "ln_2"), "gpt-neox-parallel": ("gpt_neox.layers", "post_attention_layernorm"),
-    "gpt-neox-sequential": ("gpt_neox.layers", "post_attention_layernorm"), "olmo2": ("model.layers", "mlp"),
-    "bloom": ("transformer.h", "post_attention_layernorm"), "gemma2": ("model.layers", "pre_feedforward_layernorm"), "gemma3": ("model.layers", "pre_feedforward_layernorm"),
-    "olmo3": ("model.layers", "mlp"), "flex-olmo": ("model.layers", "mlp"), "exaone4": ("model.layers", "mlp"),
-    "apertus": ("model.layers", "feedforward_layernorm"), "vaultgemma": ("model.layers", "pre_feedforward_layernorm"),
-    "gpt-bigcode": ("transformer.h", "ln_2"), "gpt-neo": ("transformer.h", "ln_2"),
-    "opt": ("model.decoder.layers", "final_layer_norm"), "xglm": ("model.layers", "final_layer_norm"),
-    "modernbert-decoder": ("model.layers", "mlp_norm"), "falcon-sequential": ("transformer.h", "post_attention_layernorm"),
+    "gpt2": ("transformer.h", "ln_2"),
+    "gpt-neox-parallel": ("gpt_neox.layers", "post_attention_layernorm"),
+    "gpt-neox-sequential": ("gpt_neox.layers", "post_attention_layernorm"),
+    "olmo2": ("model.layers", "mlp"),
+    "bloom": ("transformer.h", "post_attention_layernorm"),
+    "gemma2": ("model.layers", "pre_feedforward_layernorm"),
+    "gemma3": ("model.layers", "pre_feedforward_layernorm"),
+    "olmo3": ("model.layers", "mlp"),
+    "flex-olmo": ("model.layers", "mlp"),
+    "exaone4": ("model.layers", "mlp"),
+    "apertus": ("model.layers", "feedforward_layernorm"),
+    "vaultgemma": ("model.layers", "pre_feedforward_layernorm"),
+    "gpt-bigcode": ("transformer.h", "ln_2"),
+    "gpt-neo": ("transformer.h", "ln_2"),
+    "opt": ("model.decoder.layers", "final_layer_norm"),
+    "xglm": ("model.layers", "final_layer_norm"),
+    "modernbert-decoder": ("model.layers", "mlp_norm"),
+    "falcon-sequential": ("transformer.h", "post_attention_layernorm"),
 }
 
 
@@ -64,11 +78,18 @@ def _add_at_receiver(hf, name: str, receiver: str, delta: torch.Tensor) -> list:
         def replace(_m, args):
             return (getattr(decoder, norm)(kept["x"] + delta.to(kept["x"].dtype)), *args[1:])
 
-        return [decoder.register_forward_pre_hook(keep, with_kwargs=True), decoder.mlp.register_forward_pre_hook(replace)]
+        return [
+            decoder.register_forward_pre_hook(keep, with_kwargs=True),
+            decoder.mlp.register_forward_pre_hook(replace),
+        ]
     layers, attribute = MLP_READS.get(name, ("model.layers", "post_attention_layernorm"))
     module = getattr(submodule(hf, layers)[layer], attribute)
     # OPT flattens [batch, pos, d] to [batch · pos, d] before its MLP's norm
-    return [module.register_forward_pre_hook(lambda _m, args: (args[0] + delta.to(args[0].dtype).reshape(args[0].shape), *args[1:]))]
+    return [
+        module.register_forward_pre_hook(
+            lambda _m, args: (args[0] + delta.to(args[0].dtype).reshape(args[0].shape), *args[1:])
+        )
+    ]
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_REFUSAL))
@@ -94,8 +115,9 @@ def test_bridge_equals_hugging_face_and_the_check_at_load_passes(name, tokenizer
     assert (got - want).abs().max().item() <= exact_tolerance(working, adapter.shape.n_layers, want.abs().max().item())
     assert adapter.shape.parallel == (name in PARALLEL)
     graph = EdgeGraph(adapter.shape)
-    assert graph.n_edges == expected_edge_count(adapter.shape.n_layers, adapter.shape.n_heads, adapter.shape.n_kv_groups,
-                                                adapter.shape.parallel)
+    assert graph.n_edges == expected_edge_count(
+        adapter.shape.n_layers, adapter.shape.n_heads, adapter.shape.n_kv_groups, adapter.shape.parallel
+    )
     check_model(adapter)
 
 
@@ -103,7 +125,9 @@ def test_bridge_equals_hugging_face_and_the_check_at_load_passes(name, tokenizer
 @pytest.mark.parametrize("edge", ["m0->m2", "a0.h1->m2", "input->m1", "a2.h3->logits", "m1->logits"])
 def test_edges_into_mlps_and_logits_match_the_hugging_face_modules(name, edge, tokenizer):
     adapter = adapter_for(name, tokenizer)
-    _one_edge_against_hugging_face(adapter, name, edge, lambda hf, receiver, delta: _add_at_receiver(hf, name, receiver, delta))
+    _one_edge_against_hugging_face(
+        adapter, name, edge, lambda hf, receiver, delta: _add_at_receiver(hf, name, receiver, delta)
+    )
 
 
 def _one_edge_against_hugging_face(adapter, name: str, edge: str, hooks_for) -> None:
@@ -128,7 +152,9 @@ def _one_edge_against_hugging_face(adapter, name: str, edge: str, hooks_for) -> 
         for handle in handles:
             handle.remove()
     working = torch.float32 if adapter.dtype == torch.float64 else adapter.dtype  # as above: two implementations
-    assert (patched - reference).abs().max().item() <= exact_tolerance(working, adapter.shape.n_layers, reference.abs().max().item())
+    assert (patched - reference).abs().max().item() <= exact_tolerance(
+        working, adapter.shape.n_layers, reference.abs().max().item()
+    )
 
 
 def _add_at_qkv(hf, name: str, receiver: str, delta: torch.Tensor, n_heads: int, n_groups: int) -> list:
@@ -165,7 +191,9 @@ def test_edges_into_queries_keys_and_values_match_the_hugging_face_modules(name,
     adapter = adapter_for(name, tokenizer)
     edge = edge.replace("g-1", f"g{adapter.shape.n_kv_groups - 1}")
     H, G = adapter.shape.n_heads, adapter.shape.n_kv_groups
-    _one_edge_against_hugging_face(adapter, name, edge, lambda hf, receiver, delta: _add_at_qkv(hf, name, receiver, delta, H, G))
+    _one_edge_against_hugging_face(
+        adapter, name, edge, lambda hf, receiver, delta: _add_at_qkv(hf, name, receiver, delta, H, G)
+    )
 
 
 @pytest.mark.parametrize("name", EXACT)
@@ -203,8 +231,10 @@ def test_a_pass_resumed_from_an_earlier_ones_blocks_is_the_same_bit_for_bit(name
     first = (torch.rand(graph.allowed.shape, generator=g) < 0.3).double()
     first[:, graph.receiver_points[-1].start] = 0  # every sender reaches the logits: each change below shows
     ran = []
-    handles = [block.original_component.register_forward_hook(lambda *_a, l=l: ran.append(l))
-               for l, block in enumerate(adapter.bridge.blocks)]
+    handles = [
+        block.original_component.register_forward_hook(lambda *_a, l=l: ran.append(l))
+        for l, block in enumerate(adapter.bridge.blocks)
+    ]
     try:
         logits, record = patched_logits(adapter, graph, clean, corr, first, record=True)
         assert torch.equal(logits, patched_logits(adapter, graph, clean, corr, first))
@@ -254,12 +284,16 @@ def test_eap_is_the_derivative_of_exact_patching(name, tokenizer):
     graph = EdgeGraph(adapter.shape)
     task = tiny_task()
     scores = eap(adapter, graph, task, batch_size=4)
-    for edge in ("input->a1.h0<q>", "a0.h1->a2.g0<k>", "m0->a1.g1<v>" if adapter.shape.n_kv_groups > 1 else "m0->a1.g0<v>",
-                 "a0.h2->m1", "m1->logits"):
+    for edge in (
+        "input->a1.h0<q>",
+        "a0.h1->a2.g0<k>",
+        "m0->a1.g1<v>" if adapter.shape.n_kv_groups > 1 else "m0->a1.g0<v>",
+        "a0.h2->m1",
+        "m1->logits",
+    ):
         s, r = graph.edge_index(edge)
         derivative = patching_derivative(adapter, graph, task, s, r, eps=_step(name, adapter))
         assert scores[s, r].item() == pytest.approx(derivative, rel=2e-2, abs=1e-4), edge
-
 
 
 @pytest.mark.parametrize("edge", ["input->a1.h2<q>", "a0.h1->a2.g0<k>", "m0->a1.g3<v>"])
@@ -268,13 +302,19 @@ def test_bloom_is_refused_because_its_bridge_qkv_inputs_differ_from_the_model(ed
     match Hugging Face's modules, its q/k/v edges do not. When this fails, lift the refusal."""
     adapter = ModelAdapter.from_hf(build("bloom"), tokenizer, name="tiny-bloom", hf_id="bloom", dtype=torch.float64)
     with pytest.raises(AssertionError, match="<="):
-        _one_edge_against_hugging_face(adapter, "bloom", edge, lambda hf, receiver, delta: _add_at_qkv(hf, "bloom", receiver, delta, 4, 4))
-    _one_edge_against_hugging_face(adapter, "bloom", "m0->m2", lambda hf, receiver, delta: _add_at_receiver(hf, "bloom", receiver, delta))
+        _one_edge_against_hugging_face(
+            adapter, "bloom", edge, lambda hf, receiver, delta: _add_at_qkv(hf, "bloom", receiver, delta, 4, 4)
+        )
+    _one_edge_against_hugging_face(
+        adapter, "bloom", "m0->m2", lambda hf, receiver, delta: _add_at_receiver(hf, "bloom", receiver, delta)
+    )
 
 
 def test_a_mixture_of_experts_in_float64_is_refused_with_one_line(tokenizer):
     with pytest.raises(UserError, match="fails in torch.float64") as refused:
-        check_model(ModelAdapter.from_hf(build("mixtral"), tokenizer, name="tiny-mixtral", hf_id="mixtral", dtype=torch.float64))
+        check_model(
+            ModelAdapter.from_hf(build("mixtral"), tokenizer, name="tiny-mixtral", hf_id="mixtral", dtype=torch.float64)
+        )
     assert "\n" not in str(refused.value) and "MixtralForCausalLM" in str(refused.value)
 
 
@@ -306,8 +346,11 @@ def test_the_check_at_load_refuses_a_receiver_hook_the_model_does_not_read(token
     output feeds nothing): neither the logits nor the attention scores move, so it is refused."""
     adapter = ModelAdapter.from_hf(build("gpt2"), tokenizer, name="tiny-gpt2", hf_id="gpt2", dtype=torch.float64)
     wired = adapter.receiver_hook
-    monkeypatch.setattr(adapter, "receiver_hook",
-                        lambda kind, layer: f"blocks.{layer}.ln1.hook_out" if kind == "q" else wired(kind, layer))
+    monkeypatch.setattr(
+        adapter,
+        "receiver_hook",
+        lambda kind, layer: f"blocks.{layer}.ln1.hook_out" if kind == "q" else wired(kind, layer),
+    )
     with pytest.raises(UserError, match=r"the q input of layer 0 \(blocks.0.ln1.hook_out\) changes nothing"):
         check_model(adapter)
 
@@ -335,8 +378,26 @@ def test_discover_on_a_saved_folder_runs_or_exits_2_with_one_line(name, word_tok
     build(name, dtype=torch.float32, vocab=len(word_tokenizer)).save_pretrained(folder, safe_serialization=True)
     word_tokenizer.save_pretrained(folder)
     out = tmp_path / "run"
-    code, _, err = run_in_process(capsys, "discover", "--task", str(task_file), "--model", str(folder), "--method", "eap",
-                                  "--pairs", "8", "--batch-size", "8", "--edges", "40", "--no-curve", "--force", "--out", str(out))
+    code, _, err = run_in_process(
+        capsys,
+        "discover",
+        "--task",
+        str(task_file),
+        "--model",
+        str(folder),
+        "--method",
+        "eap",
+        "--pairs",
+        "8",
+        "--batch-size",
+        "8",
+        "--edges",
+        "40",
+        "--no-curve",
+        "--force",
+        "--out",
+        str(out),
+    )
     if name in EXPECTED_REFUSAL:
         assert code == 2 and EXPECTED_REFUSAL[name] in err
         assert "Traceback" not in err and len([l for l in err.splitlines() if "error" in l.lower()]) == 1
@@ -345,8 +406,13 @@ def test_discover_on_a_saved_folder_runs_or_exits_2_with_one_line(name, word_tok
     assert code == 0, err
     circuit = json.loads((out / "circuit.json").read_text())
     assert circuit.get("parallel", False) == (name in PARALLEL)
-    same_layer = [e for e in circuit["edges"] if e["receiver"].startswith("m") and e["sender"].startswith("a")
-                  and e["sender"][1:].split(".")[0] == e["receiver"][1:]]
+    same_layer = [
+        e
+        for e in circuit["edges"]
+        if e["receiver"].startswith("m")
+        and e["sender"].startswith("a")
+        and e["sender"][1:].split(".")[0] == e["receiver"][1:]
+    ]
     assert not (name in PARALLEL and same_layer)
 
 
@@ -354,7 +420,9 @@ def test_an_error_inside_the_check_at_load_refuses_the_model_in_one_line(tokeniz
     """A hook point the architecture lacks (what GPT-1's missing final norm did) ends in one line."""
     adapter = ModelAdapter.from_hf(build("gpt2"), tokenizer, name="tiny-gpt2", hf_id="gpt2", dtype=torch.float64)
     wired = adapter.receiver_hook
-    monkeypatch.setattr(adapter, "receiver_hook", lambda kind, layer: "no.such.hook" if kind == "logits" else wired(kind, layer))
+    monkeypatch.setattr(
+        adapter, "receiver_hook", lambda kind, layer: "no.such.hook" if kind == "logits" else wired(kind, layer)
+    )
     with pytest.raises(UserError, match=r"the check at load failed \(KeyError") as refused:
         check_model(adapter)
     assert "\n" not in str(refused.value) and "GPT2LMHeadModel" in str(refused.value)
@@ -367,6 +435,9 @@ def test_an_error_while_wrapping_a_model_refuses_it_in_one_line(tokenizer, monke
         raise AttributeError("'SomeBlockBridge' object has no attribute 'attn'\nmore lines")
 
     monkeypatch.setattr(TransformerBridge, "boot_transformers", fails)
-    with pytest.raises(UserError, match=r"GPT2LMHeadModel is not supported: wrapping it in TransformerLens's bridge "
-                                        r"failed \(AttributeError: 'SomeBlockBridge' object has no attribute 'attn'\)$"):
+    with pytest.raises(
+        UserError,
+        match=r"GPT2LMHeadModel is not supported: wrapping it in TransformerLens's bridge "
+        r"failed \(AttributeError: 'SomeBlockBridge' object has no attribute 'attn'\)$",
+    ):
         ModelAdapter.from_hf(build("gpt2"), tokenizer, name="tiny-gpt2", hf_id="gpt2", dtype=torch.float64)

@@ -9,11 +9,11 @@ exactly the circuit and the figures of a run without the trap.
 
 import pytest
 import torch
-
-from circuitfinder.engine.adapter import ModelAdapter
-from circuitfinder.config import DiscoverConfig
-from circuitfinder.runs.run import run_config
 from tiny_models import tiny_hf_model
+
+from circuitfinder.config import DiscoverConfig
+from circuitfinder.engine.adapter import ModelAdapter
+from circuitfinder.runs.run import run_config
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,17 @@ def tiny_ioi_model(word_tokenizer):
 
 @pytest.mark.parametrize("method", ["eap", "eap-ig", "acdc-groups", "acdc"])
 def test_a_run_makes_every_tensor_on_the_models_device(tiny_ioi_model, method, tmp_path):
-    config = DiscoverConfig.from_options(task="ioi", model="tiny-llama", method=method, n_pairs=16, batch_size=8, force=True,
-                            dtype="float64", search_prompts=8, curve=True)
+    config = DiscoverConfig.from_options(
+        task="ioi",
+        model="tiny-llama",
+        method=method,
+        n_pairs=16,
+        batch_size=8,
+        force=True,
+        dtype="float64",
+        search_prompts=8,
+        curve=True,
+    )
     from circuitfinder.runs.pipeline import build_run_task
 
     task = build_run_task(config, tiny_ioi_model.tokenizer)  # host-side data, moved to the device by its batches

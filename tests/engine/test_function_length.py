@@ -46,9 +46,11 @@ def test_no_function_is_longer_than_80_lines():
 
 def test_the_length_check_finds_a_long_function_and_method():
     body = "".join(f"    x{i} = {i}\n" for i in range(80))
-    source = (f"def long():\n{body}\n\ndef short():\n    return 1\n\n\n"
-              f"class C:\n    def method(self):\n{body.replace('    ', '        ')}        def inner():\n"
-              f"{body.replace('    ', '            ')}")
+    source = (
+        f"def long():\n{body}\n\ndef short():\n    return 1\n\n\n"
+        f"class C:\n    def method(self):\n{body.replace('    ', '        ')}        def inner():\n"
+        f"{body.replace('    ', '            ')}"
+    )
     assert long_functions(source, "m.py") == ["m.py:long:81", "m.py:C.method:162", "m.py:C.method.inner:81"]
     assert long_functions("def f():\n" + "    pass\n" * 79, "m.py") == []  # 80 lines: allowed
     assert len(package_files()) > 30

@@ -15,7 +15,16 @@ FOLDERS = {"discovery": "circuitfinder", "tasks": "circuitfinder.tasks", "graphs
 
 # bottom to top; a module belongs to the layer of its longest matching prefix
 LAYERS = (
-    ("base", ("circuitfinder.errors", "circuitfinder.config", "circuitfinder.folders", "circuitfinder.checkpoint", "circuitfinder.compiled")),
+    (
+        "base",
+        (
+            "circuitfinder.errors",
+            "circuitfinder.config",
+            "circuitfinder.folders",
+            "circuitfinder.checkpoint",
+            "circuitfinder.compiled",
+        ),
+    ),
     ("tasks", ("circuitfinder.tasks",)),
     ("engine", ("circuitfinder.engine",)),
     ("methods", ("circuitfinder.methods",)),
@@ -25,8 +34,12 @@ LAYERS = (
 
 
 def layer_of(module: str) -> int:
-    matches = [(len(prefix), level) for level, (_, prefixes) in enumerate(LAYERS) for prefix in prefixes
-               if module == prefix or module.startswith(prefix + ".")]
+    matches = [
+        (len(prefix), level)
+        for level, (_, prefixes) in enumerate(LAYERS)
+        for prefix in prefixes
+        if module == prefix or module.startswith(prefix + ".")
+    ]
     if not matches:
         raise ValueError(f"{module} is in no layer")
     return max(matches)[1]
@@ -55,8 +68,11 @@ def imported(source: str) -> set[str]:
 
 def violations(module: str, source: str) -> list[str]:
     own = layer_of(module)
-    return [f"{module} ({LAYERS[own][0]}) imports {name} ({LAYERS[layer_of(name)][0]})"
-            for name in sorted(imported(source)) if layer_of(name) > own]
+    return [
+        f"{module} ({LAYERS[own][0]}) imports {name} ({LAYERS[layer_of(name)][0]})"
+        for name in sorted(imported(source))
+        if layer_of(name) > own
+    ]
 
 
 def test_every_module_imports_only_from_its_layer_or_below():
@@ -67,7 +83,8 @@ def test_every_module_imports_only_from_its_layer_or_below():
 def test_the_layer_check_finds_an_upward_import():
     source = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from circuitfinder.runs.run import Run\n"
     assert violations("circuitfinder.engine.graph", source) == [
-        "circuitfinder.engine.graph (engine) imports circuitfinder.runs.run (runs and the command line)"]
+        "circuitfinder.engine.graph (engine) imports circuitfinder.runs.run (runs and the command line)"
+    ]
     assert violations("circuitfinder.runs.run", source) == []
     with pytest.raises(ValueError, match="in no layer"):
         layer_of("discovery.graph")

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import random_pair, tiny_hf_model, tiny_tokenizer
 
 from circuitfinder.engine.adapter import load_unchecked
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.patching import patched_logits, run_recording_senders
-from tiny_models import random_pair, tiny_hf_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,8 +41,14 @@ def test_a_local_folder_with_a_saved_model_loads_and_patches_exactly(tmp_path):
 
 def test_an_unreachable_hub_is_one_line_naming_the_offline_choices():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "circuitfinder.cli", "discover", "--model", "nobody/no-such-model"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "circuitfinder.cli", "discover", "--model", "nobody/no-such-model"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert line.startswith("error: cannot load 'nobody/no-such-model' from the Hugging Face hub")
@@ -59,7 +65,6 @@ def test_circuits_models_lists_bundled_models_with_their_edge_counts(capsys, mon
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("smollm2-135m (default):") and "70,651 edges; not yet converted" in lines[0]
     assert lines[1].startswith("gemma3-270m:") and "1 kv group, 5,644 edges; cached" in lines[1]
-
 
 
 FAULTS_ON_REWRITE = """
@@ -85,8 +90,11 @@ def test_a_freed_buffer_is_reused_without_faulting_its_pages_in_again():
     """A 64 MB block written and freed three times: glibc's default maps it afresh each time (its
     pages faulted in again); after keep_freed_memory the later ones come from the heap, their pages
     already there. Each setting in a fresh process."""
+
     def faults(setting):
-        out = subprocess.run([sys.executable, "-c", FAULTS_ON_REWRITE, setting], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", FAULTS_ON_REWRITE, setting], capture_output=True, text=True, check=True
+        )
         return [int(n) for n in out.stdout.split()]
 
     default, kept = faults("default"), faults("kept")

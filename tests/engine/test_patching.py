@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from tiny_models import add_to_receiver_hook, assert_exact, random_pair, tiny, tiny_hf_model  # noqa: F401 (fixture)
 
 from circuitfinder.engine.adapter import ModelShape
 from circuitfinder.engine.graph import EdgeGraph, expected_edge_count
 from circuitfinder.engine.patching import patched_logits, run_recording_senders
-from tiny_models import add_to_receiver_hook, assert_exact, random_pair, tiny, tiny_hf_model  # noqa: F401 (fixture)
-
 
 
 @pytest.mark.parametrize(
@@ -37,7 +36,9 @@ def test_parallel_blocks_have_no_head_to_same_layer_mlp_edge(shape):
         assert f"m{l - 1}->m{l}" in names if l else f"input->m{l}" in names
         assert f"a{l}.h0->logits" in names and (l == 0 or f"a{l - 1}.h{H - 1}->m{l}" in names)
     # the only difference: exactly those L·H edges
-    assert (sequential.allowed & ~parallel.allowed).sum() == L * H and not (parallel.allowed & ~sequential.allowed).any()
+    assert (sequential.allowed & ~parallel.allowed).sum() == L * H and not (
+        parallel.allowed & ~sequential.allowed
+    ).any()
 
 
 def test_layer_zero_receivers_read_only_the_input():
@@ -79,8 +80,20 @@ def _one_edge_reference_by_hook(tiny, graph, clean, delta, receiver):
         return tiny.logits(clean)
 
 
-@pytest.mark.parametrize("edge", ["input->a0.h1<q>", "a0.h2->a1.h3<q>", "m0->a2.h0<q>", "a1.h0->a2.g1<k>",
-                                  "input->a1.g0<v>", "a1.h3->m1", "m1->logits", "a2.h1->logits", "input->logits"])
+@pytest.mark.parametrize(
+    "edge",
+    [
+        "input->a0.h1<q>",
+        "a0.h2->a1.h3<q>",
+        "m0->a2.h0<q>",
+        "a1.h0->a2.g1<k>",
+        "input->a1.g0<v>",
+        "a1.h3->m1",
+        "m1->logits",
+        "a2.h1->logits",
+        "input->logits",
+    ],
+)
 def test_single_edge_patch_matches_hand_built_reference(tiny, edge):
     clean, corrupted = random_pair(seed=1)
     graph, corr_senders, _, clean_senders, clean_logits = _baselines(tiny, clean, corrupted)

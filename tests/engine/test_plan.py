@@ -6,19 +6,32 @@ import re
 
 import pytest
 import torch
-
 from architectures import ARCHITECTURES, EXPECTED_REFUSAL, build
-from circuitfinder.engine.graph import EdgeGraph
-from circuitfinder.engine.patching import run_recording_senders
-from circuitfinder.engine.plan import KNOWN_CONFIGS, LIBRARIES, TOKENIZER_BYTES, largest_batch, memory_plan, parse_shape, plan_shape, shape_from_config
-from circuitfinder.engine.precision import parse_dtype
-from circuitfinder.errors import UserError
 from cli_runner import run_in_process
 from helpers import adapter_for, tokenizer  # noqa: F401 (fixture)
 from tiny_models import random_pair
 
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.engine.patching import run_recording_senders
+from circuitfinder.engine.plan import (
+    KNOWN_CONFIGS,
+    LIBRARIES,
+    TOKENIZER_BYTES,
+    largest_batch,
+    memory_plan,
+    parse_shape,
+    plan_shape,
+    shape_from_config,
+)
+from circuitfinder.engine.precision import parse_dtype
+from circuitfinder.errors import UserError
+
 # Parameter counts published with the models (model cards / the original papers' configs).
-PUBLISHED_PARAMS = {"meta-llama/Meta-Llama-3-8B": 8_030_261_248, "google/gemma-2-2b": 2_614_341_888, "gpt2": 124_439_808}
+PUBLISHED_PARAMS = {
+    "meta-llama/Meta-Llama-3-8B": 8_030_261_248,
+    "google/gemma-2-2b": 2_614_341_888,
+    "gpt2": 124_439_808,
+}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
@@ -71,7 +84,11 @@ def test_largest_batch_is_the_largest_that_fits():
     shape = plan_shape("gpt2")
     for budget in (10**9, 4 * 10**9, 16 * 10**9):
         b = largest_batch(shape, budget, torch.bfloat16, 20)
-        assert memory_plan(shape, torch.bfloat16, b, 20).total <= budget < memory_plan(shape, torch.bfloat16, b + 1, 20).total
+        assert (
+            memory_plan(shape, torch.bfloat16, b, 20).total
+            <= budget
+            < memory_plan(shape, torch.bfloat16, b + 1, 20).total
+        )
     assert largest_batch(shape, 10**6) == 0  # not even the weights
 
 
@@ -87,8 +104,18 @@ def test_bad_shapes_and_dtypes_are_one_line_user_errors():
 
 
 def test_circuits_plan_prints_the_plan_and_the_batch_that_fits(capsys):
-    code, out, _ = run_in_process(capsys, "plan", "--model", "meta-llama/Meta-Llama-3-8B", "--dtype", "bfloat16",
-                                  "--memory", "80GB", "--device", "cuda")
+    code, out, _ = run_in_process(
+        capsys,
+        "plan",
+        "--model",
+        "meta-llama/Meta-Llama-3-8B",
+        "--dtype",
+        "bfloat16",
+        "--memory",
+        "80GB",
+        "--device",
+        "cuda",
+    )
     assert code == 0
     assert "805,681 edges" in out and "8,030,261,248 parameters" in out and "weights                   16.1 GB" in out
     assert "tokenizer" not in out and "libraries" not in out  # host memory, not the GPU's
@@ -98,18 +125,23 @@ def test_circuits_plan_prints_the_plan_and_the_batch_that_fits(capsys):
     # a refereed search holds the float32 model (its own plan) and the bfloat16 copy of the weights
     f32 = memory_plan(plan_shape("llama-3-8b"), torch.float32, 16, 24, "cuda").total
     assert f32 + 2 * 8_030_261_248 > 80 * 10**9  # 87.2 GB: batches of 16 leave no room for the referee
-    assert f"refereed in float32 (the default; `--no-referee` runs it in bfloat16 alone): the float32 model's plan " \
-           f"and this copy of the weights, {(f32 + 2 * 8_030_261_248) / 1e9:,.1f} GB, more than 80GB" in out
+    assert (
+        f"refereed in float32 (the default; `--no-referee` runs it in bfloat16 alone): the float32 model's plan "
+        f"and this copy of the weights, {(f32 + 2 * 8_030_261_248) / 1e9:,.1f} GB, more than 80GB" in out
+    )
     code, _, err = run_in_process(capsys, "plan", "--memory", "lots")
     assert code == 2 and err.strip() == "error: --memory 'lots' is not a size: write e.g. 80GB or 512MB"
     code, _, err = run_in_process(capsys, "plan", "--device", "tpu", "--memory", "80GB")
     assert code == 2 and err.strip() == "error: unknown device 'tpu': use auto, cpu, cuda, cuda:N or mps"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--dtype", "int8"], "error: unknown dtype 'int8': use auto, float32, bfloat16, float16 or float64"),
-    (["--device", "tpu"], "error: unknown device 'tpu': use auto, cpu, cuda, cuda:N or mps"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dtype", "int8"], "error: unknown dtype 'int8': use auto, float32, bfloat16, float16 or float64"),
+        (["--device", "tpu"], "error: unknown device 'tpu': use auto, cpu, cuda, cuda:N or mps"),
+    ],
+)
 def test_discover_refuses_a_bad_dtype_or_device_in_one_line(capsys, args, message):
     code, _, err = run_in_process(capsys, "discover", *args)
     assert code == 2 and err.strip() == message

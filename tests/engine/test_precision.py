@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
+from tiny_models import random_pair, tiny  # noqa: F401 (fixture)
 
 from circuitfinder.engine.precision import exact_tolerance, tolerance_for
-from tiny_models import random_pair, tiny  # noqa: F401 (fixture)
 
 WORKING = {"tiny-gpt2": torch.float64, "tiny-llama": torch.float32, "tiny-gemma3": torch.float32}
 
@@ -48,8 +48,11 @@ def test_the_tolerance_scales_with_eps_depth_and_size():
 HALF_DTYPES = [torch.bfloat16, torch.float16]
 
 
-@pytest.fixture(scope="module", params=[(s, d) for s in ("gpt2", "llama", "gemma3") for d in HALF_DTYPES],
-                ids=lambda p: f"{p[0]}-{str(p[1]).removeprefix('torch.')}")
+@pytest.fixture(
+    scope="module",
+    params=[(s, d) for s in ("gpt2", "llama", "gemma3") for d in HALF_DTYPES],
+    ids=lambda p: f"{p[0]}-{str(p[1]).removeprefix('torch.')}",
+)
 def half(request, tmp_path_factory):
     from tiny_models import tiny_adapter
 
@@ -83,9 +86,10 @@ def test_half_precision_passes_the_check_at_load_and_its_tolerance_still_sees_on
 
 
 def test_half_precision_scores_are_summed_in_float32(half):
+    from tiny_models import tiny_task
+
     from circuitfinder.engine.graph import EdgeGraph
     from circuitfinder.methods.attribution import eap
-    from tiny_models import tiny_task
 
     scores = eap(half, EdgeGraph(half.shape), tiny_task(), batch_size=2)
     assert scores.dtype == torch.float32 and torch.isfinite(scores).all() and scores.abs().max() > 0
@@ -98,8 +102,15 @@ def test_half_precision_scores_are_summed_in_float32(half):
 from circuitfinder.engine.precision import native_bfloat16 as real_native_bfloat16  # noqa: E402 (before conftest's patch)
 
 
-@pytest.mark.parametrize("flags, native", [("fpu avx512f avx512bw avx512_bf16 avx512vl", True), ("fpu amx_bf16 amx_tile", True),
-                                           ("fpu avx2 avx512f avx512bw", False), (None, False)])
+@pytest.mark.parametrize(
+    "flags, native",
+    [
+        ("fpu avx512f avx512bw avx512_bf16 avx512vl", True),
+        ("fpu amx_bf16 amx_tile", True),
+        ("fpu avx2 avx512f avx512bw", False),
+        (None, False),
+    ],
+)
 def test_native_bfloat16_reads_the_cpus_flags(tmp_path, monkeypatch, flags, native):
     from pathlib import Path
 
@@ -132,19 +143,18 @@ def test_auto_in_bfloat16_reports_the_circuit_measured_in_float32(tiny_model_dir
     circuit's held-out faithfulness on a float32 copy of the model, loaded once the bfloat16 one
     is gone: both figures equal a plain evaluation of the saved circuit on the model loaded in
     each dtype, outside the run."""
+    import gc
+    import weakref
+
+    from circuitfinder.config import DiscoverConfig
     from circuitfinder.engine import precision
     from circuitfinder.engine.ablation import make_ablation
     from circuitfinder.engine.adapter import load_unchecked
     from circuitfinder.engine.faithfulness import CircuitEvaluator
     from circuitfinder.engine.graph import EdgeGraph
-    from circuitfinder.config import DiscoverConfig
+    from circuitfinder.runs import pipeline as run_module
     from circuitfinder.runs.pipeline import build_run_task
     from circuitfinder.runs.run import run_config
-
-    import gc
-    import weakref
-
-    from circuitfinder.runs import pipeline as run_module
 
     monkeypatch.setattr(precision, "native_bfloat16", lambda device: True)
     loaded = []  # a weak reference to each loaded model's weights, and its dtype
@@ -158,8 +168,17 @@ def test_auto_in_bfloat16_reports_the_circuit_measured_in_float32(tiny_model_dir
 
     load_model = run_module.load_model
     monkeypatch.setattr(run_module, "load_model", load_once)
-    config = DiscoverConfig.from_options(task="ioi", model=str(tiny_model_dir), method="eap", edges=30, n_pairs=8, batch_size=8,
-                            force=True, roles=False, curve=False)
+    config = DiscoverConfig.from_options(
+        task="ioi",
+        model=str(tiny_model_dir),
+        method="eap",
+        edges=30,
+        n_pairs=8,
+        batch_size=8,
+        force=True,
+        roles=False,
+        curve=False,
+    )
     run = run_config(config)
     summary = run.summary
     assert [dtype for _, dtype in loaded] == [torch.bfloat16, torch.float32]
@@ -168,7 +187,9 @@ def test_auto_in_bfloat16_reports_the_circuit_measured_in_float32(tiny_model_dir
     def measured(dtype):
         adapter = load_unchecked(str(tiny_model_dir), dtype=dtype)
         graph, task = EdgeGraph(adapter.shape), build_run_task(config, adapter.tokenizer)
-        evaluator = CircuitEvaluator(adapter, graph, task, "heldout", 8, make_ablation("counterfactual", adapter, graph, task, 8))
+        evaluator = CircuitEvaluator(
+            adapter, graph, task, "heldout", 8, make_ablation("counterfactual", adapter, graph, task, 8)
+        )
         return evaluator.faithfulness(run.circuit.mask)
 
     f32, bf16 = measured(torch.float32), measured(torch.bfloat16)
@@ -180,20 +201,32 @@ def test_auto_in_bfloat16_reports_the_circuit_measured_in_float32(tiny_model_dir
 def test_auto_runs_a_search_in_float32(tiny_model_dir, monkeypatch):
     """Where auto would pick bfloat16, a search runs in float32 all the same (bfloat16 cannot
     settle removals under the default τ: the next test)."""
-    from circuitfinder.engine import precision
     from circuitfinder.config import DiscoverConfig
+    from circuitfinder.engine import precision
     from circuitfinder.runs.run import run_config
 
     monkeypatch.setattr(precision, "native_bfloat16", lambda device: True)
-    summary = run_config(DiscoverConfig.from_options(task="ioi", model=str(tiny_model_dir), method="acdc-groups", seed_method="eap",
-                                        edges=30, search_prompts=4, n_pairs=8, batch_size=8, force=True,
-                                        roles=False)).summary
+    summary = run_config(
+        DiscoverConfig.from_options(
+            task="ioi",
+            model=str(tiny_model_dir),
+            method="acdc-groups",
+            seed_method="eap",
+            edges=30,
+            search_prompts=4,
+            n_pairs=8,
+            batch_size=8,
+            force=True,
+            roles=False,
+        )
+    ).summary
     assert summary.dtype == "float32" and summary.precision["passes"] == "float32"
     assert not summary.precision["referee"] and not summary.precision["remeasure"]
 
 
-@pytest.mark.parametrize("tau, speedup, passes", [(None, 0.0, "float32"), (0.5, 0.0, "bfloat16"),
-                                                  (0.5, math.inf, "float32")])
+@pytest.mark.parametrize(
+    "tau, speedup, passes", [(None, 0.0, "float32"), (0.5, 0.0, "bfloat16"), (0.5, math.inf, "float32")]
+)
 def test_a_refereed_half_precision_search_finds_the_float32_circuit(tiny_model_dir, tau, speedup, passes, monkeypatch):
     """With the float32 referee (the default), a bfloat16 search ends at the circuit of the same
     search run in float32, edge for edge, with the same held-out faithfulness, whichever way its
@@ -203,13 +236,24 @@ def test_a_refereed_half_precision_search_finds_the_float32_circuit(tiny_model_d
     unless bfloat16 is not the speed-up a referee needs (``REFEREE_SPEEDUP``, patched here either
     way, since this CPU's own ratio decides it otherwise). Without the referee, bfloat16 ends at
     another circuit."""
-    from circuitfinder.methods import acdc
     from circuitfinder.config import DiscoverConfig
+    from circuitfinder.methods import acdc
     from circuitfinder.runs.run import run_config
 
     monkeypatch.setattr(acdc, "REFEREE_SPEEDUP", speedup)
-    base = dict(task="ioi", model=str(tiny_model_dir), method="acdc-groups", seed_method="eap", edges=80,
-                search_prompts=8, n_pairs=16, batch_size=8, force=True, roles=False, tau=tau)
+    base = dict(
+        task="ioi",
+        model=str(tiny_model_dir),
+        method="acdc-groups",
+        seed_method="eap",
+        edges=80,
+        search_prompts=8,
+        n_pairs=16,
+        batch_size=8,
+        force=True,
+        roles=False,
+        tau=tau,
+    )
     f32 = run_config(DiscoverConfig.from_options(**base, dtype="float32"))
     refereed = run_config(DiscoverConfig.from_options(**base, dtype="bfloat16"))
     alone = run_config(DiscoverConfig.from_options(**base, dtype="bfloat16", referee=False))
@@ -233,9 +277,9 @@ def test_a_refereed_half_precision_search_finds_the_float32_circuit(tiny_model_d
 def test_a_search_with_no_room_for_the_referee_runs_in_half_precision_and_says_so(tiny_model_dir, monkeypatch):
     """When the float32 model and the bfloat16 copy do not fit the free memory, the run says so in
     one line (with a batch that would leave room) and searches in bfloat16 alone."""
+    from circuitfinder.config import DiscoverConfig
     from circuitfinder.engine import plan
     from circuitfinder.methods.registry import Reporter
-    from circuitfinder.config import DiscoverConfig
     from circuitfinder.runs.run import run_config
 
     need = plan.refereed_total(plan.plan_shape(str(tiny_model_dir)), torch.bfloat16, 8, 32)
@@ -247,12 +291,25 @@ def test_a_search_with_no_room_for_the_referee_runs_in_half_precision_and_says_s
         def log(self, message: str) -> None:
             self.lines.append(message)
 
-    config = DiscoverConfig.from_options(task="ioi", model=str(tiny_model_dir), method="acdc-groups", seed_method="eap", edges=30,
-                            search_prompts=4, n_pairs=8, batch_size=8, force=True, roles=False, dtype="bfloat16")
+    config = DiscoverConfig.from_options(
+        task="ioi",
+        model=str(tiny_model_dir),
+        method="acdc-groups",
+        seed_method="eap",
+        edges=30,
+        search_prompts=4,
+        n_pairs=8,
+        batch_size=8,
+        force=True,
+        roles=False,
+        dtype="bfloat16",
+    )
     summary = run_config(config, reporter=Lines()).summary
     said = [line for line in Lines.lines if "no float32 referee" in line]
     assert len(said) == 1 and "the search runs in bfloat16 alone (`batch_size=7` leaves room" in said[0]
-    assert summary.dtype == "bfloat16" and summary.precision["passes"] == "bfloat16" and not summary.precision["referee"]
+    assert (
+        summary.dtype == "bfloat16" and summary.precision["passes"] == "bfloat16" and not summary.precision["referee"]
+    )
 
 
 def test_the_summary_line_says_how_a_refereed_search_ran():
@@ -260,8 +317,20 @@ def test_the_summary_line_says_how_a_refereed_search_ran():
 
     why = "bfloat16 cannot settle removals under τ = 0.0465 (4 × 0.027 ≥ τ)"
     assert _refereed({}) == "" and _refereed({"passes": "bfloat16", "referee_decisions": None}) == ""
-    assert _refereed({"passes": "bfloat16", "referee": True, "referee_decisions": {
-        "passes_dtype": "float32", "why_float32": why}}) == f"; searched in float32: {why}"
-    assert _refereed({"passes": "bfloat16", "referee": True, "referee_decisions": {
-        "passes_dtype": "bfloat16", "decided": 1287, "overruled": 134}}) == (
-        "; searched in bfloat16, 1,287 removals decided again in float32, 134 of them overruled")
+    assert (
+        _refereed(
+            {
+                "passes": "bfloat16",
+                "referee": True,
+                "referee_decisions": {"passes_dtype": "float32", "why_float32": why},
+            }
+        )
+        == f"; searched in float32: {why}"
+    )
+    assert _refereed(
+        {
+            "passes": "bfloat16",
+            "referee": True,
+            "referee_decisions": {"passes_dtype": "bfloat16", "decided": 1287, "overruled": 134},
+        }
+    ) == ("; searched in bfloat16, 1,287 removals decided again in float32, 134 of them overruled")

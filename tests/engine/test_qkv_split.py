@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from architectures import build, load_dtype
-from circuitfinder.engine.adapter import ModelAdapter
-from circuitfinder.engine.checks import check_model
-from circuitfinder.errors import UserError
-from circuitfinder.engine.precision import exact_tolerance
 from helpers import adapter_for
 from tiny_models import random_pair, tiny_tokenizer
+
+from circuitfinder.engine.adapter import ModelAdapter
+from circuitfinder.engine.checks import check_model
+from circuitfinder.engine.precision import exact_tolerance
+from circuitfinder.errors import UserError
 
 FAMILIES = ["gptj", "gpt-neo", "opt", "xglm", "llama4-text", "phimoe", "modernbert-decoder"]
 
@@ -74,8 +74,14 @@ def test_the_hooks_the_adapter_supplies_for_split_attention_are_removed_after_an
     modules = [m for p in adapter.own_attention for m in (p.q, p.k, p.v, p.o)]
     for name in ("blocks.1.hook_k_input", "blocks.1.attn.hook_result"):
         with pytest.raises(RuntimeError, match="inside a hook"):
-            with adapter.hooks([("blocks.0.hook_q_input", _identity), ("blocks.0.attn.hook_result", _identity), (name, boom),
-                                ("blocks.2.hook_mlp_in", _identity)]):
+            with adapter.hooks(
+                [
+                    ("blocks.0.hook_q_input", _identity),
+                    ("blocks.0.attn.hook_result", _identity),
+                    (name, boom),
+                    ("blocks.2.hook_mlp_in", _identity),
+                ]
+            ):
                 adapter.logits(torch.zeros((1, 4), dtype=torch.long))
         assert adapter.hook_count() == 0
         assert all(not m._forward_hooks and not m._forward_pre_hooks for m in modules)
@@ -87,14 +93,22 @@ def test_an_attention_output_gate_read_from_the_layer_input_is_refused_with_one_
     """AFMoE and Laguna multiply each head's output by a gate computed from the layer's input: a
     path from the residual stream into the heads that no q/k/v receiver carries."""
     with pytest.raises(UserError, match="separate query/key/value inputs") as refused:
-        ModelAdapter.from_hf(build(name, dtype=torch.float32), tokenizer, name=f"tiny-{name}", hf_id=name, dtype=torch.float32)
+        ModelAdapter.from_hf(
+            build(name, dtype=torch.float32), tokenizer, name=f"tiny-{name}", hf_id=name, dtype=torch.float32
+        )
     message = str(refused.value)
-    assert "\n" not in message and type(build(name)).__name__ in message and "outside the query/key/value projections" in message
+    assert (
+        "\n" not in message
+        and type(build(name)).__name__ in message
+        and "outside the query/key/value projections" in message
+    )
 
 
 def test_a_mixture_of_attention_heads_is_refused_with_one_line(tokenizer):
     with pytest.raises(UserError, match="separate query/key/value inputs") as refused:
-        ModelAdapter.from_hf(build("jetmoe", dtype=torch.float32), tokenizer, name="tiny-jetmoe", hf_id="jetmoe", dtype=torch.float32)
+        ModelAdapter.from_hf(
+            build("jetmoe", dtype=torch.float32), tokenizer, name="tiny-jetmoe", hf_id="jetmoe", dtype=torch.float32
+        )
     message = str(refused.value)
     assert "\n" not in message and "JetMoeForCausalLM" in message and "mixture of attention heads" in message
 
@@ -104,9 +118,10 @@ def test_direct_effects_are_left_unmeasured_where_a_head_sits_before_the_unembed
     a head's direct effect is not the final norm and W_U of its output, so roles leave it NaN."""
     import math
 
-    from circuitfinder.graphs.roles import measure_roles
     from helpers import adapter_for
     from tiny_models import tiny_task
+
+    from circuitfinder.graphs.roles import measure_roles
 
     assert adapter_for("llama", tokenizer).unembedding_is_linear
     adapter = adapter_for("modernbert-decoder", tokenizer)

@@ -24,15 +24,15 @@ from typing import Callable
 
 import pytest
 import torch
-
 from architectures import build, load_dtype
+from helpers import EXACT, QKV, adapter_for, qkv_columns, submodule
+from tiny_models import random_pair, tiny_task, tiny_tokenizer
+
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.patching import PassRecord, patched_logits, run_recording_senders, stacked_patched_logits
 from circuitfinder.engine.precision import exact_tolerance, tolerance_for
 from circuitfinder.methods.attribution import attribute_circuit_batch, score_matrix
 from circuitfinder.tasks.base import logit_difference
-from helpers import EXACT, QKV, adapter_for, qkv_columns, submodule
-from tiny_models import random_pair, tiny_task, tiny_tokenizer
 
 KEPT = (0.01, 0.05, 0.2, 0.5, 0.8, 0.95, 0.99)
 
@@ -64,6 +64,7 @@ def slow_patched_logits(adapter, graph: EdgeGraph, clean, corrupted_senders, rem
             per_sender = values.permute(2, 0, 1, 3) if values.dim() == 4 else values.unsqueeze(0)
             for i in range(point.stop - point.start):
                 current[point.start + i] = per_sender[i].detach().clone()
+
         return record
 
     def patcher(point):
@@ -78,6 +79,7 @@ def slow_patched_logits(adapter, graph: EdgeGraph, clean, corrupted_senders, rem
                         else:
                             x = x + term
             return x
+
         return patch
 
     hooks = [h for p in graph.sender_points for h in adapter.sender_hooks(p.kind, p.layer, recorder(p))]
@@ -127,7 +129,12 @@ def test_random_circuits_stacked_and_resumed_equal_the_slow_reference(name, toke
             stacked = stacked_patched_logits(adapter, graph, clean, corr, torch.stack(circuits))
             for j, circuit in enumerate(circuits):
                 want = slow_patched_logits(adapter, graph, clean, corr, circuit)
-                _assert_close(adapter, stacked[j * 2 : (j + 1) * 2], want, f"stacked circuit {j}, {kept:.0%} kept, parting at layer {layer}")
+                _assert_close(
+                    adapter,
+                    stacked[j * 2 : (j + 1) * 2],
+                    want,
+                    f"stacked circuit {j}, {kept:.0%} kept, parting at layer {layer}",
+                )
         record: PassRecord | None = None
         circuit = base
         for layer in (0, 2, 1, adapter.shape.n_layers):  # n_layers: only the logits' edges re-drawn
@@ -154,6 +161,7 @@ def test_the_differentiable_pass_of_attribution_patches_random_circuits_exactly(
 
 
 # ---- receiver-level patches against plain Hugging Face hooks (no engine code) ----------------
+
 
 def _decoder_layers(hf, name: str):
     return submodule(hf, QKV.get(name, ("model.layers",))[0])
@@ -199,12 +207,20 @@ def _run_swapping(hf, clean, corrupted, module, take: Callable | None = None, pr
         return out
 
     with torch.no_grad():
-        handle = (module.register_forward_pre_hook(keep_pre, with_kwargs=True) if pre else module.register_forward_hook(keep_out))
+        handle = (
+            module.register_forward_pre_hook(keep_pre, with_kwargs=True)
+            if pre
+            else module.register_forward_hook(keep_out)
+        )
         try:
             hf(corrupted)
         finally:
             handle.remove()
-        handle = (module.register_forward_pre_hook(put_pre, with_kwargs=True) if pre else module.register_forward_hook(put_out))
+        handle = (
+            module.register_forward_pre_hook(put_pre, with_kwargs=True)
+            if pre
+            else module.register_forward_hook(put_out)
+        )
         try:
             return hf(clean).logits
         finally:
@@ -261,7 +277,10 @@ def test_a_query_key_norm_over_all_heads_makes_each_q_and_k_input_feed_its_whole
     query of its layer, so pruning must follow q/k inputs to all the layer's heads (not v)."""
     from circuitfinder.engine.adapter import ModelShape
 
-    assert adapter_for("olmo2", tokenizer).shape.shared_qk_norm and not adapter_for("llama", tokenizer).shape.shared_qk_norm
+    assert (
+        adapter_for("olmo2", tokenizer).shape.shared_qk_norm
+        and not adapter_for("llama", tokenizer).shape.shared_qk_norm
+    )
     graph = EdgeGraph(ModelShape(3, 4, 2, d_model=16, shared_qk_norm=True))
     heads_of_layer1 = tuple(range(1 + 5, 1 + 5 + 4))
     for receiver in ("a1.h0<q>", "a1.g1<k>"):
@@ -271,16 +290,19 @@ def test_a_query_key_norm_over_all_heads_makes_each_q_and_k_input_feed_its_whole
 
 
 @pytest.mark.parametrize("method", ["eap", "acdc-groups"])
-def test_discover_on_a_pythia_style_folder_reports_the_slow_references_faithfulness(method, word_tokenizer, tmp_path, capsys):
+def test_discover_on_a_pythia_style_folder_reports_the_slow_references_faithfulness(
+    method, word_tokenizer, tmp_path, capsys
+):
     """End to end on a parallel-block model saved to a folder: the held-out faithfulness a run
     reports for the circuit it found is the one the slow reference gives for that circuit."""
     import json
 
+    from cli_runner import run_in_process
+    from helpers import task_rows
+
     from circuitfinder.engine.adapter import ModelAdapter
     from circuitfinder.graphs.circuit import Circuit
     from circuitfinder.tasks.from_file import load_task_file
-    from cli_runner import run_in_process
-    from helpers import task_rows
 
     rows = task_rows(10)
     task_path = tmp_path / "ioi-small.jsonl"
@@ -290,8 +312,25 @@ def test_discover_on_a_pythia_style_folder_reports_the_slow_references_faithfuln
     model.save_pretrained(folder, safe_serialization=True)
     word_tokenizer.save_pretrained(folder)
     size = ["--edges", "40"] if method == "eap" else []
-    code, _, err = run_in_process(capsys, "discover", "--task", str(task_path), "--model", str(folder), "--method", method,
-                                  "--pairs", "10", "--batch-size", "10", *size, "--no-curve", "--force", "--out", str(out))
+    code, _, err = run_in_process(
+        capsys,
+        "discover",
+        "--task",
+        str(task_path),
+        "--model",
+        str(folder),
+        "--method",
+        method,
+        "--pairs",
+        "10",
+        "--batch-size",
+        "10",
+        *size,
+        "--no-curve",
+        "--force",
+        "--out",
+        str(out),
+    )
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     circuit = Circuit.load(out / "circuit.json")
@@ -301,8 +340,11 @@ def test_discover_on_a_pythia_style_folder_reports_the_slow_references_faithfuln
     graph = EdgeGraph(adapter.shape)
     task = load_task_file(out / "prompts.jsonl", word_tokenizer)
     metric = {"full": 0.0, "empty": 0.0, "circuit": 0.0}
-    removed = {"full": torch.zeros_like(graph.allowed, dtype=torch.float64), "empty": graph.allowed.double(),
-               "circuit": (graph.allowed & ~circuit.mask).double()}
+    removed = {
+        "full": torch.zeros_like(graph.allowed, dtype=torch.float64),
+        "empty": graph.allowed.double(),
+        "circuit": (graph.allowed & ~circuit.mask).double(),
+    }
     n = len(task.indices("heldout"))
     for batch in task.batches("heldout", batch_size=n):
         corr, _ = run_recording_senders(adapter, graph, batch.corrupted)
@@ -329,7 +371,10 @@ def test_a_norm_over_all_heads_outputs_makes_each_head_depend_on_its_whole_layer
     removed[0, v] = 1  # input -> a1.g1<v> moves heads 2 and 3 of layer 1 directly, heads 0 and 1 only through the norm
     seen = {}
     base, _ = run_recording_senders(adapter, graph, clean)
-    with torch.no_grad(), adapter.hooks(adapter.sender_hooks("attn", 1, lambda values: seen.update(v=values.detach().clone()))):
+    with (
+        torch.no_grad(),
+        adapter.hooks(adapter.sender_hooks("attn", 1, lambda values: seen.update(v=values.detach().clone()))),
+    ):
         patched_logits(adapter, graph, clean, corr, removed)
     moved = (seen["v"] - base[6:10].permute(1, 2, 0, 3)).abs().amax(dim=(0, 1, 3))  # per head of layer 1
     assert bool((moved[:2] > 1e-6).all()), moved

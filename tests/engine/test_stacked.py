@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from tiny_models import assert_exact, random_pair, tiny  # noqa: F401 (fixture)
 
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.patching import patched_logits, run_recording_senders, stacked_patched_logits
-from tiny_models import assert_exact, random_pair, tiny  # noqa: F401 (fixture)
-
 
 
 def _circuits(graph: EdgeGraph, k: int, first_layer: int | None, seed: int) -> torch.Tensor:
@@ -33,8 +32,9 @@ def test_stacked_equals_one_copy_per_circuit(tiny, first_layer, positions):
     masks = _circuits(graph, k, first_layer, seed=first_layer or 7)
     where = torch.tensor([5, 3, 4]) if positions else None
     stacked = stacked_patched_logits(tiny, graph, clean, corr, masks, where)
-    copies = patched_logits(tiny, graph, clean.repeat(k, 1), corr.repeat(1, k, 1, 1), masks,
-                            None if where is None else where.repeat(k))
+    copies = patched_logits(
+        tiny, graph, clean.repeat(k, 1), corr.repeat(1, k, 1, 1), masks, None if where is None else where.repeat(k)
+    )
     assert stacked.shape == copies.shape
     assert_exact(tiny, stacked, copies)
     # the circuits give different logits, so the comparison can fail

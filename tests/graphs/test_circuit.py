@@ -2,14 +2,14 @@
 
 import pytest
 import torch
+from tiny_models import tiny, tiny_task  # noqa: F401 (fixture)
 
-from circuitfinder.methods.attribution import eap
-from circuitfinder.engine.patching import stack_split
-from circuitfinder.engine.masks import edges_above, node_count, prune, top_edges
 from circuitfinder.engine.faithfulness import CircuitEvaluator, MetricError, search_size
 from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.engine.masks import edges_above, node_count, prune, top_edges
+from circuitfinder.engine.patching import stack_split
+from circuitfinder.methods.attribution import eap
 from circuitfinder.tasks.base import Task
-from tiny_models import tiny, tiny_task  # noqa: F401 (fixture)
 
 
 def test_top_edges_picks_largest_magnitudes_among_edges(tiny):
@@ -91,8 +91,15 @@ def test_size_search_reaches_the_target_exactly_checked(tiny):
 
 def test_identical_clean_and_corrupted_prompts_are_refused(tiny):
     task = tiny_task()
-    same = Task(name="same", clean=task.clean, corrupted=task.clean, lengths=task.lengths,
-                answer=task.answer, wrong=task.wrong, split=task.split)
+    same = Task(
+        name="same",
+        clean=task.clean,
+        corrupted=task.clean,
+        lengths=task.lengths,
+        answer=task.answer,
+        wrong=task.wrong,
+        split=task.split,
+    )
     with pytest.raises(MetricError, match="equal"):
         CircuitEvaluator(tiny, EdgeGraph(tiny.shape), same, split="discovery")
 
@@ -107,7 +114,9 @@ def test_faithfulness_curve_ends_at_one_and_its_areas_follow_the_trapezoid_rule(
     (_, _, _, f10), (_, _, _, f50), (_, n100, k100, f100) = curve.points
     assert n100 == graph.n_edges == k100 and f100 == pytest.approx(1.0, abs=1e-9)
     assert curve.cpr == pytest.approx(0.1 * f10 / 2 + 0.4 * (f10 + f50) / 2 + 0.5 * (f50 + 1) / 2)
-    assert curve.cmd == pytest.approx(0.1 * (1 + abs(1 - f10)) / 2 + 0.4 * (abs(1 - f10) + abs(1 - f50)) / 2 + 0.5 * abs(1 - f50) / 2)
+    assert curve.cmd == pytest.approx(
+        0.1 * (1 + abs(1 - f10)) / 2 + 0.4 * (abs(1 - f10) + abs(1 - f50)) / 2 + 0.5 * abs(1 - f50) / 2
+    )
 
 
 @pytest.mark.parametrize("kind", ["counterfactual", "mean", "zero"])

@@ -10,28 +10,50 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from cli_runner import run_in_process as _run
+from tiny_models import circuit_of
 
 from circuitfinder.errors import OutputExists
 from circuitfinder.graphs.circuit import Circuit
-from tiny_models import circuit_of
 from circuitfinder.graphs.compare import compare, depth_bin, depth_table, diff_graph, role_table, same_model_metrics
 from circuitfinder.graphs.tables import layer_table, to_markdown, top_edges_table
-from cli_runner import run_in_process as _run
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _record(edges, n_layers=4, n_heads=2, roles=None, model="m") -> Circuit:
-    return circuit_of(model=model, task="ioi", method="eap", n_layers=n_layers, n_heads=n_heads, n_kv_groups=n_heads,
-                         edges=[{"sender": s, "receiver": r, "score": x} for s, r, x in edges], roles=roles or {})
+    return circuit_of(
+        model=model,
+        task="ioi",
+        method="eap",
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_groups=n_heads,
+        edges=[{"sender": s, "receiver": r, "score": x} for s, r, x in edges],
+        roles=roles or {},
+    )
 
 
-A = _record([("input", "a0.h0<q>", -1.0), ("a0.h0", "a2.h1<q>", -2.0), ("a2.h1", "logits", -3.0), ("input", "m1", 0.5),
-             ("m1", "logits", -1.0)],
-            roles={"a0.h0": {"role": "prev-token"}, "a2.h1": {"role": "mover", "answer_attention": 0.6}})
-B = _record([("input", "a0.h0<q>", -1.0), ("a0.h0", "a2.h1<q>", -1.0), ("a2.h1", "logits", -2.0), ("input", "a3.h0<q>", -1.0),
-             ("a3.h0", "logits", -1.0)],
-            roles={"a2.h1": {"role": "mover"}, "a3.h0": {"role": "neg. mover"}})
+A = _record(
+    [
+        ("input", "a0.h0<q>", -1.0),
+        ("a0.h0", "a2.h1<q>", -2.0),
+        ("a2.h1", "logits", -3.0),
+        ("input", "m1", 0.5),
+        ("m1", "logits", -1.0),
+    ],
+    roles={"a0.h0": {"role": "prev-token"}, "a2.h1": {"role": "mover", "answer_attention": 0.6}},
+)
+B = _record(
+    [
+        ("input", "a0.h0<q>", -1.0),
+        ("a0.h0", "a2.h1<q>", -1.0),
+        ("a2.h1", "logits", -2.0),
+        ("input", "a3.h0<q>", -1.0),
+        ("a3.h0", "logits", -1.0),
+    ],
+    roles={"a2.h1": {"role": "mover"}, "a3.h0": {"role": "neg. mover"}},
+)
 
 
 def test_a_circuit_compared_with_itself_scores_one():
@@ -54,8 +76,13 @@ def test_metrics_of_two_circuits_by_hand():
 
 
 def test_depth_alignment_of_models_of_different_depth():
-    deep = _record([("input", "a2.h0<q>", -1.0), ("a2.h0", "a9.h1<q>", -1.0), ("a9.h1", "logits", -2.0)], n_layers=10,
-                   n_heads=3, roles={"a9.h1": {"role": "mover"}, "a2.h0": {"role": "duplicate"}}, model="deep")
+    deep = _record(
+        [("input", "a2.h0<q>", -1.0), ("a2.h0", "a9.h1<q>", -1.0), ("a9.h1", "logits", -2.0)],
+        n_layers=10,
+        n_heads=3,
+        roles={"a9.h1": {"role": "mover"}, "a2.h0": {"role": "duplicate"}},
+        model="deep",
+    )
     assert [depth_bin(layer, 10, 5) for layer in (0, 1, 2, 9)] == [0, 0, 1, 4]
     assert [depth_bin(layer, 4, 5) for layer in (0, 1, 2, 3)] == [0, 1, 2, 3]
     table = depth_table(A, deep, bins=5)
@@ -71,7 +98,9 @@ def test_depth_alignment_of_models_of_different_depth():
 
 def test_diff_graph_marks_shared_and_missing_parts():
     g = diff_graph(A, B)
-    assert g.nodes["a2.h1"]["status"] == "shared" and g.nodes["m1"]["status"] == "A" and g.nodes["a3.h0"]["status"] == "B"
+    assert (
+        g.nodes["a2.h1"]["status"] == "shared" and g.nodes["m1"]["status"] == "A" and g.nodes["a3.h0"]["status"] == "B"
+    )
     assert g.edges["a3.h0", "logits"]["status"] == "B" and g.edges["a0.h0", "a2.h1"]["status"] == "shared"
     assert g.nodes["a0.h0"]["role"] == "A: prev-token" and g.nodes["a2.h1"]["role"] == "mover"
 
@@ -86,8 +115,16 @@ def test_compare_writes_tables_and_diagram(tmp_path):
     a, b = _save(A, tmp_path / "a"), _save(B, tmp_path / "b")
     m = compare(a, b, out=tmp_path / "out", formats=("svg", "pdf"))
     names = {p.name for p in (tmp_path / "out").iterdir()}
-    assert names == {"comparison.json", "metrics.csv", "depth.csv", "roles.csv", "comparison.md", "diff.svg", "diff.pdf",
-                     "compare.html"}
+    assert names == {
+        "comparison.json",
+        "metrics.csv",
+        "depth.csv",
+        "roles.csv",
+        "comparison.md",
+        "diff.svg",
+        "diff.pdf",
+        "compare.html",
+    }
     assert "Circuit comparison" in (tmp_path / "out" / "compare.html").read_text()  # the table beside the drawing
     assert json.loads((tmp_path / "out" / "comparison.json").read_text())["edge_jaccard"] == m["edge_jaccard"] == 3 / 7
     ET.parse(tmp_path / "out" / "diff.svg")
@@ -111,8 +148,12 @@ def test_compare_of_different_models_draws_depth_units(tmp_path):
 
 def test_roles_csv_beside_a_circuit_is_used(tmp_path):
     folder = _save(_record([("input", "a0.h0<q>", -1.0), ("a0.h0", "logits", -1.0)]), tmp_path / "r")
-    pd.DataFrame([{"node": "a0.h0", "layer": 0, "head": 0, "previous_token": 0.9, "role": "prev-token"},
-                  {"node": "a1.h1", "layer": 1, "head": 1, "previous_token": 0.1, "role": None}]).to_csv(folder / "roles.csv", index=False)
+    pd.DataFrame(
+        [
+            {"node": "a0.h0", "layer": 0, "head": 0, "previous_token": 0.9, "role": "prev-token"},
+            {"node": "a1.h1", "layer": 1, "head": 1, "previous_token": 0.1, "role": None},
+        ]
+    ).to_csv(folder / "roles.csv", index=False)
     from circuitfinder.graphs.circuit import load_circuit
 
     assert load_circuit(folder).roles == {"a0.h0": {"role": "prev-token", "previous_token": 0.9}}
@@ -132,8 +173,9 @@ def test_tables():
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "circuitfinder.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-
+    return subprocess.run(
+        [sys.executable, "-m", "circuitfinder.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_compare_end_to_end(tmp_path):
@@ -153,29 +195,54 @@ def test_cli_tables_convert_and_render(tmp_path, capsys):
     a = _save(A, tmp_path / "a")
     assert _run(capsys, "tables", str(a), "--top", "3")[0] == 0
     assert {"layers.csv", "layers.md", "top_edges.csv", "top_edges.md"} <= {p.name for p in a.iterdir()}
-    assert _run(capsys, "convert", str(a), "--to", "mib", "--out", str(tmp_path / "a.mib.json"), "--d-model", "8")[0] == 0
-    assert _run(capsys, "convert", str(tmp_path / "a.mib.json"), "--to", "circuit", "--out", str(tmp_path / "back.json"))[0] == 0
+    assert (
+        _run(capsys, "convert", str(a), "--to", "mib", "--out", str(tmp_path / "a.mib.json"), "--d-model", "8")[0] == 0
+    )
+    assert (
+        _run(capsys, "convert", str(tmp_path / "a.mib.json"), "--to", "circuit", "--out", str(tmp_path / "back.json"))[
+            0
+        ]
+        == 0
+    )
     assert Circuit.load(tmp_path / "back.json").edges == Circuit.load(a / "circuit.json").edges
     assert _run(capsys, "convert", str(a), "--to", "graphml", "--out", str(tmp_path / "a.graphml"))[0] == 0
     ET.parse(tmp_path / "a.graphml")
-    assert _run(capsys, "convert", str(tmp_path / "a.graphml"), "--to", "circuit", "--out", str(tmp_path / "g.json"))[0] == 0
+    assert (
+        _run(capsys, "convert", str(tmp_path / "a.graphml"), "--to", "circuit", "--out", str(tmp_path / "g.json"))[0]
+        == 0
+    )
     assert (tmp_path / "g.json").read_text() == (a / "circuit.json").read_text()
-    code, _, err = _run(capsys, "render", str(a), "--level", "node", "--style", "paper", "--format", "svg,pdf", "--out", str(tmp_path / "n"))
+    code, _, err = _run(
+        capsys,
+        "render",
+        str(a),
+        "--level",
+        "node",
+        "--style",
+        "paper",
+        "--format",
+        "svg,pdf",
+        "--out",
+        str(tmp_path / "n"),
+    )
     assert code == 0, err
     ET.parse(tmp_path / "n.svg")
     assert (tmp_path / "n.pdf").read_bytes().startswith(b"%PDF")
 
 
-@pytest.mark.parametrize("args, message", [
-    (["compare", "nowhere", "nowhere2"], "no circuit file at nowhere"),
-    (["compare", "{a}", "{bad}"], "is not a circuit file"),
-    (["compare", "{a}", "{a}", "--bins", "0"], "--bins must be at least 1"),
-    (["compare", "{a}", "{a}", "--out", "{a}"], "already holds results"),
-    (["compare", "{a}", "{a}", "--format", "gif"], "unknown format"),
-    (["compare", "{a}", "{empty}"], "holds an empty circuit"),
-    (["render", "{a}", "--level", "huge"], "unknown level"),
-    (["convert", "{a}", "--to", "xml", "--out", "x"], "unknown --to"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["compare", "nowhere", "nowhere2"], "no circuit file at nowhere"),
+        (["compare", "{a}", "{bad}"], "is not a circuit file"),
+        (["compare", "{a}", "{a}", "--bins", "0"], "--bins must be at least 1"),
+        (["compare", "{a}", "{a}", "--out", "{a}"], "already holds results"),
+        (["compare", "{a}", "{a}", "--format", "gif"], "unknown format"),
+        (["compare", "{a}", "{empty}"], "holds an empty circuit"),
+        (["render", "{a}", "--level", "huge"], "unknown level"),
+        (["convert", "{a}", "--to", "xml", "--out", "x"], "unknown --to"),
+    ],
+)
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, args, message):
     a = _save(A, tmp_path / "a")
     (tmp_path / "bad.json").write_text('{"x": 1}')

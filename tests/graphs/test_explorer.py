@@ -23,13 +23,20 @@ import torch
 from circuitfinder.engine.adapter import ModelShape
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.graphs.circuit import Circuit
-from circuitfinder.graphs.explorer import FULL_EDGES, check_attention, markdown_to_html, write_compare_page, write_explorer
+from circuitfinder.graphs.explorer import (
+    FULL_EDGES,
+    check_attention,
+    markdown_to_html,
+    write_compare_page,
+    write_explorer,
+)
 from circuitfinder.graphs.tables import scores_table
 
 ASSETS = Path(__file__).resolve().parents[2] / "graphs" / "assets"
 
 
 # ---- synthetic run folders ----------------------------------------------------------------------
+
 
 def make_run(folder: Path, shape: ModelShape, n_circuit: int, seed: int = 0, extras: bool = True) -> Circuit:
     """A run folder with random scores: circuit.json (the top ``n_circuit`` edges, pruned),
@@ -41,27 +48,60 @@ def make_run(folder: Path, shape: ModelShape, n_circuit: int, seed: int = 0, ext
     circuit = everything.top(n_circuit)  # not pruned: a top-n circuit of random scores may have no input → logits path
     nodes = circuit.nodes()  # once: Circuit.heads() recomputes them per sender
     heads = [n for n in graph.sender_names if n in nodes and n.startswith("a")]
-    roles = {h: {"role": "name mover" if k % 2 == 0 else None, "induction": 0.1 * k, "direct_effect": -0.01 * k}
-             for k, h in enumerate(heads)}
+    roles = {
+        h: {"role": "name mover" if k % 2 == 0 else None, "induction": 0.1 * k, "direct_effect": -0.01 * k}
+        for k, h in enumerate(heads)
+    }
     circuit = circuit.replace(roles=roles, metadata={"faithfulness": 0.83})
     folder.mkdir(parents=True, exist_ok=True)
     circuit.save(folder / "circuit.json")
     scores_table(circuit).to_parquet(folder / "scores.parquet", index=False)
     if extras:
         total = graph.n_edges
-        (folder / "summary.json").write_text(json.dumps({"faithfulness": 0.83, "metric": "logit_difference",
-                                                          "ablation": "counterfactual", "edges_total": total}))
+        (folder / "summary.json").write_text(
+            json.dumps(
+                {"faithfulness": 0.83, "metric": "logit_difference", "ablation": "counterfactual", "edges_total": total}
+            )
+        )
         sizes = sorted({max(1, total // d) for d in (100, 30, 10, 3, 1)})
-        pd.DataFrame({"percent": [100 * n / total for n in sizes], "top_n": sizes, "edges_kept": sizes,
-                      "faithfulness": [0.1 + 0.9 * k / (len(sizes) - 1) for k in range(len(sizes))]}
-                     ).to_csv(folder / "curve.csv", index=False)
-        pd.DataFrame([{"node": f"a{l}.h{h}", "layer": l, "head": h, "induction": 0.01 * h, "role": "induction" if h == 0 else ""}
-                      for l in range(shape.n_layers) for h in range(shape.n_heads)]).to_csv(folder / "roles.csv", index=False)
+        pd.DataFrame(
+            {
+                "percent": [100 * n / total for n in sizes],
+                "top_n": sizes,
+                "edges_kept": sizes,
+                "faithfulness": [0.1 + 0.9 * k / (len(sizes) - 1) for k in range(len(sizes))],
+            }
+        ).to_csv(folder / "curve.csv", index=False)
+        pd.DataFrame(
+            [
+                {
+                    "node": f"a{l}.h{h}",
+                    "layer": l,
+                    "head": h,
+                    "induction": 0.01 * h,
+                    "role": "induction" if h == 0 else "",
+                }
+                for l in range(shape.n_layers)
+                for h in range(shape.n_heads)
+            ]
+        ).to_csv(folder / "roles.csv", index=False)
         names = circuit.edge_names()
-        pd.DataFrame({"edge": names, "score": [e["score"] for e in circuit.edges],
-                      "metric_drop": [0.5] * len(names), "distance_rise": [0.25] * len(names)}).to_csv(folder / "necessity.csv", index=False)
-        pd.DataFrame({"edge": names, "group": ["top"] * len(names), "score": [e["score"] for e in circuit.edges],
-                      "exact_effect": [0.125] * len(names)}).to_csv(folder / "validation.csv", index=False)
+        pd.DataFrame(
+            {
+                "edge": names,
+                "score": [e["score"] for e in circuit.edges],
+                "metric_drop": [0.5] * len(names),
+                "distance_rise": [0.25] * len(names),
+            }
+        ).to_csv(folder / "necessity.csv", index=False)
+        pd.DataFrame(
+            {
+                "edge": names,
+                "group": ["top"] * len(names),
+                "score": [e["score"] for e in circuit.edges],
+                "exact_effect": [0.125] * len(names),
+            }
+        ).to_csv(folder / "validation.csv", index=False)
     return circuit
 
 
@@ -99,6 +139,7 @@ def page_data(page: Path) -> tuple[dict, dict]:
 
 # ---- the file -----------------------------------------------------------------------------------
 
+
 def test_page_is_self_contained(small_run):
     folder, circuit, page, _ = small_run
     assert page == folder / "circuit.html"
@@ -116,8 +157,11 @@ def test_page_is_self_contained(small_run):
 
 def test_script_data_cannot_close_its_tag(tmp_path):
     make_run(tmp_path, SMALL, 10, extras=False)
-    page = write_explorer(tmp_path, tmp_path / "x.html",
-                          attention={"a1.h1": {"tokens": [["</script>", "<!--"]], "patterns": [[[1, 0], [0.5, 0.5]]]}})
+    page = write_explorer(
+        tmp_path,
+        tmp_path / "x.html",
+        attention={"a1.h1": {"tokens": [["</script>", "<!--"]], "patterns": [[[1, 0], [0.5, 0.5]]]}},
+    )
     data, _ = page_data(page)
     assert data["attention"]["a1.h1"]["tokens"] == [["</script>", "<!--"]]
     assert data["about"]["scores_source"] == "scores.parquet" and "summary" in data["about"]
@@ -160,7 +204,13 @@ def test_assets_are_documented():
     readme = (ASSETS / "README.md").read_text()
     import hashlib
 
-    for name in ("cytoscape.min.js", "cytoscape-dagre.min.js", "LICENSE.cytoscape", "LICENSE.cytoscape-dagre", "LICENSE.dagre"):
+    for name in (
+        "cytoscape.min.js",
+        "cytoscape-dagre.min.js",
+        "LICENSE.cytoscape",
+        "LICENSE.cytoscape-dagre",
+        "LICENSE.dagre",
+    ):
         assert hashlib.sha256((ASSETS / name).read_bytes()).hexdigest() in readme, name
 
 
@@ -174,7 +224,8 @@ except ImportError:
     selenium = None
 browser_only = pytest.mark.skipif(
     not (CHROMIUM and DRIVER and selenium),
-    reason="needs chromium, chromedriver and selenium (apt-get install chromium chromium-driver; pip install selenium)")
+    reason="needs chromium, chromedriver and selenium (apt-get install chromium chromium-driver; pip install selenium)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -217,10 +268,14 @@ def click_node(driver, name: str) -> None:
     from selenium.webdriver.common.by import By
 
     graph = driver.find_element(By.ID, "cf-graph")
-    driver.execute_script("const n = explorer.cy.getElementById(arguments[0]); explorer.cy.zoom(1.2); explorer.cy.center(n);", name)
+    driver.execute_script(
+        "const n = explorer.cy.getElementById(arguments[0]); explorer.cy.zoom(1.2); explorer.cy.center(n);", name
+    )
     p = driver.execute_script("return explorer.nodePosition(arguments[0])", name)
     size = graph.size
-    ActionChains(driver).move_to_element_with_offset(graph, int(p["x"] - size["width"] / 2), int(p["y"] - size["height"] / 2)).click().perform()
+    ActionChains(driver).move_to_element_with_offset(
+        graph, int(p["x"] - size["width"] / 2), int(p["y"] - size["height"] / 2)
+    ).click().perform()
 
 
 @browser_only
@@ -230,7 +285,10 @@ def test_default_view_matches_circuit_json(browser, small_run):
     c = counts(browser)
     assert c["mode"] == "circuit" and not c["restParsed"]
     assert (c["nodes"], c["edges"]) == (len(circuit.nodes()), circuit.n_edges)
-    assert browser.execute_script("return [+document.body.dataset.nodes, +document.body.dataset.edges]") == [c["nodes"], c["edges"]]
+    assert browser.execute_script("return [+document.body.dataset.nodes, +document.body.dataset.edges]") == [
+        c["nodes"],
+        c["edges"],
+    ]
     browser.execute_script("explorer.setLevel('node')")
     g = circuit.to_networkx()
     assert (counts(browser)["nodes"], counts(browser)["edges"]) == (g.number_of_nodes(), g.number_of_edges())
@@ -281,7 +339,9 @@ def test_clicking_a_node_opens_its_panel(browser, small_run):
     assert "role" in panel.text and "Attention pattern" in panel.text
     assert len(panel.find_elements(By.TAG_NAME, "canvas")) == 2
     highlighted, connected = browser.execute_script(
-        "return [explorer.cy.edges('.hl').length, explorer.cy.getElementById(arguments[0]).connectedEdges().length]", head)
+        "return [explorer.cy.edges('.hl').length, explorer.cy.getElementById(arguments[0]).connectedEdges().length]",
+        head,
+    )
     assert highlighted == connected > 0
     search = browser.find_element(By.ID, "cf-search")
     search.send_keys("logits\n")
@@ -302,8 +362,9 @@ def test_hovering_an_edge_shows_its_score(browser, small_run):
         const e = explorer.cy.edges().max(x => x.data('w')).ele;
         explorer.cy.zoom(2); explorer.cy.center(e); return e.renderedMidpoint();""")
     graph = browser.find_element(By.ID, "cf-graph")
-    ActionChains(browser).move_to_element_with_offset(graph, int(p["x"] - graph.size["width"] / 2),
-                                                      int(p["y"] - graph.size["height"] / 2)).perform()
+    ActionChains(browser).move_to_element_with_offset(
+        graph, int(p["x"] - graph.size["width"] / 2), int(p["y"] - graph.size["height"] / 2)
+    ).perform()
     tip = browser.find_element(By.ID, "cf-tip")
     assert tip.is_displayed()
     assert re.search(rf"rank \d+ of {EdgeGraph(SMALL).n_edges:,} by \|score\|", tip.text), tip.text
@@ -345,7 +406,10 @@ def test_large_page_opens_quickly(browser, large_run):
     assert c["edges"] == 3000 and c["restParsed"]
     browser.execute_script("explorer.setLevel('node')")
     top = circuit.top(3000)
-    assert (counts(browser)["nodes"], counts(browser)["edges"]) == (len(top.nodes()), top.to_networkx().number_of_edges())
+    assert (counts(browser)["nodes"], counts(browser)["edges"]) == (
+        len(top.nodes()),
+        top.to_networkx().number_of_edges(),
+    )
     assert console_problems(browser) == []
 
 
@@ -358,7 +422,12 @@ def test_compare_page(browser, tmp_path):
     open_page(browser, page)
     ea, eb = set(a.edge_names()), set(b.edge_names())
     c = counts(browser)
-    assert (c["edges"], c["shared"], c["a_only"], c["b_only"]) == (len(ea | eb), len(ea & eb), len(ea - eb), len(eb - ea))
+    assert (c["edges"], c["shared"], c["a_only"], c["b_only"]) == (
+        len(ea | eb),
+        len(ea & eb),
+        len(ea - eb),
+        len(eb - ea),
+    )
     assert c["nodes"] == len(a.nodes() | b.nodes())
     assert "Metrics" in browser.find_element("id", "cf-table").text
     page = write_compare_page(a, deeper, tmp_path / "compare2.html", table_markdown="| x | y |\n|---|---|\n| 1 | 2 |")

@@ -11,16 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_runner import run_in_process as _run
+from tiny_models import circuit_of
 
 from circuitfinder.engine.adapter import ModelShape
-from circuitfinder.errors import UserError
 from circuitfinder.engine.graph import EdgeGraph
-from circuitfinder.graphs.circuit import Circuit
-from tiny_models import circuit_of
+from circuitfinder.errors import UserError
 from circuitfinder.graphs.grading import average_ranks, grade, node_scores, precision_recall, roc_auc, top_k
 from circuitfinder.graphs.reference import load_reference, node_mask, reference_mask, reference_nodes
 from circuitfinder.graphs.references import available
-from cli_runner import run_in_process as _run
 
 ROOT = Path(__file__).resolve().parents[2]
 GPT2 = EdgeGraph(ModelShape(12, 12, 12, 768))
@@ -29,6 +28,7 @@ GPT2 = EdgeGraph(ModelShape(12, 12, 12, 768))
 # ---------------------------------------------------------------------------------------------
 # ROC-AUC, precision and recall
 # ---------------------------------------------------------------------------------------------
+
 
 def _pairwise_auc(scores, labels) -> float:
     """P(positive scores above a negative) + ½ P(tie), by counting every pair."""
@@ -72,8 +72,12 @@ def test_roc_auc_perfect_reversed_random_and_degenerate():
 
 
 def test_precision_recall_and_top_k_by_hand():
-    assert precision_recall([1, 1, 0, 0, 1], [1, 0, 1, 0, 1]) == {"precision": 2 / 3, "recall": 2 / 3, "f1": pytest.approx(2 / 3),
-                                                                  "shared": 2}
+    assert precision_recall([1, 1, 0, 0, 1], [1, 0, 1, 0, 1]) == {
+        "precision": 2 / 3,
+        "recall": 2 / 3,
+        "f1": pytest.approx(2 / 3),
+        "shared": 2,
+    }
     assert precision_recall([0, 0], [1, 0])["precision"] is None
     assert precision_recall([1, 0], [0, 1])["f1"] == 0.0
     assert top_k([0.5, 0.9, 0.5, 0.1], 2).tolist() == [True, True, False, False]  # the tie goes to the earlier
@@ -83,14 +87,23 @@ def test_precision_recall_and_top_k_by_hand():
 # A hand-worked grading on the smallest graph
 # ---------------------------------------------------------------------------------------------
 
+
 def test_grade_by_hand_on_a_one_layer_one_head_graph():
     g = EdgeGraph(ModelShape(1, 1, 1, 4))
     assert g.n_edges == 8  # input->q,k,v,m0,logits; a0.h0->m0,logits; m0->logits
     scores = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64)
     ref = torch.zeros_like(scores, dtype=torch.bool)
     circuit = torch.zeros_like(ref)
-    values = {"input->a0.h0<q>": -0.9, "input->a0.g0<k>": 0.2, "input->a0.g0<v>": 0.1, "input->m0": 0.5, "a0.h0->m0": -0.3,
-              "input->logits": 0.05, "a0.h0->logits": 0.4, "m0->logits": 0.6}
+    values = {
+        "input->a0.h0<q>": -0.9,
+        "input->a0.g0<k>": 0.2,
+        "input->a0.g0<v>": 0.1,
+        "input->m0": 0.5,
+        "a0.h0->m0": -0.3,
+        "input->logits": 0.05,
+        "a0.h0->logits": 0.4,
+        "m0->logits": 0.6,
+    }
     for name, v in values.items():
         scores[g.edge_index(name)] = v
     for name in ("input->a0.h0<q>", "a0.h0->logits"):
@@ -113,6 +126,7 @@ def test_grade_by_hand_on_a_one_layer_one_head_graph():
 # ---------------------------------------------------------------------------------------------
 # The reference circuits
 # ---------------------------------------------------------------------------------------------
+
 
 def test_ioi_heads_by_class_are_wang_et_al_s():
     ref = load_reference("gpt2-ioi")
@@ -179,38 +193,51 @@ def test_ioi_mask_is_what_acdc_s_procedure_gives():
             continue
         kept.add((sn, rn))
     movers = ("name mover", "backup name mover", "negative name mover")
-    special = ([("INPUT", "previous token", "qkv"), ("INPUT", "duplicate token", "qkv"), ("INPUT", "S-inhibition", "q")]
-               + [("INPUT", m, "kv") for m in movers] + [("previous token", "induction", "kv"),
-                  ("induction", "S-inhibition", "kv"), ("duplicate token", "S-inhibition", "kv")]
-               + [("S-inhibition", m, "q") for m in movers] + [(m, "OUTPUT", "") for m in movers])
+    special = (
+        [("INPUT", "previous token", "qkv"), ("INPUT", "duplicate token", "qkv"), ("INPUT", "S-inhibition", "q")]
+        + [("INPUT", m, "kv") for m in movers]
+        + [
+            ("previous token", "induction", "kv"),
+            ("induction", "S-inhibition", "kv"),
+            ("duplicate token", "S-inhibition", "kv"),
+        ]
+        + [("S-inhibition", m, "q") for m in movers]
+        + [(m, "OUTPUT", "") for m in movers]
+    )
     mlps = [f"m{i}" for i in range(12)]
     for a, b, slots in special:
         senders = ["input", *mlps] if a == "INPUT" else list(ref.groups[a])
-        receivers = (["logits", *mlps] if b == "OUTPUT" else
-                     [f"{h}<q>" if x == "q" else f"{h.replace('.h', '.g')}<{x}>" for h in ref.groups[b] for x in slots])
+        receivers = (
+            ["logits", *mlps]
+            if b == "OUTPUT"
+            else [f"{h}<q>" if x == "q" else f"{h.replace('.h', '.g')}<{x}>" for h in ref.groups[b] for x in slots]
+        )
         kept |= {(s, r) for s in senders for r in receivers if layer(head_of(r)) > layer(s)}
     mask = reference_mask(ref, GPT2)
     assert {GPT2.edge_name(s, r) for s, r in torch.nonzero(mask).tolist()} == {f"{s}->{r}" for s, r in kept}
 
 
-@pytest.mark.parametrize("name, edge, present", [
-    ("gpt2-ioi", "a2.h2->a5.g5<k>", True),        # previous token -> induction key
-    ("gpt2-ioi", "a2.h2->a5.h5<q>", False),       # ... but not its query
-    ("gpt2-ioi", "input->a9.h9<q>", False),       # a name mover's query reads S-inhibition, not the input
-    ("gpt2-ioi", "input->a9.g9<k>", True),
-    ("gpt2-ioi", "m3->a9.h9<q>", True),           # MLPs feed every circuit head
-    ("gpt2-ioi", "a9.h9->logits", True),
-    ("gpt2-ioi", "a7.h3->logits", False),         # S-inhibition heads act through the movers
-    ("gpt2-ioi", "a7.h3->a9.h9<q>", True),
-    ("gpt2-ioi", "a0.h0->m5", False),             # a head outside the circuit
-    ("gpt2-ioi", "input->logits", True),
-    ("gpt2-greater-than", "a0.h1->m0", True),     # a head feeds the MLP of its own layer
-    ("gpt2-greater-than", "a0.h3->m0", False),    # only head 0.1 feeds the early MLPs
-    ("gpt2-greater-than", "m6->a7.h10<q>", True), # every earlier MLP -> mid heads' queries
-    ("gpt2-greater-than", "m6->a7.g10<k>", False),
-    ("gpt2-greater-than", "a9.h1->m8", False),    # not computed before m8
-    ("gpt2-greater-than", "input->logits", False),
-])
+@pytest.mark.parametrize(
+    "name, edge, present",
+    [
+        ("gpt2-ioi", "a2.h2->a5.g5<k>", True),  # previous token -> induction key
+        ("gpt2-ioi", "a2.h2->a5.h5<q>", False),  # ... but not its query
+        ("gpt2-ioi", "input->a9.h9<q>", False),  # a name mover's query reads S-inhibition, not the input
+        ("gpt2-ioi", "input->a9.g9<k>", True),
+        ("gpt2-ioi", "m3->a9.h9<q>", True),  # MLPs feed every circuit head
+        ("gpt2-ioi", "a9.h9->logits", True),
+        ("gpt2-ioi", "a7.h3->logits", False),  # S-inhibition heads act through the movers
+        ("gpt2-ioi", "a7.h3->a9.h9<q>", True),
+        ("gpt2-ioi", "a0.h0->m5", False),  # a head outside the circuit
+        ("gpt2-ioi", "input->logits", True),
+        ("gpt2-greater-than", "a0.h1->m0", True),  # a head feeds the MLP of its own layer
+        ("gpt2-greater-than", "a0.h3->m0", False),  # only head 0.1 feeds the early MLPs
+        ("gpt2-greater-than", "m6->a7.h10<q>", True),  # every earlier MLP -> mid heads' queries
+        ("gpt2-greater-than", "m6->a7.g10<k>", False),
+        ("gpt2-greater-than", "a9.h1->m8", False),  # not computed before m8
+        ("gpt2-greater-than", "input->logits", False),
+    ],
+)
 def test_reference_edges(name, edge, present):
     mask = reference_mask(load_reference(name), GPT2)
     assert bool(mask[GPT2.edge_index(edge)]) is present
@@ -218,13 +245,23 @@ def test_reference_edges(name, edge, present):
 
 def test_a_model_of_another_shape_is_refused():
     for shape in (ModelShape(30, 9, 3, 576), ModelShape(12, 12, 4, 768), ModelShape(3, 4, 4, 16)):
-        with pytest.raises(UserError, match=r"reference gpt2-ioi is for gpt2 \(12 layers, 12 heads, 12 key/value groups\)"):
+        with pytest.raises(
+            UserError, match=r"reference gpt2-ioi is for gpt2 \(12 layers, 12 heads, 12 key/value groups\)"
+        ):
             reference_mask(load_reference("gpt2-ioi"), shape)
 
 
 def test_an_unknown_reference_names_the_available_ones():
-    names = ["gpt2-greater-than", "gpt2-ioi", "tracr-frac_prevs", "tracr-frac_prevs-weights", "tracr-pair_balance",
-             "tracr-pair_balance-weights", "tracr-reverse", "tracr-reverse-weights"]
+    names = [
+        "gpt2-greater-than",
+        "gpt2-ioi",
+        "tracr-frac_prevs",
+        "tracr-frac_prevs-weights",
+        "tracr-pair_balance",
+        "tracr-pair_balance-weights",
+        "tracr-reverse",
+        "tracr-reverse-weights",
+    ]
     assert available() == names
     with pytest.raises(UserError, match=f"unknown reference 'gpt2-docstring'; available: {', '.join(names)}"):
         load_reference("gpt2-docstring")
@@ -233,11 +270,10 @@ def test_an_unknown_reference_names_the_available_ones():
 def test_a_wheel_holds_every_module_and_the_references(tmp_path):
     """A non-editable install gets the whole ``circuitfinder`` namespace: every module of the three
     folders under its import name, and the reference circuits as package data."""
+    import shutil
     import subprocess
     import sys
     import zipfile
-
-    import shutil
 
     source = tmp_path / "source"  # a copy: setuptools writes build/ into the folder it builds
     source.mkdir()
@@ -245,13 +281,32 @@ def test_a_wheel_holds_every_module_and_the_references(tmp_path):
         shutil.copy(ROOT / name, source / name)
     for name in ("discovery", "tasks", "graphs"):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(source)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (wheel,) = tmp_path.glob("circuitfinder-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     prefix = {"discovery": "circuitfinder", "tasks": "circuitfinder/tasks", "graphs": "circuitfinder/graphs"}
-    want = {f"{prefix[folder]}/{p.relative_to(ROOT / folder).as_posix()}"
-            for folder in prefix for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".json")}
+    want = {
+        f"{prefix[folder]}/{p.relative_to(ROOT / folder).as_posix()}"
+        for folder in prefix
+        for p in (ROOT / folder).rglob("*")
+        if p.suffix in (".py", ".json")
+    }
     assert want - names == set()
     assert {p.stem for p in (ROOT / "graphs" / "references").glob("*.json")} == set(available())
 
@@ -310,16 +365,31 @@ def test_a_partial_circuit_and_no_scores():
 # ---------------------------------------------------------------------------------------------
 
 
-def _fake_run(folder: Path, circuit: torch.Tensor, scores: torch.Tensor | None, graph: EdgeGraph = GPT2,
-              task: str = "ioi", model: str = "gpt2") -> Path:
+def _fake_run(
+    folder: Path,
+    circuit: torch.Tensor,
+    scores: torch.Tensor | None,
+    graph: EdgeGraph = GPT2,
+    task: str = "ioi",
+    model: str = "gpt2",
+) -> Path:
     """A run folder as `circuits discover` writes it (the files grade reads)."""
     from circuitfinder.graphs.tables import scores_table
 
     folder.mkdir(parents=True)
     s = graph.shape
-    found = circuit_of(model=model, task=task, method="eap-ig", n_layers=s.n_layers, n_heads=s.n_heads, n_kv_groups=s.n_kv_groups,
-                       edges=[{"sender": graph.sender_names[i], "receiver": graph.receiver_names[j], "score": 1.0}
-                              for i, j in torch.nonzero(circuit).tolist()])
+    found = circuit_of(
+        model=model,
+        task=task,
+        method="eap-ig",
+        n_layers=s.n_layers,
+        n_heads=s.n_heads,
+        n_kv_groups=s.n_kv_groups,
+        edges=[
+            {"sender": graph.sender_names[i], "receiver": graph.receiver_names[j], "score": 1.0}
+            for i, j in torch.nonzero(circuit).tolist()
+        ],
+    )
     found.save(folder / "circuit.json")
     if scores is not None:
         scores_table(found.replace(scores=scores)).to_parquet(folder / "scores.parquet", index=False)
@@ -335,11 +405,26 @@ def test_cli_grade_writes_json_and_csv_once(tmp_path, capsys):
     result = json.loads((run / "grade-gpt2-ioi.json").read_text())
     head, edges, nodes = out.splitlines()[1:4]
     n = result["nodes"]
-    assert head.split() == ["level", "reference", "circuit", "shared", "precision", "recall", "F1", "ROC-AUC", "top-k", "P",
-                            "top-k", "R", "R-prec"]
+    assert head.split() == [
+        "level",
+        "reference",
+        "circuit",
+        "shared",
+        "precision",
+        "recall",
+        "F1",
+        "ROC-AUC",
+        "top-k",
+        "P",
+        "top-k",
+        "R",
+        "R-prec",
+    ]
     assert edges.split() == ["edges", "963", "963", "963"] + ["1.000"] * 7
-    assert nodes.split() == ["nodes", "38", "38", "38"] + [f"{n[k]:.3f}" for k in ("precision", "recall", "f1", "roc_auc",
-                                                                                     "top_k_precision", "top_k_recall", "r_precision")]
+    assert nodes.split() == ["nodes", "38", "38", "38"] + [
+        f"{n[k]:.3f}"
+        for k in ("precision", "recall", "f1", "roc_auc", "top_k_precision", "top_k_recall", "r_precision")
+    ]
     assert result["edges"]["roc_auc"] == 1.0 and result["scores"] == "scores.parquet (eap-ig)" and result["notes"] == []
     import pandas as pd
 
@@ -360,7 +445,9 @@ def test_cli_grade_without_scores_grades_the_circuit(tmp_path, capsys):
     result = json.loads((run / "grade-gpt2-ioi.json").read_text())
     assert result["edges"]["precision"] == 963 / 964 and result["edges"]["recall"] == 1.0
     assert result["edges"]["roc_auc"] is None and result["scores"] is None
-    assert any("no scores.parquet" in n for n in result["notes"]) and any("task is 'greater-than'" in n for n in result["notes"])
+    assert any("no scores.parquet" in n for n in result["notes"]) and any(
+        "task is 'greater-than'" in n for n in result["notes"]
+    )
     assert "note: no scores.parquet" in out
 
 
@@ -369,10 +456,18 @@ def test_cli_grade_list_and_bad_input(tmp_path, capsys):
     assert code == 0 and out.startswith("gpt2-greater-than: ") and "gpt2-ioi: " in out and "0.868" in out
     run = _fake_run(tmp_path / "run", REF, None)
     small = EdgeGraph(ModelShape(30, 9, 3, 576))
-    other = _fake_run(tmp_path / "smollm", torch.zeros(small.n_senders, small.n_receivers, dtype=torch.bool), None, graph=small,
-                      model="smollm2-135m")
+    other = _fake_run(
+        tmp_path / "smollm",
+        torch.zeros(small.n_senders, small.n_receivers, dtype=torch.bool),
+        None,
+        graph=small,
+        model="smollm2-135m",
+    )
     for args, message in [
-        (("grade", str(run), "--reference", "docstring"), "unknown reference 'docstring'; available: gpt2-greater-than, gpt2-ioi"),
+        (
+            ("grade", str(run), "--reference", "docstring"),
+            "unknown reference 'docstring'; available: gpt2-greater-than, gpt2-ioi",
+        ),
         (("grade", str(other), "--reference", "gpt2-ioi"), "this model has 30 layers, 9 heads, 3 key/value groups"),
         (("grade", str(tmp_path / "nowhere")), "no circuit file"),
         (("grade",), "give a run folder"),

@@ -7,9 +7,8 @@ import xml.etree.ElementTree as ET
 
 import networkx as nx
 import pytest
-
-
 from tiny_models import circuit_of
+
 from circuitfinder.graphs.render import render_circuit, to_dot
 
 EDGES = [
@@ -104,7 +103,7 @@ def test_paper_style_dashes_positive_edges(graph):
     negative = [ln for ln in lines if "m0" in ln and "logits" in ln]
     assert positive and all("dashed" in ln for ln in positive)
     assert negative and all("dashed" not in ln for ln in negative)
-    assert 'fontname=Helvetica' in source
+    assert "fontname=Helvetica" in source
     assert "#" not in "".join(ln for ln in source.splitlines() if "fillcolor" in ln)  # no colour fills
 
 

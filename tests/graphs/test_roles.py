@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from tiny_models import tiny, tiny_task  # noqa: F401 (fixture)
 
 from circuitfinder.graphs import roles
-from tiny_models import tiny, tiny_task  # noqa: F401 (fixture)
 
 # One prompt, 5 tokens: token 5 recurs at position 3 (first at 0), token 6 at 4 (first at 1).
 TOKENS = torch.tensor([[5, 6, 7, 5, 6]])
@@ -129,5 +129,7 @@ def test_attention_patterns_are_the_models_own(tiny):
         for b, n in enumerate((batch.last + 1).tolist()):
             assert len(entry["tokens"][b]) == n
             want = reference[layer][b, head, :n, :n]
-            assert torch.allclose(torch.tensor(entry["patterns"][b], dtype=torch.float64), want, atol=5.1e-5)  # 4 decimals
+            assert torch.allclose(
+                torch.tensor(entry["patterns"][b], dtype=torch.float64), want, atol=5.1e-5
+            )  # 4 decimals
     assert tiny.hook_count() == 0

@@ -10,16 +10,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import tiny, tiny_task  # noqa: F401 (fixture)
 
+from circuitfinder.engine.faithfulness import CircuitEvaluator
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.engine.masks import prune, top_edges
+from circuitfinder.engine.patching import patched_logits, run_recording_senders
 from circuitfinder.methods.acdc import SearchState, acdc, candidate_order, minimize, removal_order
 from circuitfinder.methods.attribution import eap
-from circuitfinder.engine.masks import prune, top_edges
-from circuitfinder.engine.graph import EdgeGraph
-from circuitfinder.engine.patching import patched_logits, run_recording_senders
 from circuitfinder.methods.pool import InProcessPool, _pack, _unpack
-from circuitfinder.engine.faithfulness import CircuitEvaluator
 from circuitfinder.tasks.base import logit_difference
-from tiny_models import tiny, tiny_task  # noqa: F401 (fixture)
 
 
 def setup(adapter, distance="kl"):
@@ -43,11 +43,15 @@ def reference_distance(adapter, graph, task, circuit) -> float:
     (batch,) = task.batches("discovery", batch_size=len(task))
     if adapter.name not in _RUNS:
         rows = torch.arange(batch.size)
-        _RUNS[adapter.name] = (run_recording_senders(adapter, graph, batch.corrupted)[0],
-                               F.log_softmax(adapter.logits(batch.clean)[rows, batch.last].double(), -1))
+        _RUNS[adapter.name] = (
+            run_recording_senders(adapter, graph, batch.corrupted)[0],
+            F.log_softmax(adapter.logits(batch.clean)[rows, batch.last].double(), -1),
+        )
     corrupted, clean = _RUNS[adapter.name]
     rows = torch.arange(batch.size)
-    patched = F.log_softmax(patched_logits(adapter, graph, batch.clean, corrupted, (~circuit).double())[rows, batch.last].double(), -1)
+    patched = F.log_softmax(
+        patched_logits(adapter, graph, batch.clean, corrupted, (~circuit).double())[rows, batch.last].double(), -1
+    )
     return float((clean.exp() * (clean - patched)).sum(-1).mean())
 
 
@@ -58,8 +62,13 @@ def reference_acdc(adapter, tau_fraction: float) -> torch.Tensor:
     start = start_circuit(graph, scores)
     tau = tau_fraction * reference_distance(adapter, graph, task, graph.allowed & False)
     circuit = prune(graph, start)
-    return one_at_a_time(graph, circuit, candidate_order(graph, circuit, scores),
-                         lambda c: reference_distance(adapter, graph, task, c), lambda new, cur: new - cur < tau)
+    return one_at_a_time(
+        graph,
+        circuit,
+        candidate_order(graph, circuit, scores),
+        lambda c: reference_distance(adapter, graph, task, c),
+        lambda new, cur: new - cur < tau,
+    )
 
 
 def one_at_a_time(graph, circuit, edges, measure, keeps_removal) -> torch.Tensor:
@@ -96,9 +105,13 @@ def test_speculative_acdc_equals_one_at_a_time(tiny, chain):
     task, graph, scorer, scores = setup(tiny)
     empty = float(scorer.evaluate((graph.allowed & False).unsqueeze(0)).distance[0])
     want = reference_acdc(tiny, 0.01)
-    result = acdc(graph, InProcessPool(scorer, chunk=4), scores, start_circuit(graph, scores), 0.01 * empty, chain=chain)
+    result = acdc(
+        graph, InProcessPool(scorer, chunk=4), scores, start_circuit(graph, scores), 0.01 * empty, chain=chain
+    )
     assert torch.equal(result.circuit, want)
-    assert 0 < int(want.sum()) < int(prune(graph, start_circuit(graph, scores)).sum())  # the test means something: some edges go, some stay
+    assert (
+        0 < int(want.sum()) < int(prune(graph, start_circuit(graph, scores)).sum())
+    )  # the test means something: some edges go, some stay
     assert result.state.rows <= result.evaluated + 1 + result.state.wasted_rows
 
 
@@ -169,8 +182,13 @@ def test_minimize_is_greedy_removal_above_the_floor(tiny):
     circuit = prune(graph, start_circuit(graph, scores))
     edges = torch.nonzero(circuit)
     order = torch.sort(scores[edges[:, 0], edges[:, 1]].abs().double(), stable=True).indices
-    want = one_at_a_time(graph, circuit, edges[order].tolist(), lambda c: reference_metric(tiny, graph, task, c),
-                         lambda new, _cur: new >= floor)
+    want = one_at_a_time(
+        graph,
+        circuit,
+        edges[order].tolist(),
+        lambda c: reference_metric(tiny, graph, task, c),
+        lambda new, _cur: new >= floor,
+    )
     assert torch.equal(result.circuit, want)
     assert 0 < int(result.circuit.sum()) < int(prune(graph, start_circuit(graph, scores)).sum())
     assert reference_metric(tiny, graph, task, result.circuit) >= floor
@@ -202,8 +220,11 @@ def test_chain_length_grows_with_right_guesses_and_with_the_shared_layers():
     assert chain_length(never, 0, 30, 16) == 1  # every guess wrong: one candidate a pass
     assert chain_length(half, 28, 30, 16) > 1 == chain_length(half, 2, 30, 16)  # late receivers share more
     assert [chain_length(state(n, 32 - n), 10, 30, 64) for n in (8, 16, 24, 32)] == sorted(
-        chain_length(state(n, 32 - n), 10, 30, 64) for n in (8, 16, 24, 32))
-    assert chain_length(SearchState(torch.zeros(1, 1, dtype=torch.bool), (0.0, 0.0)), 10, 30, 16) > 1  # prior: 3 in 4 right
+        chain_length(state(n, 32 - n), 10, 30, 64) for n in (8, 16, 24, 32)
+    )
+    assert (
+        chain_length(SearchState(torch.zeros(1, 1, dtype=torch.bool), (0.0, 0.0)), 10, 30, 16) > 1
+    )  # prior: 3 in 4 right
 
 
 def reference_groups(graph, circuit, edges, measure, keeps_removal) -> tuple[torch.Tensor, int]:
@@ -254,7 +275,7 @@ def reference_groups(graph, circuit, edges, measure, keeps_removal) -> tuple[tor
             test(live[len(live) // 2 :], verdicts)
 
     while position < len(edges):
-        recent = [d for d in decided[-4 * GROUP_WINDOW:] if d != 2][-GROUP_WINDOW:]
+        recent = [d for d in decided[-4 * GROUP_WINDOW :] if d != 2][-GROUP_WINDOW:]
         p = (recent.count(0) + 1) / (len(recent) + GROUP_PRIOR)
         size = 1
         while size * 2 <= min(GROUP_MAX, math.log(2) / p):
@@ -277,12 +298,20 @@ def test_group_acdc_equals_a_plain_reference(tiny, tau_fraction):
     tau = tau_fraction * reference_distance(tiny, graph, task, graph.allowed & False)
     result = acdc_groups(graph, InProcessPool(scorer, chunk=4), scores, start_circuit(graph, scores), tau)
     circuit = prune(graph, start_circuit(graph, scores))
-    want, passes = reference_groups(graph, circuit.clone(), removal_order(graph, circuit, scores),
-                                    lambda c: reference_distance(tiny, graph, task, c), lambda new, cur: new - cur < tau)
+    want, passes = reference_groups(
+        graph,
+        circuit.clone(),
+        removal_order(graph, circuit, scores),
+        lambda c: reference_distance(tiny, graph, task, c),
+        lambda new, cur: new - cur < tau,
+    )
     assert torch.equal(result.circuit, want)
     assert result.state.rows == passes
     assert 0 < int(want.sum()) < int(circuit.sum())  # some edges go, some stay
-    assert reference_distance(tiny, graph, task, want) - reference_distance(tiny, graph, task, circuit) < tau * result.state.rows
+    assert (
+        reference_distance(tiny, graph, task, want) - reference_distance(tiny, graph, task, circuit)
+        < tau * result.state.rows
+    )
 
 
 @pytest.mark.parametrize("tau_fraction", [None, 0.03])
@@ -307,8 +336,13 @@ def test_a_floor_stops_the_removals_adding_up_and_equals_a_plain_reference(tiny,
         m = reference_metric(tiny, graph, task, c)
         return m, abs(m - scorer.clean_metric)
 
-    want, passes = reference_groups(graph, start.clone(), removal_order(graph, start, scores), measure,
-                                    lambda new, cur: new[1] - cur[1] < tau and new[0] >= floor)
+    want, passes = reference_groups(
+        graph,
+        start.clone(),
+        removal_order(graph, start, scores),
+        measure,
+        lambda new, cur: new[1] - cur[1] < tau and new[0] >= floor,
+    )
     assert torch.equal(result.circuit, want) and result.state.rows == passes
     assert reference_metric(tiny, graph, task, result.circuit) >= floor
     assert int(result.circuit.sum()) < int(start.sum())  # the floor still lets edges go
@@ -359,7 +393,9 @@ def test_prompt_distance_is_the_mean_per_prompt_change(tiny):
     never below the task distance |mean change| (changes cannot cancel)."""
     task, graph, _, _ = setup(tiny)
     evaluator = CircuitEvaluator(tiny, graph, task, "discovery", 4, distance="prompt", max_rows=8)
-    circuits = (torch.rand((3, graph.n_senders, graph.n_receivers), generator=torch.Generator().manual_seed(2)) < 0.6) & graph.allowed
+    circuits = (
+        torch.rand((3, graph.n_senders, graph.n_receivers), generator=torch.Generator().manual_seed(2)) < 0.6
+    ) & graph.allowed
     got = evaluator.evaluate(circuits)
     (batch,) = task.batches("discovery", batch_size=len(task))
     reference_distance(tiny, graph, task, circuits[0])  # fills the cached corrupted run
@@ -367,8 +403,9 @@ def test_prompt_distance_is_the_mean_per_prompt_change(tiny):
     rows = torch.arange(batch.size)
     clean = logit_difference(tiny.logits(batch.clean)[rows, batch.last].double(), batch)
     for j, circuit in enumerate(circuits):
-        patched = logit_difference(patched_logits(tiny, graph, batch.clean, corrupted, (~circuit).double())[rows, batch.last].double(), batch)
+        patched = logit_difference(
+            patched_logits(tiny, graph, batch.clean, corrupted, (~circuit).double())[rows, batch.last].double(), batch
+        )
         assert float(got.distance[j]) == pytest.approx(float((patched - clean).abs().mean()), rel=1e-9)
         assert float(got.distance[j]) >= abs(float(got.metric[j]) - evaluator.clean_metric) - 1e-12
     assert float(got.distance.min()) > 0  # the circuits change the metric, so the test can fail
-

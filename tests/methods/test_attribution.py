@@ -2,18 +2,29 @@
 
 import pytest
 import torch
-
-from circuitfinder.engine.faithfulness import CircuitEvaluator
-from circuitfinder.methods.attribution import eap
-from circuitfinder.methods.registry import METHODS
-from circuitfinder.engine.graph import EdgeGraph
-from circuitfinder.engine.patching import run_recording_senders
-from circuitfinder.tasks.base import logit_difference
 from tiny_models import add_to_receiver_hook, mean_metric, patching_derivative, random_pair, tiny, tiny_task  # noqa: F401 (fixture)
 
+from circuitfinder.engine.faithfulness import CircuitEvaluator
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.engine.patching import run_recording_senders
+from circuitfinder.methods.attribution import eap
+from circuitfinder.methods.registry import METHODS
+from circuitfinder.tasks.base import logit_difference
 
-@pytest.mark.parametrize("edge", ["input->a0.h1<q>", "a0.h2->a2.h3<q>", "input->a1.g0<v>", "a0.h0->a1.g1<k>",
-                                  "a1.h3->m1", "m0->m2", "a2.h1->logits", "input->logits"])
+
+@pytest.mark.parametrize(
+    "edge",
+    [
+        "input->a0.h1<q>",
+        "a0.h2->a2.h3<q>",
+        "input->a1.g0<v>",
+        "a0.h0->a1.g1<k>",
+        "a1.h3->m1",
+        "m0->m2",
+        "a2.h1->logits",
+        "input->logits",
+    ],
+)
 def test_eap_score_is_the_derivative_of_exact_patching(tiny, edge):
     """d/dα m(edge patched with weight α) at α = 0 equals the EAP score: same sign, same units."""
     task = tiny_task()
@@ -58,8 +69,10 @@ def _nudged_metric(adapter, graph, task, alpha, receiver, nudge):
     (batch,) = task.batches("discovery", batch_size=len(task))
     corrupted, _ = run_recording_senders(adapter, graph, batch.corrupted)
     clean, _ = run_recording_senders(adapter, graph, batch.clean)
-    hooks = [input_hook(adapter, corrupted[0] + alpha * (clean[0] - corrupted[0])),
-             add_to_receiver_hook(adapter, graph, receiver, nudge)]
+    hooks = [
+        input_hook(adapter, corrupted[0] + alpha * (clean[0] - corrupted[0])),
+        add_to_receiver_hook(adapter, graph, receiver, nudge),
+    ]
     with torch.no_grad(), adapter.hooks(hooks):
         logits = adapter.logits(batch.clean)
     rows = torch.arange(batch.size)
@@ -144,8 +157,20 @@ def _derivative_at(adapter, graph, task, base: torch.Tensor, s: int, r: int, eps
     return (mean_metric(adapter, graph, task, up) - mean_metric(adapter, graph, task, down)) / (2 * eps)
 
 
-@pytest.mark.parametrize("edge", ["input->a0.h1<q>", "a0.h2->a2.h3<q>", "input->a1.g0<v>", "a0.h0->a1.g1<k>",
-                                  "a1.h3->m1", "m0->m2", "a2.h1->logits", "input->logits", "a0.h3->logits"])
+@pytest.mark.parametrize(
+    "edge",
+    [
+        "input->a0.h1<q>",
+        "a0.h2->a2.h3<q>",
+        "input->a1.g0<v>",
+        "a0.h0->a1.g1<k>",
+        "a1.h3->m1",
+        "m0->m2",
+        "a2.h1->logits",
+        "input->logits",
+        "a0.h3->logits",
+    ],
+)
 def test_attribution_at_a_circuit_is_the_derivative_of_exact_patching(tiny, edge):
     """At a circuit with most edges removed, the score of a kept or a removed edge equals the
     derivative of exact patching in that edge's weight; the circuit's metric is exact patching's."""
@@ -170,5 +195,7 @@ def test_attribution_at_the_full_circuit_is_eap(tiny):
 
     task = tiny_task()
     graph = EdgeGraph(tiny.shape)
-    at_full, _ = attribute_circuit(CircuitEvaluator(tiny, graph, task, "discovery", 3), torch.zeros(graph.allowed.shape))
+    at_full, _ = attribute_circuit(
+        CircuitEvaluator(tiny, graph, task, "discovery", 3), torch.zeros(graph.allowed.shape)
+    )
     torch.testing.assert_close(at_full, eap(tiny, graph, task, batch_size=3), rtol=1e-9, atol=1e-12)

@@ -9,14 +9,14 @@ weights, taken here by central differences, with no hook of the method under tes
 
 import pytest
 import torch
+from tiny_models import skip_post_norm, tiny, tiny_task  # noqa: F401 (fixture)
 
 from circuitfinder.engine.ablation import make_ablation
-from circuitfinder.methods.attribution import eap_ig, eap_ig_activations, ig_alphas, node_scores
-from circuitfinder.methods.registry import METHODS
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.patching import patched_logits
+from circuitfinder.methods.attribution import eap_ig, eap_ig_activations, ig_alphas, node_scores
+from circuitfinder.methods.registry import METHODS
 from circuitfinder.tasks.base import logit_difference
-from tiny_models import skip_post_norm, tiny, tiny_task  # noqa: F401 (fixture)
 
 
 def _setup(tiny, kind):

@@ -33,22 +33,54 @@ from pathlib import Path
 import pytest
 
 from circuitfinder.checkpoint import Checkpoint
-from circuitfinder.methods.registry import Problem, search_key
 from circuitfinder.config import DiscoverConfig
+from circuitfinder.methods.registry import Problem, search_key
 from circuitfinder.runs.run import run_config
 
 ROOT = Path(__file__).resolve().parents[2]
 # float32 named: in a subprocess, auto would follow this CPU's bfloat16 support (conftest.no_native_bfloat16)
-SEARCH = dict(task="ioi", method="acdc", edges=40, chain=1, search_prompts=4, n_pairs=8, batch_size=8, force=True, curve=False,
-              dtype="float32")
-ARGS = ["--task", "ioi", "--method", "acdc", "--edges", "40", "--chain", "1", "--search-prompts", "4", "--pairs", "8",
-        "--batch-size", "8", "--force", "--no-curve", "--dtype", "float32"]
+SEARCH = dict(
+    task="ioi",
+    method="acdc",
+    edges=40,
+    chain=1,
+    search_prompts=4,
+    n_pairs=8,
+    batch_size=8,
+    force=True,
+    curve=False,
+    dtype="float32",
+)
+ARGS = [
+    "--task",
+    "ioi",
+    "--method",
+    "acdc",
+    "--edges",
+    "40",
+    "--chain",
+    "1",
+    "--search-prompts",
+    "4",
+    "--pairs",
+    "8",
+    "--batch-size",
+    "8",
+    "--force",
+    "--no-curve",
+    "--dtype",
+    "float32",
+]
 TIMEOUT = 300  # seconds for one run on a busy machine
 
 
 def _env() -> dict:
-    return os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                         "TOKENIZERS_PARALLELISM": "false"}
+    return os.environ | {
+        "PYTHONPATH": str(ROOT),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 def _command(model_dir: Path, out: Path, args: list[str] = ARGS) -> list[str]:
@@ -112,12 +144,18 @@ def reference(runs, tiny_model_dir) -> dict:
     checkpoint = Checkpoint(runs, search_key(Problem(adapter, None, None, config, None))).dir
     assert not checkpoint.exists()  # cleared once the results were written
     assert summary.search["chains"] >= 12 and summary.edges_kept > 0  # room for a signal mid-search
-    return {"circuit": (runs / "reference" / "circuit.json").read_bytes(), "candidates": summary.search["candidates"],
-            "checkpoint": checkpoint, "decisions": (runs / "reference" / "decisions.csv").read_bytes(),
-            "search": summary.search}
+    return {
+        "circuit": (runs / "reference" / "circuit.json").read_bytes(),
+        "candidates": summary.search["candidates"],
+        "checkpoint": checkpoint,
+        "decisions": (runs / "reference" / "decisions.csv").read_bytes(),
+        "search": summary.search,
+    }
 
 
-def test_sigterm_then_sigkill_at_a_random_moment_then_the_same_command_resumes_to_the_same_circuit(runs, reference, tiny_model_dir):
+def test_sigterm_then_sigkill_at_a_random_moment_then_the_same_command_resumes_to_the_same_circuit(
+    runs, reference, tiny_model_dir
+):
     """One search, stopped twice: SIGTERM mid-search, then SIGKILL at a random moment of the
     resumed run; the third run of the same command resumes and gives the reference circuit."""
     out, log, checkpoint, candidates = runs / "run", runs / ".run.log", reference["checkpoint"], reference["candidates"]
@@ -146,13 +184,17 @@ def test_sigterm_then_sigkill_at_a_random_moment_then_the_same_command_resumes_t
         _wait_for(lambda: _decided(checkpoint) >= target, proc, "search progress")
         time.sleep(rng.uniform(0, 0.3))
     else:
-        _wait_for(lambda: any(p.name.startswith(".run.partial-") for p in runs.iterdir()), proc, "the run folder's writing")
+        _wait_for(
+            lambda: any(p.name.startswith(".run.partial-") for p in runs.iterdir()), proc, "the run folder's writing"
+        )
         time.sleep(rng.uniform(0, 0.05))
     proc.kill()
     proc.wait(TIMEOUT)
     completed = out.exists()
-    note = (f"KILL_SEED={seed} (stage {stage}, {_decided(checkpoint)} of {candidates} decided at the kill, "
-            f"{saved} after SIGTERM); the run had {'completed' if completed else 'not completed'}")
+    note = (
+        f"KILL_SEED={seed} (stage {stage}, {_decided(checkpoint)} of {candidates} decided at the kill, "
+        f"{saved} after SIGTERM); the run had {'completed' if completed else 'not completed'}"
+    )
     print(note)
     note += "\n" + log.read_text()
     assert not completed or _finished(out), note  # a run folder exists only when whole
@@ -164,8 +206,9 @@ def test_sigterm_then_sigkill_at_a_random_moment_then_the_same_command_resumes_t
         progress = _decided(checkpoint)
         rerun = _run(command)
         assert rerun.returncode == 0, note + rerun.stderr
-        assert f"resuming from checkpoint {checkpoint}: {progress} of {candidates} candidates decided" in rerun.stderr, \
-            note + rerun.stderr
+        assert (
+            f"resuming from checkpoint {checkpoint}: {progress} of {candidates} candidates decided" in rerun.stderr
+        ), note + rerun.stderr
     assert (out / "circuit.json").read_bytes() == reference["circuit"], note
     assert (out / "decisions.csv").read_bytes() == reference["decisions"], note  # every decision, with its trial
     search, ref = json.loads((out / "summary.json").read_text())["search"], reference["search"]
@@ -176,9 +219,24 @@ def test_sigterm_then_sigkill_at_a_random_moment_then_the_same_command_resumes_t
     assert _finished(out) and (completed or not checkpoint.exists()), note  # a finished run deletes its checkpoint
 
 
-def test_sigkill_while_the_run_folder_is_written_leaves_only_a_hidden_folder_the_next_run_removes(tmp_path, tiny_model_dir):
+def test_sigkill_while_the_run_folder_is_written_leaves_only_a_hidden_folder_the_next_run_removes(
+    tmp_path, tiny_model_dir
+):
     out = tmp_path / "run"
-    args = ["--task", "ioi", "--method", "eap", "--edges", "20", "--pairs", "8", "--batch-size", "8", "--force", "--no-curve"]
+    args = [
+        "--task",
+        "ioi",
+        "--method",
+        "eap",
+        "--edges",
+        "20",
+        "--pairs",
+        "8",
+        "--batch-size",
+        "8",
+        "--force",
+        "--no-curve",
+    ]
     killed_mid_write = (  # every file is in the temporary folder; the kill comes before it is renamed to --out
         "import os, signal, sys\n"
         "import circuitfinder.folders\n"
@@ -186,14 +244,21 @@ def test_sigkill_while_the_run_folder_is_written_leaves_only_a_hidden_folder_the
         "from circuitfinder.cli import main\n"
         "main(sys.argv[1:])\n"
     )
-    result = subprocess.run([sys.executable, "-c", killed_mid_write, *_command(tiny_model_dir, out, args)[3:]],
-                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    result = subprocess.run(
+        [sys.executable, "-c", killed_mid_write, *_command(tiny_model_dir, out, args)[3:]],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert result.returncode == -signal.SIGKILL, result.stderr
     assert not out.exists() and _visible(tmp_path) == []
     (partial,) = tmp_path.iterdir()
     assert partial.name.startswith(".run.partial-")
     assert (partial / "circuit.json").is_file() and (partial / "summary.json").is_file()
-    rerun = subprocess.run(_command(tiny_model_dir, out, args), cwd=ROOT, env=_env(), capture_output=True, text=True,
-                           timeout=TIMEOUT)
+    rerun = subprocess.run(
+        _command(tiny_model_dir, out, args), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT
+    )
     assert rerun.returncode == 0, rerun.stderr
     assert _finished(out) and list(tmp_path.iterdir()) == [out]  # the killed run's folder is gone

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from tiny_models import skip_post_norm, tiny, tiny_task  # noqa: F401 (fixture)
 
 from circuitfinder.engine.ablation import make_ablation
-from circuitfinder.methods.attribution import eap, node_scores
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.patching import patched_logits, run_recording_senders
+from circuitfinder.methods.attribution import eap, node_scores
 from circuitfinder.tasks.base import logit_difference
-from tiny_models import skip_post_norm, tiny, tiny_task  # noqa: F401 (fixture)
 
 
 def _sender_output_gradients(tiny, graph, batch) -> torch.Tensor:

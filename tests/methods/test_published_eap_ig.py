@@ -13,15 +13,13 @@ patching engine, no attribution module, no batching.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
-
-from circuitfinder.methods.attribution import eap_ig, ig_alphas
-from circuitfinder.engine.graph import EdgeGraph
-from circuitfinder.config import DiscoverConfig
 from tiny_models import tiny, tiny_task  # noqa: F401 (fixture)
+
+from circuitfinder.config import DiscoverConfig
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.methods.attribution import eap_ig, ig_alphas
 
 BOS = 0  # the tiny tokenizer's BOS id ("w0")
 
@@ -29,9 +27,19 @@ BOS = 0  # the tiny tokenizer's BOS id ("w0")
 def published_eap_ig(adapter, task, steps: int) -> dict[str, float]:
     """Every edge's score by the published formula (module docstring), keyed by edge name."""
     bridge, L, H, G = adapter.bridge, adapter.shape.n_layers, adapter.shape.n_heads, adapter.shape.n_kv_groups
-    senders = ["blocks.0.hook_resid_pre"] + [n for l in range(L) for n in (f"blocks.{l}.attn.hook_result", f"blocks.{l}.hook_mlp_out")]
-    receivers = [n for l in range(L) for n in (f"blocks.{l}.hook_q_input", f"blocks.{l}.hook_k_input",
-                                                f"blocks.{l}.hook_v_input", f"blocks.{l}.hook_mlp_in")] + ["ln_final.hook_in"]
+    senders = ["blocks.0.hook_resid_pre"] + [
+        n for l in range(L) for n in (f"blocks.{l}.attn.hook_result", f"blocks.{l}.hook_mlp_out")
+    ]
+    receivers = [
+        n
+        for l in range(L)
+        for n in (
+            f"blocks.{l}.hook_q_input",
+            f"blocks.{l}.hook_k_input",
+            f"blocks.{l}.hook_v_input",
+            f"blocks.{l}.hook_mlp_in",
+        )
+    ] + ["ln_final.hook_in"]
     totals: dict[str, float] = {}
     n = len(task)
     for i in range(n):
@@ -54,6 +62,7 @@ def published_eap_ig(adapter, task, steps: int) -> dict[str, float]:
                     x.retain_grad()
                     kept[name] = x
                     return x
+
                 return hook
 
             hooks = [(senders[0], interpolate)] + [(name, keep(name)) for name in receivers]
@@ -65,8 +74,13 @@ def published_eap_ig(adapter, task, steps: int) -> dict[str, float]:
         for s_name in senders:
             values = diff[s_name][0]  # [pos, d] or [pos, heads, d]
             per_sender = [values] if values.dim() == 2 else [values[:, h] for h in range(values.shape[1])]
-            s_labels = (["input"] if s_name == senders[0] else
-                        [f"a{s_name.split('.')[1]}.h{h}" for h in range(H)] if "attn" in s_name else [f"m{s_name.split('.')[1]}"])
+            s_labels = (
+                ["input"]
+                if s_name == senders[0]
+                else [f"a{s_name.split('.')[1]}.h{h}" for h in range(H)]
+                if "attn" in s_name
+                else [f"m{s_name.split('.')[1]}"]
+            )
             for label, v in zip(s_labels, per_sender):
                 for r_name in receivers:
                     g = grads[r_name][0]  # [pos, d] or [pos, k, d]
@@ -99,7 +113,9 @@ def test_left_rule_with_bos_equals_the_published_formula(tiny):
     got = torch.tensor([float(scores[graph.edge_index(e)]) for e in names], dtype=torch.float64)
     want = torch.tensor([reference[e] for e in names], dtype=torch.float64)
     assert want.abs().max() > 1e-3  # the scores are not all zero: the comparison can fail
-    rtol = 1e-9 if tiny.working_dtype == torch.float64 else 1e-5  # Llama's float32 islands (circuitfinder.engine.precision)
+    rtol = (
+        1e-9 if tiny.working_dtype == torch.float64 else 1e-5
+    )  # Llama's float32 islands (circuitfinder.engine.precision)
     bad = [(e, float(a), float(b)) for e, a, b in zip(names, got, want) if abs(a - b) > rtol * float(want.abs().max())]
     assert not bad, bad[:8]
     # the default midpoint rule gives other scores, so the rule matters
@@ -125,14 +141,57 @@ def test_match_published_on_the_command_line(tiny_model_dir, tmp_path, capsys):
     from cli_runner import run_in_process
 
     out = tmp_path / "run"
-    code, _, err = run_in_process(capsys, "discover", "--task", "ioi", "--model", str(tiny_model_dir), "--method", "eap-ig", "--match-published",
-                                  "--pairs", "8", "--batch-size", "8", "--edges", "20", "--no-curve", "--force", "--out", str(out))
+    code, _, err = run_in_process(
+        capsys,
+        "discover",
+        "--task",
+        "ioi",
+        "--model",
+        str(tiny_model_dir),
+        "--method",
+        "eap-ig",
+        "--match-published",
+        "--pairs",
+        "8",
+        "--batch-size",
+        "8",
+        "--edges",
+        "20",
+        "--no-curve",
+        "--force",
+        "--out",
+        str(out),
+    )
     assert code == 0, err
     config = json.loads((out / "config.json").read_text())
-    assert (config["prompts"]["bos"], config["attribution"]["ig_rule"], config["method"]) == ("always", "left", "eap-ig")
-    code, _, err = run_in_process(capsys, "discover", "--task", "ioi", "--model", str(tiny_model_dir), "--ig-rule", "simpson",
-                                  "--out", str(tmp_path / "bad"))
+    assert (config["prompts"]["bos"], config["attribution"]["ig_rule"], config["method"]) == (
+        "always",
+        "left",
+        "eap-ig",
+    )
+    code, _, err = run_in_process(
+        capsys,
+        "discover",
+        "--task",
+        "ioi",
+        "--model",
+        str(tiny_model_dir),
+        "--ig-rule",
+        "simpson",
+        "--out",
+        str(tmp_path / "bad"),
+    )
     assert code == 2 and "--ig-rule must be one of midpoint, left, right" in err
-    code, _, err = run_in_process(capsys, "discover", "--task", "ioi", "--model", str(tiny_model_dir), "--bos", "sometimes",
-                                  "--out", str(tmp_path / "bad-bos"))
+    code, _, err = run_in_process(
+        capsys,
+        "discover",
+        "--task",
+        "ioi",
+        "--model",
+        str(tiny_model_dir),
+        "--bos",
+        "sometimes",
+        "--out",
+        str(tmp_path / "bad-bos"),
+    )
     assert code == 2 and "--bos must be auto or always" in err

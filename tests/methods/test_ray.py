@@ -6,15 +6,15 @@ import os
 import signal
 
 import pytest
-import torch
-
 import tiny_models
+import torch
+from tiny_models import tiny_task
+
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.engine.masks import top_edges
 from circuitfinder.methods.acdc import acdc
 from circuitfinder.methods.attribution import eap
-from circuitfinder.engine.masks import top_edges
-from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.methods.pool import EvaluatorSpec, InProcessPool, RayPool
-from tiny_models import tiny_task
 
 ray = pytest.importorskip("ray")
 
@@ -78,6 +78,7 @@ def test_a_worker_killed_mid_search_is_replaced_and_nothing_changes(local_ray):
 
 # ---- attribution split by prompt batches (issue 18) ---------------------------------------------
 
+
 @pytest.mark.parametrize("method", ["eap", "eap_ig"])
 def test_attribution_on_one_or_two_workers_equals_one_process(local_ray, method):
     """Actor k sums batches k, k + n, …; the shares add up to the one-process scores."""
@@ -92,7 +93,6 @@ def test_attribution_on_one_or_two_workers_equals_one_process(local_ray, method)
     for workers in (1, 2):
         got = ray_scores(tiny_models.load_tiny_gpt2, fn, task, 1, workers, steps=3)
         assert (got - want).abs().max().item() <= 1e-6 * max(1.0, want.abs().max().item()), f"{workers} workers"
-
 
 
 def test_faithfulness_curve_on_one_or_two_workers_equals_one_process(local_ray):
@@ -113,7 +113,9 @@ def test_faithfulness_curve_on_one_or_two_workers_equals_one_process(local_ray):
     shares = [CircuitEvaluator(adapter, graph, task, "discovery", 3, shard=(k, 2)).metric(circuit) for k in range(2)]
     assert abs(shares[0] - shares[1]) > 1e-3  # unequal shares: an unweighted mean of them would be wrong
     for workers in (1, 2):
-        metrics = partial(ray_metrics, tiny_models.load_tiny_gpt2, task, "discovery", 3, workers, None, "counterfactual")
+        metrics = partial(
+            ray_metrics, tiny_models.load_tiny_gpt2, task, "discovery", 3, workers, None, "counterfactual"
+        )
         got = faithfulness_curve(evaluator, scores, percents, metrics=metrics)
         assert [n for _, n, _, _ in got.points] == [n for _, n, _, _ in want.points]
         for (_, _, _, f), (_, _, _, g) in zip(want.points, got.points):
@@ -125,17 +127,30 @@ def test_faithfulness_curve_on_one_or_two_workers_equals_one_process(local_ray):
 def test_a_run_with_two_workers_gives_the_one_process_scores_and_curve(local_ray, tiny_model_dir, monkeypatch):
     """``workers=2`` end to end: attribution and the curve on Ray actors, each loading the model
     folder itself, against the same run in this process."""
-    from circuitfinder.methods import pool
     from circuitfinder.config import DiscoverConfig
+    from circuitfinder.methods import pool
     from circuitfinder.runs.run import run_config
 
     calls = []
     split_curve = pool.ray_metrics
-    monkeypatch.setattr(pool, "ray_metrics", lambda *args, **kwargs: calls.append(args[4]) or split_curve(*args, **kwargs))
+    monkeypatch.setattr(
+        pool, "ray_metrics", lambda *args, **kwargs: calls.append(args[4]) or split_curve(*args, **kwargs)
+    )
 
     def run(workers):
-        config = DiscoverConfig.from_options(task="ioi", model=str(tiny_model_dir), method="eap", n_pairs=8, batch_size=2, edges=20,
-                                curve=True, roles=False, force=True, dtype="float32", workers=workers)
+        config = DiscoverConfig.from_options(
+            task="ioi",
+            model=str(tiny_model_dir),
+            method="eap",
+            n_pairs=8,
+            batch_size=2,
+            edges=20,
+            curve=True,
+            roles=False,
+            force=True,
+            dtype="float32",
+            workers=workers,
+        )
         return run_config(config)
 
     alone, split = run(0), run(2)

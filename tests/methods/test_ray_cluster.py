@@ -4,11 +4,10 @@ module: it starts and stops its own cluster, which must not meet test_ray's loca
 from __future__ import annotations
 
 import pytest
-import torch
-
 import tiny_models
-from circuitfinder.engine.graph import EdgeGraph
 from tiny_models import tiny_task
+
+from circuitfinder.engine.graph import EdgeGraph
 
 ray = pytest.importorskip("ray")
 

@@ -19,17 +19,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from circuitfinder.checkpoint import Checkpoint
-from circuitfinder.errors import ModelNotFound, UserError
-from circuitfinder.engine.faithfulness import CircuitEvaluator, MetricError
-from circuitfinder.engine.graph import EdgeGraph
-from circuitfinder.config import DiscoverConfig
-from circuitfinder.runs.run import run_config
-from circuitfinder.graphs.circuit import SCHEMA, VERSION, Circuit
-from circuitfinder.tasks import build_task
 from helpers import tiny_ioi_model  # noqa: F401 (fixture)
 from tiny_models import tiny_adapter, tiny_hf_model, tiny_task
+
+from circuitfinder.checkpoint import Checkpoint
+from circuitfinder.config import DiscoverConfig
+from circuitfinder.engine.faithfulness import CircuitEvaluator, MetricError
+from circuitfinder.engine.graph import EdgeGraph
+from circuitfinder.errors import ModelNotFound, UserError
+from circuitfinder.graphs.circuit import SCHEMA, VERSION, Circuit
+from circuitfinder.runs.run import run_config
+from circuitfinder.tasks import build_task
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,8 +62,18 @@ def _one_line_error(code: int, err: str, message: str) -> None:
 
 
 def _circuit_doc(**changes) -> str:
-    doc = {"schema": SCHEMA, "version": VERSION, "model": "m", "task": "ioi", "method": "eap", "n_layers": 2,
-           "n_heads": 2, "n_kv_groups": 1, "metadata": {}, "edges": [{"sender": "input", "receiver": "logits", "score": 1.0}]}
+    doc = {
+        "schema": SCHEMA,
+        "version": VERSION,
+        "model": "m",
+        "task": "ioi",
+        "method": "eap",
+        "n_layers": 2,
+        "n_heads": 2,
+        "n_kv_groups": 1,
+        "metadata": {},
+        "edges": [{"sender": "input", "receiver": "logits", "score": 1.0}],
+    }
     return json.dumps(doc | changes)
 
 
@@ -72,19 +82,23 @@ def _circuit_doc(**changes) -> str:
 #    a missing task file, --edges with --threshold and an existing --out: see test_run.py)
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args, message", [
-    (["discover", "--tau", "-1"], "--tau must be a number ≥ 0"),
-    (["discover", "--target-faithfulness", "0"], "--target-faithfulness must be in (0, 1]"),
-    (["discover", "--target-faithfulness", "1.5"], "--target-faithfulness must be in (0, 1]"),
-    (["discover", "--edges", "0"], "--edges must be at least 1"),
-    (["discover", "--threshold", "-1"], "--threshold must be a number ≥ 0"),
-    (["discover", "--workers", "-1"], "--workers must be at least 0"),
-    (["discover", "--chain", "0"], "--chain must be at least 1"),
-    (["discover", "--pairs", "2"], "--pairs must be at least 4"),
-    (["discover", "--method", "acdc", "--acdc-metric", "l2"], "--acdc-metric must be one of"),
-    (["discover", "--edges", "many"], "Error: Invalid value for '--edges'"),
-    (["discover", "--no-such-option"], "Error: No such option: --no-such-option"),
-])
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["discover", "--tau", "-1"], "--tau must be a number ≥ 0"),
+        (["discover", "--target-faithfulness", "0"], "--target-faithfulness must be in (0, 1]"),
+        (["discover", "--target-faithfulness", "1.5"], "--target-faithfulness must be in (0, 1]"),
+        (["discover", "--edges", "0"], "--edges must be at least 1"),
+        (["discover", "--threshold", "-1"], "--threshold must be a number ≥ 0"),
+        (["discover", "--workers", "-1"], "--workers must be at least 0"),
+        (["discover", "--chain", "0"], "--chain must be at least 1"),
+        (["discover", "--pairs", "2"], "--pairs must be at least 4"),
+        (["discover", "--method", "acdc", "--acdc-metric", "l2"], "--acdc-metric must be one of"),
+        (["discover", "--edges", "many"], "Error: Invalid value for '--edges'"),
+        (["discover", "--no-such-option"], "Error: No such option: --no-such-option"),
+    ],
+)
 def test_out_of_range_options_are_one_line_errors(cli, args, message):
     code, out, err = cli(*args)
     if message.startswith("Error:"):  # usage errors: click's usage block and one error line, exit 2
@@ -96,16 +110,22 @@ def test_out_of_range_options_are_one_line_errors(cli, args, message):
     assert err.strip().count("\n") == 0 and out == ""  # refused before anything was loaded or printed
 
 
-@pytest.mark.parametrize("text, message", [
-    ('{"cfg": {}, "edges": {}}', "is not a circuit file (schema must be"),
-    (_circuit_doc(version=2), "has schema version 2"),
-    (_circuit_doc(n_heads="two"), "'n_heads' must be a positive integer"),
-    (_circuit_doc(edges=[{"sender": "a0.x9", "receiver": "logits", "score": 1}]), "not a node name"),
-    (_circuit_doc(edges=[{"sender": "input", "receiver": "logits", "score": "high"}]), "score must be a finite number"),
-    ("{\"schema\": ", "is not valid JSON"),
-    (b"\xff\xfe\x00", "not UTF-8"),
-    (_circuit_doc(edges=[]), "holds an empty circuit: nothing to draw"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"cfg": {}, "edges": {}}', "is not a circuit file (schema must be"),
+        (_circuit_doc(version=2), "has schema version 2"),
+        (_circuit_doc(n_heads="two"), "'n_heads' must be a positive integer"),
+        (_circuit_doc(edges=[{"sender": "a0.x9", "receiver": "logits", "score": 1}]), "not a node name"),
+        (
+            _circuit_doc(edges=[{"sender": "input", "receiver": "logits", "score": "high"}]),
+            "score must be a finite number",
+        ),
+        ('{"schema": ', "is not valid JSON"),
+        (b"\xff\xfe\x00", "not UTF-8"),
+        (_circuit_doc(edges=[]), "holds an empty circuit: nothing to draw"),
+    ],
+)
 def test_render_refuses_a_circuit_file_it_cannot_trust(cli, tmp_path, text, message):
     path = tmp_path / "circuit.json"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
@@ -128,6 +148,7 @@ def test_a_run_folder_with_a_broken_config_is_a_one_line_error(cli, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # 7. Nothing unpickled: a model folder of pickled weights is refused, and never opened
 # ---------------------------------------------------------------------------------------------
+
 
 class _Booby:
     """Unpickling this creates a marker file: proof that a pickle was loaded."""
@@ -191,24 +212,37 @@ def unpickling_calls(source: str, filename: str = "<source>") -> list[str]:
             last = name.rsplit(".", 1)[-1]
             if name == "torch.load" and not _is_true(kw.get("weights_only")):
                 found.append(f"{where}: torch.load without weights_only=True")
-            elif name in ("np.load", "numpy.load") and "allow_pickle" in kw and not (
-                    isinstance(kw["allow_pickle"], ast.Constant) and kw["allow_pickle"].value is False):
+            elif (
+                name in ("np.load", "numpy.load")
+                and "allow_pickle" in kw
+                and not (isinstance(kw["allow_pickle"], ast.Constant) and kw["allow_pickle"].value is False)
+            ):
                 found.append(f"{where}: numpy.load with allow_pickle")
             elif last in ("read_pickle", "Unpickler", "load_pickle"):
                 found.append(f"{where}: {name}")
-            elif last == "from_pretrained" and "Model" in name and not _is_true(kw.get("use_safetensors")) and "gguf_file" not in kw:
+            elif (
+                last == "from_pretrained"
+                and "Model" in name
+                and not _is_true(kw.get("use_safetensors"))
+                and "gguf_file" not in kw
+            ):
                 found.append(f"{where}: {name} without use_safetensors=True")
     return found
 
 
 def test_the_scanner_finds_each_way_of_unpickling():
-    bad = ("import pickle\nfrom joblib import load\nimport torch\nimport numpy as np\nimport pandas as pd\n"
-           "torch.load(p)\ntorch.load(p, weights_only=False)\nnp.load(p, allow_pickle=True)\npd.read_pickle(p)\n"
-           "AutoModelForCausalLM.from_pretrained(p)\n")
+    bad = (
+        "import pickle\nfrom joblib import load\nimport torch\nimport numpy as np\nimport pandas as pd\n"
+        "torch.load(p)\ntorch.load(p, weights_only=False)\nnp.load(p, allow_pickle=True)\npd.read_pickle(p)\n"
+        "AutoModelForCausalLM.from_pretrained(p)\n"
+    )
     assert len(unpickling_calls(bad)) == 7
-    good = ("import torch\nimport numpy as np\ntorch.load(p, weights_only=True)\nnp.load(p)\n"
-            "AutoModelForCausalLM.from_pretrained(p, use_safetensors=True)\nAutoModelForCausalLM.from_pretrained(p, gguf_file=f)\n"
-            "AutoTokenizer.from_pretrained(p)\n")
+    good = (
+        "import torch\nimport numpy as np\ntorch.load(p, weights_only=True)\nnp.load(p)\n"
+        "AutoModelForCausalLM.from_pretrained(p, use_safetensors=True)\n"
+        "AutoModelForCausalLM.from_pretrained(p, gguf_file=f)\n"
+        "AutoTokenizer.from_pretrained(p)\n"
+    )
     assert unpickling_calls(good) == []
 
 
@@ -223,14 +257,38 @@ def test_no_package_source_unpickles_anything():
 # 2. Numbers that make a result meaningless are errors, and nothing is written
 # ---------------------------------------------------------------------------------------------
 
-def test_a_task_whose_corruption_changes_nothing_is_refused_before_anything_is_written(cli, tmp_path, word_tokenizer, tiny_model_dir):
+
+def test_a_task_whose_corruption_changes_nothing_is_refused_before_anything_is_written(
+    cli, tmp_path, word_tokenizer, tiny_model_dir
+):
     texts = build_task("ioi", word_tokenizer, n_pairs=8, seed=0).texts
     task_file = tmp_path / "same.jsonl"
-    task_file.write_text("".join(json.dumps({"clean": t["clean"], "corrupted": t["clean"], "answer": t["answer"],
-                                             "wrong": t["wrong"]}) + "\n" for t in texts))
+    task_file.write_text(
+        "".join(
+            json.dumps({"clean": t["clean"], "corrupted": t["clean"], "answer": t["answer"], "wrong": t["wrong"]})
+            + "\n"
+            for t in texts
+        )
+    )
     runs = tmp_path / "runs"
-    code, out, err = cli("discover", "--model", tiny_model_dir, "--task", task_file, "--method", "acdc", "--edges", "20",
-                         "--pairs", "8", "--batch-size", "8", "--force", "--out", runs / "run")
+    code, out, err = cli(
+        "discover",
+        "--model",
+        tiny_model_dir,
+        "--task",
+        task_file,
+        "--method",
+        "acdc",
+        "--edges",
+        "20",
+        "--pairs",
+        "8",
+        "--batch-size",
+        "8",
+        "--force",
+        "--out",
+        runs / "run",
+    )
     _one_line_error(code, err, "faithfulness is undefined")
     assert out == "" and not runs.exists()  # no run folder, no temporary folder, no checkpoint
 
@@ -246,15 +304,18 @@ def test_a_nan_metric_is_an_error(tmp_path):
 # 3. A run that fails while writing leaves nothing, and an overwritten run stays whole
 # ---------------------------------------------------------------------------------------------
 
+
 def test_an_interrupted_write_leaves_no_folder_and_an_old_run_intact(tiny_ioi_model, tmp_path, monkeypatch):
     import circuitfinder.runs.run as run_module
 
-    config = DiscoverConfig.from_options(task="ioi", model="tiny-llama", method="eap", n_pairs=8, batch_size=8, edges=20, force=True,
-                            curve=False)
+    config = DiscoverConfig.from_options(
+        task="ioi", model="tiny-llama", method="eap", n_pairs=8, batch_size=8, edges=20, force=True, curve=False
+    )
     out = tmp_path / "run"
 
     def interrupted(*_args, **_kwargs):
-        raise KeyboardInterrupt  # Ctrl-C after circuit.json, scores.parquet and prompts.jsonl were written to the temporary folder
+        # Ctrl-C after circuit.json, scores.parquet and prompts.jsonl were written to the temporary folder
+        raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
         patch.setattr(run_module, "_render", interrupted)
@@ -277,6 +338,7 @@ def test_an_interrupted_write_leaves_no_folder_and_an_old_run_intact(tiny_ioi_mo
 # 4. Checkpoints: a write cut short, stray temporary files and damaged files lose nothing
 # ---------------------------------------------------------------------------------------------
 
+
 def test_a_checkpoint_write_cut_short_keeps_the_previous_one(tmp_path, monkeypatch):
     import circuitfinder.checkpoint as checkpoint_module
 
@@ -288,7 +350,10 @@ def test_a_checkpoint_write_cut_short_keeps_the_previous_one(tmp_path, monkeypat
         raise KeyboardInterrupt
 
     monkeypatch.setattr(checkpoint_module.os, "replace", killed)
-    for save in (lambda: cp.save_json("search", {"decided": "010111"}), lambda: cp.save_tensors("seed", {"scores": torch.zeros(6)})):
+    for save in (
+        lambda: cp.save_json("search", {"decided": "010111"}),
+        lambda: cp.save_tensors("seed", {"scores": torch.zeros(6)}),
+    ):
         with pytest.raises(KeyboardInterrupt):
             save()
     monkeypatch.undo()
@@ -304,31 +369,56 @@ def test_a_damaged_checkpoint_is_redone_not_a_crash(tmp_path):
     (cp.dir / ".search.json.x1y2").write_text('{"decided": "01')  # what SIGKILL mid-write leaves: ignored
     assert cp.load_json("search") == {"decided": "01"}
     (cp.dir / "search.json").write_text('{"decided": "01')  # damaged outside our writes (disk, hands)
-    (cp.dir / "seed.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\": 1")
+    (cp.dir / "seed.safetensors").write_bytes(b'\x08\x00\x00\x00\x00\x00\x00\x00{"a": 1')
     assert cp.load_json("search") is None and cp.load_tensors("seed") is None
 
 
 def test_a_search_checkpoint_that_does_not_fit_is_redone(tiny_ioi_model, tmp_path):
-    config = DiscoverConfig.from_options(task="ioi", model="tiny-llama", n_pairs=8, batch_size=8, method="acdc", seed_method="eap",
-                            edges=20, search_prompts=4, force=True, curve=False)
+    config = DiscoverConfig.from_options(
+        task="ioi",
+        model="tiny-llama",
+        n_pairs=8,
+        batch_size=8,
+        method="acdc",
+        seed_method="eap",
+        edges=20,
+        search_prompts=4,
+        force=True,
+        curve=False,
+    )
     from circuitfinder.methods.registry import Problem, search_key
 
     reference = run_config(config, out=tmp_path / "a" / "run", adapter=tiny_ioi_model).summary
-    Checkpoint(tmp_path / "b", search_key(Problem(tiny_ioi_model, None, None, config, None))).save_json("search", {"decided": "7" * 999, "current": []})
+    Checkpoint(tmp_path / "b", search_key(Problem(tiny_ioi_model, None, None, config, None))).save_json(
+        "search", {"decided": "7" * 999, "current": []}
+    )
     again = run_config(config, out=tmp_path / "b" / "run", adapter=tiny_ioi_model).summary
     assert again.edges_kept == reference.edges_kept
-    assert (tmp_path / "a" / "run" / "circuit.json").read_bytes() == (tmp_path / "b" / "run" / "circuit.json").read_bytes()
+    assert (tmp_path / "a" / "run" / "circuit.json").read_bytes() == (
+        tmp_path / "b" / "run" / "circuit.json"
+    ).read_bytes()
 
 
 # ---------------------------------------------------------------------------------------------
 # 6. Same inputs and seed: byte-identical circuit.json (eap-ig with its size search; acdc)
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("method", ["eap-ig", "acdc"])
 def test_same_inputs_and_seed_give_a_byte_identical_circuit(tiny_ioi_model, tmp_path, method):
-    extra = {"seed_method": "eap", "edges": 30, "chain": 16, "search_prompts": 4} if method == "acdc" else {}  # eap-ig: size search
-    config = DiscoverConfig.from_options(task="ioi", model="tiny-llama", method=method, n_pairs=4 if method == "acdc" else 8,
-                            batch_size=8, force=True, curve=False, **extra)
+    extra = (
+        {"seed_method": "eap", "edges": 30, "chain": 16, "search_prompts": 4} if method == "acdc" else {}
+    )  # eap-ig: size search
+    config = DiscoverConfig.from_options(
+        task="ioi",
+        model="tiny-llama",
+        method=method,
+        n_pairs=4 if method == "acdc" else 8,
+        batch_size=8,
+        force=True,
+        curve=False,
+        **extra,
+    )
     for name in ("a", "b"):  # separate parents: the second run cannot resume from the first's checkpoint
         run_config(config, out=tmp_path / name / "run", adapter=tiny_ioi_model)
     a, b = ((tmp_path / n / "run" / "circuit.json").read_bytes() for n in ("a", "b"))
@@ -366,7 +456,10 @@ def test_progress_jumps_print_one_line():
         advance = cli._progress_lines("deciding", 100)
         advance(35)
         advance(65)
-    assert [line.split(",")[0] for line in captured.get().splitlines()] == ["deciding: 35/100 (35%)", "deciding: 100/100 (100%)"]
+    assert [line.split(",")[0] for line in captured.get().splitlines()] == [
+        "deciding: 35/100 (35%)",
+        "deciding: 100/100 (100%)",
+    ]
 
 
 def test_only_temporary_folders_of_ended_processes_here_are_removed(tmp_path):
@@ -378,9 +471,13 @@ def test_only_temporary_folders_of_ended_processes_here_are_removed(tmp_path):
     ended = subprocess.Popen(["true"])
     ended.wait()
     host = socket.gethostname()
-    names = {"dead": f".run.partial-{ended.pid}@{host}-abc123", "alive": f".run.partial-{os.getpid()}@{host}-def456",
-             "elsewhere": f".run.partial-{ended.pid}@not-{host}-ghi789", "other_run": f".runs.partial-{ended.pid}@{host}-x1",
-             "old_style": ".run.partial-jkl012"}
+    names = {
+        "dead": f".run.partial-{ended.pid}@{host}-abc123",
+        "alive": f".run.partial-{os.getpid()}@{host}-def456",
+        "elsewhere": f".run.partial-{ended.pid}@not-{host}-ghi789",
+        "other_run": f".runs.partial-{ended.pid}@{host}-x1",
+        "old_style": ".run.partial-jkl012",
+    }
     for name in names.values():
         (tmp_path / name).mkdir()
     assert remove_stale_partials(tmp_path / "run") == [tmp_path / names["dead"]]

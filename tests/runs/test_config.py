@@ -46,9 +46,16 @@ def test_every_field_but_the_sweeps_own_is_an_option_of_sweep():
 def test_field_names_are_unique_across_sections_and_flat_keywords_round_trip():
     names = [f.name for section in SECTIONS.values() for f in dataclasses.fields(section)]
     assert len(names) == len(set(names)) and not set(names) & {"task", "model", "method"}
-    config = DiscoverConfig.from_options(task="induction", tau=0.02, n_pairs=64, dtype="float64", curve=True, ig_steps=3)
-    assert (config.search.tau, config.prompts.n_pairs, config.execution.dtype, config.outputs.curve,
-            config.attribution.ig_steps) == (0.02, 64, "float64", True, 3)
+    config = DiscoverConfig.from_options(
+        task="induction", tau=0.02, n_pairs=64, dtype="float64", curve=True, ig_steps=3
+    )
+    assert (
+        config.search.tau,
+        config.prompts.n_pairs,
+        config.execution.dtype,
+        config.outputs.curve,
+        config.attribution.ig_steps,
+    ) == (0.02, 64, "float64", True, 3)
     assert DiscoverConfig.from_options(**config.flat()) == config
     assert DiscoverConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
     assert config.replace(tau=0.5).search.tau == 0.5 and config.replace(tau=0.5).prompts == config.prompts
@@ -57,11 +64,23 @@ def test_field_names_are_unique_across_sections_and_flat_keywords_round_trip():
 
 
 def test_a_flat_config_json_of_earlier_releases_still_loads():
-    flat = {"task": "ioi", "model": "smollm2-135m", "method": "eap", "edges": 20, "n_pairs": 32, "minimize": False,
-            "batch_size": 8, "check_model": False}
+    flat = {
+        "task": "ioi",
+        "model": "smollm2-135m",
+        "method": "eap",
+        "edges": 20,
+        "n_pairs": 32,
+        "minimize": False,
+        "batch_size": 8,
+        "check_model": False,
+    }
     config = DiscoverConfig.from_json(flat)
     assert (config.size.edges, config.prompts.n_pairs, config.execution.batch_size, config.execution.check_model) == (
-        20, 32, 8, False)
+        20,
+        32,
+        8,
+        False,
+    )
 
 
 def _problem(**options) -> Problem:
@@ -73,8 +92,14 @@ def _problem(**options) -> Problem:
 def test_checkpoint_keys_hold_what_the_method_declares_and_nothing_else():
     base = _problem()
     assert METHODS["acdc-groups"].sections == ("size", "attribution", "search")
-    for where_it_runs in ({"workers": 2}, {"curve": True}, {"roles": False}, {"device": "cpu"}, {"force": True},
-                          {"check_model": False}):
+    for where_it_runs in (
+        {"workers": 2},
+        {"curve": True},
+        {"roles": False},
+        {"device": "cpu"},
+        {"force": True},
+        {"check_model": False},
+    ):
         assert search_key(_problem(**where_it_runs)) == search_key(base), where_it_runs
         assert seed_key(_problem(**where_it_runs)) == seed_key(base), where_it_runs
     for decides in ({"tau": 0.1}, {"search_prompts": 8}, {"chain": 4}, {"floor": False}):
@@ -84,19 +109,32 @@ def test_checkpoint_keys_hold_what_the_method_declares_and_nothing_else():
         assert search_key(_problem(**decides)) != search_key(base) and seed_key(_problem(**decides)) != seed_key(base)
 
 
-@pytest.mark.parametrize("requested, native, searching, want", [
-    ("auto", True, True, (torch.float32, torch.float32, False, False)),   # a search in float32
-    ("auto", True, False, (torch.bfloat16, torch.bfloat16, False, True)),  # attribution in bfloat16, re-measured
-    ("auto", False, False, (torch.float32, torch.float32, False, False)),
-    ("bfloat16", False, True, (torch.float32, torch.bfloat16, True, False)),  # refereed by float32
-    ("bfloat16", False, False, (torch.bfloat16, torch.bfloat16, False, False)),
-    ("float64", False, True, (torch.float64, torch.float64, False, False)),
-])
+@pytest.mark.parametrize(
+    "requested, native, searching, want",
+    [
+        ("auto", True, True, (torch.float32, torch.float32, False, False)),  # a search in float32
+        ("auto", True, False, (torch.bfloat16, torch.bfloat16, False, True)),  # attribution in bfloat16, re-measured
+        ("auto", False, False, (torch.float32, torch.float32, False, False)),
+        ("bfloat16", False, True, (torch.float32, torch.bfloat16, True, False)),  # refereed by float32
+        ("bfloat16", False, False, (torch.bfloat16, torch.bfloat16, False, False)),
+        ("float64", False, True, (torch.float64, torch.float64, False, False)),
+    ],
+)
 def test_the_precision_plan_is_decided_once_with_its_reason(requested, native, searching, want, monkeypatch, tmp_path):
     monkeypatch.setattr(precision, "native_bfloat16", lambda device: native)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 4,
-                                                      "num_key_value_heads": 2, "hidden_size": 16, "intermediate_size": 32,
-                                                      "vocab_size": 100}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "hidden_size": 16,
+                "intermediate_size": 32,
+                "vocab_size": 100,
+            }
+        )
+    )
     plan = plan_precision(requested, torch.device("cpu"), str(tmp_path), searching, referee=True)
     assert (plan.model, plan.passes, plan.referee, plan.remeasure) == want and plan.why
     assert plan_precision("bfloat16", torch.device("cpu"), str(tmp_path), True, referee=False).referee is False

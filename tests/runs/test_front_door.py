@@ -9,16 +9,16 @@ import re
 import networkx as nx
 import pytest
 import torch
+from tiny_models import tiny_hf_model
 
 import circuitfinder as cf
+from circuitfinder.config import DiscoverConfig
 from circuitfinder.engine.adapter import ModelAdapter, ModelShape
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.masks import circuit_nodes, prune
 from circuitfinder.graphs.circuit import Circuit, CircuitFileError, from_networkx
 from circuitfinder.methods.registry import METHODS
-from circuitfinder.config import DiscoverConfig
 from circuitfinder.runs.pipeline import check_config
-from tiny_models import tiny_hf_model
 
 GRAPH = EdgeGraph(ModelShape(3, 4, 2, d_model=8))  # 4 heads in 2 key/value groups
 
@@ -37,6 +37,7 @@ def tiny_ioi_model(word_tokenizer):
 # ---------------------------------------------------------------------------------------------
 # Circuit
 # ---------------------------------------------------------------------------------------------
+
 
 def test_top_above_and_strongest_select_by_absolute_score():
     scores = _scores()
@@ -60,7 +61,10 @@ def test_prune_is_the_mask_rule_and_nodes_follow_one_rule():
 
 def test_a_key_value_edge_leads_only_to_the_heads_of_its_group_in_the_circuit():
     # a1.g0 feeds heads a1.h0 and a1.h1; only a1.h1 is otherwise in the circuit (it sends to the logits)
-    edges = [{"sender": "input", "receiver": "a1.g0<k>", "score": 1.0}, {"sender": "a1.h1", "receiver": "logits", "score": 2.0}]
+    edges = [
+        {"sender": "input", "receiver": "a1.g0<k>", "score": 1.0},
+        {"sender": "a1.h1", "receiver": "logits", "score": 2.0},
+    ]
     circuit = Circuit.from_edges(GRAPH, edges)
     assert circuit.nodes() == {"input", "a1.h1", "logits"}
     assert set(circuit.to_networkx().edges) == {("input", "a1.h1"), ("a1.h1", "logits")}
@@ -103,6 +107,7 @@ def test_repr_is_one_short_line_and_a_notebook_gets_svg():
 # Runs as objects
 # ---------------------------------------------------------------------------------------------
 
+
 def test_discover_returns_a_run_writes_nothing_and_saves_and_loads_whole(tiny_ioi_model, tmp_path, monkeypatch):
     import matplotlib
 
@@ -111,7 +116,9 @@ def test_discover_returns_a_run_writes_nothing_and_saves_and_loads_whole(tiny_io
     run = cf.discover(tiny_ioi_model, "ioi", method="eap", n_pairs=8, batch_size=8, edges=30, force=True)
     assert list(tmp_path.iterdir()) == []  # nothing written without out=
     assert matplotlib.get_backend() == backend  # a notebook's inline plots keep working
-    assert isinstance(run, cf.Run) and run.faithfulness == run.summary.faithfulness == run.circuit.metadata["faithfulness"]
+    assert (
+        isinstance(run, cf.Run) and run.faithfulness == run.summary.faithfulness == run.circuit.metadata["faithfulness"]
+    )
     assert repr(run).startswith("Run(ioi · tiny-llama · eap: ") and run.config.method == "eap"
     assert torch.equal(run.circuit.mask, prune(run.circuit.graph, run.circuit.top(30).mask))
     assert not run.scores.isnan()[run.circuit.graph.allowed].any()
@@ -140,13 +147,16 @@ def test_discover_takes_a_built_task(tiny_ioi_model):
 # One registry
 # ---------------------------------------------------------------------------------------------
 
+
 def test_every_method_is_one_registry_entry_that_declares_support_and_cost():
     assert set(METHODS) == {"eap", "eap-ig", "eap-ig-activations", "acdc", "acdc-groups", "minimize"}
     for name, method in METHODS.items():
         assert method.description and method.cost and method.ablations
         assert (method.score is None) == method.seeded  # attribution scores; a search is seeded by one
     assert METHODS["acdc"].refusal("acdc", "mean", post_norm=False).endswith("use `ablation='counterfactual'`")
-    assert "post-attention norm" in METHODS["eap-ig-activations"].refusal("eap-ig-activations", "counterfactual", post_norm=True)
+    assert "post-attention norm" in METHODS["eap-ig-activations"].refusal(
+        "eap-ig-activations", "counterfactual", post_norm=True
+    )
     assert METHODS["eap-ig"].refusal("eap-ig", "zero", post_norm=True) is None
 
 
@@ -170,8 +180,13 @@ def test_library_errors_name_arguments_and_the_command_line_shows_flags():
         check_config(DiscoverConfig.from_options(n_pairs=2))
     assert str(info.value) == "`n_pairs` must be at least 4, got 2" and info.value.argument == "n_pairs"
     assert as_flags(info.value) == "--pairs must be at least 4, got 2"
-    message = cf.UserError("`tau` must be ≥ 0; pass `overwrite=True`; use `ablation='counterfactual'`; see `circuits convert`")
-    assert as_flags(message) == "--tau must be ≥ 0; pass --overwrite; use --ablation counterfactual; see `circuits convert`"
+    message = cf.UserError(
+        "`tau` must be ≥ 0; pass `overwrite=True`; use `ablation='counterfactual'`; see `circuits convert`"
+    )
+    assert (
+        as_flags(message)
+        == "--tau must be ≥ 0; pass --overwrite; use --ablation counterfactual; see `circuits convert`"
+    )
 
 
 def test_a_run_measures_roles_and_is_graded_in_memory(tiny_ioi_model):
@@ -184,8 +199,17 @@ def test_a_run_measures_roles_and_is_graded_in_memory(tiny_ioi_model):
 
 
 def test_a_run_lists_its_circuits_heads_by_role_and_saves_the_roles(tiny_ioi_model, tmp_path):
-    run = cf.discover(tiny_ioi_model, "ioi", method="eap", n_pairs=8, batch_size=8, edges=40, force=True, curve=False,
-                      out=tmp_path / "run")
+    run = cf.discover(
+        tiny_ioi_model,
+        "ioi",
+        method="eap",
+        n_pairs=8,
+        batch_size=8,
+        edges=40,
+        force=True,
+        curve=False,
+        out=tmp_path / "run",
+    )
     roles = run.tables["roles"]
     assert len(roles) == tiny_ioi_model.shape.n_layers * tiny_ioi_model.shape.n_heads
     want = {}
@@ -200,10 +224,16 @@ def test_a_run_lists_its_circuits_heads_by_role_and_saves_the_roles(tiny_ioi_mod
     assert sorted(attention) == sorted(run.circuit.heads()) and attention
     assert cf.Run.load(tmp_path / "run").tables["attention"] == attention
     page = (tmp_path / "run" / "circuit.html").read_text()
-    embedded = json.loads(re.search(r'<script type="application/json" id="cf-data">(.*?)</script>', page, re.S).group(1))
+    embedded = json.loads(
+        re.search(r'<script type="application/json" id="cf-data">(.*?)</script>', page, re.S).group(1)
+    )
     assert sorted(embedded["attention"]) == sorted(attention)
-    assert cf.discover(tiny_ioi_model, "ioi", method="eap", n_pairs=8, batch_size=8, edges=40, force=True, curve=False,
-                       roles=False).summary.heads_by_role is None
+    assert (
+        cf.discover(
+            tiny_ioi_model, "ioi", method="eap", n_pairs=8, batch_size=8, edges=40, force=True, curve=False, roles=False
+        ).summary.heads_by_role
+        is None
+    )
 
 
 def test_loading_what_is_not_a_run_folder_is_one_clear_error(tmp_path):

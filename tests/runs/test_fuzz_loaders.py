@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from tiny_models import VOCAB, tiny_tokenizer
 
-from circuitfinder.graphs.circuit import SCHEMA, VERSION, CircuitFileError, Circuit
+from circuitfinder.graphs.circuit import SCHEMA, VERSION, Circuit, CircuitFileError
 from circuitfinder.tasks.base import Task, TaskError
 from circuitfinder.tasks.from_file import FIELDS, load_task_file
-from tiny_models import VOCAB, tiny_tokenizer
 
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -48,10 +48,19 @@ def scratch(tmp_path_factory) -> Path:
 word = st.integers(0, VOCAB - 1).map(lambda i: f"w{i}")
 prompt = st.lists(word, min_size=1, max_size=5).map(" ".join)
 json_scalar = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
-json_value = st.recursive(json_scalar, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-                          max_leaves=8)
-field_value = (prompt | word | st.lists(word, max_size=3) | st.text(max_size=20) | st.sampled_from(["", " ", "discovery", "heldout"])
-               | json_value)
+json_value = st.recursive(
+    json_scalar,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+field_value = (
+    prompt
+    | word
+    | st.lists(word, max_size=3)
+    | st.text(max_size=20)
+    | st.sampled_from(["", " ", "discovery", "heldout"])
+    | json_value
+)
 
 
 @st.composite
@@ -76,8 +85,13 @@ def messy_row(draw) -> dict:
 
 
 def row_strategy():
-    return valid_row() | messy_row() | valid_row().flatmap(
-        lambda row: st.sampled_from(sorted(row)).flatmap(lambda k: field_value.map(lambda v: row | {k: v})))
+    return (
+        valid_row()
+        | messy_row()
+        | valid_row().flatmap(
+            lambda row: st.sampled_from(sorted(row)).flatmap(lambda k: field_value.map(lambda v: row | {k: v}))
+        )
+    )
 
 
 def _cell(value) -> str:
@@ -102,7 +116,9 @@ def jsonl_text(draw) -> str:
 
 @st.composite
 def csv_text(draw) -> str:
-    header = draw(st.permutations([*FIELDS, "split"]).flatmap(lambda cols: st.integers(0, 5).map(lambda n: cols[: len(cols) - n])))
+    header = draw(
+        st.permutations([*FIELDS, "split"]).flatmap(lambda cols: st.integers(0, 5).map(lambda n: cols[: len(cols) - n]))
+    )
     if draw(st.integers(0, 4)) == 0:
         header = header + draw(st.lists(st.text(max_size=6), max_size=2))
     buffer = io.StringIO()
@@ -140,14 +156,18 @@ def _load(path: Path, tokenizer, **kwargs):
     return task
 
 
-OPTIONS = st.fixed_dictionaries({"n_pairs": st.none() | st.integers(1, 6), "skip_bad_rows": st.booleans(), "seed": st.integers(0, 3)})
+OPTIONS = st.fixed_dictionaries(
+    {"n_pairs": st.none() | st.integers(1, 6), "skip_bad_rows": st.booleans(), "seed": st.integers(0, 3)}
+)
 
 
 @FUZZ
 @given(text=jsonl_text(), options=OPTIONS)
 @example(text='{"clean": ' + "9" * 5000 + "}\n", options={})  # longer than int() parses
 @example(text="[" * 50_000 + "]" * 50_000 + "\n", options={})  # deeper than the recursion limit
-@example(text='{"clean": "w1 \\ud800", "corrupted": "w1 w2", "answer": "w3", "wrong": "w4"}\n', options={})  # lone surrogate
+@example(
+    text='{"clean": "w1 \\ud800", "corrupted": "w1 w2", "answer": "w3", "wrong": "w4"}\n', options={}
+)  # lone surrogate
 @example(text='{"clean": " ", "corrupted": " ", "answer": "w3", "wrong": "w4"}\n', options={})  # prompts of no token
 @example(text="", options={})
 def test_random_jsonl_task_files_load_or_fail_cleanly(tokenizer, scratch, text, options):
@@ -187,8 +207,12 @@ def test_a_csv_file_with_a_byte_order_mark_reads_like_one_without(tokenizer, tmp
 
 def test_a_prompt_of_no_token_is_reported_with_its_line(tokenizer, tmp_path):
     path = tmp_path / "t.jsonl"
-    path.write_text(json.dumps({"clean": "w1 w2", "corrupted": "w1 w3", "answer": "w4", "wrong": "w5"}) + "\n"
-                    + json.dumps({"clean": " ", "corrupted": " ", "answer": "w4", "wrong": "w5"}) + "\n")
+    path.write_text(
+        json.dumps({"clean": "w1 w2", "corrupted": "w1 w3", "answer": "w4", "wrong": "w5"})
+        + "\n"
+        + json.dumps({"clean": " ", "corrupted": " ", "answer": "w4", "wrong": "w5"})
+        + "\n"
+    )
     with pytest.raises(TaskError, match=r"t\.jsonl:2: .*no token"):
         load_task_file(path, tokenizer)
 
@@ -197,21 +221,46 @@ def test_a_prompt_of_no_token_is_reported_with_its_line(tokenizer, tmp_path):
 # Circuit files
 # ---------------------------------------------------------------------------------------------
 
-node = st.sampled_from(["input", "logits", "m0", "m1", "m7", "a0.h0", "a1.h1", "a0.h3", "a9.h0", "a0.g0", "a1.g1", "", "a0", "h1"])
+node = st.sampled_from(
+    ["input", "logits", "m0", "m1", "m7", "a0.h0", "a1.h1", "a0.h3", "a9.h0", "a0.g0", "a1.g1", "", "a0", "h1"]
+)
 slot = st.sampled_from(["", "<q>", "<k>", "<v>", "<x>"])
 name = st.tuples(node, slot).map("".join) | json_value
-VALID_EDGES = [{"sender": "input", "receiver": "a1.h0<q>", "score": 0.5}, {"sender": "a0.h1", "receiver": "m1", "score": -1.0},
-               {"sender": "m1", "receiver": "logits", "score": 2}, {"sender": "input", "receiver": "a1.g0<k>", "score": 0.0}]
-VALID = {"schema": SCHEMA, "version": VERSION, "model": "tiny", "task": "ioi", "method": "eap-ig",
-         "n_layers": 2, "n_heads": 2, "n_kv_groups": 1, "metadata": {"faithfulness": 0.9}, "edges": VALID_EDGES}
+VALID_EDGES = [
+    {"sender": "input", "receiver": "a1.h0<q>", "score": 0.5},
+    {"sender": "a0.h1", "receiver": "m1", "score": -1.0},
+    {"sender": "m1", "receiver": "logits", "score": 2},
+    {"sender": "input", "receiver": "a1.g0<k>", "score": 0.0},
+]
+VALID = {
+    "schema": SCHEMA,
+    "version": VERSION,
+    "model": "tiny",
+    "task": "ioi",
+    "method": "eap-ig",
+    "n_layers": 2,
+    "n_heads": 2,
+    "n_kv_groups": 1,
+    "metadata": {"faithfulness": 0.9},
+    "edges": VALID_EDGES,
+}
 
 
 @st.composite
 def circuit_document(draw):
     """A circuit document: valid, or valid with random fields replaced, dropped or added."""
     doc = json.loads(json.dumps(VALID))
-    doc["edges"] = copy.deepcopy(draw(st.lists(st.sampled_from(VALID_EDGES) | st.fixed_dictionaries(
-        {"sender": name, "receiver": name, "score": st.floats() | st.integers() | json_value}), max_size=5)))
+    doc["edges"] = copy.deepcopy(
+        draw(
+            st.lists(
+                st.sampled_from(VALID_EDGES)
+                | st.fixed_dictionaries(
+                    {"sender": name, "receiver": name, "score": st.floats() | st.integers() | json_value}
+                ),
+                max_size=5,
+            )
+        )
+    )
     for _ in range(draw(st.integers(0, 3))):
         key = draw(st.sampled_from(sorted(VALID)) | st.text(max_size=5))
         if draw(st.booleans()):

@@ -11,14 +11,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from circuitfinder.errors import UserError
 from circuitfinder.config import DiscoverConfig
+from circuitfinder.errors import UserError
 from circuitfinder.methods.registry import Reporter
 from circuitfinder.runs.pipeline import run_name
 from circuitfinder.runs.sweep import FROM_SUMMARY, sweep
 
 ROOT = Path(__file__).resolve().parents[2]
-BASE = DiscoverConfig.from_options(n_pairs=8, batch_size=8, edges=20, ig_steps=2, force=True, dtype="float32")  # Ray tasks: conftest's patch does not reach them
+BASE = DiscoverConfig.from_options(
+    n_pairs=8, batch_size=8, edges=20, ig_steps=2, force=True, dtype="float32"
+)  # Ray tasks: conftest's patch does not reach them
 
 
 class Log(Reporter):
@@ -54,13 +56,17 @@ def test_in_process_sweep_writes_one_run_per_task_and_a_table_of_their_summaries
     for r in frame.to_dict("records"):
         run = out / run_name(DiscoverConfig.from_options(task=r["task"], model=r["model"], method=r["method"]))
         assert r["run"] == run.name
-        assert {"config.json", "summary.json", "circuit.json", "circuit.svg", "scores.parquet", "prompts.jsonl"} <= {p.name for p in run.iterdir()}
+        assert {"config.json", "summary.json", "circuit.json", "circuit.svg", "scores.parquet", "prompts.jsonl"} <= {
+            p.name for p in run.iterdir()
+        }
         summary = json.loads((run / "summary.json").read_text())
         for key in FROM_SUMMARY:
             assert _same(r[key], summary[key]), key
         assert summary["cpr"] is not None and summary["cmd"] is not None  # the curve ran: columns filled
         assert r["edges_pct"] == pytest.approx(100 * summary["edges_kept"] / summary["edges_total"])
-        assert json.loads((run / "config.json").read_text())["prompts"]["n_pairs"] == 8  # the shared settings reached the run
+        assert (
+            json.loads((run / "config.json").read_text())["prompts"]["n_pairs"] == 8
+        )  # the shared settings reached the run
     saved = pd.read_csv(out / "sweep.csv", keep_default_na=False)
     assert list(saved.columns) == list(frame.columns) and list(saved.task) == ["ioi", "induction"]
     assert saved.faithfulness.tolist() == pytest.approx(frame.faithfulness.tolist(), rel=1e-12)
@@ -80,7 +86,9 @@ def test_a_rerun_skips_finished_runs_without_touching_them(first, tiny_model_dir
     again = sweep(["ioi", "induction"], [str(tiny_model_dir)], ["eap-ig"], out=out, base=BASE, reporter=log)
     assert {name: _mtimes(out / name) for name in frame.run} == before
     assert list(again.status) == ["skipped", "skipped"]
-    assert len([line for line in log.lines if " skipped " in line]) == 2 and not any(" started " in line for line in log.lines)
+    assert len([line for line in log.lines if " skipped " in line]) == 2 and not any(
+        " started " in line for line in log.lines
+    )
     columns = [c for c in frame.columns if c != "status"]
     assert again[columns].astype(object).fillna("").equals(frame[columns].astype(object).fillna(""))
     # the check can fail: --overwrite redoes a finished run, and its files are new
@@ -114,12 +122,15 @@ def test_a_finished_run_with_other_settings_is_not_reused(tmp_path):
     assert sweep(["ioi"], ["no-such-model"], ["eap"], out=out).status[0] == "skipped"
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"tasks": ["ioi", "nope"]}, "unknown task 'nope'"),
-    ({"methods": ["eap", "eap"]}, "twice"),
-    ({"models": []}, "at least one"),
-    ({"workers": -1}, "`workers` must be ≥ 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"tasks": ["ioi", "nope"]}, "unknown task 'nope'"),
+        ({"methods": ["eap", "eap"]}, "twice"),
+        ({"models": []}, "at least one"),
+        ({"workers": -1}, "`workers` must be ≥ 0"),
+    ],
+)
 def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, kwargs, message):
     args = {"tasks": ["ioi"], "models": ["m"], "methods": ["eap"]} | kwargs
     with pytest.raises(UserError, match=message):
@@ -131,8 +142,9 @@ def test_ray_sweep_with_one_worker_gives_the_in_process_table(first, tiny_model_
     pytest.importorskip("ray")
     _, want, _ = first
     log = Log()
-    got = sweep(["ioi", "induction"], [str(tiny_model_dir)], ["eap-ig"], out=tmp_path / "s", base=BASE, workers=1,
-                reporter=log)
+    got = sweep(
+        ["ioi", "induction"], [str(tiny_model_dir)], ["eap-ig"], out=tmp_path / "s", base=BASE, workers=1, reporter=log
+    )
     assert list(got.status) == ["finished", "finished"], got.error.tolist()
     for column in ("task", "model", "method", "metric", "edges_total", "edges_kept", "nodes_kept", "run"):
         assert got[column].tolist() == want[column].tolist(), column
@@ -144,9 +156,33 @@ def test_ray_sweep_with_one_worker_gives_the_in_process_table(first, tiny_model_
 def test_cli_sweep_reports_each_run_and_exits_1_when_one_failed(tiny_model_dir, tmp_path):
     out = tmp_path / "s"
     result = subprocess.run(
-        [sys.executable, "-m", "circuitfinder.cli", "sweep", "--tasks", "ioi", "--models", f"{tiny_model_dir},no-such-model",
-         "--methods", "eap", "--pairs", "8", "--batch-size", "8", "--edges", "20", "--force", "--no-curve", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "circuitfinder.cli",
+            "sweep",
+            "--tasks",
+            "ioi",
+            "--models",
+            f"{tiny_model_dir},no-such-model",
+            "--methods",
+            "eap",
+            "--pairs",
+            "8",
+            "--batch-size",
+            "8",
+            "--edges",
+            "20",
+            "--force",
+            "--no-curve",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 1, result.stderr
     assert "2 runs: 1 finished, 0 skipped, 1 failed" in result.stdout and "Traceback" not in result.stderr
     assert result.stderr.count(" started ") == 2 and " finished " in result.stderr and " failed " in result.stderr

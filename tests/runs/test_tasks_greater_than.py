@@ -28,14 +28,17 @@ def _word_tokenizer(folder, vocab: list[str], pattern: str, bos: bool):
     tk.decoder = decoders.Fuse()
     if bos:
         tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
-    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>").save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>"
+    ).save_pretrained(folder)
     return AutoTokenizer.from_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
 def digit_tokenizer(tmp_path_factory):
-    return _word_tokenizer(tmp_path_factory.mktemp("digits"), WORDS + [str(d) for d in range(10)],
-                           r" ?[A-Za-z]+|\d| ", bos=True)
+    return _word_tokenizer(
+        tmp_path_factory.mktemp("digits"), WORDS + [str(d) for d in range(10)], r" ?[A-Za-z]+|\d| ", bos=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +62,14 @@ def _ids(tokenizer, text):
 
 
 def test_tokenizers_split_years_as_intended(digit_tokenizer, year_tokenizer):
-    assert [digit_tokenizer.decode([t]) for t in digit_tokenizer(" 1732")["input_ids"]] == ["<bos>", " ", "1", "7", "3", "2"]
+    assert [digit_tokenizer.decode([t]) for t in digit_tokenizer(" 1732")["input_ids"]] == [
+        "<bos>",
+        " ",
+        "1",
+        "7",
+        "3",
+        "2",
+    ]
     assert [year_tokenizer.decode([t]) for t in year_tokenizer(" 1732")["input_ids"]] == [" 17", "32"]
     assert year_mode(digit_tokenizer) == "digit" and year_mode(year_tokenizer) == "two-digit"
 
@@ -117,7 +127,9 @@ def test_digit_mode_answers_are_later_tens_digits(digit_tokenizer, digit_task):
         assert d["answer"] == [str(x) for x in range(tens + 1, 10)]
         # the answer is the very next token: appending it to the prompt adds exactly that token
         n = int(digit_task.lengths[k])
-        assert digit_tokenizer(d["clean"] + str(tens + 1))["input_ids"] == digit_task.clean[k, :n].tolist() + [int(digit_task.answer[k])]
+        assert digit_tokenizer(d["clean"] + str(tens + 1))["input_ids"] == digit_task.clean[k, :n].tolist() + [
+            int(digit_task.answer[k])
+        ]
 
 
 def test_two_digit_mode_answers_are_later_years(year_tokenizer, year_task):
@@ -141,9 +153,13 @@ def test_batches_and_to_carry_answer_sets(digit_task):
 def test_probability_difference_sums_over_sets_and_skips_padding():
     logits = torch.randn(2, 7, requires_grad=True)
     batch = TaskBatch(
-        clean=torch.zeros(2, 3, dtype=torch.long), corrupted=torch.zeros(2, 3, dtype=torch.long), last=torch.tensor([2, 2]),
-        answer=torch.tensor([1, 4]), wrong=torch.tensor([0, 6]),
-        answer_sets=torch.tensor([[1, 2, 3], [4, -1, -1]]), wrong_sets=torch.tensor([[0, -1], [5, 6]]),
+        clean=torch.zeros(2, 3, dtype=torch.long),
+        corrupted=torch.zeros(2, 3, dtype=torch.long),
+        last=torch.tensor([2, 2]),
+        answer=torch.tensor([1, 4]),
+        wrong=torch.tensor([0, 6]),
+        answer_sets=torch.tensor([[1, 2, 3], [4, -1, -1]]),
+        wrong_sets=torch.tensor([[0, -1], [5, 6]]),
     )
     p = logits.softmax(-1)
     expected = torch.stack([p[0, 1:4].sum() - p[0, 0], p[1, 4] - p[1, 5:7].sum()])
@@ -156,8 +172,15 @@ def test_probability_difference_sums_over_sets_and_skips_padding():
 
 
 def test_task_validates_answer_sets():
-    base = dict(name="t", clean=torch.ones(2, 3, dtype=torch.long), corrupted=torch.ones(2, 3, dtype=torch.long),
-                lengths=torch.tensor([3, 3]), answer=torch.tensor([1, 2]), wrong=torch.tensor([3, 4]), split=("discovery", "heldout"))
+    base = dict(
+        name="t",
+        clean=torch.ones(2, 3, dtype=torch.long),
+        corrupted=torch.ones(2, 3, dtype=torch.long),
+        lengths=torch.tensor([3, 3]),
+        answer=torch.tensor([1, 2]),
+        wrong=torch.tensor([3, 4]),
+        split=("discovery", "heldout"),
+    )
     ok = Task(**base, answer_sets=torch.tensor([[1, -1], [2, 5]]), wrong_sets=torch.tensor([[3], [4]]))
     assert next(ok.batches("heldout")).answer_sets.tolist() == [[2, 5]]
     with pytest.raises(TaskError, match="both"):
@@ -176,14 +199,20 @@ def test_registered_and_built_by_name(digit_tokenizer):
 
 def test_baseline_and_eap_run_on_a_tiny_model(digit_tokenizer, digit_task):
     """The answer-set metric goes through the evaluator and a backward pass on a random model."""
-    from circuitfinder.engine.adapter import ModelAdapter
-    from circuitfinder.methods.attribution import eap
-    from circuitfinder.engine.faithfulness import CircuitEvaluator
-    from circuitfinder.engine.graph import EdgeGraph
     from tiny_models import tiny_hf_model
 
-    adapter = ModelAdapter.from_hf(tiny_hf_model("llama", vocab=len(digit_tokenizer)), digit_tokenizer,
-                                   name="tiny-llama", hf_id="llama", dtype=torch.float64)
+    from circuitfinder.engine.adapter import ModelAdapter
+    from circuitfinder.engine.faithfulness import CircuitEvaluator
+    from circuitfinder.engine.graph import EdgeGraph
+    from circuitfinder.methods.attribution import eap
+
+    adapter = ModelAdapter.from_hf(
+        tiny_hf_model("llama", vocab=len(digit_tokenizer)),
+        digit_tokenizer,
+        name="tiny-llama",
+        hf_id="llama",
+        dtype=torch.float64,
+    )
     graph = EdgeGraph(adapter.shape)
     baseline = CircuitEvaluator(adapter, graph, digit_task, "heldout", batch_size=8).baseline
     assert -1 <= baseline.clean <= 1 and -1 <= baseline.corrupted <= 1 and 0 <= baseline.accuracy <= 1
@@ -198,8 +227,12 @@ def test_prompts_read_back_as_a_task_file_with_answer_sets(tmp_path, digit_token
     from circuitfinder.tasks.from_file import load_task_file
 
     path = tmp_path / "gt.jsonl"
-    path.write_text("".join(json.dumps({k: t[k] for k in ("clean", "corrupted", "answer", "wrong")} | {"split": s}) + "\n"
-                            for t, s in zip(digit_task.texts, digit_task.split)))
+    path.write_text(
+        "".join(
+            json.dumps({k: t[k] for k in ("clean", "corrupted", "answer", "wrong")} | {"split": s}) + "\n"
+            for t, s in zip(digit_task.texts, digit_task.split)
+        )
+    )
     task = load_task_file(path, digit_tokenizer)
     assert task.metric is probability_difference and task.split == digit_task.split
     for name in ("clean", "corrupted", "lengths", "answer_sets", "wrong_sets"):

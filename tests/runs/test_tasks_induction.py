@@ -85,21 +85,32 @@ def test_bad_arguments_and_small_vocabularies_are_refused(word_tokenizer):
 
 def test_answer_logprob_is_the_log_probability_of_the_answer():
     logits = torch.randn(3, 9)
-    batch = TaskBatch(clean=torch.zeros(3, 2, dtype=torch.long), corrupted=torch.zeros(3, 2, dtype=torch.long),
-                      last=torch.tensor([1, 1, 1]), answer=torch.tensor([0, 4, 8]), wrong=torch.tensor([1, 1, 1]))
+    batch = TaskBatch(
+        clean=torch.zeros(3, 2, dtype=torch.long),
+        corrupted=torch.zeros(3, 2, dtype=torch.long),
+        last=torch.tensor([1, 1, 1]),
+        answer=torch.tensor([0, 4, 8]),
+        wrong=torch.tensor([1, 1, 1]),
+    )
     expected = logits.softmax(-1)[[0, 1, 2], [0, 4, 8]].log()
     assert torch.allclose(answer_logprob(logits, batch), expected, atol=1e-6)
 
 
 def test_registered_and_baseline_runs_on_a_tiny_model(word_tokenizer):
+    from tiny_models import tiny_hf_model
+
     from circuitfinder.engine.adapter import ModelAdapter
     from circuitfinder.engine.faithfulness import CircuitEvaluator
     from circuitfinder.engine.graph import EdgeGraph
-    from tiny_models import tiny_hf_model
 
     task = build_task("induction", word_tokenizer, n_pairs=8, seed=0)
     assert task.clean.shape == (8, 20)  # default half-length 10, plus <bos>
-    adapter = ModelAdapter.from_hf(tiny_hf_model("gpt2", vocab=len(word_tokenizer)), word_tokenizer,
-                                   name="tiny-gpt2", hf_id="gpt2", dtype=torch.float64)
+    adapter = ModelAdapter.from_hf(
+        tiny_hf_model("gpt2", vocab=len(word_tokenizer)),
+        word_tokenizer,
+        name="tiny-gpt2",
+        hf_id="gpt2",
+        dtype=torch.float64,
+    )
     baseline = CircuitEvaluator(adapter, EdgeGraph(adapter.shape), task, "heldout").baseline
     assert baseline.clean < 0 and baseline.corrupted < 0 and baseline.n_prompts == 4

@@ -52,13 +52,14 @@ def test_methods_recover_the_compiled_circuit(name, method, tmp_path):
     one-point ROC ranks its circuit's edges first). The run goes through the check at load and the
     behaviour check as any other: compiled models' all-zero components and saturated attention
     pass the first, and numerical outputs are not graded by accuracy in the second."""
-    from circuitfinder.graphs.grading import grade_circuit
     from circuitfinder.config import DiscoverConfig
+    from circuitfinder.graphs.grading import grade_circuit
     from circuitfinder.runs.run import run_config
 
     settings = {"method": "acdc", "seed_method": "none"} if method == "acdc-whole-graph" else {"method": method}
-    config = DiscoverConfig.from_options(task=name, model=name, n_pairs=32, batch_size=16, dtype="float64", roles=False,
-                            search_prompts=16, **settings)
+    config = DiscoverConfig.from_options(
+        task=name, model=name, n_pairs=32, batch_size=16, dtype="float64", roles=False, search_prompts=16, **settings
+    )
     run = run_config(config, out=tmp_path / "run")
     graded = grade_circuit(run.circuit, name)
     assert run.summary.faithfulness == pytest.approx(1.0, abs=1e-6)

@@ -33,7 +33,9 @@ def check(notebook) -> None:
     texts = [_text(c) for c in code]
     assert texts[0].startswith("ModelAdapter(smollm2-135m: LlamaForCausalLM, 30 layers, 9 heads, 3 key/value groups")
     assert re.match(r"Task\(ioi: 32 prompt pairs \(16 discovery, 16 held-out\)", texts[1])
-    run = re.match(r"Run\(ioi · smollm2-135m · eap-ig: ([\d,]+) of 70,651 edges, faithfulness (-?[\d.]+) held-out\)", texts[2])
+    run = re.match(
+        r"Run\(ioi · smollm2-135m · eap-ig: ([\d,]+) of 70,651 edges, faithfulness (-?[\d.]+) held-out\)", texts[2]
+    )
     assert run and 0 < int(run.group(1).replace(",", "")) < 10_000 and 0.5 < float(run.group(2)) <= 1.2
     assert "image/svg+xml" in _kinds(code[3])  # the circuit draws itself
     assert "image/png" in _kinds(code[5])  # the curve, inline: discover() left the notebook's backend alone
@@ -53,6 +55,8 @@ def test_the_notebook_runs_from_a_clean_kernel(tmp_path):
 
     shutil.copy(NOTEBOOK, tmp_path / NOTEBOOK.name)
     notebook = nbformat.read(tmp_path / NOTEBOOK.name, as_version=4)
-    NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(
+        notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
     check(notebook)
     assert (tmp_path / "outputs" / "notebook-ioi" / "circuit.json").is_file()

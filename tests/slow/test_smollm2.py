@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
+from circuitfinder.config import DiscoverConfig
 from circuitfinder.engine.adapter import ModelShape, load_unchecked
 from circuitfinder.engine.faithfulness import CircuitEvaluator
 from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.patching import patched_logits, run_recording_senders
-from circuitfinder.config import DiscoverConfig
 from circuitfinder.runs.run import run_config
 from circuitfinder.tasks import build_task
 
@@ -57,7 +57,9 @@ def test_short_discovery_run_on_smollm2(smollm2, tmp_path):
     summary = run_config(config, out=tmp_path / "run", adapter=smollm2).summary
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["edges_total"] == 70_651 and 0 < saved["edges_kept"] <= 2000
-    assert 0.3 < summary.faithfulness <= 1.2  # 2,000 EAP edges carry a good part of IOI (0.61 at this size in the default run)
+    assert (
+        0.3 < summary.faithfulness <= 1.2
+    )  # 2,000 EAP edges carry a good part of IOI (0.61 at this size in the default run)
 
 
 def test_tasks_show_prints_pairs_and_the_baseline():
@@ -65,8 +67,13 @@ def test_tasks_show_prints_pairs_and_the_baseline():
     import sys
     from pathlib import Path
 
-    result = subprocess.run([sys.executable, "-m", "circuitfinder.cli", "tasks", "show", "ioi", "--pairs", "16", "--examples", "1"],
-                            cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "circuitfinder.cli", "tasks", "show", "ioi", "--pairs", "16", "--examples", "1"],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     assert "clean:" in result.stdout and "corrupted:" in result.stdout
     assert "baseline on smollm2-135m (held-out): clean" in result.stdout
@@ -83,7 +90,9 @@ def test_the_gguf_conversion_is_quiet_and_gives_the_cached_weights(smollm2, tmp_
     monkeypatch.setenv("CIRCUITS_CACHE", str(tmp_path))
     lines = []
     load_pretrained("smollm2-135m", lines.append)
-    assert lines == [f"converting smollm2-135m from GGUF to float32 safetensors (once; cached in {tmp_path / 'smollm2-135m'})"]
+    assert lines == [
+        f"converting smollm2-135m from GGUF to float32 safetensors (once; cached in {tmp_path / 'smollm2-135m'})"
+    ]
     err = capfd.readouterr().err
     assert "de-quantizing" not in err and "%|" not in err, err[-500:]
     fresh = safetensors.torch.load_file(tmp_path / "smollm2-135m" / "model.safetensors")

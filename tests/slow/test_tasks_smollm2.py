@@ -43,8 +43,21 @@ def test_task_file_gap(smollm2, tmp_path):
     """A user's file (here IOI prompts written out, answers as one-element lists) behaves like IOI."""
     ioi = build_task("ioi", smollm2.tokenizer, n_pairs=32, seed=0)
     path = tmp_path / "ioi.jsonl"
-    path.write_text("".join(json.dumps({"clean": t["clean"], "corrupted": t["corrupted"], "answer": [t["answer"]],
-                                        "wrong": t["wrong"], "split": s}) + "\n" for t, s in zip(ioi.texts, ioi.split)))
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "clean": t["clean"],
+                    "corrupted": t["corrupted"],
+                    "answer": [t["answer"]],
+                    "wrong": t["wrong"],
+                    "split": s,
+                }
+            )
+            + "\n"
+            for t, s in zip(ioi.texts, ioi.split)
+        )
+    )
     task = build_task(str(path), smollm2.tokenizer, n_pairs=32)
     assert task.metric_name == "logit_difference" and len(task) == 32
     b = _baseline(smollm2, task)
