@@ -1,4 +1,4 @@
-"""Tasks for the tracr programs compiled to GPT-2 (``--model tracr-<program>``; issue 20).
+"""Tasks for the tracr programs compiled to GPT-2 (``--model tracr-<program>``).
 
 Each prompt is BOS and 4 tokens of the program's vocabulary; the metric reads the program's
 output at the last position, where the causal programs compute it over the whole sequence. The

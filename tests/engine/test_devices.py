@@ -1,4 +1,4 @@
-"""Every tensor of a run is made on the model's device (issue 18).
+"""Every tensor of a run is made on the model's device.
 
 A CPU machine has one device, so the test makes a second: the default device is set to ``meta``
 for the whole run (model loaded before, on the CPU). A tensor made without naming a device then

@@ -1,4 +1,4 @@
-"""The package's layers: a module imports only from its own layer or those below (issue 17).
+"""The package's layers: a module imports only from its own layer or those below.
 
 Every import of every module counts, those inside functions and under ``TYPE_CHECKING`` too.
 """

@@ -1,4 +1,4 @@
-"""The memory plan (issue 18): shapes from configs without weights, the plan's terms, and ``circuits plan``."""
+"""The memory plan: shapes from configs without weights, the plan's terms, and ``circuits plan``."""
 
 from __future__ import annotations
 

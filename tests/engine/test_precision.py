@@ -43,7 +43,7 @@ def test_the_tolerance_scales_with_eps_depth_and_size():
     assert exact_tolerance(torch.float64, 1, 0.5) == pytest.approx(64 * 2**-52)
 
 
-# ---- half precision (issue 18) ------------------------------------------------------------------
+# ---- half precision ------------------------------------------------------------------
 
 HALF_DTYPES = [torch.bfloat16, torch.float16]
 

@@ -1,4 +1,4 @@
-"""Reliability (issue 8), real processes: runs of ``circuits discover`` stopped by SIGTERM and by
+"""Reliability, real processes: runs of ``circuits discover`` stopped by SIGTERM and by
 SIGKILL, then run again.
 
 Each run is a subprocess on a tiny random Llama saved as a model folder (``--model FOLDER``),

@@ -76,7 +76,7 @@ def test_a_worker_killed_mid_search_is_replaced_and_nothing_changes(local_ray):
     assert torch.equal(got, want)
 
 
-# ---- attribution split by prompt batches (issue 18) ---------------------------------------------
+# ---- attribution split by prompt batches ---------------------------------------------
 
 
 @pytest.mark.parametrize("method", ["eap", "eap_ig"])

@@ -1,4 +1,4 @@
-"""Reliability (issue 8), the in-process part: bad input is a one-line error, numbers that would
+"""Reliability, the in-process part: bad input is a one-line error, numbers that would
 make a result meaningless are errors, a failed write loses nothing, checkpoints survive damage,
 runs are deterministic, and nothing unpickles what a user hands us.
 

@@ -1,4 +1,4 @@
-"""The library's front door (issue 17): one Circuit object, runs as objects, one method registry."""
+"""The library's front door: one Circuit object, runs as objects, one method registry."""
 
 from __future__ import annotations
 

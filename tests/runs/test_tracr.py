@@ -1,5 +1,5 @@
 """tracr programs compiled to GPT-2 (scripts/tracr_compile.py): the converted models compute
-tracr's function through the bridge, and their true circuits load as references (issue 20)."""
+tracr's function through the bridge, and their true circuits load as references."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""The tutorial notebook runs from start to end on the bundled model, and says what it says (issue 17)."""
+"""The tutorial notebook runs from start to end on the bundled model, and says what it says."""
 
 from __future__ import annotations
 
