@@ -142,7 +142,7 @@ class PrecisionPlan:
             (``circuitfinder.methods.acdc.Referee``).
         remeasure: ``auto`` chose half precision for attribution: the circuit is measured again on
             a float32 copy of the model, and that is what the run reports.
-        why: one line saying what was chosen and why.
+        why: one line saying what was chosen and why, where it is more than the dtype asked for.
     """
 
     model: torch.dtype
@@ -207,7 +207,7 @@ def plan_precision(
                 ),
             )
         return PrecisionPlan(dtype, dtype, why=no_room)
-    return PrecisionPlan(dtype, dtype, why=f"{dtype_name(dtype)} on {device}")
+    return PrecisionPlan(dtype, dtype)
 
 
 def given_precision(dtype: torch.dtype, searching: bool) -> PrecisionPlan:

@@ -177,7 +177,9 @@ def load(
         return precision, adapter
     device = resolve_device(e.device)
     precision = plan_precision(e.dtype, device, config.model, searching, e.referee, e.batch_size)
-    reporter.log(f"loading {config.model} ({precision.why})")
+    if precision.why:
+        reporter.log(precision.why)
+    reporter.log(f"loading {config.model} ({dtype_name(precision.model)} on {device})")
     return precision, load_model(config.model, reporter.log, check=e.check_model, dtype=precision.model, device=device)
 
 
