@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--task", default="ioi")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--checkpoints", default=str(ROOT / "outputs"), help="root of .checkpoints (a saved seed)")
+    parser.add_argument("--variants", default="edges,nodes-then-edges", help="comma-separated: edges, nodes-then-edges")
     args = parser.parse_args()
 
     from circuitfinder.checkpoint import Checkpoint
@@ -112,7 +113,7 @@ def main() -> None:
     heldout = CircuitEvaluator(adapter, graph, task, "heldout", batch, ablation)
     seed = prune(graph, seed)
     results = {}
-    for variant in ("edges", "nodes-then-edges"):
+    for variant in args.variants.split(","):
         started = time.perf_counter()
         start, node_stats = seed, None
         if variant != "edges":
