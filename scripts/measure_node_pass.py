@@ -79,6 +79,12 @@ def main() -> None:
     parser.add_argument("--task", default="ioi")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--checkpoints", default=str(ROOT / "outputs"), help="root of .checkpoints (a saved seed)")
+    parser.add_argument(
+        "--node-target",
+        type=float,
+        default=None,
+        help="the node pass keeps this faithfulness on the search prompts (default: the target's)",
+    )
     parser.add_argument("--variants", default="edges,nodes-then-edges", help="comma-separated: edges, nodes-then-edges")
     args = parser.parse_args()
 
@@ -109,7 +115,6 @@ def main() -> None:
     ends = pool(torch.stack([graph.allowed & False, graph.allowed.clone()]))
     empty, full = (float(ends.metric[0]), float(ends.distance[0])), (float(ends.metric[1]), float(ends.distance[1]))
     tau, floor = 0.01 * empty[1], empty[0] + config.size.target_faithfulness * (full[0] - empty[0])
-    rule = AcdcRule(tau, floor)
     heldout = CircuitEvaluator(adapter, graph, task, "heldout", batch, ablation)
     seed = prune(graph, seed)
     results = {}
@@ -119,7 +124,8 @@ def main() -> None:
         if variant != "edges":
             first = pool(seed.unsqueeze(0))
             current = (float(first.metric[0]), float(first.distance[0]))
-            start, node_stats = node_pass(graph, pool, scores, seed.clone(), current, rule)
+            node_floor = floor if args.node_target is None else empty[0] + args.node_target * (full[0] - empty[0])
+            start, node_stats = node_pass(graph, pool, scores, seed.clone(), current, AcdcRule(tau, node_floor))
             node_stats["seconds"] = round(time.perf_counter() - started, 1)
             node_stats["edges_left"] = int(start.sum())
             print(f"{variant}: node pass {node_stats}")
@@ -142,6 +148,7 @@ def main() -> None:
         "what": __doc__.split("\n\n")[0],
         "task": args.task,
         "model": args.model,
+        "node_target": args.node_target,
         "tau": tau,
         "floor": floor,
         "search_prompts": config.search.search_prompts,
