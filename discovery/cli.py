@@ -22,6 +22,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from circuitfinder.config import SECTIONS, DiscoverConfig, flat_fields
 from circuitfinder.errors import UserError
 
 app = typer.Typer(
@@ -82,13 +83,11 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 def config_options(leave_out: tuple[str, ...] = ()) -> list[inspect.Parameter]:
     """One command-line option per field of :class:`~circuitfinder.config.DiscoverConfig` (but
     ``leave_out``), with the field's help text, grouped by section in ``--help``."""
-    from circuitfinder.config import SECTIONS, flat_fields
-
     params = []
     for name, (section, f) in flat_fields().items():
         if name in leave_out:
             continue
-        owner = SECTIONS[section] if section else DiscoverConfig_()
+        owner = SECTIONS[section] if section else DiscoverConfig
         kind = typing.get_type_hints(owner)[name]
         flag = f.metadata.get("flag") or "--" + name.replace("_", "-")
         flags = (f"{flag}/--no-{flag[2:]}",) if kind in (bool, Optional[bool]) else (flag,)
@@ -103,12 +102,6 @@ def config_options(leave_out: tuple[str, ...] = ()) -> list[inspect.Parameter]:
             )
         )
     return params
-
-
-def DiscoverConfig_():  # noqa: N802 -- the class, imported when the command line is built
-    from circuitfinder.config import DiscoverConfig
-
-    return DiscoverConfig
 
 
 def _with_options(params: list[inspect.Parameter]):
@@ -157,7 +150,7 @@ def discover(match_published: bool = False, out: Optional[Path] = None, overwrit
     from circuitfinder.runs.pipeline import default_out_dir
     from circuitfinder.runs.run import run_config
 
-    config = DiscoverConfig_().from_options(**options)
+    config = DiscoverConfig.from_options(**options)
     if match_published:
         config = config.matching_published()
     summary = run_config(
@@ -254,7 +247,7 @@ def sweep(
     """Discover every task × model × method (skipping finished runs) and write one comparison table."""
     from circuitfinder.runs.sweep import sweep as run_sweep
 
-    base = DiscoverConfig_().from_options(method="eap-ig", **options)
+    base = DiscoverConfig.from_options(method="eap-ig", **options)
     try:
         frame = run_sweep(
             _names(tasks),
@@ -669,8 +662,6 @@ def _terminate(signum, frame) -> None:
 
 
 def _flag(match: re.Match) -> str:
-    from circuitfinder.config import flat_fields
-
     name, _, value = match.group(1).partition("=")
     field = flat_fields().get(name)
     flag = (field[1].metadata.get("flag") if field else None) or "--" + name.replace("_", "-")

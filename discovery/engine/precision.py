@@ -211,16 +211,16 @@ def plan_precision(
 
 
 def given_precision(dtype: torch.dtype, searching: bool) -> PrecisionPlan:
-    """The precision of a run given a model already loaded in ``dtype``: it runs in that dtype alone."""
-    alone = searching and dtype in HALF
+    """The precision of a run given a model already loaded in ``dtype``: it runs in that dtype alone
+    (``why`` says so for a search in half precision, which then has no float32 referee)."""
+    if not (searching and dtype in HALF):
+        return PrecisionPlan(dtype, dtype)
     return PrecisionPlan(
         dtype,
         dtype,
         why=(
             f"the search runs in {dtype_name(dtype)} alone, without a float32 referee (the model was given loaded in "
             "it; give its name to have float32 referee the search)"
-            if alone
-            else f"{dtype_name(dtype)}, as given"
         ),
     )
 

@@ -25,7 +25,6 @@ from circuitfinder.engine.graph import EdgeGraph
 from circuitfinder.engine.masks import node_count, prune, top_edges
 from circuitfinder.engine.models import resolve_device
 from circuitfinder.engine.precision import (
-    HALF,
     PrecisionPlan,
     dtype_name,
     given_precision,
@@ -172,7 +171,7 @@ def load(
     e = config.execution
     if adapter is not None:
         precision = given_precision(adapter.dtype, searching)
-        if searching and precision.model in HALF:
+        if precision.why:
             reporter.log(precision.why)
         return precision, adapter
     device = resolve_device(e.device)

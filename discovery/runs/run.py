@@ -24,7 +24,7 @@ from circuitfinder.engine.adapter import ModelAdapter
 from circuitfinder.engine.faithfulness import Baseline, Curve
 from circuitfinder.errors import UserError
 from circuitfinder.folders import atomic_dir, check_out_dir
-from circuitfinder.graphs.circuit import Circuit
+from circuitfinder.graphs.circuit import Circuit, load_circuit
 from circuitfinder.graphs.explorer import write_explorer
 from circuitfinder.graphs.tables import nodes_table, read_scores, scores_table
 from circuitfinder.methods.registry import METHODS, Reporter
@@ -202,7 +202,7 @@ RUN_FILES: tuple[RunFile, ...] = (  # in the order written and read; circuit.htm
         "circuit.json",
         "the circuit: edges, scores of its edges, node roles",
         lambda run, path: run.circuit.save(path),
-        lambda path, parts: parts.update(circuit=_load_circuit(path.parent)),
+        lambda path, parts: parts.update(circuit=load_circuit(path.parent)),
     ),
     RunFile(
         "scores.parquet",
@@ -395,12 +395,6 @@ class Run:
             None,
             run_dir,
         )
-
-
-def _load_circuit(run_dir: Path) -> Circuit:
-    from circuitfinder.graphs.circuit import load_circuit
-
-    return load_circuit(run_dir)
 
 
 def certificate(summary: Summary, outcome) -> dict:
